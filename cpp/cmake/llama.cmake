@@ -1,0 +1,98 @@
+# Build the pinned, patched llama.cpp once per backend into a cache outside the source tree, and
+# import it as the static targets `llama` and `ggml::*`.
+#
+# Why outside the project's build dir: compiling llama.cpp takes ~12 minutes on 2 cores, and a fresh
+# clone (CI, a second checkout) must not pay it again. The build tree lives at
+#   <cache>/llama.cpp/build-<backend>-<hash of source dir + options>
+# so any checkout of this project reuses it; Ninja rebuilds only files a patch changed.
+#
+# Inputs (CMake variables, or environment variables of the same name):
+#   NAKSHATRA_BACKEND          cpu (default) | cuda | rocm | metal | vulkan
+#   NAKSHATRA_LLAMA_CPP_DIR    a llama.cpp checkout to use instead of the pinned sdist
+#   NAKSHATRA_CACHE_DIR        default: $XDG_CACHE_HOME/nakshatra or ~/.cache/nakshatra
+#   NAKSHATRA_LLAMA_CMAKE_ARGS extra ';'-separated arguments for llama.cpp's configure
+
+foreach(var NAKSHATRA_BACKEND NAKSHATRA_LLAMA_CPP_DIR NAKSHATRA_CACHE_DIR NAKSHATRA_LLAMA_CMAKE_ARGS)
+    if(NOT DEFINED ${var} AND DEFINED ENV{${var}})
+        set(${var} "$ENV{${var}}")
+    endif()
+endforeach()
+if(NOT NAKSHATRA_BACKEND)
+    set(NAKSHATRA_BACKEND cpu)
+endif()
+if(NOT NAKSHATRA_CACHE_DIR)
+    if(DEFINED ENV{XDG_CACHE_HOME})
+        set(NAKSHATRA_CACHE_DIR "$ENV{XDG_CACHE_HOME}/nakshatra")
+    else()
+        set(NAKSHATRA_CACHE_DIR "$ENV{HOME}/.cache/nakshatra")
+    endif()
+endif()
+
+# ggml option per backend; the toolkit check lives in llama.cpp's own CMake (and in `nak build`).
+set(_nak_backend_args_cpu "")
+set(_nak_backend_args_cuda "-DGGML_CUDA=ON")
+set(_nak_backend_args_rocm "-DGGML_HIP=ON")
+set(_nak_backend_args_metal "-DGGML_METAL=ON")
+set(_nak_backend_args_vulkan "-DGGML_VULKAN=ON")
+if(NOT DEFINED _nak_backend_args_${NAKSHATRA_BACKEND})
+    message(FATAL_ERROR "NAKSHATRA_BACKEND=${NAKSHATRA_BACKEND} is unknown; use one of cpu, cuda, rocm, metal, vulkan")
+endif()
+
+execute_process(
+    COMMAND ${Python_EXECUTABLE} ${CMAKE_CURRENT_LIST_DIR}/fetch_llama.py
+            --project ${PROJECT_SOURCE_DIR} --cache ${NAKSHATRA_CACHE_DIR}
+            --source "${NAKSHATRA_LLAMA_CPP_DIR}"
+    OUTPUT_VARIABLE _nak_prep OUTPUT_STRIP_TRAILING_WHITESPACE
+    RESULT_VARIABLE _nak_rc)
+if(NOT _nak_rc EQUAL 0)
+    message(FATAL_ERROR "nakshatra: preparing the llama.cpp source failed (see the message above)")
+endif()
+string(REGEX REPLACE ".*\n" "" _nak_prep "${_nak_prep}")
+list(GET _nak_prep 0 NAKSHATRA_LLAMA_SRC)
+list(GET _nak_prep 1 NAKSHATRA_LLAMA_COMMIT)
+list(GET _nak_prep 2 NAKSHATRA_PATCH_HASH)
+
+set(_nak_args
+    -G Ninja
+    -DCMAKE_BUILD_TYPE=Release
+    -DBUILD_SHARED_LIBS=OFF
+    -DCMAKE_POSITION_INDEPENDENT_CODE=ON
+    -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
+    -DLLAMA_OPENSSL=OFF
+    -DGGML_BACKEND_DL=OFF
+    ${_nak_backend_args_${NAKSHATRA_BACKEND}}
+    ${NAKSHATRA_LLAMA_CMAKE_ARGS})
+string(SHA256 _nak_key "${NAKSHATRA_LLAMA_SRC};${_nak_args}")
+string(SUBSTRING "${_nak_key}" 0 12 _nak_key)
+set(NAKSHATRA_LLAMA_BUILD "${NAKSHATRA_CACHE_DIR}/llama.cpp/build-${NAKSHATRA_BACKEND}-${_nak_key}")
+set(NAKSHATRA_LLAMA_PREFIX "${NAKSHATRA_LLAMA_BUILD}/install")
+
+# Two builds at once (two pip installs) must not share a half-written tree.
+file(MAKE_DIRECTORY ${NAKSHATRA_LLAMA_BUILD})
+file(LOCK ${NAKSHATRA_LLAMA_BUILD}/.lock TIMEOUT 3600)
+
+if(NOT EXISTS ${NAKSHATRA_LLAMA_BUILD}/CMakeCache.txt)
+    message(STATUS "nakshatra: configuring llama.cpp (${NAKSHATRA_BACKEND}) in ${NAKSHATRA_LLAMA_BUILD}")
+    execute_process(
+        COMMAND ${CMAKE_COMMAND} -S ${NAKSHATRA_LLAMA_SRC} -B ${NAKSHATRA_LLAMA_BUILD}
+                -DCMAKE_INSTALL_PREFIX=${NAKSHATRA_LLAMA_PREFIX}
+                -DCMAKE_C_COMPILER=${CMAKE_C_COMPILER} -DCMAKE_CXX_COMPILER=${CMAKE_CXX_COMPILER}
+                ${_nak_args}
+        RESULT_VARIABLE _nak_rc)
+    if(NOT _nak_rc EQUAL 0)
+        file(REMOVE ${NAKSHATRA_LLAMA_BUILD}/CMakeCache.txt)
+        message(FATAL_ERROR "nakshatra: configuring llama.cpp for '${NAKSHATRA_BACKEND}' failed; "
+                            "see the CMake output above (a missing toolkit is named there)")
+    endif()
+endif()
+message(STATUS "nakshatra: building llama.cpp (first time a few minutes; later only what changed)")
+execute_process(COMMAND ${CMAKE_COMMAND} --build ${NAKSHATRA_LLAMA_BUILD} --target install
+                RESULT_VARIABLE _nak_rc)
+file(LOCK ${NAKSHATRA_LLAMA_BUILD}/.lock RELEASE)
+if(NOT _nak_rc EQUAL 0)
+    message(FATAL_ERROR "nakshatra: building llama.cpp failed; see the compiler output above")
+endif()
+
+find_package(llama CONFIG REQUIRED PATHS ${NAKSHATRA_LLAMA_PREFIX} NO_DEFAULT_PATH)
+# Internal headers (src/) are not used: our C++ speaks only llama.h plus the metadata our patches read.
