@@ -1,0 +1,505 @@
+// nakshatra._nakshatra: the stage (executor + event loop), the protocol client, and the reference
+// runner, bound for Python. Every call that computes or waits on the network releases the GIL.
+#include "net.h"
+#include "protocol.h"
+#include "reference.h"
+#include "server.h"
+#include "stage.h"
+
+#include "ggml-backend.h"
+#include "llama.h"
+
+#include <pybind11/functional.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <optional>
+
+namespace py = pybind11;
+
+#ifndef NAK_LLAMA_COMMIT
+#define NAK_LLAMA_COMMIT "unknown"
+#endif
+#ifndef NAK_PATCH_HASH
+#define NAK_PATCH_HASH "unknown"
+#endif
+
+namespace {
+
+std::atomic<int> g_log_level{ GGML_LOG_LEVEL_WARN };
+
+void log_callback(ggml_log_level level, const char * text, void *) {
+    // CONT continues the previous line: keep it when that line was shown
+    static bool last_shown = false;
+    const bool show = level == GGML_LOG_LEVEL_CONT ? last_shown : (int) level >= g_log_level.load();
+    last_shown = show;
+    if (show) {
+        fputs(text, stderr);
+    }
+}
+
+void ensure_backend() {
+    static bool done = false;
+    if (!done) {
+        llama_log_set(log_callback, nullptr);
+        llama_backend_init();
+        done = true;
+    }
+}
+
+[[noreturn]] void raise_stage_error(const std::string & msg, const std::string & code) {
+    py::object cls = py::module_::import("nakshatra.errors").attr("StageError");
+    py::object exc = cls(msg, code);
+    PyErr_SetObject(cls.ptr(), exc.ptr());
+    throw py::error_already_set();
+}
+
+// a Python-facing client of one stage
+struct py_stage_client {
+    nak_client  c;
+    std::string host;
+    int         port = 0;
+
+    py_stage_client(const std::string & host_, int port_, int timeout_ms, int connect_timeout_ms)
+        : host(host_), port(port_) {
+        c.timeout_ms = timeout_ms;
+        std::string err;
+        bool ok;
+        {
+            py::gil_scoped_release nogil;
+            ok = c.connect(host, port, connect_timeout_ms, err);
+        }
+        if (!ok) {
+            raise_stage_error(host + ":" + std::to_string(port) + ": " + err +
+                              " (is `nak serve` running there, and the port right?)", "transport");
+        }
+    }
+
+    std::string where() const { return host + ":" + std::to_string(port); }
+
+    // send and receive; raise StageError on transport failure or an ERROR reply
+    nak_frame call(uint8_t type, uint64_t session, uint8_t dtype, const std::vector<uint8_t> & payload, uint8_t expect) {
+        nak_frame reply;
+        std::string err;
+        bool ok;
+        {
+            py::gil_scoped_release nogil;
+            ok = c.call(type, session, dtype, payload, reply, err);
+        }
+        if (!ok) {
+            raise_stage_error(where() + ": " + err, "transport");
+        }
+        if (reply.hdr.type == NAK_MSG_ERROR) {
+            nak_error e;
+            if (!nak_decode(reply.payload, e)) {
+                raise_stage_error(where() + ": malformed ERROR reply", "transport");
+            }
+            raise_stage_error(where() + ": " + e.message, nak_error_code_name(e.code));
+        }
+        if (reply.hdr.type != expect) {
+            raise_stage_error(where() + ": unexpected reply " + nak_msg_type_name(reply.hdr.type), "transport");
+        }
+        return reply;
+    }
+
+    py::dict hello(const std::string & client_name) {
+        nak_hello m;
+        m.caps        = NAK_CAP_F32_WIRE;
+        m.client_name = client_name;
+        for (int i = 0; i < NAK_NONCE_SIZE; i++) {
+            m.nonce[i] = (uint8_t) (rand() & 0xff);
+        }
+        nak_writer w;
+        nak_encode(w, m);
+        nak_frame r = call(NAK_MSG_HELLO, 0, NAK_DTYPE_NONE, w.buf, NAK_MSG_HELLO_OK);
+        nak_hello_ok ok;
+        if (!nak_decode(r.payload, ok)) {
+            raise_stage_error(where() + ": malformed HELLO_OK", "transport");
+        }
+        py::dict d;
+        d["version"]      = ok.version;
+        d["caps"]         = ok.caps;
+        d["model_sha256"] = ok.model_sha256;
+        d["arch"]         = ok.arch;
+        d["layer_start"]  = ok.layer_start;
+        d["layer_end"]    = ok.layer_end;
+        d["n_layer_full"] = ok.n_layer_full;
+        d["n_embd"]       = ok.n_embd;
+        d["n_vocab"]      = ok.n_vocab;
+        d["backend"]      = ok.backend;
+        py::dict hd;
+        hd["sessions_active"] = ok.health.sessions_active;
+        hd["max_sessions"]    = ok.health.max_sessions;
+        hd["queue_depth"]     = ok.health.queue_depth;
+        hd["n_ctx_session"]   = ok.health.n_ctx_session;
+        hd["kv_tokens_used"]  = ok.health.kv_tokens_used;
+        hd["rss_bytes"]       = ok.health.rss_bytes;
+        hd["uptime_ms"]       = ok.health.uptime_ms;
+        hd["tokens_in"]       = ok.health.tokens_in;
+        d["health"] = hd;
+        return d;
+    }
+
+    uint32_t open(uint64_t session, float temp, int32_t top_k, float top_p, float min_p, float repeat_penalty,
+                  int32_t repeat_last_n, uint32_t seed, int32_t n_predict) {
+        nak_open m;
+        m.sampler = { temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed };
+        m.n_predict = n_predict;
+        nak_writer w;
+        nak_encode(w, m);
+        nak_frame r = call(NAK_MSG_OPEN, session, NAK_DTYPE_NONE, w.buf, NAK_MSG_OPEN_OK);
+        nak_reader rd(r.payload);
+        return rd.u32();
+    }
+
+    py::dict forward(uint64_t session, uint64_t step, const std::vector<int32_t> & pos,
+                     const std::optional<std::vector<int32_t>> & tokens, const std::optional<py::bytes> & embd,
+                     bool sample) {
+        nak_forward f;
+        f.step     = step;
+        f.n_tokens = (uint32_t) pos.size();
+        f.pos      = pos;
+        std::string embd_buf;
+        if (tokens) {
+            if (tokens->size() != pos.size()) {
+                throw py::value_error("tokens and positions differ in length");
+            }
+            f.flags |= NAK_FWD_TOKENS;
+            f.tokens = *tokens;
+        }
+        if (embd) {
+            embd_buf = *embd;
+            f.flags |= NAK_FWD_EMBD;
+            f.embd       = (const uint8_t *) embd_buf.data();
+            f.embd_bytes = embd_buf.size();
+        }
+        if (sample) {
+            f.flags |= NAK_FWD_SAMPLE;
+        }
+        nak_writer w;
+        nak_encode(w, f);
+        nak_frame r = call(NAK_MSG_FORWARD, session, embd ? NAK_DTYPE_F32 : NAK_DTYPE_NONE, w.buf, NAK_MSG_FORWARD_OK);
+        nak_forward_ok ok;
+        if (!nak_decode(r.payload, ok)) {
+            raise_stage_error(where() + ": malformed FORWARD_OK", "transport");
+        }
+        py::dict d;
+        d["step"]       = ok.step;
+        d["n_tokens"]   = ok.n_tokens;
+        d["n_past"]     = ok.n_past;
+        d["compute_us"] = ok.compute_us;
+        d["token"]      = ok.token;
+        d["is_eog"]     = ok.is_eog != 0;
+        d["piece"]      = py::bytes(ok.piece);
+        d["embd"]       = ok.embd_bytes ? py::bytes((const char *) ok.embd, ok.embd_bytes) : py::bytes();
+        d["wire_bytes"] = (uint64_t) (NAK_HEADER_SIZE * 2 + w.buf.size() + r.payload.size());
+        return d;
+    }
+
+    py::tuple truncate(uint64_t session, int32_t pos) {
+        nak_writer w;
+        w.i32(pos);
+        nak_frame r = call(NAK_MSG_TRUNCATE, session, NAK_DTYPE_NONE, w.buf, NAK_MSG_TRUNCATE_OK);
+        nak_reader rd(r.payload);
+        const uint32_t n_past = rd.u32();
+        const uint64_t next_step = rd.u64();
+        return py::make_tuple(n_past, next_step);
+    }
+
+    bool close_session(uint64_t session) {
+        nak_frame r = call(NAK_MSG_CLOSE, session, NAK_DTYPE_NONE, {}, NAK_MSG_CLOSE_OK);
+        return !r.payload.empty() && r.payload[0] != 0;
+    }
+
+    std::string stats() {
+        nak_frame r = call(NAK_MSG_STATS, 0, NAK_DTYPE_NONE, {}, NAK_MSG_STATS_OK);
+        nak_reader rd(r.payload);
+        return rd.str();
+    }
+
+    std::vector<int32_t> tokenize(const std::string & text, bool add_special, bool parse_special) {
+        nak_writer w;
+        w.str(text);
+        w.u8(add_special);
+        w.u8(parse_special);
+        nak_frame r = call(NAK_MSG_TOKENIZE, 0, NAK_DTYPE_NONE, w.buf, NAK_MSG_TOKENIZE_OK);
+        nak_reader rd(r.payload);
+        return rd.i32s();
+    }
+
+    py::bytes detokenize(const std::vector<int32_t> & tokens, bool special) {
+        nak_writer w;
+        w.i32s(tokens);
+        w.u8(special);
+        nak_frame r = call(NAK_MSG_DETOKENIZE, 0, NAK_DTYPE_NONE, w.buf, NAK_MSG_DETOKENIZE_OK);
+        nak_reader rd(r.payload);
+        return py::bytes(rd.str());
+    }
+
+    std::string apply_template(const std::vector<std::pair<std::string, std::string>> & msgs, bool add_assistant) {
+        nak_writer w;
+        w.u32((uint32_t) msgs.size());
+        for (const auto & m : msgs) {
+            w.str(m.first);
+            w.str(m.second);
+        }
+        w.u8(add_assistant);
+        nak_frame r = call(NAK_MSG_TEMPLATE, 0, NAK_DTYPE_NONE, w.buf, NAK_MSG_TEMPLATE_OK);
+        nak_reader rd(r.payload);
+        return rd.str();
+    }
+
+    // raw bytes out, one frame back (protocol tests): returns (type, payload) or raises on transport failure
+    py::tuple raw(const py::bytes & data, bool expect_reply) {
+        std::string buf = data;
+        std::string err;
+        nak_frame reply;
+        bool ok;
+        {
+            py::gil_scoped_release nogil;
+            ok = nak_send_all(c.fd, (const uint8_t *) buf.data(), buf.size(), c.timeout_ms, err);
+            if (ok && expect_reply) {
+                uint8_t hdr[NAK_HEADER_SIZE];
+                ok = nak_recv_exact(c.fd, hdr, NAK_HEADER_SIZE, c.timeout_ms, err) && nak_header_decode(hdr, reply.hdr);
+                if (ok) {
+                    reply.payload.resize(std::min<uint32_t>(reply.hdr.payload_len, c.max_payload));
+                    ok = nak_recv_exact(c.fd, reply.payload.data(), reply.payload.size(), c.timeout_ms, err);
+                }
+            }
+        }
+        if (!ok) {
+            raise_stage_error(where() + ": " + (err.empty() ? "bad reply header" : err), "transport");
+        }
+        if (!expect_reply) {
+            return py::make_tuple(0, py::bytes(), std::string());
+        }
+        std::string msg;
+        if (reply.hdr.type == NAK_MSG_ERROR) {
+            nak_error e;
+            if (nak_decode(reply.payload, e)) {
+                msg = std::string(nak_error_code_name(e.code)) + ": " + e.message;
+            }
+        }
+        return py::make_tuple(reply.hdr.type, py::bytes((const char *) reply.payload.data(), reply.payload.size()), msg);
+    }
+
+    void close() { c.close(); }
+};
+
+struct py_stage {
+    std::unique_ptr<nak_stage> st;
+
+    py_stage(const std::string & path, const std::string & model_sha256, uint32_t n_ctx, uint32_t max_sessions,
+             int32_t n_threads, int32_t n_gpu_layers, int32_t flash_attn, const std::string & cache_type_k,
+             const std::string & cache_type_v, uint32_t n_batch, uint32_t n_ubatch, uint32_t idle_timeout_s) {
+        ensure_backend();
+        nak_stage_params p;
+        p.model_path     = path;
+        p.model_sha256   = model_sha256;
+        p.n_ctx_session  = n_ctx;
+        p.max_sessions   = max_sessions;
+        p.n_threads      = n_threads;
+        p.n_gpu_layers   = n_gpu_layers;
+        p.flash_attn     = flash_attn;
+        p.cache_type_k   = cache_type_k;
+        p.cache_type_v   = cache_type_v;
+        p.n_batch        = n_batch;
+        p.n_ubatch       = n_ubatch;
+        p.idle_timeout_s = idle_timeout_s;
+        st = std::make_unique<nak_stage>();
+        std::string err;
+        bool ok;
+        {
+            py::gil_scoped_release nogil;
+            ok = st->load(p, err);
+        }
+        if (!ok) {
+            raise_stage_error(err, "load");
+        }
+    }
+
+    // serve until a signal handler raises (SIGINT -> KeyboardInterrupt) or stop() is called
+    void serve(const std::string & host, int port, const std::function<void(int)> & on_ready, uint32_t max_payload) {
+        nak_server_params sp;
+        sp.host        = host;
+        sp.port        = port;
+        sp.max_payload = max_payload;
+        bool interrupted = false;
+        std::string err;
+        bool ok;
+        {
+            py::gil_scoped_release nogil;
+            auto should_stop = [&]() {
+                py::gil_scoped_acquire gil;
+                if (PyErr_CheckSignals() != 0) {
+                    interrupted = true;
+                    return true;
+                }
+                return stop_flag.load();
+            };
+            auto ready = [&](int p) {
+                py::gil_scoped_acquire gil;
+                on_ready(p);
+            };
+            ok = nak_serve(*st, sp, should_stop, ready, err);
+        }
+        if (interrupted) {
+            throw py::error_already_set();
+        }
+        if (!ok) {
+            raise_stage_error(err, "listen");
+        }
+    }
+
+    std::atomic<bool> stop_flag{ false };
+};
+
+struct py_reference {
+    nak_reference ref;
+
+    py_reference(const std::string & path, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, int32_t n_threads,
+                 const std::vector<int> & capture_layers) {
+        ensure_backend();
+        std::string err;
+        bool ok;
+        {
+            py::gil_scoped_release nogil;
+            ok = ref.load(path, n_ctx, n_batch, n_ubatch, n_threads, capture_layers, err);
+        }
+        if (!ok) {
+            raise_stage_error(err, "load");
+        }
+    }
+
+    std::vector<int32_t> generate(const std::vector<int32_t> & prompt, int32_t n_predict, float temp, int32_t top_k,
+                                  float top_p, float min_p, float repeat_penalty, int32_t repeat_last_n, uint32_t seed) {
+        nak_sampler_params sp{ temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed };
+        std::string err;
+        std::vector<int32_t> out;
+        {
+            py::gil_scoped_release nogil;
+            out = ref.generate(prompt, n_predict, sp, err);
+        }
+        if (!err.empty()) {
+            raise_stage_error(err, "internal");
+        }
+        return out;
+    }
+
+    py::bytes captured(int layer) const {
+        auto it = ref.captured.find(layer);
+        if (it == ref.captured.end()) {
+            return py::bytes();
+        }
+        return py::bytes((const char *) it->second.data(), it->second.size() * sizeof(float));
+    }
+
+    std::vector<int32_t> tokenize(const std::string & text, bool add_special, bool parse_special) const {
+        std::vector<llama_token> toks(text.size() + 8);
+        int32_t n = llama_tokenize(ref.vocab, text.data(), (int32_t) text.size(), toks.data(), (int32_t) toks.size(),
+                                   add_special, parse_special);
+        if (n < 0) {
+            toks.resize(-n);
+            n = llama_tokenize(ref.vocab, text.data(), (int32_t) text.size(), toks.data(), (int32_t) toks.size(),
+                               add_special, parse_special);
+        }
+        toks.resize(std::max(0, n));
+        return toks;
+    }
+};
+
+py::dict build_info() {
+    ensure_backend();
+    py::dict d;
+    d["backend"]          = NAK_BACKEND_NAME;
+    d["llama_commit"]     = NAK_LLAMA_COMMIT;
+    d["patch_hash"]       = NAK_PATCH_HASH;
+    d["protocol_version"] = NAK_PROTO_VERSION;
+    py::list regs;
+    for (size_t i = 0; i < ggml_backend_reg_count(); i++) {
+        regs.append(ggml_backend_reg_name(ggml_backend_reg_get(i)));
+    }
+    d["ggml_backends"] = regs;
+    d["system_info"]   = llama_print_system_info();
+    return d;
+}
+
+} // namespace
+
+PYBIND11_MODULE(_nakshatra, m) {
+    m.doc() = "Nakshatra core: stage executor and event loop, protocol client, reference runner";
+
+    m.attr("PROTOCOL_VERSION") = NAK_PROTO_VERSION;
+    m.attr("HEADER_SIZE")      = NAK_HEADER_SIZE;
+    m.attr("MAX_PAYLOAD")      = NAK_MAX_PAYLOAD_DEFAULT;
+
+    m.def("build_info", &build_info, "Compiled backend, llama.cpp commit, patch-set hash, protocol version.");
+    m.def("set_log_level", [](int level) { g_log_level = level; },
+          "llama.cpp log threshold: 1 debug, 2 info, 3 warn (default), 4 error.");
+    m.def("is_loopback", &nak_is_loopback, "Whether a host name or address is loopback.");
+
+    py::class_<py_stage>(m, "Stage", "One loaded slice and its llama_context (see cpp/stage/stage.h).")
+        .def(py::init<const std::string &, const std::string &, uint32_t, uint32_t, int32_t, int32_t, int32_t,
+                      const std::string &, const std::string &, uint32_t, uint32_t, uint32_t>(),
+             py::arg("model_path"), py::arg("model_sha256") = "", py::arg("n_ctx") = 4096, py::arg("max_sessions") = 8,
+             py::arg("n_threads") = 0, py::arg("n_gpu_layers") = -1, py::arg("flash_attn") = -1,
+             py::arg("cache_type_k") = "f16", py::arg("cache_type_v") = "f16", py::arg("n_batch") = 2048,
+             py::arg("n_ubatch") = 512, py::arg("idle_timeout_s") = 600)
+        .def("serve", &py_stage::serve, py::arg("host"), py::arg("port"), py::arg("on_ready"),
+             py::arg("max_payload") = NAK_MAX_PAYLOAD_DEFAULT,
+             "Run the event loop until SIGINT/SIGTERM raises or stop() is called; on_ready(port) once listening.")
+        .def("stop", [](py_stage & s) { s.stop_flag = true; })
+        .def_property_readonly("layer_start", [](const py_stage & s) { return s.st->layer_start(); })
+        .def_property_readonly("layer_end", [](const py_stage & s) { return s.st->layer_end(); })
+        .def_property_readonly("n_embd", [](const py_stage & s) { return s.st->n_embd(); })
+        .def_property_readonly("is_first", [](const py_stage & s) { return s.st->is_first(); })
+        .def_property_readonly("is_last", [](const py_stage & s) { return s.st->is_last(); })
+        .def("info", [](const py_stage & s) {
+            nak_hello_ok i = s.st->info();
+            py::dict d;
+            d["model_sha256"] = i.model_sha256;
+            d["arch"] = i.arch;
+            d["layer_start"] = i.layer_start;
+            d["layer_end"] = i.layer_end;
+            d["n_layer_full"] = i.n_layer_full;
+            d["n_embd"] = i.n_embd;
+            d["n_vocab"] = i.n_vocab;
+            d["rss_bytes"] = i.health.rss_bytes;
+            return d;
+        });
+
+    py::class_<py_stage_client>(m, "StageClient", "A blocking connection to one stage; every wait is bounded by timeout_ms.")
+        .def(py::init<const std::string &, int, int, int>(), py::arg("host"), py::arg("port"),
+             py::arg("timeout_ms") = 60000, py::arg("connect_timeout_ms") = 5000)
+        .def("hello", &py_stage_client::hello, py::arg("client_name") = "nakshatra-py")
+        .def("open", &py_stage_client::open, py::arg("session"), py::arg("temp") = 0.8f, py::arg("top_k") = 40,
+             py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
+             py::arg("repeat_last_n") = 64, py::arg("seed") = 0xFFFFFFFFu, py::arg("n_predict") = -1)
+        .def("forward", &py_stage_client::forward, py::arg("session"), py::arg("step"), py::arg("pos"),
+             py::arg("tokens") = py::none(), py::arg("embd") = py::none(), py::arg("sample") = false)
+        .def("truncate", &py_stage_client::truncate, py::arg("session"), py::arg("pos"))
+        .def("close_session", &py_stage_client::close_session, py::arg("session"))
+        .def("stats", &py_stage_client::stats)
+        .def("tokenize", &py_stage_client::tokenize, py::arg("text"), py::arg("add_special") = true,
+             py::arg("parse_special") = false)
+        .def("detokenize", &py_stage_client::detokenize, py::arg("tokens"), py::arg("special") = false)
+        .def("apply_template", &py_stage_client::apply_template, py::arg("messages"), py::arg("add_assistant") = true)
+        .def("raw", &py_stage_client::raw, py::arg("data"), py::arg("expect_reply") = true)
+        .def("close", &py_stage_client::close);
+
+    py::class_<py_reference>(m, "Reference", "The unsplit model on llama.cpp's stock path (see cpp/stage/reference.h).")
+        .def(py::init<const std::string &, uint32_t, uint32_t, uint32_t, int32_t, const std::vector<int> &>(),
+             py::arg("model_path"), py::arg("n_ctx") = 4096, py::arg("n_batch") = 2048, py::arg("n_ubatch") = 512,
+             py::arg("n_threads") = 0, py::arg("capture_layers") = std::vector<int>{})
+        .def("generate", &py_reference::generate, py::arg("prompt"), py::arg("n_predict"), py::arg("temp") = 0.0f,
+             py::arg("top_k") = 40, py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
+             py::arg("repeat_last_n") = 64, py::arg("seed") = 0xFFFFFFFFu)
+        .def("captured", &py_reference::captured, py::arg("layer"),
+             "l_out of a global layer over every decoded row: [n_rows, n_embd] float32 bytes.")
+        .def("tokenize", &py_reference::tokenize, py::arg("text"), py::arg("add_special") = true,
+             py::arg("parse_special") = false);
+}

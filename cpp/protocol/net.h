@@ -1,0 +1,42 @@
+// Sockets for the protocol: a listening socket for the stage, and a blocking client with
+// timeouts (every wait is bounded: a dead peer gives an error, never a hang).
+#pragma once
+
+#include "protocol.h"
+
+#include <cstdint>
+#include <string>
+
+// listen on host:port (port 0: any free port); returns the fd or -1 with err set
+int nak_listen(const std::string & host, int port, int backlog, std::string & err);
+// the port a socket is bound to
+int nak_bound_port(int fd);
+// connect with a timeout; returns the fd (blocking, TCP_NODELAY) or -1 with err set
+int nak_connect(const std::string & host, int port, int timeout_ms, std::string & err);
+bool nak_set_nonblocking(int fd);
+void nak_set_nodelay(int fd);
+// is host a loopback name or address (127.0.0.0/8, ::1, localhost)?
+bool nak_is_loopback(const std::string & host);
+
+// blocking I/O bounded by timeout_ms (per call); false with err set on timeout, EOF or error
+bool nak_send_all(int fd, const uint8_t * data, size_t n, int timeout_ms, std::string & err);
+bool nak_recv_exact(int fd, uint8_t * data, size_t n, int timeout_ms, std::string & err);
+
+// One connection from a client to a stage. Requests are answered in order; call() sends one
+// frame and waits for its reply (matched by request id).
+struct nak_client {
+    int         fd          = -1;
+    int         timeout_ms  = 30000;
+    uint32_t    max_payload = NAK_MAX_PAYLOAD_DEFAULT;
+    uint64_t    next_request_id = 1;
+    std::string peer;
+
+    ~nak_client() { close(); }
+
+    bool connect(const std::string & host, int port, int connect_timeout_ms, std::string & err);
+    void close();
+    bool connected() const { return fd >= 0; }
+    // send (type, session, dtype, payload) and read the reply frame; false on transport failure
+    bool call(uint8_t type, uint64_t session_id, uint8_t dtype, const std::vector<uint8_t> & payload,
+              nak_frame & reply, std::string & err);
+};

@@ -1,0 +1,272 @@
+// Nakshatra wire protocol: frames between a client and a stage, and (later) between stages.
+//
+// No llama.cpp headers here on purpose: the stage, the client bound for Python, and fuzz and
+// sanitizer builds all link this library without compiling llama.cpp.
+//
+// Every frame is a fixed 32-byte little-endian header followed by `payload_len` bytes:
+//
+//   | magic u32 "NAKS" | version u16 | type u8 | flags u8 | request_id u64 | session_id u64 |
+//   | dtype u8 | reserved u8[3] | payload_len u32 | payload ... |
+//
+// Payloads are sequences of little-endian scalars; strings and arrays carry a u32 length first.
+// A decoder never reads past the payload: every read is bounds-checked and a short or malformed
+// payload makes decode return false (the stage answers NAK_MSG_ERROR / bad_request).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#define NAK_PROTO_MAGIC         0x534b414eu // "NAKS" read as a little-endian u32
+#define NAK_PROTO_VERSION       1
+#define NAK_HEADER_SIZE         32
+#define NAK_MAX_PAYLOAD_DEFAULT (64u << 20) // 64 MiB: a 2048-token batch of n_embd 8192 f32
+#define NAK_NONCE_SIZE          32
+
+// capability bits exchanged in HELLO / HELLO_OK
+#define NAK_CAP_F32_WIRE (1ull << 0)
+#define NAK_CAP_SAMPLING (1ull << 1)
+#define NAK_CAP_VOCAB    (1ull << 2)
+
+enum nak_msg_type : uint8_t {
+    NAK_MSG_HELLO         = 1,
+    NAK_MSG_HELLO_OK      = 2,
+    NAK_MSG_OPEN          = 3,
+    NAK_MSG_OPEN_OK       = 4,
+    NAK_MSG_FORWARD       = 5,
+    NAK_MSG_FORWARD_OK    = 6,
+    NAK_MSG_TRUNCATE      = 7,
+    NAK_MSG_TRUNCATE_OK   = 8,
+    NAK_MSG_CLOSE         = 9,
+    NAK_MSG_CLOSE_OK      = 10,
+    NAK_MSG_STATS         = 11,
+    NAK_MSG_STATS_OK      = 12,
+    NAK_MSG_TOKENIZE      = 13,
+    NAK_MSG_TOKENIZE_OK   = 14,
+    NAK_MSG_DETOKENIZE    = 15,
+    NAK_MSG_DETOKENIZE_OK = 16,
+    NAK_MSG_TEMPLATE      = 17,
+    NAK_MSG_TEMPLATE_OK   = 18,
+    NAK_MSG_ERROR         = 255,
+};
+
+enum nak_error_code : uint16_t {
+    NAK_ERR_BAD_REQUEST  = 1,
+    NAK_ERR_WRONG_MODEL  = 2,
+    NAK_ERR_CTX_FULL     = 3,
+    NAK_ERR_OVERLOADED   = 4,
+    NAK_ERR_UNAUTHORIZED = 5,
+    NAK_ERR_NO_SESSION   = 6,
+    NAK_ERR_VERSION      = 7,
+    NAK_ERR_TOO_LARGE    = 8,
+    NAK_ERR_INTERNAL     = 9,
+};
+
+// element type of a hidden-state payload
+enum nak_dtype : uint8_t {
+    NAK_DTYPE_NONE = 0,
+    NAK_DTYPE_F32  = 1, // exact, the default
+    NAK_DTYPE_BF16 = 2, // reserved for the wire-format opt-ins
+    NAK_DTYPE_Q8R  = 3, // reserved: per-row scaled int8
+};
+
+// FORWARD flags
+#define NAK_FWD_TOKENS (1u << 0) // payload carries token ids (first stage input; last stage sampler history)
+#define NAK_FWD_EMBD   (1u << 1) // payload carries hidden states [n_tokens, n_embd]
+#define NAK_FWD_SAMPLE (1u << 2) // the last stage samples a token from the last row
+
+struct nak_header {
+    uint32_t magic       = NAK_PROTO_MAGIC;
+    uint16_t version     = NAK_PROTO_VERSION;
+    uint8_t  type        = 0;
+    uint8_t  flags       = 0;
+    uint64_t request_id  = 0;
+    uint64_t session_id  = 0;
+    uint8_t  dtype       = NAK_DTYPE_NONE;
+    uint32_t payload_len = 0;
+};
+
+struct nak_frame {
+    nak_header           hdr;
+    std::vector<uint8_t> payload;
+};
+
+// header (de)serialisation; decode checks magic only (version and size are policy of the caller)
+void nak_header_encode(const nak_header & h, uint8_t out[NAK_HEADER_SIZE]);
+bool nak_header_decode(const uint8_t in[NAK_HEADER_SIZE], nak_header & h);
+
+const char * nak_msg_type_name(uint8_t type);
+const char * nak_error_code_name(uint16_t code);
+
+// ---- payload writer / reader --------------------------------------------------------------
+
+struct nak_writer {
+    std::vector<uint8_t> buf;
+
+    void u8 (uint8_t  v) { buf.push_back(v); }
+    void u16(uint16_t v) { put(&v, 2); }
+    void u32(uint32_t v) { put(&v, 4); }
+    void u64(uint64_t v) { put(&v, 8); }
+    void i32(int32_t  v) { put(&v, 4); }
+    void f32(float    v) { put(&v, 4); }
+    void bytes(const void * p, size_t n) { put(p, n); }
+    void str(const std::string & s) { u32((uint32_t) s.size()); put(s.data(), s.size()); }
+    void i32s(const std::vector<int32_t> & v) { u32((uint32_t) v.size()); put(v.data(), v.size() * 4); }
+
+  private:
+    // the wire is little-endian; so are all hosts we build for (x86-64, arm64), checked at startup
+    void put(const void * p, size_t n) {
+        const uint8_t * b = (const uint8_t *) p;
+        buf.insert(buf.end(), b, b + n);
+    }
+};
+
+struct nak_reader {
+    const uint8_t * p;
+    size_t          n;
+    size_t          off = 0;
+    bool            ok  = true;
+
+    nak_reader(const uint8_t * data, size_t size) : p(data), n(size) {}
+    explicit nak_reader(const std::vector<uint8_t> & v) : p(v.data()), n(v.size()) {}
+
+    uint8_t  u8 () { uint8_t  v = 0; get(&v, 1); return v; }
+    uint16_t u16() { uint16_t v = 0; get(&v, 2); return v; }
+    uint32_t u32() { uint32_t v = 0; get(&v, 4); return v; }
+    uint64_t u64() { uint64_t v = 0; get(&v, 8); return v; }
+    int32_t  i32() { int32_t  v = 0; get(&v, 4); return v; }
+    float    f32() { float    v = 0; get(&v, 4); return v; }
+    std::string str();
+    std::vector<int32_t> i32s();
+    // a view of the next n bytes (nullptr and ok = false when short)
+    const uint8_t * view(size_t len);
+    bool done() const { return ok && off == n; }
+
+  private:
+    void get(void * dst, size_t len);
+};
+
+// ---- messages ------------------------------------------------------------------------------
+
+struct nak_health {
+    uint32_t sessions_active = 0;
+    uint32_t max_sessions    = 0;
+    uint32_t queue_depth     = 0;
+    uint32_t n_ctx_session   = 0;  // tokens of KV per session
+    uint64_t kv_tokens_used  = 0;  // sum over sessions of cached positions
+    uint64_t rss_bytes       = 0;
+    uint64_t uptime_ms       = 0;
+    uint64_t tokens_in       = 0;  // token rows decoded since start
+};
+
+struct nak_hello {
+    uint64_t    caps = 0;
+    uint8_t     nonce[NAK_NONCE_SIZE] = {};
+    std::string client_name;
+};
+
+struct nak_hello_ok {
+    uint16_t    version = NAK_PROTO_VERSION;
+    uint64_t    caps    = 0;
+    uint8_t     nonce[NAK_NONCE_SIZE] = {};
+    std::string model_sha256;
+    std::string arch;
+    uint32_t    layer_start  = 0; // global, half-open [layer_start, layer_end)
+    uint32_t    layer_end    = 0;
+    uint32_t    n_layer_full = 0;
+    uint32_t    n_embd       = 0;
+    uint32_t    n_vocab      = 0;
+    std::string backend;
+    nak_health  health;
+};
+
+struct nak_sampler_params {
+    float    temp           = 0.8f; // <= 0: greedy
+    int32_t  top_k          = 40;
+    float    top_p          = 0.95f;
+    float    min_p          = 0.05f;
+    float    repeat_penalty = 1.0f;
+    int32_t  repeat_last_n  = 64;
+    uint32_t seed           = 0xFFFFFFFF; // LLAMA_DEFAULT_SEED: random
+};
+
+struct nak_open {
+    nak_sampler_params sampler;
+    int32_t            n_predict = -1;
+};
+
+struct nak_forward {
+    uint64_t             step    = 0; // per-session step number, starts at 0
+    uint32_t             flags   = 0; // NAK_FWD_*
+    uint32_t             n_tokens = 0;
+    std::vector<int32_t> pos;         // [n_tokens]
+    std::vector<int32_t> tokens;      // [n_tokens] when NAK_FWD_TOKENS
+    const uint8_t *      embd = nullptr; // [n_tokens, n_embd] of header dtype when NAK_FWD_EMBD (a view)
+    size_t               embd_bytes = 0;
+    std::string          next_hop;    // unused for now: stage-to-stage forwarding
+};
+
+struct nak_forward_ok {
+    uint64_t    step       = 0;
+    uint32_t    n_tokens   = 0;
+    uint32_t    n_past     = 0;       // positions cached for the session after this step
+    uint64_t    compute_us = 0;       // time in llama_decode (+ sampling)
+    int32_t     token      = -1;      // sampled token (last stage with NAK_FWD_SAMPLE)
+    uint8_t     is_eog     = 0;
+    std::string piece;                // detokenized sampled token
+    const uint8_t * embd = nullptr;   // hidden states out (non-last stage), a view
+    size_t      embd_bytes = 0;
+};
+
+struct nak_error {
+    uint16_t    code = NAK_ERR_INTERNAL;
+    std::string message;
+};
+
+struct nak_chat_msg {
+    std::string role;
+    std::string content;
+};
+
+// encode appends the payload; decode returns false on a malformed payload
+void nak_encode(nak_writer & w, const nak_hello & m);
+void nak_encode(nak_writer & w, const nak_hello_ok & m);
+void nak_encode(nak_writer & w, const nak_open & m);
+void nak_encode(nak_writer & w, const nak_forward & m);
+void nak_encode(nak_writer & w, const nak_forward_ok & m);
+void nak_encode(nak_writer & w, const nak_error & m);
+void nak_encode(nak_writer & w, const nak_health & m);
+
+bool nak_decode(const std::vector<uint8_t> & p, nak_hello & m);
+bool nak_decode(const std::vector<uint8_t> & p, nak_hello_ok & m);
+bool nak_decode(const std::vector<uint8_t> & p, nak_open & m);
+bool nak_decode(const std::vector<uint8_t> & p, nak_forward & m);
+bool nak_decode(const std::vector<uint8_t> & p, nak_forward_ok & m);
+bool nak_decode(const std::vector<uint8_t> & p, nak_error & m);
+bool nak_decode(nak_reader & r, nak_health & m);
+
+// a complete frame (header + payload) ready to send
+std::vector<uint8_t> nak_frame_bytes(nak_header h, const std::vector<uint8_t> & payload);
+
+// ---- incremental frame parser (server side) ------------------------------------------------
+
+enum nak_parse_status {
+    NAK_PARSE_NEED_MORE,
+    NAK_PARSE_FRAME,
+    NAK_PARSE_BAD_MAGIC,
+    NAK_PARSE_BAD_VERSION,
+    NAK_PARSE_TOO_LARGE,
+};
+
+// Accumulates bytes from a stream and cuts frames. After an error status the stream cannot be
+// resynchronised: the caller answers with an error frame and closes the connection.
+struct nak_frame_parser {
+    uint32_t             max_payload = NAK_MAX_PAYLOAD_DEFAULT;
+    std::vector<uint8_t> buf;
+    size_t               off = 0;
+
+    void feed(const uint8_t * data, size_t n);
+    nak_parse_status next(nak_frame & out);
+};

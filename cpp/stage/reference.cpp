@@ -1,0 +1,126 @@
+#include "reference.h"
+
+#include "stage.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <thread>
+
+// cb_eval: ask == true asks whether we want tensor t; ask == false hands it over computed
+static bool reference_eval_cb(ggml_tensor * t, bool ask, void * user_data) {
+    auto * ref = (nak_reference *) user_data;
+    int il = -1;
+    if (sscanf(ggml_get_name(t), "l_out-%d", &il) != 1 || !ref->capture.count(il)) {
+        return !ask ? true : false;
+    }
+    if (ask) {
+        return true;
+    }
+    if (t->type != GGML_TYPE_F32 || t->ne[0] != ref->n_embd || !ggml_is_contiguous(t)) {
+        return true;
+    }
+    std::vector<float> & dst = ref->captured[il];
+    const size_t off = dst.size();
+    dst.resize(off + (size_t) ggml_nelements(t));
+    ggml_backend_tensor_get(t, dst.data() + off, 0, ggml_nbytes(t));
+    return true;
+}
+
+nak_reference::~nak_reference() {
+    if (ctx) {
+        llama_free(ctx);
+    }
+    if (model) {
+        llama_model_free(model);
+    }
+}
+
+bool nak_reference::load(const std::string & path, uint32_t n_ctx, uint32_t n_batch_, uint32_t n_ubatch,
+                         int32_t n_threads, const std::vector<int> & capture_layers, std::string & err) {
+    llama_model_params mp = llama_model_default_params();
+    model = llama_model_load_from_file(path.c_str(), mp);
+    if (!model) {
+        err = "llama.cpp could not load " + path;
+        return false;
+    }
+    vocab  = llama_model_get_vocab(model);
+    n_embd = llama_model_n_embd(model);
+    capture.insert(capture_layers.begin(), capture_layers.end());
+    n_batch = n_batch_;
+
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx    = n_ctx;
+    cp.n_batch  = n_batch_;
+    cp.n_ubatch = n_ubatch;
+    const int32_t nt = n_threads > 0 ? n_threads : (int32_t) std::max(1u, std::thread::hardware_concurrency());
+    cp.n_threads       = nt;
+    cp.n_threads_batch = nt;
+    if (!capture.empty()) {
+        cp.cb_eval           = reference_eval_cb;
+        cp.cb_eval_user_data = this;
+    }
+    ctx = llama_init_from_model(model, cp);
+    if (!ctx) {
+        err = "llama.cpp could not create a context";
+        return false;
+    }
+    return true;
+}
+
+static bool decode_tokens(llama_context * ctx, const llama_token * toks, int32_t n, int32_t pos0, bool want_last) {
+    llama_batch batch = llama_batch_init(n, 0, 1);
+    batch.n_tokens = n;
+    for (int32_t i = 0; i < n; i++) {
+        batch.token[i]     = toks[i];
+        batch.pos[i]       = pos0 + i;
+        batch.n_seq_id[i]  = 1;
+        batch.seq_id[i][0] = 0;
+        batch.logits[i]    = want_last && i == n - 1;
+    }
+    const int32_t rc = llama_decode(ctx, batch);
+    llama_batch_free(batch);
+    return rc == 0;
+}
+
+std::vector<llama_token> nak_reference::generate(const std::vector<llama_token> & prompt, int32_t n_predict,
+                                                 const nak_sampler_params & sp, std::string & err) {
+    std::vector<llama_token> out;
+    if (prompt.empty()) {
+        err = "empty prompt";
+        return out;
+    }
+    llama_memory_seq_rm(llama_get_memory(ctx), 0, -1, -1);
+    captured.clear();
+    llama_sampler * smpl = nak_sampler_build(vocab, sp);
+    for (llama_token t : prompt) {
+        llama_sampler_accept(smpl, t);
+    }
+    int32_t pos = 0;
+    for (size_t i = 0; i < prompt.size(); i += n_batch) {
+        const int32_t n = (int32_t) std::min<size_t>(n_batch, prompt.size() - i);
+        if (!decode_tokens(ctx, prompt.data() + i, n, pos, i + n == prompt.size())) {
+            err = "llama_decode failed on the prompt";
+            llama_sampler_free(smpl);
+            return out;
+        }
+        pos += n;
+    }
+    for (int32_t k = 0; n_predict < 0 || k < n_predict; k++) {
+        const llama_token tok = llama_sampler_sample(smpl, ctx, -1);
+        if (llama_vocab_is_eog(vocab, tok)) {
+            break;
+        }
+        out.push_back(tok);
+        if (n_predict >= 0 && k + 1 == n_predict) {
+            break;
+        }
+        if (!decode_tokens(ctx, &tok, 1, pos, true)) {
+            err = "llama_decode failed while generating";
+            break;
+        }
+        pos++;
+    }
+    llama_sampler_free(smpl);
+    return out;
+}

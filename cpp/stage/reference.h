@@ -1,0 +1,31 @@
+// The reference: the unsplit model in one process on llama.cpp's stock code path, with the same
+// context parameters a stage uses. Tests demand that a chain of stages reproduces its tokens and,
+// at every stage boundary, its layer outputs (`l_out-<il>`, captured with cb_eval) byte for byte.
+#pragma once
+
+#include "protocol.h"
+
+#include "llama.h"
+
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+struct nak_reference {
+    llama_model *       model = nullptr;
+    llama_context *     ctx   = nullptr;
+    const llama_vocab * vocab = nullptr;
+    uint32_t            n_batch = 2048;
+    int32_t             n_embd  = 0;
+    std::set<int>       capture;                     // global layer indices whose l_out to keep
+    std::map<int, std::vector<float>> captured;      // layer -> rows [n_rows, n_embd], batch order
+
+    ~nak_reference();
+    bool load(const std::string & path, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
+              int32_t n_threads, const std::vector<int> & capture_layers, std::string & err);
+    // prefill `prompt` (cut in n_batch chunks), then sample up to n_predict tokens, one per decode,
+    // stopping at an end-of-generation token (not included). Returns the sampled tokens.
+    std::vector<llama_token> generate(const std::vector<llama_token> & prompt, int32_t n_predict,
+                                      const nak_sampler_params & sp, std::string & err);
+};

@@ -1,0 +1,232 @@
+#include "server.h"
+
+#include "net.h"
+
+#include <cerrno>
+#include <deque>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <vector>
+
+namespace {
+
+struct conn_state {
+    int                  fd = -1;
+    int32_t              id = 0;
+    nak_frame_parser     parser;
+    std::vector<uint8_t> out;
+    size_t               out_off = 0;
+    bool                 hello_seen = false;
+    bool                 closing    = false; // close once `out` is flushed
+    bool                 dead       = false;
+    int64_t              t_open_ms  = 0;
+    int64_t              t_last_ms  = 0;
+};
+
+struct queued_request {
+    int32_t   conn;
+    nak_frame frame;
+};
+
+void flush(conn_state & c) {
+    while (c.out_off < c.out.size()) {
+        const ssize_t k = send(c.fd, c.out.data() + c.out_off, c.out.size() - c.out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (k > 0) {
+            c.out_off += (size_t) k;
+            continue;
+        }
+        if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+            return;
+        }
+        c.dead = true;
+        return;
+    }
+    c.out.clear();
+    c.out_off = 0;
+    if (c.closing) {
+        c.dead = true;
+    }
+}
+
+void send_frame(conn_state & c, const std::vector<uint8_t> & frame) {
+    c.out.insert(c.out.end(), frame.begin(), frame.end());
+    flush(c);
+}
+
+// a transport-level error: answer once, then close the connection (the stream cannot be resynced)
+void reject(conn_state & c, uint16_t code, const std::string & msg) {
+    nak_header h;
+    send_frame(c, nak_error_frame(h, code, msg));
+    c.closing = true;
+    flush(c);
+}
+
+void read_frames(conn_state & c, std::deque<queued_request> & queue, int64_t now) {
+    uint8_t buf[65536];
+    for (;;) {
+        const ssize_t k = recv(c.fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (k > 0) {
+            c.parser.feed(buf, (size_t) k);
+            c.t_last_ms = now;
+            continue;
+        }
+        if (k == 0) {
+            c.dead = true;
+        } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            c.dead = true;
+        }
+        break;
+    }
+    while (!c.closing) {
+        queued_request q;
+        const nak_parse_status st = c.parser.next(q.frame);
+        if (st == NAK_PARSE_NEED_MORE) {
+            break;
+        }
+        if (st == NAK_PARSE_BAD_MAGIC) {
+            reject(c, NAK_ERR_BAD_REQUEST, "not a nakshatra frame (bad magic); is this client speaking another protocol?");
+            break;
+        }
+        if (st == NAK_PARSE_BAD_VERSION) {
+            reject(c, NAK_ERR_VERSION, "protocol version mismatch: this stage speaks v" + std::to_string(NAK_PROTO_VERSION) +
+                   "; upgrade the older side");
+            break;
+        }
+        if (st == NAK_PARSE_TOO_LARGE) {
+            reject(c, NAK_ERR_TOO_LARGE, "frame larger than the limit of " + std::to_string(c.parser.max_payload) + " bytes");
+            break;
+        }
+        if (!c.hello_seen) {
+            if (q.frame.hdr.type != NAK_MSG_HELLO) {
+                reject(c, NAK_ERR_BAD_REQUEST, "the first frame on a connection must be HELLO");
+                break;
+            }
+            c.hello_seen = true;
+        }
+        q.conn = c.id;
+        queue.push_back(std::move(q));
+    }
+}
+
+} // namespace
+
+bool nak_serve(nak_stage & stage, const nak_server_params & params,
+               const std::function<bool()> & should_stop,
+               const std::function<void(int)> & on_ready, std::string & err) {
+    const int lfd = nak_listen(params.host, params.port, 64, err);
+    if (lfd < 0) {
+        return false;
+    }
+    on_ready(nak_bound_port(lfd));
+
+    std::vector<conn_state>     conns;
+    std::deque<queued_request>  queue;
+    int32_t next_id        = 1;
+    int64_t t_stop_check   = 0;
+    int64_t t_expire_check = 0;
+    std::vector<pollfd> pfds;
+
+    for (;;) {
+        const int64_t now = nak_now_ms();
+        if (now - t_stop_check >= 50) {
+            t_stop_check = now;
+            if (should_stop()) {
+                break;
+            }
+        }
+        if (now - t_expire_check >= 1000) {
+            t_expire_check = now;
+            stage.expire_idle(now);
+            for (auto & c : conns) {
+                if ((!c.hello_seen && now - c.t_open_ms > params.handshake_timeout_ms) ||
+                    now - c.t_last_ms > (int64_t) params.conn_idle_timeout_s * 1000) {
+                    c.dead = true;
+                }
+            }
+        }
+
+        pfds.clear();
+        pfds.push_back({ lfd, POLLIN, 0 });
+        for (const auto & c : conns) {
+            short ev = c.closing ? 0 : POLLIN;
+            if (c.out_off < c.out.size()) {
+                ev |= POLLOUT;
+            }
+            pfds.push_back({ c.fd, ev, 0 });
+        }
+        const int rc = poll(pfds.data(), pfds.size(), queue.empty() ? 50 : 0);
+        if (rc < 0 && errno != EINTR) {
+            err = "poll failed";
+            break;
+        }
+
+        if (pfds[0].revents & POLLIN) {
+            for (;;) {
+                const int fd = accept4(lfd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+                if (fd < 0) {
+                    break;
+                }
+                nak_set_nodelay(fd);
+                conn_state c;
+                c.fd = fd;
+                c.id = next_id++;
+                c.parser.max_payload = params.max_payload;
+                c.t_open_ms = c.t_last_ms = nak_now_ms();
+                if ((int) conns.size() >= params.max_conns) {
+                    reject(c, NAK_ERR_OVERLOADED, "too many connections to this stage");
+                    close(fd);
+                    continue;
+                }
+                conns.push_back(std::move(c));
+            }
+        }
+        for (size_t i = 1; i < pfds.size() && i - 1 < conns.size(); i++) {
+            conn_state & c = conns[i - 1];
+            if (pfds[i].revents & (POLLIN | POLLHUP | POLLERR)) {
+                read_frames(c, queue, now);
+            }
+            if (pfds[i].revents & POLLOUT) {
+                flush(c);
+            }
+        }
+
+        // scheduler: one request per llama_decode, first come first served
+        if (!queue.empty()) {
+            queued_request q = std::move(queue.front());
+            queue.pop_front();
+            stage.queue_depth = (uint32_t) queue.size();
+            for (auto & c : conns) {
+                if (c.id == q.conn && !c.dead) {
+                    bool close_conn = false;
+                    std::vector<uint8_t> reply;
+                    stage.handle(q.frame, c.id, close_conn, reply);
+                    send_frame(c, reply);
+                    c.closing = c.closing || close_conn;
+                    break;
+                }
+            }
+        }
+
+        // drop dead connections: free their sessions' KV and their queued requests
+        for (size_t i = 0; i < conns.size();) {
+            if (!conns[i].dead) {
+                i++;
+                continue;
+            }
+            const int32_t id = conns[i].id;
+            stage.on_disconnect(id);
+            close(conns[i].fd);
+            for (auto it = queue.begin(); it != queue.end();) {
+                it = it->conn == id ? queue.erase(it) : it + 1;
+            }
+            conns.erase(conns.begin() + i);
+        }
+    }
+    for (auto & c : conns) {
+        stage.on_disconnect(c.id);
+        close(c.fd);
+    }
+    close(lfd);
+    return err.empty();
+}

@@ -1,0 +1,24 @@
+// The stage's event loop: one thread, non-blocking sockets, poll(). Frames are cut as they
+// arrive and queued; the scheduler hands one request per llama_decode to the stage (batching
+// across sessions later changes only this policy). An idle stage sleeps in poll().
+#pragma once
+
+#include "stage.h"
+
+#include <functional>
+#include <string>
+
+struct nak_server_params {
+    std::string host = "127.0.0.1";
+    int         port = 7071;            // 0: any free port (reported to on_ready)
+    uint32_t    max_payload = NAK_MAX_PAYLOAD_DEFAULT;
+    int         max_conns = 256;
+    int         handshake_timeout_ms = 10000; // a connection must say HELLO within this time
+    int         conn_idle_timeout_s  = 3600;  // a connection silent for longer is closed
+};
+
+// Serve until should_stop() returns true (checked about every 50 ms). on_ready(port) is called
+// once the socket listens. Returns false with err set when the socket cannot be opened.
+bool nak_serve(nak_stage & stage, const nak_server_params & params,
+               const std::function<bool()> & should_stop,
+               const std::function<void(int)> & on_ready, std::string & err);

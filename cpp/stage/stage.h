@@ -1,0 +1,128 @@
+// The stage executor: one layer-range slice of a model in one llama_context, serving sessions.
+//
+// A stage owns the KV cache of its layers. Each session gets its own KV sequence (seq id = slot),
+// so sessions never see each other's cells. Requests arrive as protocol frames (see
+// cpp/protocol/protocol.h) and are answered with frames; the event loop (server.cpp) owns I/O.
+#pragma once
+
+#include "protocol.h"
+
+#include "llama.h"
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#ifndef NAK_BACKEND_NAME
+#define NAK_BACKEND_NAME "cpu"
+#endif
+
+struct nak_stage_params {
+    std::string model_path;
+    std::string model_sha256;       // of the whole model; read from the slice metadata when empty
+    uint32_t    n_ctx_session = 4096; // KV positions per session
+    uint32_t    max_sessions  = 8;
+    uint32_t    n_batch       = 2048; // llama.cpp defaults: the chain must cut ubatches as the reference
+    uint32_t    n_ubatch      = 512;
+    int32_t     n_threads     = 0;    // 0: hardware concurrency
+    int32_t     n_gpu_layers  = -1;   // -1: all (only meaningful with a GPU backend)
+    int32_t     flash_attn    = -1;   // -1 auto, 0 off, 1 on
+    std::string cache_type_k  = "f16";
+    std::string cache_type_v  = "f16";
+    uint32_t    idle_timeout_s = 600; // sessions idle longer are freed
+};
+
+// the sampler chain in llama.cpp's default order (common/sampling): penalties, top-k, top-p,
+// min-p, temperature, dist; greedy when temp <= 0
+llama_sampler * nak_sampler_build(const llama_vocab * vocab, const nak_sampler_params & sp);
+
+// ggml type from a --cache-type name (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1); false if unknown
+bool nak_parse_cache_type(const std::string & name, ggml_type & out);
+
+// resident set size of this process in bytes (Linux /proc; 0 elsewhere)
+uint64_t nak_rss_bytes();
+
+struct nak_session {
+    uint64_t                 id       = 0;
+    int32_t                  seq      = 0;   // KV sequence id (the slot)
+    int32_t                  conn     = -1;  // connection that opened it (freed when it goes away)
+    uint32_t                 n_past   = 0;   // positions cached
+    uint64_t                 next_step = 0;
+    int64_t                  last_used_ms = 0;
+    nak_sampler_params       sp;
+    llama_sampler *          smpl = nullptr; // last stage only
+    std::vector<llama_token> history;        // tokens at positions [0, history.size()) (last stage: sampler history)
+    bool                     pending_sampled = false; // last_sampled was accepted by the sampler already
+    llama_token              last_sampled    = -1;
+    uint64_t                 tokens_in  = 0;
+    uint64_t                 compute_us = 0;
+};
+
+class nak_stage {
+  public:
+    nak_stage() = default;
+    ~nak_stage();
+    nak_stage(const nak_stage &) = delete;
+    nak_stage & operator=(const nak_stage &) = delete;
+
+    // load the model and create the context; false with err set on failure
+    bool load(const nak_stage_params & params, std::string & err);
+
+    // answer one request frame; `reply` receives a complete frame (header + payload)
+    void handle(const nak_frame & req, int32_t conn, bool & close_conn, std::vector<uint8_t> & reply);
+    // the connection went away: free the KV of the sessions it opened
+    void on_disconnect(int32_t conn);
+    // free sessions idle for longer than idle_timeout_s
+    void expire_idle(int64_t now_ms);
+
+    nak_hello_ok info() const;
+    nak_health   health() const;
+    std::string  stats_json() const;
+
+    uint32_t layer_start() const { return layer_start_; }
+    uint32_t layer_end()   const { return layer_end_; }
+    bool     is_first()    const { return layer_start_ == 0; }
+    bool     is_last()     const { return layer_end_ == n_layer_full_; }
+    uint32_t n_embd()      const { return n_embd_; }
+    const nak_stage_params & params() const { return params_; }
+
+    uint32_t queue_depth = 0; // set by the event loop, reported in health
+
+  private:
+    void on_open    (const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h);
+    void on_forward (const nak_frame & req, nak_writer & w, nak_header & h);
+    void on_truncate(const nak_frame & req, nak_writer & w, nak_header & h);
+    void on_close   (const nak_frame & req, nak_writer & w, nak_header & h);
+    void on_tokenize  (const nak_frame & req, nak_writer & w, nak_header & h);
+    void on_detokenize(const nak_frame & req, nak_writer & w, nak_header & h);
+    void on_template  (const nak_frame & req, nak_writer & w, nak_header & h);
+
+    nak_session * find_session(uint64_t id);
+    void free_session(nak_session & s);
+    void rebuild_sampler(nak_session & s);
+
+    nak_stage_params      params_;
+    llama_model *         model_ = nullptr;
+    llama_context *       ctx_   = nullptr;
+    const llama_vocab *   vocab_ = nullptr;
+    std::string           arch_;
+    uint32_t              layer_start_  = 0;
+    uint32_t              layer_end_    = 0;
+    uint32_t              n_layer_full_ = 0;
+    uint32_t              n_embd_       = 0;
+    int64_t               t_start_ms_   = 0;
+    uint64_t              tokens_in_    = 0;
+    uint64_t              n_decode_     = 0;
+    uint64_t              compute_us_   = 0;
+    uint64_t              bytes_in_     = 0;
+    uint64_t              bytes_out_    = 0;
+    std::map<uint64_t, nak_session> sessions_;
+    std::vector<bool>     slot_used_;
+    std::vector<float>    embd_out_;
+};
+
+// error reply helper (also used by the event loop for transport-level errors)
+std::vector<uint8_t> nak_error_frame(const nak_header & req, uint16_t code, const std::string & message);
+
+int64_t nak_now_ms();
