@@ -1,0 +1,1 @@
+"""The ``nak`` command line of Nakshatra (see :mod:`nakshatra_cli.main`)."""

@@ -1,0 +1,291 @@
+"""``nak``: the Nakshatra command line (Typer + Rich).
+
+Errors are one red line on stderr naming the fix, exit code 1; ``--debug`` shows the traceback.
+``nak run`` writes only the generated text to stdout; everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from nakshatra.errors import NakError
+
+err_console = Console(stderr=True)
+app = typer.Typer(
+    name="nak",
+    help="Run one GGUF model split by layer ranges across several machines (llama.cpp stages).",
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+_state = {"debug": False}
+
+# ---- shared option aliases ----------------------------------------------------------------
+
+Threads = Annotated[int, typer.Option("--threads", "-t", help="llama.cpp threads per stage (0: all cores).",
+                                      envvar="NAK_THREADS")]
+Ctx = Annotated[int, typer.Option("--ctx", "-c", help="KV positions per session (the stage's n_ctx is ctx x max-sessions).")]
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's log (info level).")] = False,
+) -> None:
+    _state["debug"] = debug
+    if verbose:
+        os.environ["NAK_LOG_LEVEL"] = "2"
+        try:
+            from nakshatra import _nakshatra
+
+            _nakshatra.set_log_level(2)
+        except ImportError:
+            pass
+
+
+# ---- run ------------------------------------------------------------------------------------
+
+@app.command()
+def run(
+    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="A GGUF file or a built-in name (smollm2, gemma3-270m).")] = "smollm2",
+    parts: Annotated[int, typer.Option("--parts", "-p", help="Local stages to cut the model into (without --chain).")] = 3,
+    chain: Annotated[Optional[str], typer.Option("--chain", help="Running stages, host:port,host:port,... in any order.")] = None,
+    n_predict: Annotated[int, typer.Option("--n-predict", "-n", help="Tokens to generate (-1: until end of generation).")] = 128,
+    temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k")] = 40,
+    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
+    min_p: Annotated[float, typer.Option("--min-p")] = 0.05,
+    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", help="1 disables it.")] = 1.0,
+    repeat_last_n: Annotated[int, typer.Option("--repeat-last-n")] = 64,
+    seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Sampling seed (default: random).")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template.")] = False,
+    stats: Annotated[bool, typer.Option("--stats", help="Print timings per stage to stderr.")] = False,
+    threads: Threads = 0,
+    ctx: Ctx = 4096,
+) -> None:
+    """Generate text through a chain of stages; only the text goes to stdout.
+
+    Examples: [b]nak run "Tell me about the stars"[/b] (SmolLM2 cut in 3, 3 local stages);
+    [b]nak run --chain hostA:7071,hostB:7072 -n 128 --temp 0.7 --seed 1 "prompt"[/b]
+    """
+    from nakshatra.chain import Chain, GenerationStats, SamplerParams
+
+    sampler = SamplerParams(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+    sampler.check()
+    st = GenerationStats()
+
+    def generate(addresses: list[str]) -> None:
+        with Chain(addresses) as c:
+            if stats:
+                err_console.print(" → ".join(f"{s.address} ({s.layers})" for s in c.stages), markup=False)
+            for text in c.generate(prompt, n_predict, sampler, chat=chat, stats=st):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            if stats:
+                _print_stats(st, c.stages)
+
+    if chain:
+        generate([a for a in chain.split(",") if a.strip()])
+        return
+    from nakshatra.local import LocalStages, cached_parts
+    from nakshatra.models import resolve_model
+
+    path = resolve_model(model)
+    slices = cached_parts(path, parts, progress=sys.stderr.isatty())
+    with LocalStages(slices, threads=threads, ctx=ctx, max_sessions=1) as ls:
+        generate(ls.addresses)
+
+
+def _print_stats(st, stages) -> None:
+    t = Table(title="generation", title_justify="left")
+    t.add_column("stage")
+    t.add_column("layers")
+    t.add_column("compute ms", justify="right")
+    t.add_column("network ms", justify="right")
+    t.add_column("wire KiB", justify="right")
+    for s, c, n, b in zip(stages, st.stage_compute_ms, st.stage_network_ms, st.wire_bytes):
+        t.add_row(s.address, str(s.layers), f"{c:.1f}", f"{n:.1f}", f"{b / 1024:.1f}")
+    err_console.print(t)
+    err_console.print(f"prompt {st.n_prompt} tokens, time to first token {st.ttft_ms:.1f} ms, "
+                      f"prefill {st.prefill_tps:.1f} tok/s; generated {st.n_generated} tokens, "
+                      f"decode {st.decode_tps:.1f} tok/s")
+
+
+# ---- slice / inspect / pull -----------------------------------------------------------------
+
+@app.command("slice")
+def slice_cmd(
+    model: Annotated[Path, typer.Argument(help="The GGUF model to cut.")],
+    parts: Annotated[Optional[int], typer.Option("--parts", "-p", help="Number of slices, balanced by bytes.")] = None,
+    ranges: Annotated[Optional[str], typer.Option("--ranges", "-r", help="Inclusive ranges, e.g. 0-6,7-16,17-25,26-29.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("slices"),
+) -> None:
+    """Cut a model into layer-range slices plus a manifest.
+
+    Example: [b]nak slice model.gguf --parts 5 -o slices/[/b]
+    """
+    from nakshatra.ranges import parse_ranges
+    from nakshatra.slicer import model_layout, slice_model
+
+    if (parts is None) == (ranges is None):
+        raise NakError("give exactly one of --parts N or --ranges A-B,C-D,...")
+    rl = None
+    if ranges is not None:
+        rl = parse_ranges(ranges, model_layout(model, sha256="-").n_layer)
+    m = slice_model(model, ranges=rl, n_parts=parts, out_dir=out, progress=True)
+    t = Table(title=f"{m.model['name']}: {m.model['arch']}, {m.model['n_layer']} layers", title_justify="left")
+    t.add_column("slice")
+    t.add_column("layers")
+    t.add_column("MiB", justify="right")
+    for s in m.slices:
+        t.add_row(str(out / s.file), str(s.range), f"{s.bytes / 2**20:.1f}")
+    err_console.print(t)
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A model or slice.")],
+    ctx: Annotated[int, typer.Option("--ctx", "-c", help="Context tokens for the KV estimate.")] = 4096,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False,
+) -> None:
+    """Show what a model or slice holds and the memory a stage needs for it.
+
+    Example: [b]nak inspect slices/smollm2.0-9.gguf --ctx 8192[/b]
+    """
+    from nakshatra.inspection import inspect_gguf, render_inspection
+
+    info = inspect_gguf(file, n_ctx=ctx)
+    if as_json:
+        print(json.dumps(info, indent=1, default=str))
+    else:
+        Console().print(render_inspection(info))
+
+
+@app.command()
+def pull(name: Annotated[str, typer.Argument(help="smollm2 or gemma3-270m.")]) -> None:
+    """Fetch a built-in model into the cache and print its path.
+
+    Example: [b]nak pull gemma3-270m[/b]
+    """
+    from nakshatra.models import pull as do_pull
+
+    print(do_pull(name, progress=True))
+
+
+# ---- serve ----------------------------------------------------------------------------------
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="A slice from nak slice, or a whole GGUF (with --layers to cut it).")],
+    layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Inclusive layer range, e.g. 0-15.")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port).")] = 7071,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback address without authentication.")] = False,
+    threads: Threads = 0,
+    ctx: Ctx = 4096,
+    max_sessions: Annotated[int, typer.Option("--max-sessions", help="Concurrent sessions, each with its own KV.")] = 8,
+    n_gpu_layers: Annotated[int, typer.Option("--n-gpu-layers", "-ngl", help="Layers to offload (GPU backends; -1 all).")] = -1,
+    flash_attn: Annotated[str, typer.Option("--flash-attn", "-fa", help="auto, on or off.")] = "auto",
+    cache_type_k: Annotated[str, typer.Option("--cache-type-k", "-ctk")] = "f16",
+    cache_type_v: Annotated[str, typer.Option("--cache-type-v", "-ctv")] = "f16",
+    ready_json: Annotated[bool, typer.Option("--ready-json", help="Also print the ready line as JSON on stdout.")] = False,
+) -> None:
+    """Serve one slice as a stage (C++ event loop; Ctrl-C stops it).
+
+    Examples: [b]nak serve slices/smollm2.0-9.gguf --port 7071[/b];
+    [b]nak serve model.gguf --layers 0-15 --port 7071[/b]
+    """
+    from nakshatra.serve import ServeOptions
+    from nakshatra.serve import serve as do_serve
+
+    code = do_serve(ServeOptions(model=model, layers=layers, host=host, port=port, insecure=insecure,
+                                 threads=threads, ctx=ctx, max_sessions=max_sessions,
+                                 n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+                                 cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+                                 ready_json=ready_json))
+    raise typer.Exit(code)
+
+
+# ---- build / doctor -------------------------------------------------------------------------
+
+@app.command()
+def build(
+    backend: Annotated[str, typer.Option("--backend", "-b", help="cpu, cuda, rocm, metal or vulkan.")] = "cpu",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command and CMake arguments; build nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Build even if the toolkit is not detected.")] = False,
+    source: Annotated[Optional[Path], typer.Option("--source", help="Project directory (default: this checkout).")] = None,
+) -> None:
+    """Rebuild the extension for a backend (pip install of this project with the ggml option).
+
+    Example: [b]nak build --backend cuda --dry-run[/b]
+    """
+    from nakshatra import build as b
+
+    project = source or _project_dir()
+    status = b.detect_toolkit(backend)
+    if not status.ok and not force and not dry_run:
+        raise NakError(status.hint)
+    plan = b.build_plan(backend, project)
+    err_console.print(f"backend {backend}: toolkit {'found: ' + str(status.found) if status.ok else 'MISSING: ' + str(status.missing)}")
+    err_console.print(f"cmake args: {' '.join(b.ggml_cmake_args(backend)) or '(none)'}")
+    raise typer.Exit(b.run_build(plan, dry_run=dry_run))
+
+
+def _project_dir() -> Path:
+    here = Path.cwd()
+    for p in (here, *here.parents):
+        if (p / "pyproject.toml").exists() and (p / "patches" / "llama.cpp.pin").exists():
+            return p
+    raise NakError("run nak build from a Nakshatra checkout, or pass --source DIR")
+
+
+@app.command()
+def doctor() -> None:
+    """Show the compiled backends, llama.cpp commit, patch set and protocol version.
+
+    Example: [b]nak doctor[/b]
+    """
+    from nakshatra import build as b
+
+    info = b.compiled_info()
+    t = Table(show_header=False)
+    t.add_column("what")
+    t.add_column("value")
+    t.add_row("backend (built for)", str(info["backend"]))
+    t.add_row("ggml backends", ", ".join(info["ggml_backends"]))
+    t.add_row("llama.cpp commit", str(info["llama_commit"]))
+    t.add_row("patch set (sha256)", str(info["patch_hash"]))
+    t.add_row("protocol version", str(info["protocol_version"]))
+    t.add_row("system", str(info.get("system_info", "")).strip())
+    Console().print(t)
+
+
+def main() -> None:
+    """Entry point: run the app, turning NakError into one red line and exit code 1."""
+    try:
+        app(prog_name="nak")
+    except NakError as e:
+        if _state["debug"]:
+            err_console.print_exception()
+        err_console.print(Text.assemble(("error: ", "bold red"), str(e)), highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

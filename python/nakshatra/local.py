@@ -1,0 +1,134 @@
+"""Start stages as local processes (``nak run`` without ``--chain``, tests, benchmarks).
+
+Each stage is ``python -m nakshatra.serve SLICE --port 0 --ready-json`` on 127.0.0.1; its first
+line on stdout says which port it got. Its log goes to a file, shown when it fails to start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import ChainError
+
+
+class LocalStages:
+    """A context manager running one stage process per slice; ``addresses`` lists ``host:port``.
+
+    ``threads`` is llama.cpp threads per stage (0: all cores). Raises ChainError, with the
+    stage's log tail, when a stage exits or is not ready within ``start_timeout_s``.
+    """
+
+    def __init__(self, slices: Sequence[Path], threads: int = 0, ctx: int = 4096,
+                 max_sessions: int = 8, extra_args: Sequence[str] = (), start_timeout_s: float = 120.0,
+                 env: dict[str, str] | None = None) -> None:
+        self.slices = [Path(s) for s in slices]
+        self.threads = threads
+        self.ctx = ctx
+        self.max_sessions = max_sessions
+        self.extra_args = list(extra_args)
+        self.start_timeout_s = start_timeout_s
+        self.env = env
+        self.procs: list[subprocess.Popen] = []
+        self.addresses: list[str] = []
+        self.pids: list[int] = []
+        self._logdir = tempfile.TemporaryDirectory(prefix="nak-stages-")
+        self.logs: list[Path] = []
+
+    def __enter__(self) -> LocalStages:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env.update(self.env or {})
+        for i, path in enumerate(self.slices):
+            log = Path(self._logdir.name) / f"stage{i}.log"
+            self.logs.append(log)
+            cmd = [sys.executable, "-m", "nakshatra.serve", str(path), "--host", "127.0.0.1",
+                   "--port", "0", "--ready-json", "--threads", str(self.threads), "--ctx", str(self.ctx),
+                   "--max-sessions", str(self.max_sessions), *self.extra_args]
+            with open(log, "wb") as lf:
+                p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=lf, stdin=subprocess.DEVNULL, env=env)
+            self.procs.append(p)
+        for i, p in enumerate(self.procs):
+            info = self._wait_ready(i, p)
+            self.addresses.append(f"127.0.0.1:{info['port']}")
+            self.pids.append(p.pid)
+
+    def _wait_ready(self, i: int, p: subprocess.Popen) -> dict:
+        deadline = time.monotonic() + self.start_timeout_s
+        sel = selectors.DefaultSelector()
+        sel.register(p.stdout, selectors.EVENT_READ)
+        try:
+            while time.monotonic() < deadline:
+                if sel.select(timeout=0.2):
+                    line = p.stdout.readline()
+                    if line:
+                        return json.loads(line)
+                if p.poll() is not None:
+                    break
+        finally:
+            sel.close()
+        tail = self.logs[i].read_text(errors="replace")[-2000:] if self.logs[i].exists() else ""
+        what = "exited" if p.poll() is not None else f"was not ready after {self.start_timeout_s:.0f} s"
+        raise ChainError(f"local stage {i} ({self.slices[i].name}) {what}:\n{tail.strip()}")
+
+    def stop(self) -> None:
+        """SIGTERM every stage, wait up to 10 s, then SIGKILL."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            if p.stdout:
+                p.stdout.close()
+        self.procs = []
+        self._logdir.cleanup()
+
+
+def cached_parts(model_path: Path, n_parts: int, progress: bool = True) -> list[Path]:
+    """Slices of ``model_path`` cut into ``n_parts`` (planned by bytes), cut once into
+    ``cache_dir()/slices/<sha256[:16]>/parts-<n>/`` and reused while the manifest's files are
+    there with their recorded sizes. Raises RangeError / SliceError as :func:`slice_model`."""
+    from .manifest import Manifest
+    from .paths import cache_dir
+    from .slicer import _known_sha256, slice_model
+
+    model_path = Path(model_path).resolve()
+    root = cache_dir() / "slices"
+    root.mkdir(parents=True, exist_ok=True)
+    sha = _known_sha256(model_path, root / "index.json")
+    out = root / sha[:16] / f"parts-{n_parts}"
+    manifest_path = out / f"{model_path.stem}.manifest.json"
+    if manifest_path.exists():
+        try:
+            m = Manifest.load(manifest_path)
+            paths = [out / s.file for s in m.slices]
+            if m.model["sha256"] == sha and all(p.is_file() and p.stat().st_size == s.bytes
+                                                for p, s in zip(paths, m.slices)):
+                return paths
+        except Exception:  # a damaged cache entry is simply cut again
+            pass
+    m = slice_model(model_path, n_parts=n_parts, out_dir=out, progress=progress)
+    return [out / s.file for s in m.slices]

@@ -1,0 +1,188 @@
+"""``nak serve``: load one slice into the C++ stage and run its event loop.
+
+Also runnable as ``python -m nakshatra.serve`` (what local launchers spawn). Python only checks
+the inputs, loads, prints the ready line and hands over to C++; no Python runs per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import NakError, SliceError
+from .ranges import LayerRange, parse_range
+
+
+@dataclass
+class ServeOptions:
+    """Options of one stage. ``ctx`` is the KV positions per session; the stage's n_ctx is
+    ``ctx * max_sessions``."""
+
+    model: Path
+    layers: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 7071
+    insecure: bool = False
+    threads: int = 0
+    ctx: int = 4096
+    max_sessions: int = 8
+    n_gpu_layers: int = -1
+    flash_attn: str = "auto"
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    verify: bool = True
+    ready_json: bool = False
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def resolve_slice(model: Path, layers: str | None, verify: bool = True) -> tuple[Path, str]:
+    """The file a stage loads and the whole model's sha256.
+
+    A slice is served as is (``layers``, if given, must match it; its tensor data is verified
+    against its metadata). A whole model is served whole, or, with ``layers``, cut to that
+    inclusive range on the fly and cached. Raises NakError naming the file and the fix.
+    """
+    from .slicer import cached_slice, model_layout, read_slice_meta, verify_slice
+
+    if not model.is_file():
+        raise NakError(f"{model}: no such file; give a slice from `nak slice` or a whole GGUF")
+    meta = read_slice_meta(model)
+    want = parse_range(layers) if layers else None
+    if meta.get("nakshatra.layer_range_start") is not None:
+        have = LayerRange(int(meta["nakshatra.layer_range_start"]), int(meta["nakshatra.layer_range_end"]))
+        if want is not None and want != have:
+            raise NakError(f"{model} holds layers {have}, not {want}; drop --layers or pick the "
+                           "slice for that range")
+        if verify:
+            verify_slice(model)
+        return model, str(meta.get("nakshatra.model_sha256") or "")
+    layout = model_layout(model)
+    if want is None:
+        return model, layout.sha256
+    if want.end > layout.n_layer:
+        raise NakError(f"--layers {want.inclusive()} is beyond the model's {layout.n_layer} "
+                       f"layers (0-{layout.n_layer - 1})")
+    return cached_slice(model, want, layout.n_layer), layout.sha256
+
+
+def kv_bytes_estimate(path: Path, ctx: int) -> int | None:
+    """KV cache bytes for ``ctx`` positions of the layers in ``path`` (f16), or None."""
+    try:
+        from .inspection import inspect_gguf
+
+        return int(inspect_gguf(path, n_ctx=ctx)["kv_bytes"])
+    except Exception:  # an estimate only: never block serving on it
+        return None
+
+
+def check_host(host: str, insecure: bool) -> None:
+    """A stage listens on loopback unless ``--insecure`` (no authentication yet)."""
+    from . import _nakshatra
+
+    if _nakshatra.is_loopback(host):
+        return
+    if not insecure:
+        raise NakError(f"--host {host} is not loopback and stages have no authentication yet: "
+                       "anyone who reaches the port can use it; add --insecure to accept that")
+    print(f"nak serve: WARNING: listening on {host} without authentication; anyone who reaches "
+          "this port can run the model and read what it computes", file=sys.stderr)
+
+
+def serve(opts: ServeOptions) -> int:
+    """Load the stage and serve until SIGINT/SIGTERM. Returns the exit code (0 on a clean stop).
+
+    Raises NakError for bad input (file, range, host, options) before anything is loaded.
+    """
+    # OpenMP threads that spin after each llama_decode steal the cores of the other stages on the
+    # same machine; libgomp reads this when the extension is first loaded, so set it before
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from . import _nakshatra
+    from .errors import StageError
+
+    check_host(opts.host, opts.insecure)
+    if opts.ctx < 1 or opts.max_sessions < 1:
+        raise NakError("--ctx and --max-sessions must be at least 1")
+    if not 0 <= opts.port < 65536:
+        raise NakError(f"--port {opts.port} must be in 0..65535 (0: any free port)")
+    fa = {"auto": -1, "off": 0, "on": 1}.get(opts.flash_attn)
+    if fa is None:
+        raise NakError(f"--flash-attn {opts.flash_attn!r}: use auto, on or off")
+    path, model_sha = resolve_slice(Path(opts.model), opts.layers, opts.verify)
+    try:
+        stage = _nakshatra.Stage(str(path), model_sha256=model_sha, n_ctx=opts.ctx,
+                                 max_sessions=opts.max_sessions, n_threads=opts.threads,
+                                 n_gpu_layers=opts.n_gpu_layers, flash_attn=fa,
+                                 cache_type_k=opts.cache_type_k, cache_type_v=opts.cache_type_v)
+    except StageError as e:
+        raise NakError(f"cannot load {path}: {e}") from None
+    info = stage.info()
+    rng = LayerRange(info["layer_start"], info["layer_end"])
+    kv = kv_bytes_estimate(path, opts.ctx * opts.max_sessions)
+
+    def on_ready(port: int) -> None:
+        kv_txt = f", KV {_fmt_bytes(kv)} for {opts.max_sessions} x {opts.ctx} tokens" if kv else ""
+        print(f"nak serve: ready on {opts.host}:{port} · layers {rng} of {info['n_layer_full']} · "
+              f"{info['arch']} n_embd {info['n_embd']} · RSS {_fmt_bytes(info['rss_bytes'])}{kv_txt}",
+              file=sys.stderr, flush=True)
+        if opts.ready_json:
+            print(json.dumps({"host": opts.host, "port": port, "layer_start": rng.start,
+                              "layer_end": rng.end, "pid": os.getpid()}), flush=True)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        stage.serve(opts.host, opts.port, on_ready)
+    except KeyboardInterrupt:
+        print("nak serve: stopped", file=sys.stderr)
+        return 0
+    except StageError as e:
+        raise NakError(f"cannot serve on {opts.host}:{opts.port}: {e} (is the port in use?)") from None
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nakshatra.serve MODEL [--layers A-B] [--port N] ...`` (see ServeOptions)."""
+    ap = argparse.ArgumentParser(prog="python -m nakshatra.serve", description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--layers")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=7071)
+    ap.add_argument("--insecure", action="store_true")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--max-sessions", type=int, default=8)
+    ap.add_argument("--n-gpu-layers", type=int, default=-1)
+    ap.add_argument("--flash-attn", default="auto")
+    ap.add_argument("--cache-type-k", default="f16")
+    ap.add_argument("--cache-type-v", default="f16")
+    ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--ready-json", action="store_true")
+    a = ap.parse_args(argv)
+    opts = ServeOptions(model=a.model, layers=a.layers, host=a.host, port=a.port, insecure=a.insecure,
+                        threads=a.threads, ctx=a.ctx, max_sessions=a.max_sessions,
+                        n_gpu_layers=a.n_gpu_layers, flash_attn=a.flash_attn,
+                        cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
+                        verify=not a.no_verify, ready_json=a.ready_json)
+    try:
+        return serve(opts)
+    except (NakError, SliceError) as e:
+        print(f"nak serve: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

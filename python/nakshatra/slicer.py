@@ -1,0 +1,539 @@
+"""Cut a GGUF model into layer-range slices that the patched llama.cpp loads as partial models.
+
+A slice holds the blocks of its range renamed to ``blk.0..``, the global tensors, the input tensors
+on the first stage and the output tensors on the last (plus ``token_embd`` there when the embedding
+is tied), all metadata of the original with the per-layer values cut to the range, and the
+``nakshatra.*`` keys (see :data:`NAK_KEYS`). Tensor data is copied byte for byte, streamed from the
+original file one 1 MiB chunk at a time, so memory does not grow with the model.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+from .errors import RangeError, SliceError
+from .manifest import CHUNK, Manifest, SliceInfo, sha256_file, write_atomic
+from .paths import cache_dir
+from .ranges import LayerRange, check_cover, plan_parts
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "phi3")
+"""Architectures whose slices are known to load and run on the patched llama.cpp."""
+
+INPUT_PREFIXES = ("token_embd.", "token_types.", "pos_embd.")
+"""Tensors llama.cpp treats as input layer (``LLM_TENSOR_LAYER_INPUT``): first stage only."""
+
+OUTPUT_PREFIXES = ("output_norm.", "output.")
+"""Tensors llama.cpp treats as output layer (``LLM_TENSOR_LAYER_OUTPUT``): last stage only."""
+
+SWA_DEFAULT_PERIOD = {"gemma3": 6}
+"""Sliding-window period llama.cpp assumes when the file has no pattern key
+(``load_swa_pattern(ml, 6)`` in src/models/gemma3.cpp). Architectures that have a sliding window
+but do not read a pattern (phi3) are absent on purpose."""
+
+NAK_KEYS = ("nakshatra.layer_range_start", "nakshatra.layer_range_end", "nakshatra.n_layer_full",
+            "nakshatra.slice_index", "nakshatra.slice_count", "nakshatra.model_sha256",
+            "nakshatra.tensor_data_sha256")
+"""Keys every slice carries. ``layer_range_end`` is exclusive; the sha256 values are hex strings.
+A slice cut alone by :func:`cached_slice` has ``slice_index`` 0 and ``slice_count`` 0."""
+
+_A = GGUFValueType
+
+
+class _Reader(GGUFReader):
+    """GGUFReader whose parsed parts are views of a plain ndarray (not ``np.memmap`` objects) with
+    shared dtype objects: same parser and results, but on a 262k-token vocabulary (gemma3) it
+    needs 220 MB and 2 s instead of 720 MB and 10 s."""
+
+    _dtypes: dict[Any, np.dtype[Any]] = {}
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
+        order = self.byte_order if override_order is None else override_order
+        dt = self._dtypes.get((dtype, order))
+        if dt is None:
+            dt = self._dtypes[(dtype, order)] = np.dtype(dtype).newbyteorder(order)
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+        return plain[offset:offset + dt.itemsize * int(count)].view(dt)
+
+
+def open_gguf(path: str | os.PathLike[str]) -> GGUFReader:
+    """Open a GGUF file for reading (memory-mapped; metadata parsed, tensor data untouched).
+
+    Raises SliceError naming the file if it is missing, unreadable, or not a valid GGUF.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise SliceError(f"{p}: no such model file; give the path of a .gguf file")
+    try:
+        return _Reader(p)
+    except PermissionError as e:
+        raise SliceError(f"cannot read {p}: permission denied") from e
+    except (ValueError, IndexError, KeyError, OverflowError, TypeError) as e:
+        raise SliceError(f"{p} is not a GGUF file (or it is truncated): {e}; "
+                         "give a complete .gguf model file") from e
+
+
+def tensor_role(name: str) -> str:
+    """Where a tensor goes: ``"layer"`` (``blk.N.*``), ``"input"`` (first stage), ``"output"``
+    (last stage) or ``"global"`` (every stage, e.g. ``rope_freqs.weight``)."""
+    if name.startswith("blk."):
+        return "layer"
+    if name.startswith(INPUT_PREFIXES):
+        return "input"
+    if name.startswith(OUTPUT_PREFIXES):
+        return "output"
+    return "global"
+
+
+def _layer_index(name: str) -> int:
+    return int(name.split(".", 2)[1])
+
+
+def kv_value(reader: GGUFReader, key: str) -> Any:
+    """The value of metadata ``key`` (int, float, bool, str or list), or None if absent."""
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What slicing needs to know about a model. Sizes are bytes of tensor data.
+
+    ``layer_bytes[i]``: tensors of ``blk.i``; ``input_bytes``: input tensors (``token_embd`` and
+    the like); ``output_bytes``: ``output_norm`` and ``output``; ``token_embd_bytes``: the token
+    embedding alone; ``tied``: there is no ``output.weight`` (the LM head reuses ``token_embd``);
+    ``global_tensors``: names of tensors every stage keeps; ``sha256``: hex of the whole file;
+    ``file_bytes``: its size.
+    """
+
+    path: Path
+    arch: str
+    n_layer: int
+    n_embd: int
+    layer_bytes: list[int]
+    input_bytes: int
+    output_bytes: int
+    token_embd_bytes: int
+    tied: bool
+    global_tensors: list[str]
+    global_bytes: int
+    sha256: str
+    file_bytes: int
+
+    @property
+    def first_extra(self) -> int:
+        """Bytes the first stage holds beyond its layers (input and global tensors)."""
+        return self.input_bytes + self.global_bytes
+
+    @property
+    def last_extra(self) -> int:
+        """Bytes the last stage holds beyond its layers: output tensors and global tensors, plus
+        the token embedding when tied."""
+        return self.output_bytes + self.global_bytes + (self.token_embd_bytes if self.tied else 0)
+
+
+def _layout(reader: GGUFReader, path: Path, sha256: str) -> ModelLayout:
+    arch = kv_value(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise SliceError(f"{path}: architecture {arch!r} is not supported for slicing; supported: "
+                         f"{', '.join(SUPPORTED_ARCHS)}")
+    if any(k in reader.fields for k in NAK_KEYS):
+        raise SliceError(f"{path} is already a slice; slice the whole model instead")
+    n_layer, n_embd = kv_value(reader, f"{arch}.block_count"), kv_value(reader, f"{arch}.embedding_length")
+    if not isinstance(n_layer, int) or n_layer < 1 or not isinstance(n_embd, int):
+        raise SliceError(f"{path}: missing or invalid {arch}.block_count / {arch}.embedding_length")
+    layer_bytes = [0] * n_layer
+    sums = {"input": 0, "output": 0, "global": 0}
+    names, token_embd = [], 0
+    for t in reader.tensors:
+        role, n = tensor_role(t.name), int(t.n_bytes)
+        if role == "layer":
+            il = _layer_index(t.name)
+            if il >= n_layer:
+                raise SliceError(f"{path}: tensor {t.name} is beyond {arch}.block_count={n_layer}; "
+                                 "this model layout is not supported")
+            layer_bytes[il] += n
+        else:
+            sums[role] += n
+            names.append(t.name)
+        if t.name == "token_embd.weight":
+            token_embd = n
+    return ModelLayout(path=path, arch=arch, n_layer=n_layer, n_embd=n_embd, layer_bytes=layer_bytes,
+                       input_bytes=sums["input"], output_bytes=sums["output"],
+                       token_embd_bytes=token_embd, tied="output.weight" not in names,
+                       global_tensors=[n for n in names if tensor_role(n) == "global"],
+                       global_bytes=sums["global"], sha256=sha256, file_bytes=path.stat().st_size)
+
+
+def model_layout(path: str | os.PathLike[str], *, sha256: str | None = None) -> ModelLayout:
+    """Read a model's layout (metadata and tensor sizes) and hash the file (streamed, 1 MiB
+    chunks) unless a trusted ``sha256`` is given. Raises SliceError if the file is missing, not a
+    GGUF, already a slice, or of an unsupported architecture (the message lists supported ones)."""
+    p = Path(path)
+    layout = _layout(open_gguf(p), p, sha256 or "")
+    return layout if sha256 else replace(layout, sha256=sha256_file(p))
+
+
+# --- metadata -------------------------------------------------------------------------------
+
+def _field_value(key: str, f: Any) -> tuple[Any, GGUFValueType, GGUFValueType | None]:
+    """(value, type, sub_type) for GGUFWriter.add_key_value; strings stay raw bytes."""
+    t = f.types[0]
+    if t == _A.ARRAY:
+        if len(f.types) != 2 or f.types[1] == _A.ARRAY:
+            raise SliceError(f"metadata key {key} is an empty or nested array, which cannot be copied")
+        if f.types[1] == _A.STRING:
+            return [f.parts[i].tobytes() for i in f.data], t, f.types[1]
+        return f.contents(), t, f.types[1]
+    if t == _A.STRING:
+        return f.parts[-1].tobytes(), t, None
+    return f.contents(), t, None
+
+
+def _base_metadata(reader: GGUFReader) -> dict[str, tuple[Any, GGUFValueType, GGUFValueType | None]]:
+    return {k: _field_value(k, f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def swa_pattern(reader: GGUFReader, arch: str, n_layer: int) -> list[bool] | None:
+    """The global per-layer sliding-window flags (True = sliding window) as llama.cpp derives them,
+    or None if the model has no sliding window or its architecture reads no pattern.
+
+    An array ``<arch>.attention.sliding_window_pattern`` is used as is; a scalar period P (or the
+    architecture's default, 6 for gemma3) makes layer il sliding iff ``(il + 1) % P != 0`` (P = 0:
+    every layer), as ``llama_hparams::set_swa_pattern`` with ``dense_first = false``.
+    """
+    window = kv_value(reader, f"{arch}.attention.sliding_window")
+    if not window:
+        return None
+    pattern = kv_value(reader, f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        if len(pattern) != n_layer:
+            raise SliceError(f"{arch}.attention.sliding_window_pattern has {len(pattern)} entries "
+                             f"for {n_layer} layers")
+        return [bool(x) for x in pattern]
+    if pattern is None:
+        pattern = SWA_DEFAULT_PERIOD.get(arch)
+        if pattern is None:
+            return None
+    return [pattern == 0 or (il + 1) % pattern != 0 for il in range(n_layer)]
+
+
+def _slice_metadata(base: dict[str, Any], layout: ModelLayout, swa: list[bool] | None,
+                    rng: LayerRange, index: int, count: int, data_sha: str) -> dict[str, Any]:
+    arch, n = layout.arch, layout.n_layer
+    out = {}
+    for key, (value, vtype, sub) in base.items():
+        if vtype == _A.ARRAY and key.startswith(arch + ".") and len(value) == n:
+            value = value[rng.start:rng.end]
+        out[key] = (value, vtype, sub)
+    block = f"{arch}.block_count"
+    out[block] = (rng.n_layers, base[block][1], None)
+    if swa is not None:
+        flags = swa[rng.start:rng.end]
+        out[f"{arch}.attention.sliding_window_pattern"] = (flags, _A.ARRAY, _A.BOOL)
+        if not any(flags):
+            # only full-attention layers: llama.cpp asserts (is_swa_any) when building a
+            # sliding-window cache without a sliding layer, so declare no window at all
+            window = f"{arch}.attention.sliding_window"
+            out[window] = (0, base[window][1], None)
+    u32 = {"layer_range_start": rng.start, "layer_range_end": rng.end, "n_layer_full": n,
+           "slice_index": index, "slice_count": count}
+    for k, v in u32.items():
+        out["nakshatra." + k] = (v, _A.UINT32, None)
+    out["nakshatra.model_sha256"] = (layout.sha256, _A.STRING, None)
+    out["nakshatra.tensor_data_sha256"] = (data_sha, _A.STRING, None)
+    return out
+
+
+def _slice_tensors(reader: GGUFReader, layout: ModelLayout, rng: LayerRange) -> list[tuple[str, Any]]:
+    first, last = rng.start == 0, rng.end == layout.n_layer
+    out = []
+    for t in reader.tensors:
+        role = tensor_role(t.name)
+        if role == "layer":
+            il = _layer_index(t.name)
+            if rng.start <= il < rng.end:
+                out.append((f"blk.{il - rng.start}." + t.name.split(".", 2)[2], t))
+        elif (role == "global" or (role == "input" and first) or (role == "output" and last)
+              or (last and layout.tied and t.name == "token_embd.weight")):
+            out.append((t.name, t))
+    return out
+
+
+# --- writing --------------------------------------------------------------------------------
+
+def _stream(fd: int, offset: int, n: int, sinks: list[Callable[[bytes], Any]]) -> None:
+    """Feed bytes ``[offset, offset+n)`` of file ``fd`` to every sink, 1 MiB at a time."""
+    end = offset + n
+    while offset < end:
+        chunk = os.pread(fd, min(CHUNK, end - offset), offset)
+        if not chunk:
+            raise SliceError(f"unexpected end of the model file at byte {offset}; the file is truncated")
+        for sink in sinks:
+            sink(chunk)
+        offset += len(chunk)
+
+
+def tensor_data_sha256(tensors: list[Any], fd: int) -> str:
+    """sha256 over the data bytes of ``tensors`` (GGUFReader tensors of the file open as ``fd``),
+    in the order given, each tensor's ``n_bytes`` bytes from its ``data_offset``: alignment padding
+    is not hashed. For a slice, the order is the file's tensor-info order, which is also the order
+    of the data; this is ``nakshatra.tensor_data_sha256``."""
+    h = hashlib.sha256()
+    for t in tensors:
+        _stream(fd, int(t.data_offset), int(t.n_bytes), [h.update])
+    return h.hexdigest()
+
+
+def _io_error(e: OSError, path: Path) -> SliceError:
+    if e.errno == errno.ENOSPC:
+        free = shutil.disk_usage(path.parent).free
+        return SliceError(f"disk full writing {path}: free {free} bytes; free some space or "
+                          "choose another output directory")
+    return SliceError(f"cannot write {path}: {e.strerror or e}; choose a writable output directory")
+
+
+def _write_slice(reader: GGUFReader, src_fd: int, layout: ModelLayout, base: dict[str, Any],
+                 swa: list[bool] | None, rng: LayerRange, index: int, count: int, path: Path,
+                 advance: Callable[[int], Any]) -> SliceInfo:
+    """Write one slice to ``path`` via ``<path>.tmp``; the temp file never survives an error."""
+    tensors = _slice_tensors(reader, layout, rng)
+    data_sha = tensor_data_sha256([t for _, t in tensors], src_fd)
+    tmp = path.with_name(path.name + ".tmp")
+    writer = GGUFWriter(None, layout.arch)
+    writer.kv_data[0].clear()  # drop the auto-added architecture: copy every key in original order
+    for key, (value, vtype, sub) in _slice_metadata(base, layout, swa, rng, index, count,
+                                                   data_sha).items():
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    writer.data_alignment = reader.alignment
+    for name, t in tensors:
+        writer.add_tensor_info(name, t.data.shape, t.data.dtype, int(t.n_bytes), raw_dtype=t.tensor_type)
+    try:
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            assert writer.fout is not None
+            fout = writer.fout[0]
+            for _, t in tensors:
+                writer.write_padding(fout, fout.tell())
+                _stream(src_fd, int(t.data_offset), int(t.n_bytes), [fout.write, lambda c: advance(len(c))])
+                writer.write_padding(fout, int(t.n_bytes))
+            fout.flush()
+            os.fsync(fout.fileno())
+            writer.close()
+        except OSError as e:
+            raise _io_error(e, path) from e
+        info = SliceInfo(file=path.name, layer_start=rng.start, layer_end=rng.end,
+                         bytes=tmp.stat().st_size, sha256=sha256_file(tmp), tensor_data_sha256=data_sha)
+        os.replace(tmp, path)
+        return info
+    except BaseException:
+        try:
+            writer.close()
+        except OSError:
+            pass  # the buffered bytes that failed to write fail again on close
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SliceError(f"cannot create output directory {out_dir}: {e.strerror or e}; "
+                         "choose a writable directory") from e
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise SliceError(f"output directory {out_dir} is not writable; choose a writable directory")
+
+
+def _progress(enabled: bool, total: int) -> Any:
+    if not enabled:
+        return nullcontext(None)
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+
+
+def _cut(reader: GGUFReader, layout: ModelLayout, plan: list[tuple[LayerRange, int, int, Path]],
+         progress: bool) -> list[SliceInfo]:
+    """Write each (range, index, count, path) of ``plan``; returns their SliceInfo in order."""
+    base = _base_metadata(reader)
+    swa = swa_pattern(reader, layout.arch, layout.n_layer)
+    sizes = [sum(int(t.n_bytes) for _, t in _slice_tensors(reader, layout, r)) for r, *_ in plan]
+    out_dir = plan[0][3].parent
+    free = shutil.disk_usage(out_dir).free
+    if free < sum(sizes):
+        raise SliceError(f"disk full writing {out_dir}: the slices need about {sum(sizes)} bytes, "
+                         f"free {free} bytes; free some space or choose another output directory")
+    infos = []
+    with _progress(progress, sum(sizes)) as bar, open(layout.path, "rb") as src:
+        task = bar.add_task("slicing", total=sum(sizes)) if bar else None
+        for rng, index, count, path in plan:
+            if bar:
+                bar.update(task, description=f"slicing {path.name}")
+            advance = (lambda n: bar.advance(task, n)) if bar else (lambda n: None)
+            infos.append(_write_slice(reader, src.fileno(), layout, base, swa, rng, index, count,
+                                      path, advance))
+    return infos
+
+
+def slice_model(model_path: str | os.PathLike[str], ranges: list[LayerRange] | None = None,
+                n_parts: int | None = None, out_dir: str | os.PathLike[str] | None = None,
+                progress: bool = True) -> Manifest:
+    """Cut a model into slices and write ``<out_dir>/<stem>.<a>-<b>.gguf`` (inclusive layer
+    numbers) for each range, plus ``<out_dir>/<stem>.manifest.json``.
+
+    Give exactly one of ``ranges`` (global, half-open, must cover every layer once) or ``n_parts``
+    (planned by :func:`plan_parts` to balance bytes per stage). ``out_dir`` defaults to the current
+    directory and is created if needed. Each file is written as ``<name>.tmp`` and renamed when
+    complete; a failure leaves no temporary file (slices finished before it stay, the manifest is
+    not written). ``progress`` shows a byte progress bar on stderr. Peak memory is the parsed
+    metadata plus 1 MiB, whatever the model size.
+
+    Raises RangeError for bad ranges or part counts, SliceError for a missing / non-GGUF /
+    unsupported model, an output directory that cannot be created or written, or a full disk.
+    """
+    if (ranges is None) == (n_parts is None):
+        raise RangeError("give exactly one of explicit layer ranges or a number of parts")
+    model_path = Path(model_path)
+    out = Path.cwd() if out_dir is None else Path(out_dir)
+    reader = open_gguf(model_path)
+    layout = _layout(reader, model_path, "")
+    if n_parts is not None:
+        ranges = plan_parts(layout.layer_bytes, n_parts, layout.first_extra, layout.last_extra)
+    ranges = check_cover(ranges or [], layout.n_layer)
+    _prepare_out_dir(out)
+    layout = replace(layout, sha256=sha256_file(model_path))
+    stem = model_path.stem
+    plan = [(r, i, len(ranges), out / f"{stem}.{r.inclusive()}.gguf") for i, r in enumerate(ranges)]
+    infos = _cut(reader, layout, plan, progress)
+    manifest = Manifest(model={"name": stem, "arch": layout.arch, "n_embd": layout.n_embd,
+                               "n_layer": layout.n_layer, "sha256": layout.sha256,
+                               "bytes": layout.file_bytes}, slices=infos)
+    target = out / f"{stem}.manifest.json"
+    try:
+        manifest.save(target)
+    except OSError as e:
+        raise _io_error(e, target) from e
+    return manifest
+
+
+# --- reading slices -------------------------------------------------------------------------
+
+def _meta(reader: GGUFReader) -> dict[str, Any]:
+    return {k: kv_value(reader, k) for k in NAK_KEYS}
+
+
+def read_slice_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``nakshatra.*`` keys of a GGUF (see :data:`NAK_KEYS`), full key names to values; all
+    None for a whole model. Raises SliceError if the file is missing or not a GGUF."""
+    return _meta(open_gguf(path))
+
+
+def _checked_meta(path: Path) -> dict[str, Any]:
+    reader = open_gguf(path)
+    meta = _meta(reader)
+    want = meta["nakshatra.tensor_data_sha256"]
+    if want is None:
+        raise SliceError(f"{path} is not a Nakshatra slice (no nakshatra.tensor_data_sha256); "
+                         "re-run nak slice")
+    with open(path, "rb") as f:
+        got = tensor_data_sha256(list(reader.tensors), f.fileno())
+    if got != want:
+        raise SliceError(f"{path} is corrupt: its tensor data does not match its sha256; "
+                         "re-run nak slice")
+    return meta
+
+
+def verify_slice(path: str | os.PathLike[str]) -> bool:
+    """Recompute a slice's tensor-data hash (see :func:`tensor_data_sha256`) and compare it with
+    its ``nakshatra.tensor_data_sha256``. Returns True; raises SliceError naming the file and
+    "re-run nak slice" if it is not a slice, truncated, or its data changed."""
+    _checked_meta(Path(path))
+    return True
+
+
+# --- on-the-fly cut, cached -----------------------------------------------------------------
+
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _known_sha256(path: Path, index_path: Path) -> str:
+    """sha256 of ``path``, remembered in ``index_path`` by (absolute path, size, mtime)."""
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        if not isinstance(index, dict):
+            index = {}
+    except (OSError, ValueError):
+        index = {}
+    st = path.stat()
+    entry = index.get(str(path))
+    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return str(entry["sha256"])
+    sha = sha256_file(path)
+    index[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+    write_atomic(index_path, json.dumps(index, indent=1))
+    return sha
+
+
+def cached_slice(model_path: str | os.PathLike[str], rng: LayerRange, n_layer: int,
+                 progress: bool = True) -> Path:
+    """Path of a slice holding layers ``rng`` of a model of ``n_layer`` layers, cut into
+    ``cache_dir()/slices/<model_sha256[:16]>/`` on first use and reused while it verifies.
+
+    The model's sha256 is remembered by (absolute path, size, mtime) in
+    ``cache_dir()/slices/index.json``, so an unchanged model is not hashed again. Concurrent calls
+    are serialised by a file lock. Raises RangeError if ``rng`` goes beyond ``n_layer`` or
+    ``n_layer`` is not the model's layer count, SliceError as :func:`slice_model`.
+    """
+    model_path = Path(model_path).resolve()
+    if not model_path.is_file():
+        raise SliceError(f"{model_path}: no such model file; give the path of a .gguf file")
+    if rng.end > n_layer:
+        raise RangeError(f"layer range {rng.inclusive()} is beyond the model: it has {n_layer} "
+                         f"layers, numbered 0..{n_layer - 1}")
+    root = cache_dir() / "slices"
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".lock"):
+        sha = _known_sha256(model_path, root / "index.json")
+        path = root / sha[:16] / f"{model_path.stem}.{rng.inclusive()}.gguf"
+        if path.exists():
+            try:
+                meta = _checked_meta(path)
+                if (meta["nakshatra.model_sha256"] == sha and meta["nakshatra.layer_range_start"] == rng.start
+                        and meta["nakshatra.layer_range_end"] == rng.end):
+                    return path
+            except SliceError:
+                pass
+            path.unlink()
+        reader = open_gguf(model_path)
+        layout = _layout(reader, model_path, sha)
+        if layout.n_layer != n_layer:
+            raise RangeError(f"{model_path} has {layout.n_layer} layers, not {n_layer}")
+        _prepare_out_dir(path.parent)
+        _cut(reader, layout, [(rng, 0, 0, path)], progress)
+    return path
