@@ -72,19 +72,19 @@ set(NAKSHATRA_LLAMA_PREFIX "${NAKSHATRA_LLAMA_BUILD}/install")
 file(MAKE_DIRECTORY ${NAKSHATRA_LLAMA_BUILD})
 file(LOCK ${NAKSHATRA_LLAMA_BUILD}/.lock TIMEOUT 3600)
 
-if(NOT EXISTS ${NAKSHATRA_LLAMA_BUILD}/CMakeCache.txt)
-    message(STATUS "nakshatra: configuring llama.cpp (${NAKSHATRA_BACKEND}) in ${NAKSHATRA_LLAMA_BUILD}")
-    execute_process(
-        COMMAND ${CMAKE_COMMAND} -S ${NAKSHATRA_LLAMA_SRC} -B ${NAKSHATRA_LLAMA_BUILD}
-                -DCMAKE_INSTALL_PREFIX=${NAKSHATRA_LLAMA_PREFIX}
-                -DCMAKE_C_COMPILER=${CMAKE_C_COMPILER} -DCMAKE_CXX_COMPILER=${CMAKE_CXX_COMPILER}
-                ${_nak_args}
-        RESULT_VARIABLE _nak_rc)
-    if(NOT _nak_rc EQUAL 0)
-        file(REMOVE ${NAKSHATRA_LLAMA_BUILD}/CMakeCache.txt)
-        message(FATAL_ERROR "nakshatra: configuring llama.cpp for '${NAKSHATRA_BACKEND}' failed; "
-                            "see the CMake output above (a missing toolkit is named there)")
-    endif()
+# Configure every time (a few seconds, no recompilation when nothing changed): the build files
+# then name the cmake of this build environment, not a deleted one from an earlier isolated build.
+message(STATUS "nakshatra: configuring llama.cpp (${NAKSHATRA_BACKEND}) in ${NAKSHATRA_LLAMA_BUILD}")
+execute_process(
+    COMMAND ${CMAKE_COMMAND} -S ${NAKSHATRA_LLAMA_SRC} -B ${NAKSHATRA_LLAMA_BUILD}
+            -DCMAKE_INSTALL_PREFIX=${NAKSHATRA_LLAMA_PREFIX}
+            ${_nak_args}
+    OUTPUT_VARIABLE _nak_out ERROR_VARIABLE _nak_out
+    RESULT_VARIABLE _nak_rc)
+if(NOT _nak_rc EQUAL 0)
+    file(LOCK ${NAKSHATRA_LLAMA_BUILD}/.lock RELEASE)
+    message(FATAL_ERROR "${_nak_out}\nnakshatra: configuring llama.cpp for '${NAKSHATRA_BACKEND}' failed; "
+                        "see the CMake output above (a missing toolkit is named there)")
 endif()
 message(STATUS "nakshatra: building llama.cpp (first time a few minutes; later only what changed)")
 execute_process(COMMAND ${CMAKE_COMMAND} --build ${NAKSHATRA_LLAMA_BUILD} --target install
