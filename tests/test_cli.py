@@ -1,0 +1,100 @@
+"""The `nak` command line, run as a user runs it (a subprocess): stdout carries only the generated
+text; errors are one line on stderr and exit code 1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nakshatra import _nakshatra
+from nakshatra.local import LocalStages
+from nakshatra.ranges import LayerRange
+from nakshatra.slicer import slice_model
+
+
+def nak(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nakshatra_cli", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_run_default_model_streams_only_text(smollm2_path: Path) -> None:
+    r = nak("run", "--temp", "0", "-n", "24", "--threads", "2", "--ctx", "512", "The capital of France is")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "nak serve" not in r.stdout and "llama" not in r.stdout.lower()
+
+
+def test_run_chain_equals_default_parts(smollm2_path: Path, tmp_path: Path) -> None:
+    m = slice_model(smollm2_path, n_parts=2, out_dir=tmp_path, progress=False)
+    with LocalStages([tmp_path / s.file for s in reversed(m.slices)], threads=2, ctx=512, max_sessions=2) as st:
+        chained = nak("run", "--chain", ",".join(st.addresses), "--temp", "0", "-n", "24", "--stats",
+                      "The capital of France is")
+    local = nak("run", "--model", str(smollm2_path), "--parts", "3", "--temp", "0", "-n", "24", "--threads", "2",
+                "--ctx", "512", "The capital of France is")
+    assert chained.returncode == 0, chained.stderr
+    assert local.returncode == 0, local.stderr
+    assert chained.stdout == local.stdout
+    assert "decode" in chained.stderr and "tok/s" in chained.stderr
+
+
+def test_seeded_run_is_repeatable(smollm2_path: Path) -> None:
+    args = ("run", "--model", str(smollm2_path), "--temp", "0.8", "--seed", "42", "-n", "16", "--threads", "2",
+            "--ctx", "512", "Once upon a time")
+    a, b = nak(*args), nak(*args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.strip()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("run", "--chain", "127.0.0.1:1", "hi"), "127.0.0.1:1"),
+    (("run", "--chain", "nonsense", "hi"), "host:port"),
+    (("run", "--temp", "-1", "hi"), "--temp"),
+    (("serve", "/no/such/file.gguf"), "no such file"),
+    (("slice", "/no/such/file.gguf", "--parts", "2"), "file.gguf"),
+    (("run", "--model", "no-such-model", "hi"), "no-such-model"),
+])
+def test_errors_are_one_line(args, needle: str) -> None:
+    r = nak(*args)
+    assert r.returncode == 1
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) <= 3, r.stderr  # rich may wrap one long line
+    assert lines[0].startswith("error:")
+    assert needle in r.stderr.replace("\n", "")
+    assert "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_serve_refuses_open_address_without_insecure(smollm2_path: Path) -> None:
+    r = nak("serve", str(smollm2_path), "--layers", "0-9", "--host", "0.0.0.0", "--port", "0")
+    assert r.returncode == 1
+    assert "--insecure" in r.stderr
+
+
+def test_serve_layers_must_match_the_slice(smollm2_path: Path, tmp_path: Path) -> None:
+    m = slice_model(smollm2_path, ranges=[LayerRange(0, 10), LayerRange(10, 30)], out_dir=tmp_path, progress=False)
+    r = nak("serve", str(tmp_path / m.slices[0].file), "--layers", "0-5", "--port", "0")
+    assert r.returncode == 1
+    assert "holds layers 0-9" in r.stderr
+
+
+def test_slice_range_errors(smollm2_path: Path, tmp_path: Path) -> None:
+    r = nak("slice", str(smollm2_path), "--ranges", "0-9,12-29", "-o", str(tmp_path))
+    assert r.returncode == 1 and "10-11" in r.stderr
+    r = nak("slice", str(smollm2_path), "--ranges", "0-9,9-29", "-o", str(tmp_path))
+    assert r.returncode == 1
+    r = nak("slice", str(smollm2_path), "--ranges", "0-9,10-30", "-o", str(tmp_path))
+    assert r.returncode == 1 and "30" in r.stderr
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_doctor_and_build_dry_run() -> None:
+    r = nak("doctor")
+    assert r.returncode == 0, r.stderr
+    info = _nakshatra.build_info()
+    assert info["llama_commit"] in r.stdout and "protocol" in r.stdout
+    r = nak("build", "--backend", "cuda", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "GGML_CUDA=ON" in r.stderr + r.stdout

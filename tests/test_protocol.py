@@ -1,0 +1,180 @@
+"""A live stage answers malformed, truncated, oversize and out-of-order input with an error for
+that connection (or that request) and keeps serving everybody else."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+
+from nakshatra import _nakshatra
+from nakshatra.chain import Chain, SamplerParams
+from nakshatra.errors import ChainError, StageError
+from nakshatra.local import LocalStages
+from nakshatra.ranges import LayerRange
+from nakshatra.slicer import slice_model
+
+HDR = struct.Struct("<IHBBQQB3xI")  # magic, version, type, flags, request id, session id, dtype, payload_len
+MAGIC = 0x534B414E
+HELLO, ERROR, FORWARD, OPEN = 1, 255, 5, 3
+
+
+def frame(type_: int, payload: bytes = b"", version: int = 1, magic: int = MAGIC, session: int = 0,
+          length: int | None = None) -> bytes:
+    return HDR.pack(magic, version, type_, 0, 1, session, 0, len(payload) if length is None else length) + payload
+
+
+def hello_payload() -> bytes:
+    return struct.pack("<Q", 1) + bytes(32) + struct.pack("<I", 4) + b"test"
+
+
+def read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    buf = b""
+    while len(buf) < HDR.size:
+        chunk = sock.recv(HDR.size - len(buf))
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    magic, version, type_, _, _, _, _, n = HDR.unpack(buf)
+    assert magic == MAGIC
+    payload = b""
+    while len(payload) < n:
+        chunk = sock.recv(n - len(payload))
+        if not chunk:
+            raise ConnectionError("closed")
+        payload += chunk
+    return type_, payload
+
+
+def error_code(payload: bytes) -> int:
+    return struct.unpack_from("<H", payload)[0]
+
+
+@pytest.fixture(scope="module")
+def two_stage(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("proto")
+    m = slice_model(smollm2_path, ranges=[LayerRange(0, 15), LayerRange(15, 30)], out_dir=out, progress=False)
+    with LocalStages([out / s.file for s in m.slices], threads=2, ctx=256, max_sessions=4) as stages:
+        yield stages
+
+
+def connect(address: str) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=10)
+    return s
+
+
+def well_behaved(addresses) -> list[int]:
+    with Chain(addresses) as c:
+        return [t for t, _ in c.generate_tokens(c.tokenize("Hello there"), 8, SamplerParams(temp=0))]
+
+
+@pytest.mark.parametrize("bad", ["version", "magic", "random", "oversize", "not_hello"])
+def test_bad_frames_get_an_error_and_the_stage_keeps_serving(two_stage, bad: str) -> None:
+    before = well_behaved(two_stage.addresses)
+    s = connect(two_stage.addresses[0])
+    with Chain(two_stage.addresses) as c:  # a session open at the same time
+        sess = c.session(SamplerParams(temp=0))
+        r = sess.feed(c.tokenize("Hello there"))
+        data = {
+            "version": frame(HELLO, hello_payload(), version=99),
+            "magic": frame(HELLO, hello_payload(), magic=0xDEADBEEF),
+            "random": os.urandom(4096),
+            "oversize": frame(HELLO, b"", length=(1 << 31)),
+            "not_hello": frame(FORWARD, b"\0" * 16),
+        }[bad]
+        s.sendall(data)
+        t, payload = read_frame(s)
+        assert t == ERROR
+        want = {"version": 7, "magic": 1, "random": 1, "oversize": 8, "not_hello": 1}[bad]
+        assert error_code(payload) == want
+        # the stage closes a stream it cannot resynchronise
+        s.settimeout(5)
+        assert s.recv(1) == b""
+        s.close()
+        # the concurrent session goes on
+        r2 = sess.feed([r["token"]])
+        assert r2["token"] >= 0
+        sess.close()
+    assert well_behaved(two_stage.addresses) == before
+
+
+def test_truncated_frame_then_disconnect(two_stage) -> None:
+    s = connect(two_stage.addresses[1])
+    s.sendall(frame(HELLO, hello_payload())[:20])
+    s.close()
+    s = connect(two_stage.addresses[1])
+    s.sendall(frame(HELLO, hello_payload(), length=200) + b"x" * 10)  # promises more than it sends
+    s.close()
+    assert len(well_behaved(two_stage.addresses)) == 8
+
+
+def test_malformed_payload_is_a_request_error_not_a_dropped_connection(two_stage) -> None:
+    s = connect(two_stage.addresses[0])
+    s.sendall(frame(HELLO, hello_payload()))
+    t, _ = read_frame(s)
+    assert t == 2  # HELLO_OK
+    s.sendall(frame(OPEN, b"\x01\x02", session=5))  # short OPEN payload
+    t, payload = read_frame(s)
+    assert t == ERROR and error_code(payload) == 1
+    s.sendall(frame(HELLO, hello_payload()))  # the same connection still works
+    t, _ = read_frame(s)
+    assert t == 2
+    s.close()
+
+
+def test_request_errors_name_the_problem(two_stage) -> None:
+    host, port = two_stage.addresses[0].rsplit(":", 1)
+    c = _nakshatra.StageClient(host, int(port))
+    c.hello()
+    with pytest.raises(StageError, match="no open session"):
+        c.forward(77, 0, [0], tokens=[1])
+    c.open(77, temp=0.0)
+    with pytest.raises(StageError, match="outside the vocabulary"):
+        c.forward(77, 0, [0], tokens=[10**9])
+    with pytest.raises(StageError, match="does not continue"):
+        c.forward(77, 0, [5], tokens=[1])
+    with pytest.raises(StageError, match="out of order"):
+        c.forward(77, 3, [0], tokens=[1])
+    with pytest.raises(StageError, match="takes token ids"):
+        c.forward(77, 0, [0], embd=b"\0" * 576 * 4)
+    with pytest.raises(StageError) as e:
+        c.forward(77, 0, list(range(300)), tokens=[1] * 300)
+    assert e.value.code == "ctx_full"
+    r = c.forward(77, 0, [0, 1], tokens=[1, 2])
+    assert r["n_past"] == 2 and len(r["embd"]) == 2 * 576 * 4
+    with pytest.raises(StageError, match="already open"):
+        c.open(77)
+    c.close_session(77)
+    c.close()
+
+
+def test_overloaded_when_sessions_run_out(two_stage) -> None:
+    host, port = two_stage.addresses[1].rsplit(":", 1)
+    c = _nakshatra.StageClient(host, int(port))
+    c.hello()
+    for sid in range(1, 5):
+        c.open(sid)
+    with pytest.raises(StageError) as e:
+        c.open(99)
+    assert e.value.code == "overloaded"
+    c.close()  # frees all four
+
+
+def test_chain_validation_names_the_stage(two_stage, gemma3_path: Path, tmp_path: Path) -> None:
+    a, b = two_stage.addresses
+    with pytest.raises(ChainError, match="no stage serves layers 15-29"):
+        Chain([a])
+    with pytest.raises(ChainError, match="no stage serves layers 0-14"):
+        Chain([b])
+    with pytest.raises(ChainError, match="replicas"):
+        Chain([a, a, b])
+    with pytest.raises(ChainError, match="is not usable"):
+        Chain([a, "127.0.0.1:1"])
+    m = slice_model(gemma3_path, ranges=[LayerRange(0, 9), LayerRange(9, 18)], out_dir=tmp_path, progress=False)
+    with LocalStages([tmp_path / m.slices[1].file], threads=1, ctx=64, max_sessions=1) as g:
+        with pytest.raises(ChainError, match="another model"):
+            Chain([a, g.addresses[0]])
