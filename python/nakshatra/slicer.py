@@ -5,6 +5,13 @@ on the first stage and the output tensors on the last (plus ``token_embd`` there
 is tied), all metadata of the original with the per-layer values cut to the range, and the
 ``nakshatra.*`` keys (see :data:`NAK_KEYS`). Tensor data is copied byte for byte, streamed from the
 original file one 1 MiB chunk at a time, so memory does not grow with the model.
+
+Sliding-window models: a period restarts at a slice's local layer 0 in llama.cpp, so a slice gets
+an explicit per-layer BOOL ``<arch>.attention.sliding_window_pattern`` computed from the global
+layout (:func:`swa_pattern`); a slice with no sliding layer at all gets
+``<arch>.attention.sliding_window = 0`` (llama.cpp cannot build a sliding-window cache without one,
+and full attention is what those layers do anyway). Checked bit-exact against the unsplit model on
+gemma3-270m with a 1201-token prompt, where a slice without the explicit pattern is wrong.
 """
 
 from __future__ import annotations

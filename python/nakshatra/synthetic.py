@@ -18,6 +18,7 @@ multi-billion-parameter models can be written on a small machine.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,8 +102,8 @@ def write_synthetic(path: str | Path, arch: str, n_layer: int = 4, n_embd: int =
                     n_head_kv: int = 2, n_ff: int = 128, n_expert: int = 4, n_expert_used: int = 2, *,
                     tokenizer_from: str | Path, seed: int = 0, dtype: str = "f32",
                     tied: bool = False) -> Path:
-    """Write a random-weight GGUF of ``arch`` to ``path`` (parent directories created) and
-    return the path.
+    """Write a random-weight GGUF of ``arch`` to ``path`` (parent directories created; written
+    to ``<path>.partial`` and renamed, so a failure leaves no file) and return the path.
 
     ``n_embd`` must be divisible by ``n_head``, and ``n_head`` by ``n_head_kv``; head size is
     ``n_embd // n_head``. ``n_ff`` is the FFN width (phi3: ``ffn_up`` is ``2*n_ff`` wide;
@@ -134,12 +135,11 @@ def write_synthetic(path: str | Path, arch: str, n_layer: int = 4, n_embd: int =
     specs = tensor_specs(arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
                          n_ff=n_ff, n_vocab=n_vocab, n_expert=n_expert if moe else 0, tied=tied)
 
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[dtype]
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
+    qtype = gguf.GGMLQuantizationType[dtype.upper()]
+    ftype = gguf.LlamaFileType["ALL_F32" if dtype == "f32" else "MOSTLY_" + dtype.upper()]
 
-    w = gguf.GGUFWriter(path, arch)
+    tmp = path.with_name(path.name + ".partial")
+    w = gguf.GGUFWriter(tmp, arch)
     # no arch in the name: llama.cpp applies Phi-3 tokenizer fixes to names containing "phi3"
     w.add_name("nakshatra-synthetic")
     w.add_file_type(int(ftype))
@@ -165,13 +165,18 @@ def write_synthetic(path: str | Path, arch: str, n_layer: int = 4, n_embd: int =
     types = [_storage_type(s, qtype) for s in specs]
     for s, t in zip(specs, types):
         w.add_tensor_info(s.name, s.ne[::-1], np.float32, _nbytes(s.ne, t), raw_dtype=t)
-    w.write_header_to_file(path)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    rng = np.random.default_rng(seed)
-    for s, t in zip(specs, types):
-        w.write_tensor_data(_make_tensor(s, t, rng))
-    w.close()
+    try:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        rng = np.random.default_rng(seed)
+        for s, t in zip(specs, types):
+            w.write_tensor_data(_make_tensor(s, t, rng))
+        w.close()
+        tmp.replace(path)
+    finally:
+        w.close()
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -179,11 +184,13 @@ def llama_dims_for_params(n_params: float, n_vocab: int, tied: bool = False) -> 
     """Llama-shaped dims (``n_layer, n_embd, n_head, n_head_kv, n_ff``) with about ``n_params``
     parameters (within a few percent for ``n_params`` >= 1e8) for a vocabulary of ``n_vocab``.
 
-    Head size 64, 4:1 grouped-query attention when possible, ``n_ff`` = 8/3 ``n_embd`` rounded
-    up to 256, and the ``n_embd`` (a multiple of 256) whose depth gives ``n_embd/n_layer``
-    closest to 64, as in the Llama family. Raises ValueError when ``n_params`` is too small to
-    hold the embeddings plus one layer.
+    Head size 64, 4:1 grouped-query attention, ``n_ff`` = 8/3 ``n_embd`` rounded up to 256, and
+    the ``n_embd`` (a multiple of 256) whose depth gives an aspect ratio ``n_embd/n_layer``
+    closest to 64 at <= 1.5e9 parameters, growing to 128 at 7e9 and above, as in the Llama
+    family (1.5e9: 2048 x 29 layers). Raises ValueError when ``n_params`` is too small to hold
+    the embeddings plus one layer.
     """
+    target = min(128.0, 64.0 * max(1.0, n_params / 1.5e9) ** 0.45)
     best = None
     for n_embd in range(256, 16385, 256):
         dims = _llama_dims(n_embd)
@@ -191,7 +198,7 @@ def llama_dims_for_params(n_params: float, n_vocab: int, tied: bool = False) -> 
         n_layer = round(rest / _llama_layer_params(**dims))
         if n_layer < 1:
             continue
-        score = abs(math.log(n_embd / n_layer / 64))
+        score = abs(math.log(n_embd / n_layer / target))
         if best is None or score < best[0]:
             best = (score, dict(dims, n_layer=n_layer))
     if best is None:
@@ -212,9 +219,9 @@ def write_synthetic_llama_of_size(path: str | Path, n_params: float, *, tokenize
 
 def _llama_dims(n_embd: int) -> dict[str, int]:
     n_head = n_embd // 64
-    n_head_kv = n_head // 4 if n_head % 4 == 0 else n_head
+    n_head_kv = n_head // 4  # n_embd is a multiple of 256, so n_head is a multiple of 4
     n_ff = -(-(8 * n_embd // 3) // 256) * 256
-    return dict(n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff)
+    return {"n_embd": n_embd, "n_head": n_head, "n_head_kv": n_head_kv, "n_ff": n_ff}
 
 
 def _llama_layer_params(n_embd: int, n_head: int, n_head_kv: int, n_ff: int) -> int:
@@ -224,7 +231,17 @@ def _llama_layer_params(n_embd: int, n_head: int, n_head_kv: int, n_ff: int) -> 
 
 def _tokenizer_kv(src: Path) -> dict[str, tuple]:
     """All ``tokenizer.*`` keys of the GGUF ``src`` as ``{key: (vtype, value, sub_type)}``, with
-    strings kept as raw bytes so any vocabulary round-trips exactly."""
+    strings kept as raw bytes so any vocabulary round-trips exactly. Cached per file version
+    (parsing a 49k-token vocabulary takes seconds); callers must not mutate the result."""
+    try:
+        st = src.stat()
+    except OSError as e:
+        raise ModelError(f"cannot read tokenizer source {src}: {e}; pass a GGUF model file") from e
+    return _tokenizer_kv_cached(str(src.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_kv_cached(src: str, _mtime_ns: int, _size: int) -> dict[str, tuple]:
     import gguf
 
     try:

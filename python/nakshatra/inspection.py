@@ -1,0 +1,112 @@
+"""What a GGUF (whole model or slice) holds and roughly how much memory it needs to serve."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from .ranges import LayerRange
+from .slicer import kv_value, open_gguf, tensor_role
+
+ROLES = ("input", "layers", "output", "global")
+KV_BYTES_PER_VALUE = 2  # f16 cache
+
+
+def _per_layer(value: Any, n: int, default: int) -> list[int]:
+    if value is None:
+        return [default] * n
+    if isinstance(value, list):
+        return [int(v) for v in value]
+    return [int(value)] * n
+
+
+def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096) -> dict[str, Any]:
+    """Describe a GGUF file. Sizes are bytes.
+
+    Returns a dict with ``path``, ``arch``, ``kind`` (``"model"`` or ``"slice"``), ``range`` (the
+    global :class:`~nakshatra.ranges.LayerRange` of a slice, else None), ``slice_index``,
+    ``slice_count``, ``n_layer`` (layers in this file), ``n_layer_full``, ``n_embd``, ``n_head``
+    and ``n_head_kv`` (ints, or per-layer lists when the model varies them), ``head_dim_k``,
+    ``head_dim_v``, ``tensors`` (role -> ``{"count", "bytes"}`` for roles input / layers / output /
+    global; a tied ``token_embd`` on a later slice counts as output), ``weights_bytes``, ``n_ctx``, ``kv_bytes`` and ``total_bytes`` (weights + KV; compute
+    buffers are not included, see ``note``).
+
+    The KV estimate is ``n_ctx * sum over layers (n_embd_k_gqa + n_embd_v_gqa) * 2`` (f16), with
+    ``n_embd_k_gqa = head_dim_k * n_head_kv[layer]``; ``head_dim_k`` is
+    ``<arch>.attention.key_length`` if present, else ``n_embd / n_head``. Every layer is counted
+    with the full context (a sliding-window layer with ``swa_full`` caches that much too).
+
+    Raises SliceError if the file is missing or not a GGUF.
+    """
+    reader = open_gguf(path)
+    arch = kv_value(reader, "general.architecture") or "?"
+    n_layer = int(kv_value(reader, f"{arch}.block_count") or 0)
+    n_embd = int(kv_value(reader, f"{arch}.embedding_length") or 0)
+    heads = _per_layer(kv_value(reader, f"{arch}.attention.head_count"), n_layer, 0)
+    heads_kv_raw = kv_value(reader, f"{arch}.attention.head_count_kv")
+    heads_kv = _per_layer(heads_kv_raw, n_layer, 0) if heads_kv_raw is not None else list(heads)
+    key_len, value_len = (kv_value(reader, f"{arch}.attention.{k}_length") for k in ("key", "value"))
+    first_heads = next((h for h in heads if h), 0)
+    head_k = int(key_len) if key_len else (n_embd // first_heads if first_heads else 0)
+    head_v = int(value_len) if value_len else head_k
+
+    start, end = kv_value(reader, "nakshatra.layer_range_start"), kv_value(reader, "nakshatra.layer_range_end")
+    is_slice = start is not None and end is not None
+    tensors = {role: {"count": 0, "bytes": 0} for role in ROLES}
+    for t in reader.tensors:
+        role = tensor_role(t.name)
+        if role == "layer":
+            role = "layers"
+        elif t.name == "token_embd.weight" and is_slice and start > 0:
+            role = "output"  # a tied embedding on a later stage only serves as the LM head
+        tensors[role]["count"] += 1
+        tensors[role]["bytes"] += int(t.n_bytes)
+    weights = sum(r["bytes"] for r in tensors.values())
+    kv = n_ctx * sum((head_k + head_v) * h for h in heads_kv) * KV_BYTES_PER_VALUE
+
+    def scalar_or_list(values: list[int]) -> int | list[int]:
+        return values[0] if values and len(set(values)) == 1 else values
+
+    return {
+        "path": str(Path(path)), "arch": arch, "kind": "slice" if is_slice else "model",
+        "range": LayerRange(start, end) if is_slice else None,
+        "slice_index": kv_value(reader, "nakshatra.slice_index"),
+        "slice_count": kv_value(reader, "nakshatra.slice_count"),
+        "n_layer": n_layer, "n_layer_full": kv_value(reader, "nakshatra.n_layer_full") or n_layer,
+        "n_embd": n_embd, "n_head": scalar_or_list(heads), "n_head_kv": scalar_or_list(heads_kv),
+        "head_dim_k": head_k, "head_dim_v": head_v,
+        "tensors": tensors, "weights_bytes": weights,
+        "n_ctx": n_ctx, "kv_bytes": kv, "total_bytes": weights + kv,
+        "note": "total = weights + f16 KV cache; compute buffers are not included",
+    }
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+def render_inspection(info: dict[str, Any]) -> Table:
+    """A two-column rich table of :func:`inspect_gguf`'s result, for ``nak inspect``."""
+    table = Table(title=info["path"], show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    if info["kind"] == "slice":
+        count = info["slice_count"]
+        which = f"slice {info['slice_index'] + 1} of {count}" if count else "slice"
+        table.add_row("kind", f"{which}: layers {info['range']} of {info['n_layer_full']}")
+    else:
+        table.add_row("kind", "whole model")
+    table.add_row("architecture", info["arch"])
+    table.add_row("layers in file", str(info["n_layer"]))
+    table.add_row("n_embd", str(info["n_embd"]))
+    table.add_row("heads / kv heads", f"{info['n_head']} / {info['n_head_kv']}")
+    for role in ROLES:
+        t = info["tensors"][role]
+        table.add_row(f"{role.rstrip('s')} tensors", f"{t['count']} ({_mib(t['bytes'])})")
+    table.add_row("weights", _mib(info["weights_bytes"]))
+    table.add_row(f"KV cache ({info['n_ctx']} tokens, f16)", _mib(info["kv_bytes"]))
+    table.add_row("total", f"{_mib(info['total_bytes'])} (excludes compute buffers)")
+    return table

@@ -1,0 +1,238 @@
+"""`nak build` logic: CMake args and env per backend, toolkit detection (against fake toolkits in a
+temporary directory, so the result does not depend on this machine), errors, dry run."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+from nakshatra import build
+from nakshatra.build import (
+    BACKENDS,
+    build_plan,
+    compiled_info,
+    detect_toolkit,
+    ggml_cmake_args,
+    run_build,
+)
+from nakshatra.errors import BuildError
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def _exe(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(0o755)
+    return path
+
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_system_toolkits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point every default install location into an empty temporary directory."""
+    none = tmp_path / "nowhere"
+    monkeypatch.setattr(build, "CUDA_DEFAULT", none / "cuda")
+    monkeypatch.setattr(build, "ROCM_DEFAULT", none / "rocm")
+    monkeypatch.setattr(build, "VULKAN_HEADER", none / "vulkan.h")
+    monkeypatch.setattr(build, "SYSTEM_LIB_DIRS", (none / "lib",))
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    return {"PATH": str(tmp_path / "bin"), **extra}
+
+
+def test_cmake_args() -> None:
+    assert ggml_cmake_args("cpu") == []
+    assert ggml_cmake_args("cuda") == ["-DGGML_CUDA=ON"]
+    assert ggml_cmake_args("rocm") == ["-DGGML_HIP=ON"]
+    assert ggml_cmake_args("metal") == ["-DGGML_METAL=ON"]
+    assert ggml_cmake_args("vulkan") == ["-DGGML_VULKAN=ON"]
+    with pytest.raises(BuildError, match="unknown backend 'opencl'"):
+        ggml_cmake_args("opencl")
+
+
+def test_cmake_args_match_llama_cmake() -> None:
+    text = (PROJECT / "cpp/cmake/llama.cmake").read_text()
+    for backend in BACKENDS:
+        assert f'set(_nak_backend_args_{backend} "{" ".join(ggml_cmake_args(backend))}")' in text
+
+
+def test_cpu_always_ok(tmp_path: Path) -> None:
+    assert detect_toolkit("cpu", _env(tmp_path)).ok
+
+
+def test_cuda_on_path(tmp_path: Path) -> None:
+    nvcc = _exe(tmp_path / "cuda/bin/nvcc")
+    _touch(tmp_path / "cuda/lib64/libcublas.so.13")
+    env = _env(tmp_path, PATH=f"{tmp_path / 'cuda/bin'}")
+    st = detect_toolkit("cuda", env)
+    assert st.ok and st.found == str(nvcc) and st.missing is None
+
+
+@pytest.mark.parametrize("var", ["CUDA_HOME", "CUDA_PATH"])
+def test_cuda_home(tmp_path: Path, var: str) -> None:
+    nvcc = _exe(tmp_path / "toolkit/bin/nvcc")
+    _touch(tmp_path / "toolkit/targets/x86_64-linux/lib/libcublas.so")
+    st = detect_toolkit("cuda", _env(tmp_path, **{var: str(tmp_path / "toolkit")}))
+    assert st.ok and st.found == str(nvcc)
+
+
+def test_cuda_default_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nvcc = _exe(tmp_path / "usr-local-cuda/bin/nvcc")
+    _touch(tmp_path / "usr-local-cuda/lib64/libcublas_static.a")
+    monkeypatch.setattr(build, "CUDA_DEFAULT", tmp_path / "usr-local-cuda")
+    st = detect_toolkit("cuda", _env(tmp_path))
+    assert st.ok and st.found == str(nvcc)
+    # found off PATH: the plan tells CMake where the compiler is
+    plan = build_plan("cuda", PROJECT, env=_env(tmp_path))
+    assert plan.env == {"NAKSHATRA_BACKEND": "cuda", "CUDACXX": str(nvcc)}
+
+
+def test_cuda_missing(tmp_path: Path) -> None:
+    st = detect_toolkit("cuda", _env(tmp_path))
+    assert not st.ok and st.found is None
+    assert "nvcc is not on PATH" in st.missing and "CUDA_HOME" in st.hint
+    with pytest.raises(BuildError, match=r"CUDA toolkit not found: nvcc is not on PATH.*"
+                                         r"install the CUDA toolkit.*CUDA_HOME"):
+        build_plan("cuda", PROJECT, env=_env(tmp_path))
+
+
+def test_cuda_without_cublas(tmp_path: Path) -> None:
+    _exe(tmp_path / "bin/nvcc")
+    st = detect_toolkit("cuda", _env(tmp_path))
+    assert not st.ok and "cuBLAS" in st.missing
+    with pytest.raises(BuildError, match="CUDA toolkit incomplete: cuBLAS"):
+        build_plan("cuda", PROJECT, env=_env(tmp_path))
+
+
+@pytest.mark.parametrize("tool", ["hipcc", "hipconfig"])
+def test_rocm(tmp_path: Path, tool: str) -> None:
+    _exe(tmp_path / "bin" / tool)
+    assert detect_toolkit("rocm", _env(tmp_path)).ok
+
+
+def test_rocm_path_and_missing(tmp_path: Path) -> None:
+    st = detect_toolkit("rocm", _env(tmp_path))
+    assert not st.ok and "hipcc" in st.missing and "ROCm" in st.hint
+    _exe(tmp_path / "rocm/bin/hipcc")
+    assert detect_toolkit("rocm", _env(tmp_path, ROCM_PATH=str(tmp_path / "rocm"))).ok
+    with pytest.raises(BuildError, match="ROCm/HIP toolkit not found: hipcc"):
+        build_plan("rocm", PROJECT, env=_env(tmp_path))
+
+
+def test_metal(tmp_path: Path) -> None:
+    st = detect_toolkit("metal", _env(tmp_path), system="Linux")
+    assert not st.ok and "macOS" in st.missing
+    assert "xcrun" in detect_toolkit("metal", _env(tmp_path), system="Darwin").missing
+    _exe(tmp_path / "bin/xcrun")
+    assert detect_toolkit("metal", _env(tmp_path), system="Darwin").ok
+
+
+def test_vulkan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    st = detect_toolkit("vulkan", _env(tmp_path))
+    assert not st.ok and "glslc" in st.missing
+    _exe(tmp_path / "bin/glslc")
+    st = detect_toolkit("vulkan", _env(tmp_path))
+    assert not st.ok and "Vulkan headers" in st.missing
+    monkeypatch.setattr(build, "VULKAN_HEADER", _touch(tmp_path / "include/vulkan/vulkan.h"))
+    assert detect_toolkit("vulkan", _env(tmp_path)).ok
+
+
+def test_vulkan_sdk_and_pkg_config(tmp_path: Path) -> None:
+    sdk = tmp_path / "sdk"
+    _exe(sdk / "bin/glslc")
+    _touch(sdk / "include/vulkan/vulkan.h")
+    assert detect_toolkit("vulkan", _env(tmp_path, VULKAN_SDK=str(sdk))).ok
+    _exe(tmp_path / "bin/glslc")
+    _exe(tmp_path / "bin/pkg-config")  # fake pkg-config: `--exists vulkan` succeeds
+    assert detect_toolkit("vulkan", _env(tmp_path)).ok
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plan_env(backend: str) -> None:
+    plan = build_plan(backend, PROJECT, force=True)
+    assert plan.env["NAKSHATRA_BACKEND"] == backend
+    assert "NAKSHATRA_LLAMA_CMAKE_ARGS" not in plan.env
+    assert plan.argv == [sys.executable, "-m", "pip", "install", str(PROJECT),
+                         "--force-reinstall", "--no-deps"]
+    assert plan.cmake_args == ggml_cmake_args(backend)
+
+
+def test_plan_extra_args(tmp_path: Path) -> None:
+    _exe(tmp_path / "bin/nvcc")
+    _touch(tmp_path / "lib64/libcublas.so")
+    extra = ["-DCMAKE_CUDA_ARCHITECTURES=90", "-DGGML_CUDA_NO_VMM=ON"]
+    plan = build_plan("cuda", PROJECT, extra, verbose=True, env=_env(tmp_path))
+    assert plan.toolkit.ok
+    assert plan.env == {"NAKSHATRA_BACKEND": "cuda",  # nvcc on PATH: no CUDACXX
+                        "NAKSHATRA_LLAMA_CMAKE_ARGS": "-DCMAKE_CUDA_ARCHITECTURES=90;-DGGML_CUDA_NO_VMM=ON"}
+    assert plan.argv[-1] == "-v"
+    assert plan.cmake_args == ["-DGGML_CUDA=ON", *extra]
+
+
+def test_plan_errors(tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match="unknown backend"):
+        build_plan("tpu", PROJECT)
+    with pytest.raises(BuildError, match="no pyproject.toml"):
+        build_plan("cpu", tmp_path)
+    plan = build_plan("metal", PROJECT, force=True, env=_env(tmp_path))  # forced past a missing toolkit
+    assert not plan.toolkit.ok and plan.env["NAKSHATRA_BACKEND"] == "metal"
+
+
+def test_dry_run_prints_and_runs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*a, **k):
+        raise AssertionError("dry run must not run anything")
+
+    monkeypatch.setattr(build.subprocess, "run", boom)
+    plan = build_plan("cpu", PROJECT, ["-DGGML_NATIVE=OFF"])
+    out = io.StringIO()
+    assert run_build(plan, dry_run=True, out=out) == 0
+    line = out.getvalue().strip()
+    assert line == plan.command_line()
+    assert line.startswith("NAKSHATRA_BACKEND=cpu NAKSHATRA_LLAMA_CMAKE_ARGS=-DGGML_NATIVE=OFF ")
+    assert line.endswith(f"-m pip install {PROJECT} --force-reinstall --no-deps")
+
+
+def test_run_build_passes_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    class Done:
+        returncode = 3
+
+    def fake_run(argv, env, **kwargs):
+        seen.update(argv=argv, env=env)
+        return Done()
+
+    monkeypatch.setattr(build.subprocess, "run", fake_run)
+    plan = build_plan("cpu", PROJECT)
+    assert run_build(plan) == 3
+    assert seen["argv"] == plan.argv and seen["env"]["NAKSHATRA_BACKEND"] == "cpu"
+    assert seen["env"]["PATH"]  # the rest of the environment is kept
+
+
+def test_compiled_info(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    info = {"backend": "cpu", "llama_commit": "abc", "patch_hash": "def", "protocol_version": 1,
+            "ggml_backends": ["CPU"]}
+    fake = types.ModuleType("nakshatra._nakshatra")
+    fake.build_info = lambda: info
+    monkeypatch.setitem(sys.modules, "nakshatra._nakshatra", fake)
+    import nakshatra
+    monkeypatch.setattr(nakshatra, "_nakshatra", fake, raising=False)
+    assert compiled_info() == info
+
+    monkeypatch.setitem(sys.modules, "nakshatra._nakshatra", None)  # import fails
+    monkeypatch.delattr(nakshatra, "_nakshatra")
+    with pytest.raises(BuildError, match=r"not importable.*pip install \.` .*`nak build`"):
+        compiled_info()

@@ -1,0 +1,475 @@
+"""Slicing real models (SmolLM2, Gemma 3) and tiny hand-made GGUFs; every check reads the written
+files back with gguf's reader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFValueType, GGUFWriter
+
+from nakshatra.errors import RangeError, SliceError
+from nakshatra.inspection import inspect_gguf, render_inspection
+from nakshatra.manifest import Manifest, sha256_file
+from nakshatra.ranges import LayerRange, parse_ranges, plan_parts
+from nakshatra.slicer import (NAK_KEYS, cached_slice, model_layout, open_gguf, read_slice_meta,
+                              slice_model, verify_slice)
+
+
+def summarize(path: Path) -> dict:
+    """Everything a test compares, without keeping the reader: raw encoded bytes of each KV
+    (hashed), decoded values of the non-tokenizer KVs and field types, each tensor's type, shape
+    and data hash."""
+    r = open_gguf(path)
+    fields = {k: f for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    return {
+        "raw": {k: hashlib.sha256(r.data[f.offset:f.offset + sum(int(p.nbytes) for p in f.parts)]).hexdigest()
+                for k, f in fields.items()},
+        "kv": {k: f.contents() for k, f in fields.items() if not k.startswith("tokenizer.ggml.")},
+        "types": {k: [GGUFValueType(t) for t in f.types] for k, f in fields.items()},
+        "keys": list(fields),
+        "tensors": {t.name: (t.tensor_type, tuple(int(x) for x in t.shape), int(t.n_bytes),
+                             hashlib.sha256(t.data).hexdigest()) for t in r.tensors},
+        "tensor_order": [t.name for t in r.tensors],
+    }
+
+
+def gemma_swa(il: int) -> bool:
+    """Gemma 3's global layout: every 6th layer (5, 11, 17, ...) uses full attention."""
+    return (il + 1) % 6 != 0
+
+
+CASES = {
+    "smollm2-parts3": ("smollm2_path", {"n_parts": 3}),
+    "smollm2-uneven": ("smollm2_path", {"ranges": "0-3,4-20,21-29"}),
+    "gemma3-parts3": ("gemma3_path", {"n_parts": 3}),
+    "gemma3-uneven": ("gemma3_path", {"ranges": "0-6,7-12,13-17"}),
+}
+
+
+@pytest.fixture(scope="module")
+def originals(request):
+    cache = {}
+
+    def get(fixture: str) -> tuple[dict, object]:
+        if fixture not in cache:
+            path = request.getfixturevalue(fixture)
+            cache[fixture] = summarize(path), model_layout(path)
+        return cache[fixture]
+    return get
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def sliced(request, tmp_path_factory, originals):
+    fixture, how = CASES[request.param]
+    model = request.getfixturevalue(fixture)
+    orig, layout = originals(fixture)
+    out = tmp_path_factory.mktemp(request.param)
+    ranges = parse_ranges(how["ranges"], layout.n_layer) if "ranges" in how else None
+    manifest = slice_model(model, ranges=ranges, n_parts=how.get("n_parts"), out_dir=out,
+                           progress=False)
+    want = ranges or plan_parts(layout.layer_bytes, how["n_parts"], layout.first_extra, layout.last_extra)
+    return {"model": model, "layout": layout, "out": out, "manifest": manifest, "want": want,
+            "n_parts": how.get("n_parts"), "orig": orig, "slices": [summarize(out / s.file) for s in manifest.slices]}
+
+
+def expected_names(orig: dict, rng: LayerRange, n_layer: int) -> dict[str, str]:
+    """Slice tensor name -> original tensor name, by the placement rules."""
+    names = {}
+    tied = "output.weight" not in orig["tensors"]
+    for name in orig["tensors"]:
+        if name.startswith("blk."):
+            il = int(name.split(".")[1])
+            if rng.start <= il < rng.end:
+                names[f"blk.{il - rng.start}." + name.split(".", 2)[2]] = name
+        elif name.startswith(("token_embd.", "token_types.", "pos_embd.")):
+            if rng.start == 0 or (tied and rng.end == n_layer and name == "token_embd.weight"):
+                names[name] = name
+        elif name.startswith(("output_norm.", "output.")):
+            if rng.end == n_layer:
+                names[name] = name
+        else:
+            names[name] = name
+    return names
+
+
+def test_ranges_as_asked(sliced):
+    layout = sliced["layout"]
+    assert sliced["manifest"].ranges == sliced["want"]
+    if sliced["n_parts"]:
+        assert sliced["want"] == plan_parts(layout.layer_bytes, 3, layout.first_extra, layout.last_extra)
+
+
+def test_tensors_are_the_original_bytes(sliced):
+    orig, n_layer = sliced["orig"], sliced["layout"].n_layer
+    for info, sl in zip(sliced["manifest"].slices, sliced["slices"]):
+        want = expected_names(orig, info.range, n_layer)
+        assert set(sl["tensors"]) == set(want)
+        for new, old in want.items():
+            assert sl["tensors"][new] == orig["tensors"][old], new
+        # file order follows the original's order
+        assert [want[n] for n in sl["tensor_order"]] == [n for n in orig["tensor_order"] if n in want.values()]
+
+
+def test_tied_embedding_placement(sliced):
+    first, *middle, last = sliced["slices"]
+    assert "output.weight" not in sliced["orig"]["tensors"]  # both models tie the LM head
+    assert "token_embd.weight" in first["tensors"] and "token_embd.weight" in last["tensors"]
+    assert "output_norm.weight" in last["tensors"] and "output_norm.weight" not in first["tensors"]
+    for sl in middle:
+        assert not any(n.startswith(("token_embd", "output")) for n in sl["tensors"])
+
+
+def test_metadata(sliced):
+    orig, layout, m = sliced["orig"], sliced["layout"], sliced["manifest"]
+    arch = layout.arch
+    changed = {f"{arch}.block_count", f"{arch}.attention.sliding_window_pattern",
+               f"{arch}.attention.sliding_window"}
+    for i, (info, sl) in enumerate(zip(m.slices, sliced["slices"])):
+        rng = info.range
+        for key in orig["raw"]:  # every original key, tokenizer included, byte for byte
+            if key not in changed:
+                assert sl["raw"][key] == orig["raw"][key], key
+        assert sl["keys"][:len(orig["keys"])] == orig["keys"]  # original order kept
+        assert sl["kv"][f"{arch}.block_count"] == rng.n_layers
+        assert sl["kv"]["nakshatra.layer_range_start"] == rng.start
+        assert sl["kv"]["nakshatra.layer_range_end"] == rng.end
+        assert sl["kv"]["nakshatra.n_layer_full"] == layout.n_layer
+        assert sl["kv"]["nakshatra.slice_index"] == i
+        assert sl["kv"]["nakshatra.slice_count"] == len(m.slices)
+        assert sl["kv"]["nakshatra.model_sha256"] == layout.sha256
+        assert sl["kv"]["nakshatra.tensor_data_sha256"] == info.tensor_data_sha256
+        for key in NAK_KEYS[:5]:
+            assert sl["types"][key] == [GGUFValueType.UINT32]
+
+
+def test_gemma3_explicit_sliding_window_pattern(sliced):
+    if sliced["layout"].arch != "gemma3":  # no sliding window: no pattern is invented
+        assert not any("sliding_window" in k for s in sliced["slices"] for k in s["kv"])
+        return
+    assert "gemma3.attention.sliding_window_pattern" not in sliced["orig"]["kv"]
+    for info, sl in zip(sliced["manifest"].slices, sliced["slices"]):
+        pattern = sl["kv"]["gemma3.attention.sliding_window_pattern"]
+        assert sl["types"]["gemma3.attention.sliding_window_pattern"] == [GGUFValueType.ARRAY, GGUFValueType.BOOL]
+        assert pattern == [gemma_swa(il) for il in range(info.layer_start, info.layer_end)]
+        # a slice of only full-attention layers declares no window (llama.cpp needs one SWA layer)
+        window = sl["kv"]["gemma3.attention.sliding_window"]
+        assert window == (sliced["orig"]["kv"]["gemma3.attention.sliding_window"] if any(pattern) else 0)
+
+
+def test_manifest(sliced):
+    m, out, layout = sliced["manifest"], sliced["out"], sliced["layout"]
+    stem = Path(sliced["model"]).stem
+    assert Manifest.load(out / f"{stem}.manifest.json") == m
+    assert m.format_version == 1
+    assert m.model == {"name": stem, "arch": layout.arch, "n_embd": layout.n_embd,
+                       "n_layer": layout.n_layer, "sha256": sha256_file(sliced["model"]),
+                       "bytes": os.path.getsize(sliced["model"])}
+    for info in m.slices:
+        path = out / info.file
+        assert info.file == f"{stem}.{info.layer_start}-{info.layer_end - 1}.gguf"
+        assert info.bytes == path.stat().st_size
+        assert info.sha256 == sha256_file(path)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [s.file for s in m.slices] + [f"{stem}.manifest.json"])  # no temp files
+
+
+def test_verify_slice_detects_a_flipped_byte(smollm2_path, tmp_out):
+    m = slice_model(smollm2_path, ranges=parse_ranges("0-14,15-29", 30), out_dir=tmp_out, progress=False)
+    path = tmp_out / m.slices[1].file
+    assert verify_slice(path) is True
+    r = open_gguf(path)
+    offset = int(r.tensors[len(r.tensors) // 2].data_offset) + 7
+    del r
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+    with pytest.raises(SliceError, match="re-run nak slice") as e:
+        verify_slice(path)
+    assert str(path) in str(e.value)
+    with pytest.raises(SliceError, match="not a Nakshatra slice"):
+        verify_slice(smollm2_path)
+
+
+def test_read_slice_meta_of_whole_model(smollm2_path):
+    assert read_slice_meta(smollm2_path) == {k: None for k in NAK_KEYS}
+
+
+def test_model_layout(smollm2_path):
+    layout = model_layout(smollm2_path)
+    r = open_gguf(smollm2_path)
+    total = sum(int(t.n_bytes) for t in r.tensors)
+    assert (layout.arch, layout.n_layer, layout.n_embd, layout.tied) == ("llama", 30, 576, True)
+    assert sum(layout.layer_bytes) + layout.input_bytes + layout.output_bytes + layout.global_bytes == total
+    assert layout.token_embd_bytes == layout.input_bytes
+    assert layout.last_extra == layout.output_bytes + layout.token_embd_bytes
+    assert len(set(layout.layer_bytes)) == 1 and layout.global_tensors == []
+    assert layout.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def test_inspect(smollm2_path, tmp_out):
+    whole = inspect_gguf(smollm2_path, n_ctx=1000)
+    assert (whole["kind"], whole["n_layer"], whole["n_head"], whole["n_head_kv"]) == ("model", 30, 9, 3)
+    # head_dim 576/9 = 64; 3 kv heads; k and v; f16
+    assert whole["kv_bytes"] == 1000 * 30 * (64 * 3 * 2) * 2
+    assert whole["total_bytes"] == whole["weights_bytes"] + whole["kv_bytes"]
+    m = slice_model(smollm2_path, ranges=parse_ranges("0-9,10-29", 30), out_dir=tmp_out, progress=False)
+    part = inspect_gguf(tmp_out / m.slices[1].file, n_ctx=1000)
+    assert (part["kind"], part["range"], part["slice_index"], part["slice_count"]) == (
+        "slice", LayerRange(10, 30), 1, 2)
+    assert part["kv_bytes"] == whole["kv_bytes"] * 20 // 30
+    assert part["tensors"]["input"]["count"] == 0
+    assert part["tensors"]["output"]["count"] == 2  # output_norm and the tied token_embd
+    assert render_inspection(part).row_count > 5
+
+
+# --- tiny hand-made models: per-layer arrays, untied head, global tensors, sliding window ----
+
+def write_tiny(path: Path, arch: str = "llama", n_layer: int = 4, tied: bool = False,
+               kv: dict | None = None) -> Path:
+    rng = np.random.default_rng(0)
+    w = GGUFWriter(str(path), arch)
+    w.add_uint32(f"{arch}.block_count", n_layer)
+    w.add_uint32(f"{arch}.embedding_length", 8)
+    w.add_array(f"{arch}.attention.head_count", [4 - i % 2 for i in range(n_layer)])
+    w.add_array(f"{arch}.feed_forward_length", [8 * (i + 1) for i in range(n_layer)])
+    w.add_uint32(f"{arch}.attention.head_count_kv", 1)
+    w.add_array(f"{arch}.rope.dimension_sections", [1, 2, 3])  # not per-layer: kept whole
+    w.add_array("general.tags", [f"t{i}" for i in range(n_layer)])  # not under <arch>.: kept whole
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    for key, (value, vtype, sub) in (kv or {}).items():
+        w.add_key_value(key, value, vtype, sub_type=sub)
+    w.add_tensor("token_embd.weight", rng.standard_normal((3, 8), dtype=np.float32))
+    w.add_tensor("rope_freqs.weight", np.ones(4, dtype=np.float32))
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", rng.standard_normal(8, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", rng.standard_normal((16, 8)).astype(np.float16))
+    w.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+    if not tied:
+        w.add_tensor("output.weight", rng.standard_normal((3, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_tiny_untied_per_layer_arrays_and_globals(tmp_path, tmp_out, capsys):
+    model = write_tiny(tmp_path / "tiny.gguf")
+    m = slice_model(model, ranges=parse_ranges("0-0,1-2,3-3", 4), out_dir=tmp_out, progress=True)
+    assert "tiny.3-3.gguf" in capsys.readouterr().err  # the progress bar, on stderr
+    orig = summarize(model)
+    s0, s1, s2 = (summarize(tmp_out / s.file) for s in m.slices)
+    assert [s["kv"]["llama.attention.head_count"] for s in (s0, s1, s2)] == [[4], [3, 4], [3]]
+    assert [s["kv"]["llama.feed_forward_length"] for s in (s0, s1, s2)] == [[8], [16, 24], [32]]
+    for s in (s0, s1, s2):
+        assert s["kv"]["llama.rope.dimension_sections"] == [1, 2, 3]
+        assert s["kv"]["general.tags"] == ["t0", "t1", "t2", "t3"]
+        assert s["tensors"]["rope_freqs.weight"] == orig["tensors"]["rope_freqs.weight"]
+    assert set(s0["tensors"]) == {"token_embd.weight", "rope_freqs.weight", "blk.0.attn_norm.weight",
+                                  "blk.0.ffn_up.weight"}
+    assert set(s1["tensors"]) == {"rope_freqs.weight", "blk.0.attn_norm.weight", "blk.0.ffn_up.weight",
+                                  "blk.1.attn_norm.weight", "blk.1.ffn_up.weight"}
+    assert s1["tensors"]["blk.1.ffn_up.weight"] == orig["tensors"]["blk.2.ffn_up.weight"]
+    # untied: the LM head is output.weight, and token_embd stays on the first stage only
+    assert set(s2["tensors"]) == {"rope_freqs.weight", "blk.0.attn_norm.weight", "blk.0.ffn_up.weight",
+                                  "output_norm.weight", "output.weight"}
+    layout = model_layout(model)
+    assert not layout.tied and layout.global_tensors == ["rope_freqs.weight"]
+    assert layout.last_extra == layout.output_bytes + layout.global_bytes
+
+
+U32, ARR = GGUFValueType.UINT32, GGUFValueType.ARRAY
+
+
+@pytest.mark.parametrize("pattern_kv,flags", [
+    ({}, [True] * 5 + [False, True]),  # gemma3's default period 6
+    ({"gemma3.attention.sliding_window_pattern": (3, U32, None)}, [True, True, False] * 2 + [True]),
+    ({"gemma3.attention.sliding_window_pattern": (0, U32, None)}, [True] * 7),
+    ({"gemma3.attention.sliding_window_pattern": ([0, 1, 1, 0, 0, 1, 0], ARR, GGUFValueType.INT32)},
+     [False, True, True, False, False, True, False]),
+])
+def test_tiny_sliding_window_pattern(tmp_path, tmp_out, pattern_kv, flags):
+    kv = {"gemma3.attention.sliding_window": (8, U32, None), **pattern_kv}
+    model = write_tiny(tmp_path / "g.gguf", arch="gemma3", n_layer=7, tied=True, kv=kv)
+    m = slice_model(model, ranges=parse_ranges("0-1,2-2,3-6", 7), out_dir=tmp_out, progress=False)
+    for info in m.slices:
+        s = summarize(tmp_out / info.file)
+        want = flags[info.layer_start:info.layer_end]
+        assert s["kv"]["gemma3.attention.sliding_window_pattern"] == want
+        assert s["types"]["gemma3.attention.sliding_window_pattern"] == [ARR, GGUFValueType.BOOL]
+        assert s["kv"]["gemma3.attention.sliding_window"] == (8 if any(want) else 0)
+
+
+def test_no_window_no_pattern(tmp_path, tmp_out):
+    model = write_tiny(tmp_path / "g.gguf", arch="gemma3", n_layer=3, tied=True)
+    m = slice_model(model, n_parts=2, out_dir=tmp_out, progress=False)
+    for info in m.slices:
+        assert "gemma3.attention.sliding_window_pattern" not in summarize(tmp_out / info.file)["kv"]
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+def test_not_a_gguf(tmp_path, tmp_out):
+    bogus = tmp_path / "notes.gguf"
+    bogus.write_text("hello, I am text\n" * 10)
+    with pytest.raises(SliceError, match="is not a GGUF") as e:
+        slice_model(bogus, n_parts=2, out_dir=tmp_out, progress=False)
+    assert str(bogus) in str(e.value)
+    with pytest.raises(SliceError, match="no such model file"):
+        slice_model(tmp_path / "missing.gguf", n_parts=2, out_dir=tmp_out, progress=False)
+    assert not tmp_out.exists()
+
+
+def test_unsupported_arch(tmp_path, tmp_out):
+    model = write_tiny(tmp_path / "m.gguf", arch="mamba")
+    with pytest.raises(SliceError, match="'mamba' is not supported") as e:
+        slice_model(model, n_parts=2, out_dir=tmp_out, progress=False)
+    assert "llama, qwen2, qwen3, qwen3moe, gemma3, phi3" in str(e.value)
+
+
+@pytest.mark.parametrize("ranges,needle", [
+    ([LayerRange(0, 1), LayerRange(2, 4)], "layer 1 is in no range"),
+    ([LayerRange(0, 2), LayerRange(1, 4)], "overlap"),
+    ([LayerRange(0, 2), LayerRange(2, 5)], "beyond the model"),
+    ([LayerRange(1, 4)], "layer 0 is in no range"),
+])
+def test_bad_ranges(tmp_path, tmp_out, ranges, needle):
+    model = write_tiny(tmp_path / "tiny.gguf")
+    with pytest.raises(RangeError, match=needle):
+        slice_model(model, ranges=ranges, out_dir=tmp_out, progress=False)
+    with pytest.raises(RangeError, match="exactly one"):
+        slice_model(model, ranges=[LayerRange(0, 4)], n_parts=1, out_dir=tmp_out, progress=False)
+    with pytest.raises(RangeError, match="cannot split 4 layers into 5"):
+        slice_model(model, n_parts=5, out_dir=tmp_out, progress=False)
+
+
+def test_already_a_slice(tmp_path, tmp_out):
+    model = write_tiny(tmp_path / "tiny.gguf")
+    m = slice_model(model, n_parts=2, out_dir=tmp_out, progress=False)
+    with pytest.raises(SliceError, match="already a slice"):
+        slice_model(tmp_out / m.slices[0].file, n_parts=1, out_dir=tmp_path / "again", progress=False)
+
+
+def test_output_dir_not_creatable(tmp_path):
+    model = write_tiny(tmp_path / "tiny.gguf")
+    a_file = tmp_path / "plain-file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        with pytest.raises(SliceError, match="cannot create output directory") as e:
+            slice_model(model, n_parts=2, out_dir=out, progress=False)
+        assert str(out) in str(e.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_output_dir_not_writable(tmp_path, tmp_out):
+    model = write_tiny(tmp_path / "tiny.gguf")
+    tmp_out.mkdir()
+    tmp_out.chmod(0o500)
+    try:
+        with pytest.raises(SliceError, match="not writable"):
+            slice_model(model, n_parts=2, out_dir=tmp_out, progress=False)
+    finally:
+        tmp_out.chmod(0o700)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_disk_full_leaves_no_temp_file(tmp_path, tmp_out):
+    """The second slice's temp file is a link to /dev/full, where every write fails with ENOSPC."""
+    model = write_tiny(tmp_path / "tiny.gguf")
+    tmp_out.mkdir()
+    (tmp_out / "tiny.2-3.gguf.tmp").symlink_to("/dev/full")
+    with pytest.raises(SliceError, match="disk full writing") as e:
+        slice_model(model, ranges=parse_ranges("0-1,2-3", 4), out_dir=tmp_out, progress=False)
+    assert str(tmp_out / "tiny.2-3.gguf") in str(e.value) and "free" in str(e.value)
+    left = sorted(p.name for p in tmp_out.iterdir())
+    assert left == ["tiny.0-1.gguf"]  # the finished slice; no temp file, no half slice, no manifest
+    verify_slice(tmp_out / "tiny.0-1.gguf")
+
+
+# --- cached on-the-fly cut ---------------------------------------------------------------------
+
+def test_cached_slice(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAKSHATRA_CACHE_DIR", str(tmp_path / "cache"))
+    model = write_tiny(tmp_path / "tiny.gguf")
+    path = cached_slice(model, LayerRange(1, 3), 4, progress=False)
+    sha = sha256_file(model)
+    assert path == tmp_path / "cache" / "slices" / sha[:16] / "tiny.1-2.gguf"
+    meta = read_slice_meta(path)
+    assert (meta["nakshatra.layer_range_start"], meta["nakshatra.layer_range_end"]) == (1, 3)
+    assert (meta["nakshatra.slice_index"], meta["nakshatra.slice_count"]) == (0, 0)
+    assert meta["nakshatra.model_sha256"] == sha
+    assert meta == {k: v for k, v in summarize(path)["kv"].items() if k.startswith("nakshatra.")}
+    index = json.loads((tmp_path / "cache" / "slices" / "index.json").read_text())
+    assert index[str(model.resolve())]["sha256"] == sha
+
+    stamp = path.stat().st_mtime_ns
+    assert cached_slice(model, LayerRange(1, 3), 4, progress=False) == path
+    assert path.stat().st_mtime_ns == stamp  # reused, not cut again
+
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # corrupt the last tensor's data: it is cut again
+    path.write_bytes(bytes(data))
+    assert cached_slice(model, LayerRange(1, 3), 4, progress=False) == path
+    assert verify_slice(path)
+
+    with pytest.raises(RangeError, match="beyond the model"):
+        cached_slice(model, LayerRange(2, 5), 4, progress=False)
+    with pytest.raises(RangeError, match="has 4 layers, not 6"):
+        cached_slice(model, LayerRange(0, 2), 6, progress=False)
+    assert not list((tmp_path / "cache" / "slices").rglob("*.tmp"))
+
+
+# --- manifest ----------------------------------------------------------------------------------
+
+def test_manifest_validation(tmp_path):
+    good = {"format_version": 1,
+            "model": {"name": "m", "arch": "llama", "n_embd": 8, "n_layer": 4, "sha256": "ab", "bytes": 9},
+            "slices": [{"file": "m.0-1.gguf", "layer_start": 0, "layer_end": 2, "bytes": 1, "sha256": "x",
+                        "tensor_data_sha256": "y"},
+                       {"file": "m.2-3.gguf", "layer_start": 2, "layer_end": 4, "bytes": 1, "sha256": "x",
+                        "tensor_data_sha256": "y"}]}
+    path = tmp_path / "m.manifest.json"
+    path.write_text(json.dumps(good))
+    m = Manifest.load(path)
+    assert m.ranges == [LayerRange(0, 2), LayerRange(2, 4)]
+    m.save(tmp_path / "copy.json")
+    assert Manifest.load(tmp_path / "copy.json") == m
+
+    def broken(mutate) -> str:
+        data = json.loads(json.dumps(good))
+        mutate(data)
+        path.write_text(json.dumps(data))
+        with pytest.raises(SliceError) as e:
+            Manifest.load(path)
+        return str(e.value)
+
+    assert "format_version" in broken(lambda d: d.update(format_version=2))
+    assert "model.n_layer" in broken(lambda d: d["model"].pop("n_layer"))
+    assert "slices[1].layer_end" in broken(lambda d: d["slices"][1].update(layer_end="4"))
+    assert "next slice should start at layer 2" in broken(lambda d: d["slices"][1].update(layer_start=3))
+    assert "the model has 5" in broken(lambda d: d["model"].update(n_layer=5))
+    assert "non-empty list" in broken(lambda d: d.update(slices=[]))
+    path.write_text("{not json")
+    with pytest.raises(SliceError, match="not valid JSON"):
+        Manifest.load(path)
+    with pytest.raises(SliceError, match="cannot read manifest"):
+        Manifest.load(tmp_path / "absent.json")
+
+
+def test_slices_land_in_cwd_by_default(tmp_path, monkeypatch):
+    model = write_tiny(tmp_path / "tiny.gguf")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    m = slice_model(model, n_parts=2, progress=False)
+    assert sorted(p.name for p in work.iterdir()) == sorted([s.file for s in m.slices] + ["tiny.manifest.json"])
+    shutil.rmtree(work)

@@ -1,0 +1,175 @@
+"""Synthetic random-weight GGUFs: metadata, tensor names and shapes as the pinned llama.cpp
+loaders expect them (read back with gguf.GGUFReader), determinism, size picking and errors.
+
+That llama.cpp really loads and decodes every architecture was checked by hand with a small C++
+program against the pinned build; split-vs-unsplit tests on these models live elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from nakshatra.errors import ModelError
+from nakshatra.synthetic import (
+    ARCHS,
+    llama_dims_for_params,
+    tensor_specs,
+    write_synthetic,
+    write_synthetic_llama_of_size,
+)
+
+F32, F16 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16
+
+
+def _field(r: gguf.GGUFReader, key: str):
+    return r.fields[key].contents()
+
+
+def _tensors(r: gguf.GGUFReader) -> dict[str, tuple[tuple[int, ...], gguf.GGMLQuantizationType]]:
+    """name -> (ggml ne, type)"""
+    return {t.name: (tuple(int(x) for x in t.shape), t.tensor_type) for t in r.tensors}
+
+
+@pytest.fixture(scope="module")
+def source(smollm2_path: Path) -> gguf.GGUFReader:
+    return gguf.GGUFReader(smollm2_path)  # parsing the 49k-token vocabulary takes seconds
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_metadata_and_tensors(arch: str, smollm2_path: Path, source: gguf.GGUFReader,
+                              tmp_path: Path) -> None:
+    n_vocab = len(source.fields["tokenizer.ggml.tokens"].data)
+    path = write_synthetic(tmp_path / f"{arch}.gguf", arch, n_layer=3, tokenizer_from=smollm2_path)
+    r = gguf.GGUFReader(path)
+
+    assert _field(r, "general.architecture") == arch
+    expect = {"block_count": 3, "embedding_length": 64, "feed_forward_length": 128,
+              "attention.head_count": 4, "attention.head_count_kv": 2, "vocab_size": n_vocab}
+    for key, value in expect.items():
+        assert _field(r, f"{arch}.{key}") == value, key
+    for key in ("context_length", "attention.layer_norm_rms_epsilon", "rope.freq_base"):
+        assert f"{arch}.{key}" in r.fields
+    # the whole tokenizer is copied verbatim (the big arrays compared for one arch: slow)
+    for key, f in source.fields.items():
+        if key.startswith("tokenizer.") and (arch == "llama" or len(f.data) == 1):
+            assert r.fields[key].contents() == f.contents(), key
+        elif key.startswith("tokenizer."):
+            assert len(r.fields[key].data) == len(f.data), key
+
+    got = _tensors(r)
+    want = tensor_specs(arch, n_layer=3, n_embd=64, n_head=4, n_head_kv=2, n_ff=128,
+                        n_vocab=n_vocab, n_expert=4 if arch == "qwen3moe" else 0)
+    assert {name: ne for name, (ne, _) in got.items()} == {s.name: s.ne for s in want}
+    assert all(t == F32 for _, t in got.values())
+    assert got["token_embd.weight"][0] == (64, n_vocab)
+    assert got["output.weight"][0] == (64, n_vocab)
+    assert got["blk.2.attn_output.weight"][0] == (64, 64)
+
+
+def test_arch_specific_tensors(smollm2_path: Path, tmp_path: Path) -> None:
+    def names(arch: str) -> dict:
+        return {s.name: s.ne for s in tensor_specs(arch, n_layer=1, n_embd=64, n_head=4, n_head_kv=2,
+                                                   n_ff=128, n_vocab=100, n_expert=4)}
+    llama = names("llama")
+    assert {"blk.0.attn_q.weight", "blk.0.ffn_gate.weight"} <= llama.keys()
+    assert not any("bias" in n or "attn_q_norm" in n for n in llama)
+    assert names("qwen2")["blk.0.attn_k.bias"] == (32,)            # 2 kv heads x 16
+    assert names("qwen3")["blk.0.attn_q_norm.weight"] == (16,)     # head size
+    phi3 = names("phi3")
+    assert phi3["blk.0.attn_qkv.weight"] == (64, 64 + 2 * 32)      # fused q, k, v
+    assert phi3["blk.0.ffn_up.weight"] == (64, 2 * 128)            # fused gate and up
+    assert "blk.0.attn_q.weight" not in phi3 and "blk.0.ffn_gate.weight" not in phi3
+    moe = names("qwen3moe")
+    assert moe["blk.0.ffn_gate_inp.weight"] == (64, 4)
+    assert moe["blk.0.ffn_down_exps.weight"] == (128, 64, 4)
+    assert "blk.0.ffn_gate.weight" not in moe
+    gemma = names("gemma3")
+    assert {"blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight",
+            "blk.0.attn_k_norm.weight"} <= gemma.keys()
+
+    r = gguf.GGUFReader(write_synthetic(tmp_path / "moe.gguf", "qwen3moe", n_layer=1, n_expert=8,
+                                        n_expert_used=3, tokenizer_from=smollm2_path))
+    assert _field(r, "qwen3moe.expert_count") == 8
+    assert _field(r, "qwen3moe.expert_used_count") == 3
+    assert _field(r, "qwen3moe.expert_feed_forward_length") == 128
+
+
+def test_tied_omits_output(smollm2_path: Path, tmp_path: Path) -> None:
+    r = gguf.GGUFReader(write_synthetic(tmp_path / "t.gguf", "llama", n_layer=1, tied=True,
+                                        tokenizer_from=smollm2_path))
+    names = {t.name for t in r.tensors}
+    assert "output.weight" not in names and "token_embd.weight" in names
+
+
+@pytest.mark.parametrize("dtype, qtype", [("f16", F16), ("q8_0", gguf.GGMLQuantizationType.Q8_0),
+                                          ("q4_0", gguf.GGMLQuantizationType.Q4_0)])
+def test_dtypes(dtype: str, qtype, smollm2_path: Path, tmp_path: Path) -> None:
+    # n_ff 48 is not a multiple of the 32-wide quant block: ffn_down rows fall back to F16
+    r = gguf.GGUFReader(write_synthetic(tmp_path / "q.gguf", "qwen2", n_layer=1, n_ff=48, dtype=dtype,
+                                        tokenizer_from=smollm2_path))
+    types = {t.name: t.tensor_type for t in r.tensors}
+    assert types["token_embd.weight"] == qtype
+    assert types["blk.0.attn_q.weight"] == qtype
+    assert types["blk.0.ffn_down.weight"] == (qtype if dtype == "f16" else F16)
+    assert types["blk.0.attn_norm.weight"] == F32 and types["blk.0.attn_q.bias"] == F32
+    assert _field(r, "general.file_type") == int(gguf.LlamaFileType[
+        "MOSTLY_" + dtype.upper()])
+
+
+def test_weights_deterministic_and_nondegenerate(smollm2_path: Path, tmp_path: Path) -> None:
+    kw = {"n_layer": 1, "tokenizer_from": smollm2_path}
+    a = write_synthetic(tmp_path / "a.gguf", "llama", seed=1, **kw)
+    b = write_synthetic(tmp_path / "b.gguf", "llama", seed=1, **kw)
+    c = write_synthetic(tmp_path / "c.gguf", "llama", seed=2, **kw)
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+    t = {x.name: np.asarray(x.data) for x in gguf.GGUFReader(a).tensors}
+    q = t["blk.0.attn_q.weight"]
+    assert q.std() == pytest.approx(1 / math.sqrt(64), rel=0.1)   # fan-in scaled
+    assert np.all(t["blk.0.attn_norm.weight"] == 1.0)
+    assert not (tmp_path / "a.gguf.partial").exists()
+
+
+def test_llama_dims_for_params() -> None:
+    for n in (1e8, 1.5e9, 7e9):
+        for tied in (False, True):
+            d = llama_dims_for_params(n, 49152, tied)
+            assert d["n_embd"] % d["n_head"] == 0 and d["n_head"] % d["n_head_kv"] == 0
+            specs = tensor_specs("llama", n_vocab=49152, tied=tied, **d)
+            total = sum(math.prod(s.ne) for s in specs)
+            assert total == pytest.approx(n, rel=0.03)
+    assert llama_dims_for_params(1.5e9, 49152)["n_embd"] == 2048
+    with pytest.raises(ValueError, match="too small"):
+        llama_dims_for_params(1e6, 49152)
+
+
+def test_llama_of_size(smollm2_path: Path, tmp_path: Path) -> None:
+    r = gguf.GGUFReader(write_synthetic_llama_of_size(tmp_path / "m.gguf", 1e8,
+                                                      tokenizer_from=smollm2_path))
+    total = sum(int(t.n_elements) for t in r.tensors)
+    assert total == pytest.approx(1e8, rel=0.03)
+    assert r.fields["llama.block_count"].contents() == 16
+    assert {t.tensor_type for t in r.tensors} == {F32, gguf.GGMLQuantizationType.Q4_0}
+
+
+def test_errors(smollm2_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown synthetic architecture"):
+        write_synthetic(tmp_path / "x.gguf", "gpt2", tokenizer_from=smollm2_path)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        write_synthetic(tmp_path / "x.gguf", "llama", dtype="q5_k", tokenizer_from=smollm2_path)
+    with pytest.raises(ValueError, match="bad shape"):
+        write_synthetic(tmp_path / "x.gguf", "llama", n_embd=60, n_head=8, tokenizer_from=smollm2_path)
+    with pytest.raises(ValueError, match="n_expert_used"):
+        write_synthetic(tmp_path / "x.gguf", "qwen3moe", n_expert_used=5, tokenizer_from=smollm2_path)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all")
+    with pytest.raises(ModelError, match="tokenizer source"):
+        write_synthetic(tmp_path / "x.gguf", "llama", tokenizer_from=junk)
+    with pytest.raises(ModelError, match="tokenizer source"):
+        write_synthetic(tmp_path / "x.gguf", "llama", tokenizer_from=tmp_path / "missing.gguf")
+    assert not (tmp_path / "x.gguf").exists()
