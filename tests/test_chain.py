@@ -221,3 +221,15 @@ def test_session_is_freed_when_the_client_goes_away(smol_chain) -> None:
         time.sleep(0.05)
     assert str(sess.id) not in json.loads(probe.stats())["sessions"]
     probe.close()
+
+
+# ---- generality: random-weight tiny models of other architectures ----------------------------
+
+@pytest.mark.parametrize("arch, tied", [("qwen2", False), ("qwen3", True), ("phi3", False),
+                                        ("qwen3moe", False), ("llama", True)])
+def test_exact_synthetic_arch(smollm2_path: Path, tmp_path: Path, arch: str, tied: bool) -> None:
+    from nakshatra.synthetic import write_synthetic
+
+    model = write_synthetic(tmp_path / f"{arch}.gguf", arch, n_layer=6, n_embd=64, n_head=4, n_head_kv=2,
+                            n_ff=128, tokenizer_from=smollm2_path, seed=3, dtype="f32", tied=tied)
+    _exact(model, [(0, 1), (2, 2), (3, 5)], PROMPT, tmp_path / "slices")

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from nakshatra import models
 from nakshatra.errors import ModelError
 from nakshatra.manifest import sha256_file

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import itertools
+from itertools import pairwise
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from nakshatra.errors import RangeError
 from nakshatra.ranges import LayerRange, check_cover, parse_range, parse_ranges, plan_parts, stage_bytes
 
@@ -78,7 +78,7 @@ def brute_force(layer_bytes, n_parts, first, last):
     out = []
     for cuts in itertools.combinations(range(1, n), n_parts - 1):
         bounds = (0, *cuts, n)
-        ranges = [LayerRange(a, b) for a, b in zip(bounds, bounds[1:])]
+        ranges = [LayerRange(a, b) for a, b in pairwise(bounds)]
         out.append((max(stage_bytes(ranges, layer_bytes, first, last)), [r.end for r in ranges]))
     return out
 
@@ -95,7 +95,7 @@ def test_plan_parts_is_optimal_cover(args):
     plan = plan_parts(layer_bytes, n_parts, first, last)
     assert len(plan) == n_parts
     assert plan[0].start == 0 and plan[-1].end == len(layer_bytes)
-    assert all(a.end == b.start for a, b in zip(plan, plan[1:]))
+    assert all(a.end == b.start for a, b in pairwise(plan))
     assert all(r.n_layers >= 1 for r in plan)
     assert check_cover(plan, len(layer_bytes)) == plan
     got = max(stage_bytes(plan, layer_bytes, first, last))

@@ -12,13 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFValueType, GGUFWriter
-
 from nakshatra.errors import RangeError, SliceError
 from nakshatra.inspection import inspect_gguf, render_inspection
 from nakshatra.manifest import Manifest, sha256_file
 from nakshatra.ranges import LayerRange, parse_ranges, plan_parts
-from nakshatra.slicer import (NAK_KEYS, cached_slice, model_layout, open_gguf, read_slice_meta,
-                              slice_model, verify_slice)
+from nakshatra.slicer import NAK_KEYS, cached_slice, model_layout, open_gguf, read_slice_meta, slice_model, verify_slice
 
 
 def summarize(path: Path) -> dict:
@@ -284,7 +282,7 @@ def test_tiny_untied_per_layer_arrays_and_globals(tmp_path, tmp_out, capsys):
                                   "output_norm.weight", "output.weight"}
     layout = model_layout(model)
     assert not layout.tied and layout.global_tensors == ["rope_freqs.weight"]
-    assert layout.last_extra == layout.output_bytes + layout.global_bytes
+    assert layout.last_extra == layout.output_bytes and layout.first_extra == layout.input_bytes
 
 
 U32, ARR = GGUFValueType.UINT32, GGUFValueType.ARRAY
