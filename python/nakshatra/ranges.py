@@ -8,8 +8,9 @@ people (parsing, ``str``) is inclusive.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
+from itertools import pairwise
 
 from .errors import RangeError
 
@@ -82,7 +83,7 @@ def check_cover(ranges: Iterable[LayerRange], n_layer: int) -> list[LayerRange]:
         if r.end > n_layer:
             raise RangeError(f"layer range {r.inclusive()} is beyond the model: it has {n_layer} "
                              f"layers, numbered 0..{n_layer - 1}")
-    for a, b in zip(out, out[1:]):
+    for a, b in pairwise(out):
         if b.start < a.end:
             raise RangeError(f"layer ranges {a.inclusive()} and {b.inclusive()} overlap on "
                              f"{_span(b.start, min(a.end, b.end) - 1)}: give each layer to one range")
