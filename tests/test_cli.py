@@ -98,6 +98,17 @@ def test_doctor_and_build_dry_run() -> None:
     r = nak("build", "--backend", "cuda", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "GGML_CUDA=ON" in r.stderr + r.stdout
+    assert "NAKSHATRA_BACKEND=cuda" in r.stderr + r.stdout
+
+
+def test_build_without_toolkit_names_it(tmp_path: Path) -> None:
+    import os
+
+    env = dict(os.environ, PATH=str(tmp_path), ROCM_PATH=str(tmp_path / "none"), HIP_PATH=str(tmp_path / "none"))
+    r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "build", "--backend", "rocm"], capture_output=True,
+                       text=True, env=env, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 1
+    assert "hipcc" in r.stderr or "ROCm" in r.stderr
 
 
 def _start_serve(*args: str) -> tuple[subprocess.Popen, str]:

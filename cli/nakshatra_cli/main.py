@@ -237,11 +237,11 @@ def build(
 
     project = source or _project_dir()
     status = b.detect_toolkit(backend)
-    if not status.ok and not force and not dry_run:
-        raise NakError(status.hint)
-    plan = b.build_plan(backend, project)
-    err_console.print(f"backend {backend}: toolkit {'found: ' + str(status.found) if status.ok else 'MISSING: ' + str(status.missing)}")
-    err_console.print(f"cmake args: {' '.join(b.ggml_cmake_args(backend)) or '(none)'}")
+    err_console.print(f"backend {backend}: toolkit " + (f"found: {status.found}" if status.ok else f"MISSING: {status.missing}"),
+                      markup=False)
+    # a dry run shows the plan even without the toolkit; a real build needs it (or --force)
+    plan = b.build_plan(backend, project, force=force or dry_run)
+    err_console.print(f"cmake args: {' '.join(b.ggml_cmake_args(backend)) or '(none)'}", markup=False)
     raise typer.Exit(b.run_build(plan, dry_run=dry_run))
 
 
