@@ -15,7 +15,8 @@ The pristine tree is never modified. It is mirrored into ``<cache>/llama.cpp/src
 patches in ``patches/*.patch`` are applied to the mirror. Files are written only when their content
 changes, so their mtimes stay put and the persistent build tree beside the mirror recompiles only
 what a patch touched. A file that an earlier patch set touched and the current one does not is
-restored from the pristine tree. Patches are applied with ``git apply`` (or ``patch -p1``).
+restored from the pristine tree. Patches are applied with ``git apply``, ``patch -p1`` or the
+pure-Python ``patch-ng`` (whichever is there first; ``NAKSHATRA_PATCH_TOOL`` forces one).
 """
 
 from __future__ import annotations
@@ -120,21 +121,43 @@ def apply_patches(pristine: Path, patches: list[Path]) -> dict[str, bytes]:
             if src.exists():
                 (work / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, work / rel)
+        tool = os.environ.get("NAKSHATRA_PATCH_TOOL") or _patch_tool()
         for p in patches:
-            if shutil.which("git"):
-                cmd = ["git", "apply", "--whitespace=nowarn", "-p1", str(p)]
-            elif shutil.which("patch"):
-                cmd = ["patch", "-p1", "--forward", "--quiet", "-i", str(p)]
-            else:
-                raise PrepareError("applying patches needs git or patch: install one "
-                                   "(apt-get install git)")
-            r = subprocess.run(cmd, cwd=work, capture_output=True, text=True,
-                               env={**os.environ, "GIT_DIR": str(work / ".nogit")})
-            if r.returncode != 0:
-                raise PrepareError(f"patch {p.name} does not apply to {pristine}: "
-                                   f"{r.stderr.strip() or r.stdout.strip()}; is this the pinned "
-                                   "llama.cpp? (see patches/llama.cpp.pin)")
+            _apply_one(tool, p, work, pristine)
         return {rel: (work / rel).read_bytes() for rel in touched}
+
+
+def _patch_tool() -> str:
+    """git apply if git is there, else patch(1), else the pure-Python patch-ng (a build
+    requirement, so a machine with only Python, a compiler and CMake can build)."""
+    if shutil.which("git"):
+        return "git"
+    if shutil.which("patch"):
+        return "patch"
+    return "patch_ng"
+
+
+def _apply_one(tool: str, patch: Path, work: Path, pristine: Path) -> None:
+    hint = f"is {pristine} the pinned llama.cpp? (see patches/llama.cpp.pin)"
+    if tool == "patch_ng":
+        try:
+            import patch_ng
+        except ImportError:
+            raise PrepareError("applying patches needs git, patch or the patch-ng package: "
+                               "apt-get install git, or pip install patch-ng") from None
+        ps = patch_ng.fromfile(str(patch))
+        if not ps or not ps.apply(strip=0, root=str(work)):  # it drops a/ b/ itself
+            raise PrepareError(f"patch {patch.name} does not apply; {hint}")
+        return
+    if tool == "git":
+        cmd = ["git", "apply", "--whitespace=nowarn", "-p1", str(patch)]
+    else:
+        cmd = ["patch", "-p1", "--forward", "--quiet", "-i", str(patch)]
+    r = subprocess.run(cmd, cwd=work, capture_output=True, text=True,
+                       env={**os.environ, "GIT_DIR": str(work / ".nogit")})
+    if r.returncode != 0:
+        raise PrepareError(f"patch {patch.name} does not apply to {pristine}: "
+                           f"{r.stderr.strip() or r.stdout.strip()}; {hint}")
 
 
 def write_if_changed(path: Path, data: bytes) -> bool:
