@@ -27,8 +27,9 @@ def frame(type_: int, payload: bytes = b"", version: int = 1, magic: int = MAGIC
     return HDR.pack(magic, version, type_, 0, 1, session, 0, len(payload) if length is None else length) + payload
 
 
-def hello_payload() -> bytes:
-    return struct.pack("<Q", 1) + bytes(32) + struct.pack("<I", 4) + b"test"
+def hello_payload(want_model: bytes = b"") -> bytes:
+    return (struct.pack("<Q", 1) + bytes(32) + struct.pack("<I", 4) + b"test"
+            + struct.pack("<I", len(want_model)) + want_model)
 
 
 def read_frame(sock: socket.socket) -> tuple[int, bytes]:
@@ -178,3 +179,27 @@ def test_chain_validation_names_the_stage(two_stage, gemma3_path: Path, tmp_path
     with LocalStages([tmp_path / m.slices[1].file], threads=1, ctx=64, max_sessions=1) as g:
         with pytest.raises(ChainError, match="another model"):
             Chain([a, g.addresses[0]])
+
+
+def test_hello_for_another_model_is_refused(two_stage) -> None:
+    s = connect(two_stage.addresses[0])
+    s.sendall(frame(HELLO, hello_payload(b"f" * 64)))
+    t, payload = read_frame(s)
+    assert t == ERROR and error_code(payload) == 2  # wrong_model
+    s.close()
+    host, port = two_stage.addresses[0].rsplit(":", 1)
+    c = _nakshatra.StageClient(host, int(port))
+    sha = c.hello()["model_sha256"]
+    assert c.hello(want_model_sha256=sha)["model_sha256"] == sha
+    c.close()
+
+
+def test_stop_tokens_end_generation(two_stage) -> None:
+    with Chain(two_stage.addresses) as c:
+        prompt = c.tokenize("The capital of France is")
+        free = [t for t, _ in c.generate_tokens(prompt, 12, SamplerParams(temp=0))]
+        assert len(free) == 12
+        stop_at = free[5]
+        first = free.index(stop_at)
+        got = [t for t, _ in c.generate_tokens(prompt, 12, SamplerParams(temp=0), stop_tokens=[stop_at])]
+    assert got == free[:first]

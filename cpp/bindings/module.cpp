@@ -106,10 +106,11 @@ struct py_stage_client {
         return reply;
     }
 
-    py::dict hello(const std::string & client_name) {
+    py::dict hello(const std::string & client_name, const std::string & want_model_sha256) {
         nak_hello m;
         m.caps        = NAK_CAP_F32_WIRE;
         m.client_name = client_name;
+        m.want_model_sha256 = want_model_sha256;
         for (int i = 0; i < NAK_NONCE_SIZE; i++) {
             m.nonce[i] = (uint8_t) (rand() & 0xff);
         }
@@ -145,10 +146,11 @@ struct py_stage_client {
     }
 
     uint32_t open(uint64_t session, float temp, int32_t top_k, float top_p, float min_p, float repeat_penalty,
-                  int32_t repeat_last_n, uint32_t seed, int32_t n_predict) {
+                  int32_t repeat_last_n, uint32_t seed, int32_t n_predict, const std::vector<int32_t> & stop_tokens) {
         nak_open m;
         m.sampler = { temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed };
         m.n_predict = n_predict;
+        m.stop_tokens = stop_tokens;
         nak_writer w;
         nak_encode(w, m);
         nak_frame r = call(NAK_MSG_OPEN, session, NAK_DTYPE_NONE, w.buf, NAK_MSG_OPEN_OK);
@@ -475,10 +477,12 @@ PYBIND11_MODULE(_nakshatra, m) {
     py::class_<py_stage_client>(m, "StageClient", "A blocking connection to one stage; every wait is bounded by timeout_ms.")
         .def(py::init<const std::string &, int, int, int>(), py::arg("host"), py::arg("port"),
              py::arg("timeout_ms") = 60000, py::arg("connect_timeout_ms") = 5000)
-        .def("hello", &py_stage_client::hello, py::arg("client_name") = "nakshatra-py")
+        .def("hello", &py_stage_client::hello, py::arg("client_name") = "nakshatra-py",
+             py::arg("want_model_sha256") = "")
         .def("open", &py_stage_client::open, py::arg("session"), py::arg("temp") = 0.8f, py::arg("top_k") = 40,
              py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
-             py::arg("repeat_last_n") = 64, py::arg("seed") = 0xFFFFFFFFu, py::arg("n_predict") = -1)
+             py::arg("repeat_last_n") = 64, py::arg("seed") = 0xFFFFFFFFu, py::arg("n_predict") = -1,
+             py::arg("stop_tokens") = std::vector<int32_t>{})
         .def("forward", &py_stage_client::forward, py::arg("session"), py::arg("step"), py::arg("pos"),
              py::arg("tokens") = py::none(), py::arg("embd") = py::none(), py::arg("sample") = false)
         .def("truncate", &py_stage_client::truncate, py::arg("session"), py::arg("pos"))

@@ -139,6 +139,7 @@ void nak_encode(nak_writer & w, const nak_hello & m) {
     w.u64(m.caps);
     w.bytes(m.nonce, NAK_NONCE_SIZE);
     w.str(m.client_name);
+    w.str(m.want_model_sha256);
 }
 
 bool nak_decode(const std::vector<uint8_t> & p, nak_hello & m) {
@@ -148,7 +149,8 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_hello & m) {
     if (nonce) {
         memcpy(m.nonce, nonce, NAK_NONCE_SIZE);
     }
-    m.client_name = r.str();
+    m.client_name       = r.str();
+    m.want_model_sha256 = r.str();
     return r.done();
 }
 
@@ -196,6 +198,7 @@ void nak_encode(nak_writer & w, const nak_open & m) {
     w.i32(m.sampler.repeat_last_n);
     w.u32(m.sampler.seed);
     w.i32(m.n_predict);
+    w.i32s(m.stop_tokens);
 }
 
 bool nak_decode(const std::vector<uint8_t> & p, nak_open & m) {
@@ -208,6 +211,7 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_open & m) {
     m.sampler.repeat_last_n  = r.i32();
     m.sampler.seed           = r.u32();
     m.n_predict              = r.i32();
+    m.stop_tokens            = r.i32s();
     return r.done();
 }
 

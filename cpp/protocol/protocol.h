@@ -165,6 +165,7 @@ struct nak_hello {
     uint64_t    caps = 0;
     uint8_t     nonce[NAK_NONCE_SIZE] = {};
     std::string client_name;
+    std::string want_model_sha256; // empty: any model; else the stage answers wrong_model on mismatch
 };
 
 struct nak_hello_ok {
@@ -193,8 +194,9 @@ struct nak_sampler_params {
 };
 
 struct nak_open {
-    nak_sampler_params sampler;
-    int32_t            n_predict = -1;
+    nak_sampler_params   sampler;
+    int32_t              n_predict = -1;
+    std::vector<int32_t> stop_tokens; // sampled tokens that end the generation like an EOG token
 };
 
 struct nak_forward {

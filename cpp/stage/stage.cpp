@@ -298,6 +298,10 @@ void nak_stage::handle(const nak_frame & req, int32_t conn, bool & close_conn, s
                 if (!nak_decode(req.payload, m)) {
                     throw nak_reject{ NAK_ERR_BAD_REQUEST, "malformed HELLO payload" };
                 }
+                if (!m.want_model_sha256.empty() && m.want_model_sha256 != params_.model_sha256) {
+                    throw nak_reject{ NAK_ERR_WRONG_MODEL, "this stage serves model " + params_.model_sha256.substr(0, 12) +
+                                      ", not " + m.want_model_sha256.substr(0, 12) };
+                }
                 h.type = NAK_MSG_HELLO_OK;
                 nak_encode(w, info());
             } break;
@@ -359,6 +363,7 @@ void nak_stage::on_open(const nak_frame & req, int32_t conn, nak_writer & w, nak
     s.seq  = slot;
     s.conn = conn;
     s.sp   = m.sampler;
+    s.stop_tokens = m.stop_tokens;
     s.last_used_ms = nak_now_ms();
     rebuild_sampler(s);
     h.type = NAK_MSG_OPEN_OK;
@@ -469,7 +474,8 @@ void nak_stage::on_forward(const nak_frame & req, nak_writer & w, nak_header & h
         if (sample) {
             const llama_token tok = llama_sampler_sample(s->smpl, ctx_, -1);
             out.token  = tok;
-            out.is_eog = llama_vocab_is_eog(vocab_, tok) ? 1 : 0;
+            const bool stop = std::find(s->stop_tokens.begin(), s->stop_tokens.end(), tok) != s->stop_tokens.end();
+            out.is_eog = llama_vocab_is_eog(vocab_, tok) || stop ? 1 : 0;
             char buf[256];
             const int32_t k = llama_token_to_piece(vocab_, tok, buf, sizeof(buf), 0, false);
             out.piece = k > 0 ? std::string(buf, k) : std::string();

@@ -51,6 +51,7 @@ struct nak_session {
     uint64_t                 next_step = 0;
     int64_t                  last_used_ms = 0;
     nak_sampler_params       sp;
+    std::vector<int32_t>     stop_tokens;
     llama_sampler *          smpl = nullptr; // last stage only
     std::vector<llama_token> history;        // tokens at positions [0, history.size()) (last stage: sampler history)
     bool                     pending_sampled = false; // last_sampled was accepted by the sampler already

@@ -160,7 +160,8 @@ class Session:
     ``[n_tokens, n_embd] float32`` per step).
     """
 
-    def __init__(self, chain: Chain, sampler: SamplerParams, capture: bool = False) -> None:
+    def __init__(self, chain: Chain, sampler: SamplerParams, capture: bool = False,
+                 stop_tokens: Sequence[int] = ()) -> None:
         sampler.check()
         self.chain = chain
         self.id = random.getrandbits(63) or 1
@@ -177,7 +178,7 @@ class Session:
             for i, c in enumerate(chain.clients):
                 c.open(self.id, temp=sampler.temp, top_k=sampler.top_k, top_p=sampler.top_p,
                        min_p=sampler.min_p, repeat_penalty=sampler.repeat_penalty,
-                       repeat_last_n=sampler.repeat_last_n, seed=seed)
+                       repeat_last_n=sampler.repeat_last_n, seed=seed, stop_tokens=list(stop_tokens))
                 self._opened.append(i)
         except StageError:
             self.close()
@@ -289,9 +290,11 @@ class Chain:
     def first(self):
         return self.clients[0]
 
-    def session(self, sampler: SamplerParams | None = None, capture: bool = False) -> Session:
-        """Open a session on every stage (see :class:`Session`)."""
-        return Session(self, sampler or SamplerParams(), capture)
+    def session(self, sampler: SamplerParams | None = None, capture: bool = False,
+                stop_tokens: Sequence[int] = ()) -> Session:
+        """Open a session on every stage (see :class:`Session`); the last stage ends the generation
+        (``is_eog``) at an end-of-generation token or one of ``stop_tokens``."""
+        return Session(self, sampler or SamplerParams(), capture, stop_tokens)
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Token ids of ``text`` by the first stage's vocabulary (llama_tokenize)."""
@@ -306,11 +309,11 @@ class Chain:
 
     def generate_tokens(self, prompt_tokens: Sequence[int], n_predict: int = 128,
                         sampler: SamplerParams | None = None, stats: GenerationStats | None = None,
-                        session: Session | None = None) -> Iterator[tuple[int, bytes]]:
+                        session: Session | None = None, stop_tokens: Sequence[int] = ()) -> Iterator[tuple[int, bytes]]:
         """Yield ``(token, piece_bytes)`` for each generated token; stops at an end-of-generation
         token (not yielded) or after ``n_predict`` tokens (``-1``: until the context is full)."""
         own = session is None
-        sess = session or self.session(sampler)
+        sess = session or self.session(sampler, stop_tokens=stop_tokens)
         try:
             t0 = time.perf_counter()
             reply = sess.feed(prompt_tokens, sample=True)
