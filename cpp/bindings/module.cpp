@@ -18,6 +18,7 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <random>
 
 namespace py = pybind11;
 
@@ -56,6 +57,33 @@ void ensure_backend() {
     py::object exc = cls(msg, code);
     PyErr_SetObject(cls.ptr(), exc.ptr());
     throw py::error_already_set();
+}
+
+// HELLO_OK as a Python dict (health counters under "health")
+py::dict hello_dict(const nak_hello_ok & ok) {
+    py::dict d;
+    d["version"]      = ok.version;
+    d["caps"]         = ok.caps;
+    d["model_sha256"] = ok.model_sha256;
+    d["arch"]         = ok.arch;
+    d["layer_start"]  = ok.layer_start;
+    d["layer_end"]    = ok.layer_end;
+    d["n_layer_full"] = ok.n_layer_full;
+    d["n_embd"]       = ok.n_embd;
+    d["n_vocab"]      = ok.n_vocab;
+    d["backend"]      = ok.backend;
+    py::dict hd;
+    hd["sessions_active"] = ok.health.sessions_active;
+    hd["max_sessions"]    = ok.health.max_sessions;
+    hd["queue_depth"]     = ok.health.queue_depth;
+    hd["n_ctx_session"]   = ok.health.n_ctx_session;
+    hd["kv_tokens_used"]  = ok.health.kv_tokens_used;
+    hd["rss_bytes"]       = ok.health.rss_bytes;
+    hd["uptime_ms"]       = ok.health.uptime_ms;
+    hd["tokens_in"]       = ok.health.tokens_in;
+    d["health"] = hd;
+    d["rss_bytes"] = ok.health.rss_bytes;
+    return d;
 }
 
 // a Python-facing client of one stage
@@ -111,8 +139,9 @@ struct py_stage_client {
         m.caps        = NAK_CAP_F32_WIRE;
         m.client_name = client_name;
         m.want_model_sha256 = want_model_sha256;
+        std::random_device rd; // the nonce matters once the handshake authenticates
         for (int i = 0; i < NAK_NONCE_SIZE; i++) {
-            m.nonce[i] = (uint8_t) (rand() & 0xff);
+            m.nonce[i] = (uint8_t) rd();
         }
         nak_writer w;
         nak_encode(w, m);
@@ -121,28 +150,7 @@ struct py_stage_client {
         if (!nak_decode(r.payload, ok)) {
             raise_stage_error(where() + ": malformed HELLO_OK", "transport");
         }
-        py::dict d;
-        d["version"]      = ok.version;
-        d["caps"]         = ok.caps;
-        d["model_sha256"] = ok.model_sha256;
-        d["arch"]         = ok.arch;
-        d["layer_start"]  = ok.layer_start;
-        d["layer_end"]    = ok.layer_end;
-        d["n_layer_full"] = ok.n_layer_full;
-        d["n_embd"]       = ok.n_embd;
-        d["n_vocab"]      = ok.n_vocab;
-        d["backend"]      = ok.backend;
-        py::dict hd;
-        hd["sessions_active"] = ok.health.sessions_active;
-        hd["max_sessions"]    = ok.health.max_sessions;
-        hd["queue_depth"]     = ok.health.queue_depth;
-        hd["n_ctx_session"]   = ok.health.n_ctx_session;
-        hd["kv_tokens_used"]  = ok.health.kv_tokens_used;
-        hd["rss_bytes"]       = ok.health.rss_bytes;
-        hd["uptime_ms"]       = ok.health.uptime_ms;
-        hd["tokens_in"]       = ok.health.tokens_in;
-        d["health"] = hd;
-        return d;
+        return hello_dict(ok);
     }
 
     uint32_t open(uint64_t session, float temp, int32_t top_k, float top_p, float min_p, float repeat_penalty,
@@ -460,19 +468,8 @@ PYBIND11_MODULE(_nakshatra, m) {
         .def_property_readonly("n_embd", [](const py_stage & s) { return s.st->n_embd(); })
         .def_property_readonly("is_first", [](const py_stage & s) { return s.st->is_first(); })
         .def_property_readonly("is_last", [](const py_stage & s) { return s.st->is_last(); })
-        .def("info", [](const py_stage & s) {
-            nak_hello_ok i = s.st->info();
-            py::dict d;
-            d["model_sha256"] = i.model_sha256;
-            d["arch"] = i.arch;
-            d["layer_start"] = i.layer_start;
-            d["layer_end"] = i.layer_end;
-            d["n_layer_full"] = i.n_layer_full;
-            d["n_embd"] = i.n_embd;
-            d["n_vocab"] = i.n_vocab;
-            d["rss_bytes"] = i.health.rss_bytes;
-            return d;
-        });
+        .def("info", [](const py_stage & s) { return hello_dict(s.st->info()); },
+             "What this stage answers to HELLO (layer range, model, health).");
 
     py::class_<py_stage_client>(m, "StageClient", "A blocking connection to one stage; every wait is bounded by timeout_ms.")
         .def(py::init<const std::string &, int, int, int>(), py::arg("host"), py::arg("port"),
