@@ -203,3 +203,12 @@ def test_stop_tokens_end_generation(two_stage) -> None:
         first = free.index(stop_at)
         got = [t for t, _ in c.generate_tokens(prompt, 12, SamplerParams(temp=0), stop_tokens=[stop_at])]
     assert got == free[:first]
+
+
+def test_generation_stops_at_a_full_context_and_a_long_prompt_is_refused(two_stage) -> None:
+    with Chain(two_stage.addresses) as c:  # the stages hold 256 positions per session
+        prompt = c.tokenize("Count: one two three four five six seven eight nine ten") * 20  # 240 tokens
+        got = [t for t, _ in c.generate_tokens(prompt, -1, SamplerParams(temp=0.0))]
+        assert len(prompt) + len(got) == 257  # 256 positions fed, and the last token sampled
+        with pytest.raises(ChainError, match="larger --ctx"):
+            list(c.generate_tokens(prompt * 40, 4, SamplerParams(temp=0)))

@@ -174,12 +174,14 @@ class Session:
         self.wire_bytes = [0] * len(chain.stages)
         seed = sampler.seed if sampler.seed is not None else random.getrandbits(32) % (2**32 - 1)
         self._opened: list[int] = []
+        self.n_ctx = 2**31 - 1  # positions each stage holds for this session (the smallest wins)
         try:
             for i, c in enumerate(chain.clients):
-                c.open(self.id, temp=sampler.temp, top_k=sampler.top_k, top_p=sampler.top_p,
+                n_ctx = c.open(self.id, temp=sampler.temp, top_k=sampler.top_k, top_p=sampler.top_p,
                        min_p=sampler.min_p, repeat_penalty=sampler.repeat_penalty,
                        repeat_last_n=sampler.repeat_last_n, seed=seed, stop_tokens=list(stop_tokens))
                 self._opened.append(i)
+                self.n_ctx = min(self.n_ctx, n_ctx)
         except StageError:
             self.close()
             raise
@@ -192,6 +194,9 @@ class Session:
         """
         if not tokens:
             raise ChainError("nothing to feed: the prompt is empty")
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise ChainError(f"{self.n_past} cached + {len(tokens)} new tokens do not fit the session "
+                             f"context of {self.n_ctx} tokens; start the stages with a larger --ctx")
         result = None
         for i in range(0, len(tokens), self.chain.n_batch):
             chunk = list(tokens[i:i + self.chain.n_batch])
@@ -330,8 +335,8 @@ class Chain:
                     stats.n_generated = produced
                     stats.decode_ms = (time.perf_counter() - t1) * 1e3
                 yield reply["token"], reply["piece"]
-                if produced == n_predict:
-                    break
+                if produced == n_predict or sess.n_past + 1 > sess.n_ctx:
+                    break  # asked-for length, or the context is full
                 reply = sess.feed([reply["token"]], sample=True)
             if stats is not None:
                 stats.decode_ms = (time.perf_counter() - t1) * 1e3
