@@ -7,16 +7,29 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFEndian, GGUFValueType, GGUFWriter
 from nakshatra.errors import RangeError, SliceError
+from nakshatra.gguf_scan import WINDOW
 from nakshatra.inspection import inspect_gguf, render_inspection
 from nakshatra.manifest import Manifest, sha256_file
 from nakshatra.ranges import LayerRange, parse_ranges, plan_parts
-from nakshatra.slicer import NAK_KEYS, cached_slice, model_layout, open_gguf, read_slice_meta, slice_model, verify_slice
+from nakshatra.slicer import (
+    NAK_KEYS,
+    cached_slice,
+    kv_value,
+    model_layout,
+    open_gguf,
+    read_slice_meta,
+    scan_gguf,
+    slice_model,
+    swa_pattern,
+    verify_slice,
+)
 
 
 def summarize(path: Path) -> dict:
@@ -471,3 +484,321 @@ def test_slices_land_in_cwd_by_default(tmp_path, monkeypatch):
     m = slice_model(model, n_parts=2, progress=False)
     assert sorted(p.name for p in work.iterdir()) == sorted([s.file for s in m.slices] + ["tiny.manifest.json"])
     shutil.rmtree(work)
+
+
+# --- the writer's bytes are GGUFWriter's ----------------------------------------------------------
+#
+# The slicer scans the original with nakshatra.gguf_scan and copies metadata record by record. Its
+# files must be byte for byte what the slicer wrote when it read the model with GGUFReader and wrote
+# each slice with GGUFWriter; reference_slice below is that earlier writer.
+
+STR, BOOL, F32 = GGUFValueType.STRING, GGUFValueType.BOOL, GGUFValueType.FLOAT32
+
+
+def reference_metadata(reader) -> dict:
+    """Every key's value as GGUFReader reads it (strings as raw bytes), for GGUFWriter."""
+    meta = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        t = f.types[0]
+        if t == ARR:
+            assert len(f.types) == 2 and f.types[1] != ARR
+            meta[key] = ([bytes(f.parts[i]) for i in f.data] if f.types[1] == STR else f.contents(), t, f.types[1])
+        else:
+            meta[key] = (bytes(f.parts[-1]) if t == STR else f.contents(), t, None)
+    return meta
+
+
+def reference_slice(reader, base: dict, layout, info, index: int, count: int, path: Path) -> bytes:
+    """Slice ``info.range`` of the model read by ``reader`` (GGUFReader; ``base``: its
+    :func:`reference_metadata`) as a GGUFReader-values -> GGUFWriter rewrite: every original key in
+    order (per-layer arrays cut, block_count, sliding window), then the nakshatra keys; the selected
+    tensors' infos and data, padded."""
+    arch, n, rng = layout.arch, layout.n_layer, info.range
+    meta = {}
+    for key, (value, t, sub) in base.items():
+        if t == ARR and key.startswith(arch + ".") and len(value) == n:
+            value = value[rng.start:rng.end]
+        meta[key] = (value, t, sub)
+    meta[f"{arch}.block_count"] = (rng.n_layers, meta[f"{arch}.block_count"][1], None)
+    swa = swa_pattern(reader, arch, n)
+    if swa is not None:
+        flags = swa[rng.start:rng.end]
+        meta[f"{arch}.attention.sliding_window_pattern"] = (flags, ARR, BOOL)
+        if not any(flags):
+            meta[f"{arch}.attention.sliding_window"] = (0, meta[f"{arch}.attention.sliding_window"][1], None)
+    for k, v in zip(NAK_KEYS, (rng.start, rng.end, n, index, count)):
+        meta[k] = (v, U32, None)
+    meta["nakshatra.model_sha256"] = (layout.sha256, STR, None)
+    meta["nakshatra.tensor_data_sha256"] = (info.tensor_data_sha256, STR, None)
+
+    tensors = []
+    for t in reader.tensors:
+        if t.name.startswith("blk."):
+            il = int(t.name.split(".")[1])
+            if rng.start <= il < rng.end:
+                tensors.append((f"blk.{il - rng.start}." + t.name.split(".", 2)[2], t))
+        elif t.name.startswith(("token_embd.", "token_types.", "pos_embd.")):
+            if rng.start == 0 or (rng.end == n and layout.tied and t.name == "token_embd.weight"):
+                tensors.append((t.name, t))
+        elif not t.name.startswith(("output_norm.", "output.")) or rng.end == n:
+            tensors.append((t.name, t))
+
+    w = GGUFWriter(None, arch)
+    w.kv_data[0].clear()
+    for key, (value, vtype, sub) in meta.items():
+        w.add_key_value(key, value, vtype, sub_type=sub)
+    w.data_alignment = reader.alignment
+    for name, t in tensors:
+        w.add_tensor_info(name, t.data.shape, t.data.dtype, int(t.n_bytes), raw_dtype=t.tensor_type)
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    fout = w.fout[0]
+    for _, t in tensors:
+        w.write_padding(fout, fout.tell())
+        fout.write(bytes(reader.data[t.data_offset:t.data_offset + t.n_bytes]))
+        w.write_padding(fout, int(t.n_bytes))
+    w.close()
+    return path.read_bytes()
+
+
+def assert_gguf_writer_bytes(model: Path, manifest: Manifest, out: Path, scratch: Path) -> None:
+    reader, layout = open_gguf(model), model_layout(model)
+    base = reference_metadata(reader)
+    for i, info in enumerate(manifest.slices):
+        want = reference_slice(reader, base, layout, info, i, len(manifest.slices), scratch / "reference.gguf")
+        assert (out / info.file).read_bytes() == want, info.file
+
+
+def test_real_slices_are_gguf_writer_bytes(sliced, tmp_path):
+    assert_gguf_writer_bytes(sliced["model"], sliced["manifest"], sliced["out"], tmp_path)
+
+
+def _patch(data: bytearray, key: str, at: int, new: bytes, order: str = "<") -> None:
+    """Overwrite bytes of ``key``'s value, ``at`` bytes after its type tag."""
+    i = data.index(struct.pack(order + "Q", len(key)) + key.encode()) + 8 + len(key) + 4 + at
+    data[i:i + len(new)] = new
+
+
+def write_rich(path: Path, *, big_endian: bool = False, alignment: int | None = None, large: bool = False,
+               odd: bool = False, version: int | None = None, kv: dict | None = None) -> Path:
+    """A 7-layer gemma3 (sliding window, default period 6, tied) whose metadata has every value type:
+    scalars, strings (empty, non-ASCII, longer than the copy window with ``large``), arrays of every
+    element type, per-layer arrays of numbers, bools and strings, a vocabulary and float scores that
+    cross copy windows (``large``); tensors of 12 bytes (unaligned) and a Q8_0 one. ``odd``: BOOL bytes
+    other than 0/1 and float32 signalling NaNs, which a reader-to-writer rewrite canonicalises.
+    ``version``: the header's version number, patched."""
+    order = ">" if big_endian else "<"
+    n = 7
+    w = GGUFWriter(str(path), "gemma3", endianess=GGUFEndian.BIG if big_endian else GGUFEndian.LITTLE)
+    if alignment:
+        w.add_custom_alignment(alignment)
+    w.add_uint32("gemma3.block_count", n)
+    w.add_uint32("gemma3.embedding_length", 8)
+    w.add_uint32("gemma3.attention.sliding_window", 4)
+    scalars = {GGUFValueType.UINT8: 200, GGUFValueType.INT8: -5, GGUFValueType.UINT16: 60000,
+               GGUFValueType.INT16: -300, U32: 4_000_000_000, GGUFValueType.INT32: -7, F32: 0.1,
+               GGUFValueType.UINT64: 2**63 + 5, GGUFValueType.INT64: -2**40, GGUFValueType.FLOAT64: 1 / 3,
+               BOOL: True}
+    for vtype, value in scalars.items():
+        w.add_key_value(f"test.scalar.{vtype.name.lower()}", value, vtype)
+        w.add_key_value(f"test.array.{vtype.name.lower()}", [value] * 3, ARR, sub_type=vtype)
+    w.add_key_value("test.string.empty", "", STR)
+    w.add_key_value("test.string.unicode", "नक्षत्र ✨", STR)
+    w.add_key_value("test.strings", ["", "a", "नक्षत्र", "b" * 300], ARR, sub_type=STR)
+    w.add_key_value("test.odd.bool", True, BOOL)
+    w.add_key_value("test.odd.bools", [True, False, True, True], ARR, sub_type=BOOL)
+    w.add_key_value("test.odd.f32", 1234.5, F32)
+    w.add_key_value("test.odd.f32s", [1.0, 1234.5, float("nan"), -0.0, float("inf")], ARR, sub_type=F32)
+    w.add_array("gemma3.attention.head_count", [4 - i % 2 for i in range(n)])
+    w.add_key_value("gemma3.test.layer_bools", [i % 3 == 0 for i in range(n)], ARR, sub_type=BOOL)
+    w.add_key_value("gemma3.test.layer_f32", [i / 7 for i in range(n)], ARR, sub_type=F32)
+    w.add_key_value("gemma3.test.layer_u64", [2**40 + i for i in range(n)], ARR, sub_type=GGUFValueType.UINT64)
+    w.add_key_value("gemma3.test.layer_names", [f"layer-{i}" * i for i in range(n)], ARR, sub_type=STR)
+    w.add_array("gemma3.rope.dimension_sections", [1, 2, 3])  # not per-layer: kept whole
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    if large:
+        w.add_key_value("test.string.long", "ab" * (WINDOW // 2 + 3000), STR)
+        tokens = [f"t{i}" * (i % 17) + "✨" * (i % 3 == 0) for i in range(25_000)]  # 1.3 MB
+        w.add_array("tokenizer.ggml.tokens", tokens)
+        scores = np.linspace(-1, 1, WINDOW // 4 + 1001, dtype=np.float32)  # not a whole number of windows
+        scores[WINDOW // 4 + 7] = np.nan
+        w.add_key_value("tokenizer.ggml.scores", scores.tolist(), ARR, sub_type=F32)
+    else:
+        w.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    for key, (value, vtype, sub) in (kv or {}).items():
+        w.add_key_value(key, value, vtype, sub_type=sub)
+    rng = np.random.default_rng(1)
+    w.add_tensor("token_embd.weight", rng.standard_normal((3, 8), dtype=np.float32))
+    w.add_tensor("rope_freqs.weight", np.ones(3, dtype=np.float32))  # 12 bytes: padded
+    for i in range(n):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", rng.standard_normal(3, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", rng.integers(0, 255, (2, 34), dtype=np.uint8),
+                     raw_dtype=GGMLQuantizationType.Q8_0)
+        w.add_tensor(f"blk.{i}.ffn_down.weight", rng.standard_normal((2, 3)).astype(np.float16))
+    w.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = bytearray(path.read_bytes())
+    if odd:
+        snan = struct.pack(order + "I", 0x7F800001)
+        _patch(data, "test.odd.bool", 0, b"\x02", order)
+        _patch(data, "test.odd.bools", 12, b"\x05\x00\xff", order)
+        _patch(data, "test.odd.f32", 0, snan, order)
+        _patch(data, "test.odd.f32s", 12 + 4, snan, order)
+        _patch(data, "gemma3.test.layer_f32", 12 + 4 * 3, snan, order)
+        _patch(data, "gemma3.test.layer_bools", 12 + 1, b"\x07", order)
+    if version is not None:
+        data[4:8] = struct.pack(order + "I", version)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def assert_scan_matches_reader(path: Path) -> None:
+    """scan_gguf finds what GGUFReader finds: keys and their byte spans, types, values, alignment,
+    tensor infos."""
+    r, s = open_gguf(path), scan_gguf(path)
+    assert list(s.fields) == [k for k in r.fields if k not in ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")]
+    for key, kv in s.fields.items():
+        f = r.fields[key]
+        assert (kv.offset, kv.end) == (f.offset, f.offset + sum(int(p.nbytes) for p in f.parts)), key
+        assert kv.type == f.types[0], key
+        if kv.type == ARR and kv.count:
+            assert kv.sub_type == f.types[1], key
+        assert repr(kv_value(s, key)) == repr(kv_value(r, key)), key  # repr: NaN == NaN
+    assert (s.alignment, s.data_offset) == (r.alignment, r.data_offset)
+    assert [(t.name, t.shape, t.tensor_type, t.n_elements, t.n_bytes, t.data_offset) for t in s.tensors] == [
+        (t.name, tuple(int(x) for x in t.shape), t.tensor_type, t.n_elements, int(t.n_bytes), int(t.data_offset))
+        for t in r.tensors]
+
+
+RICH = {
+    "plain": {},
+    "large": {"large": True},
+    "big-endian": {"big_endian": True},
+    "align-64": {"alignment": 64},
+    "align-1": {"alignment": 1},
+    "odd-values": {"odd": True},
+    "odd-values-large-big-endian": {"odd": True, "large": True, "big_endian": True},
+    "version-2": {"version": 2},
+}
+
+
+@pytest.mark.parametrize("variant", list(RICH))
+def test_rich_metadata_is_gguf_writer_bytes(tmp_path, tmp_out, variant):
+    model = write_rich(tmp_path / "rich.gguf", **RICH[variant])
+    assert_scan_matches_reader(model)
+    # 5-5 has only full-attention layers (sliding_window 0); 6-6 is the last stage (tied embedding)
+    m = slice_model(model, ranges=parse_ranges("0-1,2-4,5-5,6-6", 7), out_dir=tmp_out, progress=False)
+    assert_gguf_writer_bytes(model, m, tmp_out, tmp_path)
+    for info in m.slices:
+        verify_slice(tmp_out / info.file)
+
+
+def test_real_model_scan_matches_reader(smollm2_path):
+    assert_scan_matches_reader(smollm2_path)
+
+
+def test_nested_array(tmp_path, tmp_out):
+    """GGUFReader reads nested arrays (flattened values) but they cannot be written: a clear error."""
+    model = write_tiny(tmp_path / "n.gguf", kv={"test.nested": ([[1, 2], [3]], ARR, ARR),
+                                                "test.nested_strings": ([["a"], ["b", "c"]], ARR, ARR)})
+    assert_scan_matches_reader(model)
+    assert kv_value(scan_gguf(model), "test.nested") == [1, 2, 3]
+    assert model_layout(model).n_layer == 4
+    with pytest.raises(SliceError, match="test.nested is an empty or nested array"):
+        slice_model(model, n_parts=2, out_dir=tmp_out, progress=False)
+
+
+def test_empty_array(tmp_path, tmp_out):
+    model = write_tiny(tmp_path / "e.gguf", kv={"test.e": ([7], ARR, GGUFValueType.UINT8)})
+    data = bytearray(model.read_bytes())
+    # one element fewer, one key byte more: the same size, so every offset stays
+    old = struct.pack("<Q", 6) + b"test.e" + struct.pack("<IIQ", ARR, GGUFValueType.UINT8, 1) + b"\x07"
+    new = struct.pack("<Q", 7) + b"test.ee" + struct.pack("<IIQ", ARR, GGUFValueType.UINT8, 0)
+    data[data.index(old):data.index(old) + len(old)] = new
+    model.write_bytes(bytes(data))
+    assert_scan_matches_reader(model)
+    assert kv_value(scan_gguf(model), "test.ee") == []
+    with pytest.raises(SliceError, match="test.ee is an empty or nested array"):
+        slice_model(model, n_parts=2, out_dir=tmp_out, progress=False)
+
+
+def _corrupt(data: bytearray, how: str) -> None:
+    if how == "magic":
+        data[0:4] = b"GGUG"
+    elif how == "version-1":
+        data[4:8] = struct.pack("<I", 1)
+    elif how == "alignment-48":
+        _patch(data, "general.alignment", 0, struct.pack("<I", 48))
+    elif how == "alignment-type":
+        _patch(data, "general.alignment", -4, struct.pack("<I", GGUFValueType.INT32))
+    elif how == "duplicate-key":
+        i = data.index(b"test.dup.b")
+        data[i:i + 10] = b"test.dup.a"
+    elif how == "duplicate-tensor":
+        i = data.index(b"blk.1.attn_norm.weight")
+        data[i:i + 22] = b"blk.0.attn_norm.weight"
+    elif how == "value-type":
+        _patch(data, "test.dup.a", -4, struct.pack("<I", 99))
+    elif how == "tensor-type":
+        i = data.index(b"output_norm.weight") + len("output_norm.weight") + 4 + 8
+        data[i:i + 4] = struct.pack("<I", 99)
+    elif how == "quant-row":  # a Q8_0 row of 16 elements: not a whole block of 32
+        i = data.index(b"blk.0.ffn_up.weight") + len("blk.0.ffn_up.weight") + 4
+        data[i:i + 8] = struct.pack("<Q", 16)
+    elif how == "bad-utf8-key":
+        i = data.index(b"test.dup.a")
+        data[i] = 0xFF
+    elif how == "reader-field-name":
+        i = data.index(b"test.dup.a")
+        data[i - 8:i + 10] = struct.pack("<Q", 10) + b"GGUF.kv_co"  # 'GGUF.kv_co' is not a reader field
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["magic", "version-1", "alignment-48", "alignment-type", "duplicate-key",
+                                 "duplicate-tensor", "value-type", "tensor-type", "quant-row", "bad-utf8-key"])
+def test_scan_refuses_what_gguf_reader_refuses(tmp_path, tmp_out, how):
+    model = write_rich(tmp_path / "bad.gguf", alignment=64,
+                       kv={"test.dup.a": (1, U32, None), "test.dup.b": (2, U32, None)})
+    data = bytearray(model.read_bytes())
+    _corrupt(data, how)
+    model.write_bytes(bytes(data))
+    for opener in (open_gguf, scan_gguf):
+        with pytest.raises(SliceError, match="is not a GGUF file"):
+            opener(model)
+    with pytest.raises(SliceError, match="is not a GGUF file"):
+        slice_model(model, n_parts=2, out_dir=tmp_out, progress=False)
+
+
+def test_gguf_prefixed_key_is_dropped_as_before(tmp_path, tmp_out):
+    model = write_rich(tmp_path / "g.gguf", kv={"test.dup.a": (1, U32, None)})
+    data = bytearray(model.read_bytes())
+    _corrupt(data, "reader-field-name")
+    model.write_bytes(bytes(data))
+    assert_scan_matches_reader(model)
+    m = slice_model(model, n_parts=2, out_dir=tmp_out, progress=False)
+    assert_gguf_writer_bytes(model, m, tmp_out, tmp_path)
+    assert "GGUF.kv_co" not in summarize(tmp_out / m.slices[0].file)["keys"]
+
+
+def test_truncated_anywhere_is_refused_as_gguf_reader_does(tmp_path):
+    """Cut a small model at many lengths: scan_gguf opens exactly the prefixes GGUFReader opens."""
+    full = write_rich(tmp_path / "full.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    for n in [*range(0, len(full), 13), len(full) - 1]:
+        cut.write_bytes(full[:n])
+        outcomes = []
+        for opener in (open_gguf, scan_gguf):
+            try:
+                opener(cut)
+                outcomes.append("ok")
+            except SliceError as e:
+                assert "is not a GGUF file" in str(e)
+                outcomes.append("refused")
+        assert outcomes[0] == outcomes[1], (n, len(full), outcomes)

@@ -9,7 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from .ranges import LayerRange
-from .slicer import kv_value, open_gguf, tensor_role
+from .slicer import kv_value, scan_gguf, tensor_role
 
 ROLES = ("input", "layers", "output", "global")
 KV_BYTES_PER_VALUE = 2  # f16 cache
@@ -42,7 +42,7 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096) -> dict[str, A
 
     Raises SliceError if the file is missing or not a GGUF.
     """
-    reader = open_gguf(path)
+    reader = scan_gguf(path)  # metadata without materialising the vocabulary
     arch = kv_value(reader, "general.architecture") or "?"
     n_layer = int(kv_value(reader, f"{arch}.block_count") or 0)
     n_embd = int(kv_value(reader, f"{arch}.embedding_length") or 0)

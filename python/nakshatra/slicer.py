@@ -3,8 +3,14 @@
 A slice holds the blocks of its range renamed to ``blk.0..``, the global tensors, the input tensors
 on the first stage and the output tensors on the last (plus ``token_embd`` there when the embedding
 is tied), all metadata of the original with the per-layer values cut to the range, and the
-``nakshatra.*`` keys (see :data:`NAK_KEYS`). Tensor data is copied byte for byte, streamed from the
-original file one 1 MiB chunk at a time, so memory does not grow with the model.
+``nakshatra.*`` keys (see :data:`NAK_KEYS`).
+
+Memory does not grow with the model: the original is read with the scanner of
+:mod:`nakshatra.gguf_scan` (``gguf.GGUFReader`` would turn every vocabulary entry into numpy
+objects, more than the whole file on a small model), and each slice is written as the original's
+metadata copied pair by pair (re-encoded only where a value changes), then the tensor infos, then
+the tensor data copied byte for byte, all streamed one 1 MiB chunk at a time. The bytes are the
+ones ``gguf.GGUFWriter`` writes for the same metadata and tensors.
 
 Sliding-window models: a period restarts at a slice's local layer 0 in llama.cpp, so a slice gets
 an explicit per-layer BOOL ``<arch>.attention.sliding_window_pattern`` computed from the global
@@ -22,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
@@ -29,9 +36,19 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGUFReader, GGUFValueType
 
 from .errors import RangeError, SliceError
+from .gguf_scan import (
+    GGUFScan,
+    TensorInfo,
+    copy_kv,
+    encode_kv,
+    encode_string,
+    header,
+    pad,
+)
+from .gguf_scan import scan as _scan
 from .manifest import CHUNK, Manifest, SliceInfo, sha256_file, write_atomic
 from .paths import cache_dir
 from .ranges import LayerRange, check_cover, plan_parts
@@ -58,6 +75,10 @@ A slice cut alone by :func:`cached_slice` has ``slice_index`` 0 and ``slice_coun
 
 _A = GGUFValueType
 
+Reader = GGUFReader | GGUFScan
+"""A parsed GGUF: ``gguf.GGUFReader`` (:func:`open_gguf`) or the lighter
+:class:`~nakshatra.gguf_scan.GGUFScan` (:func:`scan_gguf`)."""
+
 
 class _Reader(GGUFReader):
     """GGUFReader whose parsed parts are views of a plain ndarray (not ``np.memmap`` objects) with
@@ -78,15 +99,29 @@ class _Reader(GGUFReader):
 
 
 def open_gguf(path: str | os.PathLike[str]) -> GGUFReader:
-    """Open a GGUF file for reading (memory-mapped; metadata parsed, tensor data untouched).
+    """Open a GGUF file for reading (memory-mapped; metadata parsed, tensor data untouched). Every
+    metadata value is materialised; :func:`scan_gguf` is the light way to read a model.
 
     Raises SliceError naming the file if it is missing, unreadable, or not a valid GGUF.
     """
+    return _opened(path, _Reader)
+
+
+def scan_gguf(path: str | os.PathLike[str]) -> GGUFScan:
+    """Scan a GGUF file's metadata and tensor infos without materialising array values (see
+    :mod:`nakshatra.gguf_scan`); values are read on demand with :func:`kv_value`.
+
+    Raises SliceError naming the file if it is missing, unreadable, or not a valid GGUF.
+    """
+    return _opened(path, _scan)
+
+
+def _opened(path: str | os.PathLike[str], opener: Callable[[Path], Any]) -> Any:
     p = Path(path)
     if not p.is_file():
         raise SliceError(f"{p}: no such model file; give the path of a .gguf file")
     try:
-        return _Reader(p)
+        return opener(p)
     except PermissionError as e:
         raise SliceError(f"cannot read {p}: permission denied") from e
     except (ValueError, IndexError, KeyError, OverflowError, TypeError) as e:
@@ -110,8 +145,10 @@ def _layer_index(name: str) -> int:
     return int(name.split(".", 2)[1])
 
 
-def kv_value(reader: GGUFReader, key: str) -> Any:
+def kv_value(reader: Reader, key: str) -> Any:
     """The value of metadata ``key`` (int, float, bool, str or list), or None if absent."""
+    if isinstance(reader, GGUFScan):
+        return reader.value(key)
     f = reader.fields.get(key)
     return None if f is None else f.contents()
 
@@ -154,7 +191,7 @@ class ModelLayout:
         return self.output_bytes + (self.token_embd_bytes if self.tied else 0)
 
 
-def _layout(reader: GGUFReader, path: Path, sha256: str) -> ModelLayout:
+def _layout(reader: Reader, path: Path, sha256: str) -> ModelLayout:
     arch = kv_value(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise SliceError(f"{path}: architecture {arch!r} is not supported for slicing; supported: "
@@ -192,31 +229,19 @@ def model_layout(path: str | os.PathLike[str], *, sha256: str | None = None) -> 
     chunks) unless a trusted ``sha256`` is given. Raises SliceError if the file is missing, not a
     GGUF, already a slice, or of an unsupported architecture (the message lists supported ones)."""
     p = Path(path)
-    layout = _layout(open_gguf(p), p, sha256 or "")
+    layout = _layout(scan_gguf(p), p, sha256 or "")
     return layout if sha256 else replace(layout, sha256=sha256_file(p))
 
 
 # --- metadata -------------------------------------------------------------------------------
 
-def _field_value(key: str, f: Any) -> tuple[Any, GGUFValueType, GGUFValueType | None]:
-    """(value, type, sub_type) for GGUFWriter.add_key_value; strings stay raw bytes."""
-    t = f.types[0]
-    if t == _A.ARRAY:
-        if len(f.types) != 2 or f.types[1] == _A.ARRAY:
+def _check_copyable(scan: GGUFScan) -> None:
+    for key, kv in scan.fields.items():
+        if not key.startswith("GGUF.") and not kv.copyable:
             raise SliceError(f"metadata key {key} is an empty or nested array, which cannot be copied")
-        if f.types[1] == _A.STRING:
-            return [f.parts[i].tobytes() for i in f.data], t, f.types[1]
-        return f.contents(), t, f.types[1]
-    if t == _A.STRING:
-        return f.parts[-1].tobytes(), t, None
-    return f.contents(), t, None
 
 
-def _base_metadata(reader: GGUFReader) -> dict[str, tuple[Any, GGUFValueType, GGUFValueType | None]]:
-    return {k: _field_value(k, f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-
-
-def swa_pattern(reader: GGUFReader, arch: str, n_layer: int) -> list[bool] | None:
+def swa_pattern(reader: Reader, arch: str, n_layer: int) -> list[bool] | None:
     """The global per-layer sliding-window flags (True = sliding window) as llama.cpp derives them,
     or None if the model has no sliding window or its architecture reads no pattern.
 
@@ -240,16 +265,17 @@ def swa_pattern(reader: GGUFReader, arch: str, n_layer: int) -> list[bool] | Non
     return [pattern == 0 or (il + 1) % pattern != 0 for il in range(n_layer)]
 
 
-def _slice_metadata(base: dict[str, Any], layout: ModelLayout, swa: list[bool] | None,
+def _slice_metadata(scan: GGUFScan, fd: int, layout: ModelLayout, swa: list[bool] | None,
                     rng: LayerRange, index: int, count: int, data_sha: str) -> dict[str, Any]:
-    arch, n = layout.arch, layout.n_layer
-    out = {}
-    for key, (value, vtype, sub) in base.items():
-        if vtype == _A.ARRAY and key.startswith(arch + ".") and len(value) == n:
-            value = value[rng.start:rng.end]
-        out[key] = (value, vtype, sub)
+    """The metadata a slice changes or adds, key -> (value, type, element type), in the order
+    GGUFWriter would place them: a key of the original keeps its place, new keys follow it."""
+    arch, n, fields = layout.arch, layout.n_layer, scan.fields
+    out: dict[str, Any] = {}
+    for key, kv in fields.items():  # per-layer arrays: cut to the range
+        if kv.type == _A.ARRAY and key.startswith(arch + ".") and kv.count == n:
+            out[key] = (scan.array_items(fd, key)[rng.start:rng.end], _A.ARRAY, kv.sub_type)
     block = f"{arch}.block_count"
-    out[block] = (rng.n_layers, base[block][1], None)
+    out[block] = (rng.n_layers, fields[block].type, None)
     if swa is not None:
         flags = swa[rng.start:rng.end]
         out[f"{arch}.attention.sliding_window_pattern"] = (flags, _A.ARRAY, _A.BOOL)
@@ -257,7 +283,7 @@ def _slice_metadata(base: dict[str, Any], layout: ModelLayout, swa: list[bool] |
             # only full-attention layers: llama.cpp asserts (is_swa_any) when building a
             # sliding-window cache without a sliding layer, so declare no window at all
             window = f"{arch}.attention.sliding_window"
-            out[window] = (0, base[window][1], None)
+            out[window] = (0, fields[window].type, None)
     u32 = {"layer_range_start": rng.start, "layer_range_end": rng.end, "n_layer_full": n,
            "slice_index": index, "slice_count": count}
     for k, v in u32.items():
@@ -267,7 +293,7 @@ def _slice_metadata(base: dict[str, Any], layout: ModelLayout, swa: list[bool] |
     return out
 
 
-def _slice_tensors(reader: GGUFReader, layout: ModelLayout, rng: LayerRange) -> list[tuple[str, Any]]:
+def _slice_tensors(reader: Reader, layout: ModelLayout, rng: LayerRange) -> list[tuple[str, Any]]:
     first, last = rng.start == 0, rng.end == layout.n_layer
     out = []
     for t in reader.tensors:
@@ -297,9 +323,9 @@ def _stream(fd: int, offset: int, n: int, sinks: list[Callable[[bytes], Any]]) -
 
 
 def tensor_data_sha256(tensors: list[Any], fd: int) -> str:
-    """sha256 over the data bytes of ``tensors`` (GGUFReader tensors of the file open as ``fd``),
-    in the order given, each tensor's ``n_bytes`` bytes from its ``data_offset``: alignment padding
-    is not hashed. For a slice, the order is the file's tensor-info order, which is also the order
+    """sha256 over the data bytes of ``tensors`` (tensor infos from :func:`scan_gguf`, or GGUFReader
+    tensors, of the file open as ``fd``), in the order given, each tensor's ``n_bytes`` bytes from
+    its ``data_offset``: alignment padding is not hashed. For a slice, the order is the file's tensor-info order, which is also the order
     of the data; this is ``nakshatra.tensor_data_sha256``."""
     h = hashlib.sha256()
     for t in tensors:
@@ -315,44 +341,64 @@ def _io_error(e: OSError, path: Path) -> SliceError:
     return SliceError(f"cannot write {path}: {e.strerror or e}; choose a writable output directory")
 
 
-def _write_slice(reader: GGUFReader, src_fd: int, layout: ModelLayout, base: dict[str, Any],
-                 swa: list[bool] | None, rng: LayerRange, index: int, count: int, path: Path,
-                 advance: Callable[[int], Any]) -> SliceInfo:
-    """Write one slice to ``path`` via ``<path>.tmp``; the temp file never survives an error."""
-    tensors = _slice_tensors(reader, layout, rng)
-    data_sha = tensor_data_sha256([t for _, t in tensors], src_fd)
-    tmp = path.with_name(path.name + ".tmp")
-    writer = GGUFWriter(None, layout.arch)
-    writer.kv_data[0].clear()  # drop the auto-added architecture: copy every key in original order
-    for key, (value, vtype, sub) in _slice_metadata(base, layout, swa, rng, index, count,
-                                                   data_sha).items():
-        writer.add_key_value(key, value, vtype, sub_type=sub)
-    writer.data_alignment = reader.alignment
+def _tensor_infos(tensors: list[tuple[str, TensorInfo]], alignment: int) -> bytes:
+    """The tensor-info section as GGUFWriter writes it: data offsets from 0, each tensor padded to
+    ``alignment``."""
+    out, offset = bytearray(), 0
     for name, t in tensors:
-        writer.add_tensor_info(name, t.data.shape, t.data.dtype, int(t.n_bytes), raw_dtype=t.tensor_type)
+        dims = len(t.shape)
+        out += encode_string(name) + struct.pack(f"<I{dims}QIQ", dims, *t.shape, t.tensor_type, offset)
+        offset += pad(t.n_bytes, alignment)
+    return bytes(out)
+
+
+def _write_slice(scan: GGUFScan, src_fd: int, layout: ModelLayout, swa: list[bool] | None,
+                 rng: LayerRange, index: int, count: int, path: Path,
+                 advance: Callable[[int], Any]) -> SliceInfo:
+    """Write one slice to ``path`` via ``<path>.tmp``; the temp file never survives an error.
+
+    The layout is GGUFWriter's: header, every key of the original in its order (copied, or
+    re-encoded where :func:`_slice_metadata` changes it), the added keys, tensor infos, then each
+    tensor's data padded to the alignment."""
+    tensors = _slice_tensors(scan, layout, rng)
+    data_sha = tensor_data_sha256([t for _, t in tensors], src_fd)
+    changes = _slice_metadata(scan, src_fd, layout, swa, rng, index, count, data_sha)
+    keys = [k for k in scan.fields if not k.startswith("GGUF.")]
+    added = [k for k in changes if k not in scan.fields]
+    tmp = path.with_name(path.name + ".tmp")
+    fout = None
     try:
         try:
-            writer.write_header_to_file(tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            assert writer.fout is not None
-            fout = writer.fout[0]
+            fout = open(tmp, "wb")  # noqa: SIM115 - closed below, also when a write fails
+            fout.write(header(len(tensors), len(keys) + len(added)))
+            for key in keys:
+                if key in changes:
+                    fout.write(encode_kv(key, *changes[key]))
+                else:
+                    copy_kv(scan, src_fd, scan.fields[key], fout.write)
+            for key in added:
+                fout.write(encode_kv(key, *changes[key]))
+            fout.write(_tensor_infos(tensors, scan.alignment))
             for _, t in tensors:
-                writer.write_padding(fout, fout.tell())
-                _stream(src_fd, int(t.data_offset), int(t.n_bytes), [fout.write, lambda c: advance(len(c))])
-                writer.write_padding(fout, int(t.n_bytes))
+                pos = fout.tell()
+                fout.write(bytes(pad(pos, scan.alignment) - pos))
+                _stream(src_fd, t.data_offset, t.n_bytes, [fout.write, lambda c: advance(len(c))])
+                fout.write(bytes(pad(t.n_bytes, scan.alignment) - t.n_bytes))
             fout.flush()
             os.fsync(fout.fileno())
-            writer.close()
+            fout.close()
         except OSError as e:
             raise _io_error(e, path) from e
+        except ValueError as e:  # copy_kv: the model file changed or shrank under us
+            raise SliceError(f"cannot copy the metadata of {layout.path}: {e}; is the file complete?") from e
         info = SliceInfo(file=path.name, layer_start=rng.start, layer_end=rng.end,
                          bytes=tmp.stat().st_size, sha256=sha256_file(tmp), tensor_data_sha256=data_sha)
         os.replace(tmp, path)
         return info
     except BaseException:
-        with suppress(OSError):  # the buffered bytes that failed to write fail again on close
-            writer.close()
+        if fout is not None:
+            with suppress(OSError):  # the buffered bytes that failed to write fail again on close
+                fout.close()
         tmp.unlink(missing_ok=True)
         raise
 
@@ -371,17 +417,24 @@ def _progress(enabled: bool) -> Any:
     if not enabled:
         return nullcontext(None)
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
                     TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
 
 
-def _cut(reader: GGUFReader, layout: ModelLayout, plan: list[tuple[LayerRange, int, int, Path]],
+def _cut(scan: GGUFScan, layout: ModelLayout, plan: list[tuple[LayerRange, int, int, Path]],
          progress: bool) -> list[SliceInfo]:
     """Write each (range, index, count, path) of ``plan``; returns their SliceInfo in order."""
-    base = _base_metadata(reader)
-    swa = swa_pattern(reader, layout.arch, layout.n_layer)
-    sizes = [sum(int(t.n_bytes) for _, t in _slice_tensors(reader, layout, r)) for r, *_ in plan]
+    _check_copyable(scan)
+    swa = swa_pattern(scan, layout.arch, layout.n_layer)
+    sizes = [sum(t.n_bytes for _, t in _slice_tensors(scan, layout, r)) for r, *_ in plan]
     out_dir = plan[0][3].parent
     free = shutil.disk_usage(out_dir).free
     if free < sum(sizes):
@@ -394,8 +447,8 @@ def _cut(reader: GGUFReader, layout: ModelLayout, plan: list[tuple[LayerRange, i
             if bar is not None:
                 bar.update(task, description=f"slicing {path.name}")
             advance = (lambda n: bar.advance(task, n)) if bar is not None else (lambda n: None)
-            infos.append(_write_slice(reader, src.fileno(), layout, base, swa, rng, index, count,
-                                      path, advance))
+            infos.append(_write_slice(scan, src.fileno(), layout, swa, rng, index, count, path,
+                                      advance))
     return infos
 
 
@@ -409,9 +462,10 @@ def slice_model(model_path: str | os.PathLike[str], ranges: list[LayerRange] | N
     (planned by :func:`plan_parts` to balance bytes per stage). ``out_dir`` defaults to the current
     directory and is created if needed. Each file is written as ``<name>.tmp`` and renamed when
     complete; a failure leaves no temporary file (slices finished before it stay, the manifest is
-    not written). ``progress`` shows a byte progress bar on stderr. Peak memory is gguf's parsed
-    metadata (about 220 MB for a 262k-token vocabulary, 50 MB for 49k) plus a few MiB, whatever
-    the size of the tensors.
+    not written). ``progress`` shows a byte progress bar on stderr. Memory does not grow with the
+    model or its vocabulary (nothing is held but the scanned key and tensor positions and 1 MiB
+    chunks): peak RSS measured 38 MB slicing gemma3-270m (253 MB, 262k-token vocabulary) and
+    SmolLM2-135M (98 MB) into three, of which 35.5 MB is Python with numpy and gguf imported.
 
     Raises RangeError for bad ranges or part counts, SliceError for a missing / non-GGUF /
     unsupported model, an output directory that cannot be created or written, or a full disk.
@@ -420,8 +474,8 @@ def slice_model(model_path: str | os.PathLike[str], ranges: list[LayerRange] | N
         raise RangeError("give exactly one of explicit layer ranges or a number of parts")
     model_path = Path(model_path)
     out = Path.cwd() if out_dir is None else Path(out_dir)
-    reader = open_gguf(model_path)
-    layout = _layout(reader, model_path, "")
+    scanned = scan_gguf(model_path)
+    layout = _layout(scanned, model_path, "")
     if n_parts is not None:
         ranges = plan_parts(layout.layer_bytes, n_parts, layout.first_extra, layout.last_extra)
     ranges = check_cover(ranges or [], layout.n_layer)
@@ -429,7 +483,7 @@ def slice_model(model_path: str | os.PathLike[str], ranges: list[LayerRange] | N
     layout = replace(layout, sha256=sha256_file(model_path))
     stem = model_path.stem
     plan = [(r, i, len(ranges), out / f"{stem}.{r.inclusive()}.gguf") for i, r in enumerate(ranges)]
-    infos = _cut(reader, layout, plan, progress)
+    infos = _cut(scanned, layout, plan, progress)
     manifest = Manifest(model={"name": stem, "arch": layout.arch, "n_embd": layout.n_embd,
                                "n_layer": layout.n_layer, "sha256": layout.sha256,
                                "bytes": layout.file_bytes}, slices=infos)
@@ -443,25 +497,25 @@ def slice_model(model_path: str | os.PathLike[str], ranges: list[LayerRange] | N
 
 # --- reading slices -------------------------------------------------------------------------
 
-def _meta(reader: GGUFReader) -> dict[str, Any]:
+def _meta(reader: Reader) -> dict[str, Any]:
     return {k: kv_value(reader, k) for k in NAK_KEYS}
 
 
 def read_slice_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``nakshatra.*`` keys of a GGUF (see :data:`NAK_KEYS`), full key names to values; all
     None for a whole model. Raises SliceError if the file is missing or not a GGUF."""
-    return _meta(open_gguf(path))
+    return _meta(scan_gguf(path))
 
 
 def _checked_meta(path: Path) -> dict[str, Any]:
-    reader = open_gguf(path)
-    meta = _meta(reader)
+    scanned = scan_gguf(path)
+    meta = _meta(scanned)
     want = meta["nakshatra.tensor_data_sha256"]
     if want is None:
         raise SliceError(f"{path} is not a Nakshatra slice (no nakshatra.tensor_data_sha256); "
                          "re-run nak slice")
     with open(path, "rb") as f:
-        got = tensor_data_sha256(list(reader.tensors), f.fileno())
+        got = tensor_data_sha256(scanned.tensors, f.fileno())
     if got != want:
         raise SliceError(f"{path} is corrupt: its tensor data does not match its sha256; "
                          "re-run nak slice")
@@ -536,10 +590,10 @@ def cached_slice(model_path: str | os.PathLike[str], rng: LayerRange, n_layer: i
             except SliceError:
                 pass
             path.unlink()
-        reader = open_gguf(model_path)
-        layout = _layout(reader, model_path, sha)
+        scanned = scan_gguf(model_path)
+        layout = _layout(scanned, model_path, sha)
         if layout.n_layer != n_layer:
             raise RangeError(f"{model_path} has {layout.n_layer} layers, not {n_layer}")
         _prepare_out_dir(path.parent)
-        _cut(reader, layout, [(rng, 0, 0, path)], progress)
+        _cut(scanned, layout, [(rng, 0, 0, path)], progress)
     return path
