@@ -263,12 +263,15 @@ def doctor() -> None:
 
     info = b.compiled_info()
     t = Table(show_header=False)
-    t.add_column("what")
-    t.add_column("value")
+    t.add_column("what", no_wrap=True)
+    t.add_column("value", overflow="fold")
     t.add_row("backend (built for)", str(info["backend"]))
     t.add_row("ggml backends", ", ".join(info["ggml_backends"]))
     t.add_row("llama.cpp commit", str(info["llama_commit"]))
     t.add_row("patch set (sha256)", str(info["patch_hash"]))
+    for name in str(info.get("patches", "")).split(","):
+        if name:
+            t.add_row("  patch", name)
     t.add_row("protocol version", str(info["protocol_version"]))
     t.add_row("system", str(info.get("system_info", "")).strip())
     Console().print(t)

@@ -25,6 +25,9 @@ namespace py = pybind11;
 #ifndef NAK_LLAMA_COMMIT
 #define NAK_LLAMA_COMMIT "unknown"
 #endif
+#ifndef NAK_PATCHES
+#define NAK_PATCHES ""
+#endif
 #ifndef NAK_PATCH_HASH
 #define NAK_PATCH_HASH "unknown"
 #endif
@@ -428,6 +431,7 @@ py::dict build_info() {
     d["backend"]          = NAK_BACKEND_NAME;
     d["llama_commit"]     = NAK_LLAMA_COMMIT;
     d["patch_hash"]       = NAK_PATCH_HASH;
+    d["patches"]          = std::string(NAK_PATCHES);
     d["protocol_version"] = NAK_PROTO_VERSION;
     py::list regs;
     for (size_t i = 0; i < ggml_backend_reg_count(); i++) {
