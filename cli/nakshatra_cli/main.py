@@ -33,7 +33,7 @@ _state = {"debug": False}
 
 # ---- shared option aliases ----------------------------------------------------------------
 
-Threads = Annotated[int, typer.Option("--threads", "-t", help="llama.cpp threads per stage (0: all cores).",
+Threads = Annotated[int, typer.Option("--threads", "-t", help="llama.cpp threads per stage (0: all cores for nak serve; cores shared between local stages for nak run).",
                                       envvar="NAK_THREADS")]
 Ctx = Annotated[int, typer.Option("--ctx", "-c", help="KV positions per session (the stage's n_ctx is ctx x max-sessions).")]
 
@@ -218,6 +218,66 @@ def serve(
                                  cache_type_k=cache_type_k, cache_type_v=cache_type_v,
                                  ready_json=ready_json))
     raise typer.Exit(code)
+
+
+# ---- bench ----------------------------------------------------------------------------------
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option("--model", "-m", help="A GGUF file or a built-in name.")] = "smollm2",
+    stages: Annotated[int, typer.Option("--stages", help="Local stages in the chain.")] = 3,
+    threads: Annotated[int, typer.Option("--threads", "-t", help="llama.cpp threads per process.")] = 2,
+    reps: Annotated[int, typer.Option("--reps", help="Repetitions after one warm-up (median and spread).")] = 3,
+    n_decode: Annotated[int, typer.Option("--n-decode", help="Decode steps measured.")] = 128,
+    prompt_lens: Annotated[str, typer.Option("--prompt-lens", help="Prefill lengths, comma separated.")] = "128,512",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON to this file.")] = None,
+) -> None:
+    """Measure the unsplit model (one process) and a chain of local stages side by side.
+
+    Example: [b]nak bench --stages 3 --json bench.json[/b]
+    """
+    from nakshatra.bench import BenchConfig, run_bench
+    from nakshatra.models import resolve_model
+
+    try:
+        lens = [int(x) for x in prompt_lens.split(",") if x.strip()]
+    except ValueError:
+        raise NakError(f"--prompt-lens {prompt_lens!r}: give token counts like 128,512") from None
+    if not lens or min(lens) < 1 or n_decode < 1 or reps < 1 or stages < 1:
+        raise NakError("--prompt-lens, --n-decode, --reps and --stages must be positive")
+    cfg = BenchConfig(model=resolve_model(model), stages=stages, prompt_lens=lens, n_decode=n_decode,
+                      reps=reps, threads=threads)
+    with err_console.status("measuring the chain, then the single process ..."):
+        res = run_bench(cfg)
+    single, chain, r = res["single"], res["chain"], res["ratios"]
+
+    def fmt(st: dict) -> str:
+        return f"{st['median']:.1f} ± {st['spread'] / 2:.1f}"
+
+    t = Table(title=f"nak bench: {cfg.model.name}, {threads} threads, {res['config']['stages']} stages",
+              title_justify="left")
+    t.add_column("metric")
+    t.add_column("single", justify="right")
+    t.add_column("chain", justify="right")
+    t.add_column("chain / single", justify="right")
+    for n in map(str, lens):
+        t.add_row(f"prefill {n} tok/s", fmt(single["prefill_tps"][n]), fmt(chain["prefill_tps"][n]),
+                  f"{r[f'prefill{n}_chain_over_single']:.2f}x")
+        t.add_row(f"TTFT {n} ms", fmt(single["ttft_ms"][n]), fmt(chain["ttft_ms"][n]), "")
+    t.add_row(f"decode tok/s ({n_decode} steps)", fmt(single["decode_tps"]), fmt(chain["decode_tps"]),
+              f"{r['decode_chain_over_single']:.2f}x")
+    t.add_row("per-hop overhead us", "", fmt(chain["per_hop_overhead_us"]), "")
+    t.add_row("wire bytes / token / hop", "", f"{chain['wire_bytes_per_token_per_hop']['median']:.0f}", "")
+    Console().print(t)
+    s = Table(title="stages", title_justify="left")
+    for col in ("stage", "layers", "compute ms/token", "peak RSS MiB"):
+        s.add_column(col, justify="right" if col != "stage" else "left")
+    for st in chain["stages"]:
+        s.add_row(st["address"], st["layers"], f"{st['compute_ms_per_token']:.2f}", f"{st['peak_rss_bytes'] / 2**20:.0f}")
+    Console().print(s)
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=1) + "\n")
+        err_console.print(f"wrote {json_out}", markup=False)
 
 
 # ---- build / doctor -------------------------------------------------------------------------

@@ -403,6 +403,20 @@ struct py_reference {
         return out;
     }
 
+    py::tuple time_run(const std::vector<int32_t> & prompt, int32_t n_decode) {
+        int64_t prefill_us = 0, decode_us = 0;
+        std::string err;
+        bool ok;
+        {
+            py::gil_scoped_release nogil;
+            ok = ref.time_run(prompt, n_decode, prefill_us, decode_us, err);
+        }
+        if (!ok) {
+            raise_stage_error(err, "internal");
+        }
+        return py::make_tuple(prefill_us, decode_us);
+    }
+
     py::bytes captured(int layer) const {
         auto it = ref.captured.find(layer);
         if (it == ref.captured.end()) {
@@ -503,6 +517,8 @@ PYBIND11_MODULE(_nakshatra, m) {
         .def("generate", &py_reference::generate, py::arg("prompt"), py::arg("n_predict"), py::arg("temp") = 0.0f,
              py::arg("top_k") = 40, py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
              py::arg("repeat_last_n") = 64, py::arg("seed") = 0xFFFFFFFFu)
+        .def("time_run", &py_reference::time_run, py::arg("prompt"), py::arg("n_decode"),
+             "Prefill then n_decode greedy one-token steps from an empty cache: (prefill_us, decode_us).")
         .def("captured", &py_reference::captured, py::arg("layer"),
              "l_out of a global layer over every decoded row: [n_rows, n_embd] float32 bytes.")
         .def("tokenize", &py_reference::tokenize, py::arg("text"), py::arg("add_special") = true,

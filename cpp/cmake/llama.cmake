@@ -61,6 +61,11 @@ set(_nak_args
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
     -DLLAMA_OPENSSL=OFF
     -DGGML_BACKEND_DL=OFF
+    # ggml's own thread pool instead of OpenMP: with OpenMP every graph node ends in an
+    # `omp barrier` that either spins for ever (ACTIVE: stages on one machine starve each other)
+    # or sleeps each time (PASSIVE: 2.5x slower decode); ggml's barriers spin only inside a
+    # graph, and a pool with poll = 0 sleeps as soon as a decode ends (see cpp/stage/stage.cpp)
+    -DGGML_OPENMP=OFF
     ${_nak_backend_args_${NAKSHATRA_BACKEND}}
     ${NAKSHATRA_LLAMA_CMAKE_ARGS})
 string(SHA256 _nak_key "${NAKSHATRA_LLAMA_SRC};${_nak_args}")

@@ -2,6 +2,8 @@
 
 #include "stage.h"
 
+#include "ggml-cpu.h"
+
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -30,6 +32,9 @@ static bool reference_eval_cb(ggml_tensor * t, bool ask, void * user_data) {
 nak_reference::~nak_reference() {
     if (ctx) {
         llama_free(ctx);
+    }
+    if (threadpool) {
+        ggml_threadpool_free(threadpool);
     }
     if (model) {
         llama_model_free(model);
@@ -65,6 +70,12 @@ bool nak_reference::load(const std::string & path, uint32_t n_ctx, uint32_t n_ba
         err = "llama.cpp could not create a context";
         return false;
     }
+    // as llama-cli and llama-bench do: a persistent pool with the default polling
+    ggml_threadpool_params tpp = ggml_threadpool_params_default(nt);
+    threadpool = ggml_threadpool_new(&tpp);
+    if (threadpool) {
+        llama_attach_threadpool(ctx, threadpool, threadpool);
+    }
     return true;
 }
 
@@ -81,6 +92,34 @@ static bool decode_tokens(llama_context * ctx, const llama_token * toks, int32_t
     const int32_t rc = llama_decode(ctx, batch);
     llama_batch_free(batch);
     return rc == 0;
+}
+
+bool nak_reference::time_run(const std::vector<llama_token> & prompt, int32_t n_decode,
+                             int64_t & prefill_us, int64_t & decode_us, std::string & err) {
+    llama_memory_seq_rm(llama_get_memory(ctx), 0, -1, -1);
+    llama_sampler * smpl = llama_sampler_init_greedy();
+    const int64_t t0 = ggml_time_us();
+    int32_t pos = 0;
+    bool ok = true;
+    for (size_t i = 0; ok && i < prompt.size(); i += n_batch) {
+        const int32_t n = (int32_t) std::min<size_t>(n_batch, prompt.size() - i);
+        ok = decode_tokens(ctx, prompt.data() + i, n, pos, i + n == prompt.size());
+        pos += n;
+    }
+    llama_token tok = ok ? llama_sampler_sample(smpl, ctx, -1) : 0;
+    const int64_t t1 = ggml_time_us();
+    for (int32_t k = 0; ok && k < n_decode; k++) {
+        ok = decode_tokens(ctx, &tok, 1, pos++, true);
+        tok = ok ? llama_sampler_sample(smpl, ctx, -1) : 0;
+    }
+    const int64_t t2 = ggml_time_us();
+    llama_sampler_free(smpl);
+    prefill_us = t1 - t0;
+    decode_us  = t2 - t1;
+    if (!ok) {
+        err = "llama_decode failed (context too small for the prompt and steps?)";
+    }
+    return ok;
 }
 
 std::vector<llama_token> nak_reference::generate(const std::vector<llama_token> & prompt, int32_t n_predict,

@@ -15,6 +15,7 @@
 struct nak_reference {
     llama_model *       model = nullptr;
     llama_context *     ctx   = nullptr;
+    ggml_threadpool *   threadpool = nullptr; // llama.cpp's tools' default: poll = 50
     const llama_vocab * vocab = nullptr;
     uint32_t            n_batch = 2048;
     int32_t             n_embd  = 0;
@@ -28,4 +29,8 @@ struct nak_reference {
     // stopping at an end-of-generation token (not included). Returns the sampled tokens.
     std::vector<llama_token> generate(const std::vector<llama_token> & prompt, int32_t n_predict,
                                       const nak_sampler_params & sp, std::string & err);
+    // timing for `nak bench`: prefill `prompt` from an empty cache, then n_decode greedy steps of
+    // one token each (end-of-generation ignored). Times in microseconds; false on a decode error.
+    bool time_run(const std::vector<llama_token> & prompt, int32_t n_decode,
+                  int64_t & prefill_us, int64_t & decode_us, std::string & err);
 };

@@ -1,5 +1,7 @@
 #include "stage.h"
 
+#include "ggml-cpu.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cinttypes>
@@ -87,6 +89,9 @@ nak_stage::~nak_stage() {
     if (ctx_) {
         llama_free(ctx_);
     }
+    if (threadpool_) {
+        ggml_threadpool_free(threadpool_);
+    }
     if (model_) {
         llama_model_free(model_);
     }
@@ -162,6 +167,16 @@ bool nak_stage::load(const nak_stage_params & params, std::string & err) {
               " tokens (--ctx x --max-sessions); lower them";
         return false;
     }
+    // workers that sleep as soon as a decode ends (poll = 0): an idle stage costs no CPU, and
+    // stages sharing a machine do not steal each other's cores; barriers inside a graph still spin
+    ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
+    tpp.poll   = 0;
+    threadpool_ = ggml_threadpool_new(&tpp);
+    if (!threadpool_) {
+        err = "could not create a thread pool of " + std::to_string(n_threads) + " threads";
+        return false;
+    }
+    llama_attach_threadpool(ctx_, threadpool_, threadpool_);
     slot_used_.assign(params.max_sessions, false);
     t_start_ms_ = nak_now_ms();
     return true;

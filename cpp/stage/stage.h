@@ -106,6 +106,7 @@ class nak_stage {
     nak_stage_params      params_;
     llama_model *         model_ = nullptr;
     llama_context *       ctx_   = nullptr;
+    ggml_threadpool *     threadpool_ = nullptr;
     const llama_vocab *   vocab_ = nullptr;
     std::string           arch_;
     uint32_t              layer_start_  = 0;

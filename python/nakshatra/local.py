@@ -23,15 +23,18 @@ from .errors import ChainError
 class LocalStages:
     """A context manager running one stage process per slice; ``addresses`` lists ``host:port``.
 
-    ``threads`` is llama.cpp threads per stage (0: all cores). Raises ChainError, with the
-    stage's log tail, when a stage exits or is not ready within ``start_timeout_s``.
+    ``threads`` is llama.cpp threads per stage; 0 shares the machine's cores between the stages
+    (``max(1, cores // stages)``): stages on one machine take turns, and on this 2-core VM one
+    thread per stage decodes faster than two that must be woken for every token (``nak bench``).
+    Raises ChainError, with the stage's log tail, when a stage exits or is not ready within
+    ``start_timeout_s``.
     """
 
     def __init__(self, slices: Sequence[Path], threads: int = 0, ctx: int = 4096,
                  max_sessions: int = 8, extra_args: Sequence[str] = (), start_timeout_s: float = 120.0,
                  env: dict[str, str] | None = None) -> None:
         self.slices = [Path(s) for s in slices]
-        self.threads = threads
+        self.threads = threads or max(1, (os.cpu_count() or 1) // max(1, len(self.slices)))
         self.ctx = ctx
         self.max_sessions = max_sessions
         self.extra_args = list(extra_args)

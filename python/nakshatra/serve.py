@@ -105,9 +105,6 @@ def serve(opts: ServeOptions) -> int:
 
     Raises NakError for bad input (file, range, host, options) before anything is loaded.
     """
-    # OpenMP threads that spin after each llama_decode steal the cores of the other stages on the
-    # same machine; libgomp reads this when the extension is first loaded, so set it before
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from . import _nakshatra
     from .errors import StageError
 
