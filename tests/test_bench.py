@@ -12,7 +12,7 @@ from pathlib import Path
 def test_bench_writes_single_chain_and_ratios(smollm2_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "bench", "--model", str(smollm2_path),
-                        "--stages", "2", "--threads", "1", "--reps", "1", "--n-decode", "8",
+                        "--stages", "2", "--threads", "1", "--stage-threads", "1", "--reps", "1", "--n-decode", "8",
                         "--prompt-lens", "16,32", "--json", str(out)],
                        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr

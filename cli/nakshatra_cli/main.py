@@ -197,6 +197,7 @@ def serve(
     insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback address without authentication.")] = False,
     threads: Threads = 0,
     ctx: Ctx = 4096,
+    threads_batch: Annotated[int, typer.Option("--threads-batch", "-tb", help="Threads for prefill (0: as --threads).")] = 0,
     max_sessions: Annotated[int, typer.Option("--max-sessions", help="Concurrent sessions, each with its own KV.")] = 8,
     n_gpu_layers: Annotated[int, typer.Option("--n-gpu-layers", "-ngl", help="Layers to offload (GPU backends; -1 all).")] = -1,
     flash_attn: Annotated[str, typer.Option("--flash-attn", "-fa", help="auto, on or off.")] = "auto",
@@ -213,7 +214,7 @@ def serve(
     from nakshatra.serve import serve as do_serve
 
     code = do_serve(ServeOptions(model=model, layers=layers, host=host, port=port, insecure=insecure,
-                                 threads=threads, ctx=ctx, max_sessions=max_sessions,
+                                 threads=threads, threads_batch=threads_batch, ctx=ctx, max_sessions=max_sessions,
                                  n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
                                  cache_type_k=cache_type_k, cache_type_v=cache_type_v,
                                  ready_json=ready_json))
@@ -226,7 +227,8 @@ def serve(
 def bench(
     model: Annotated[str, typer.Option("--model", "-m", help="A GGUF file or a built-in name.")] = "smollm2",
     stages: Annotated[int, typer.Option("--stages", help="Local stages in the chain.")] = 3,
-    threads: Annotated[int, typer.Option("--threads", "-t", help="llama.cpp threads per process.")] = 2,
+    threads: Annotated[int, typer.Option("--threads", "-t", help="llama.cpp threads of the single process.")] = 2,
+    stage_threads: Annotated[int, typer.Option("--stage-threads", help="Threads per stage (0: cores shared between stages).")] = 0,
     reps: Annotated[int, typer.Option("--reps", help="Repetitions after one warm-up (median and spread).")] = 3,
     n_decode: Annotated[int, typer.Option("--n-decode", help="Decode steps measured.")] = 128,
     prompt_lens: Annotated[str, typer.Option("--prompt-lens", help="Prefill lengths, comma separated.")] = "128,512",
@@ -246,7 +248,7 @@ def bench(
     if not lens or min(lens) < 1 or n_decode < 1 or reps < 1 or stages < 1:
         raise NakError("--prompt-lens, --n-decode, --reps and --stages must be positive")
     cfg = BenchConfig(model=resolve_model(model), stages=stages, prompt_lens=lens, n_decode=n_decode,
-                      reps=reps, threads=threads)
+                      reps=reps, threads=threads, stage_threads=stage_threads)
     with err_console.status("measuring the chain, then the single process ..."):
         res = run_bench(cfg)
     single, chain, r = res["single"], res["chain"], res["ratios"]
@@ -254,7 +256,8 @@ def bench(
     def fmt(st: dict) -> str:
         return f"{st['median']:.1f} ± {st['spread'] / 2:.1f}"
 
-    t = Table(title=f"nak bench: {cfg.model.name}, {threads} threads, {res['config']['stages']} stages",
+    t = Table(title=f"nak bench: {cfg.model.name}; single: {threads} threads; chain: {res['config']['stages']} "
+                    f"stages x {res['config']['stage_threads']} threads",
               title_justify="left")
     t.add_column("metric")
     t.add_column("single", justify="right")

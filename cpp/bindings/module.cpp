@@ -307,7 +307,7 @@ struct py_stage {
     std::unique_ptr<nak_stage> st;
 
     py_stage(const std::string & path, const std::string & model_sha256, uint32_t n_ctx, uint32_t max_sessions,
-             int32_t n_threads, int32_t n_gpu_layers, int32_t flash_attn, const std::string & cache_type_k,
+             int32_t n_threads, int32_t n_threads_batch, int32_t n_gpu_layers, int32_t flash_attn, const std::string & cache_type_k,
              const std::string & cache_type_v, uint32_t n_batch, uint32_t n_ubatch, uint32_t idle_timeout_s) {
         ensure_backend();
         nak_stage_params p;
@@ -316,6 +316,7 @@ struct py_stage {
         p.n_ctx_session  = n_ctx;
         p.max_sessions   = max_sessions;
         p.n_threads      = n_threads;
+        p.n_threads_batch = n_threads_batch;
         p.n_gpu_layers   = n_gpu_layers;
         p.flash_attn     = flash_attn;
         p.cache_type_k   = cache_type_k;
@@ -471,10 +472,10 @@ PYBIND11_MODULE(_nakshatra, m) {
     m.def("is_loopback", &nak_is_loopback, "Whether a host name or address is loopback.");
 
     py::class_<py_stage>(m, "Stage", "One loaded slice and its llama_context (see cpp/stage/stage.h).")
-        .def(py::init<const std::string &, const std::string &, uint32_t, uint32_t, int32_t, int32_t, int32_t,
+        .def(py::init<const std::string &, const std::string &, uint32_t, uint32_t, int32_t, int32_t, int32_t, int32_t,
                       const std::string &, const std::string &, uint32_t, uint32_t, uint32_t>(),
              py::arg("model_path"), py::arg("model_sha256") = "", py::arg("n_ctx") = 4096, py::arg("max_sessions") = 8,
-             py::arg("n_threads") = 0, py::arg("n_gpu_layers") = -1, py::arg("flash_attn") = -1,
+             py::arg("n_threads") = 0, py::arg("n_threads_batch") = 0, py::arg("n_gpu_layers") = -1, py::arg("flash_attn") = -1,
              py::arg("cache_type_k") = "f16", py::arg("cache_type_v") = "f16", py::arg("n_batch") = 2048,
              py::arg("n_ubatch") = 512, py::arg("idle_timeout_s") = 600)
         .def("serve", &py_stage::serve, py::arg("host"), py::arg("port"), py::arg("on_ready"),

@@ -80,6 +80,12 @@ static std::string meta_str(const llama_model * model, const char * key) {
     return n >= 0 ? std::string(buf) : std::string();
 }
 
+static ggml_threadpool * new_sleeping_pool(int32_t n_threads) {
+    ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
+    tpp.poll = 0;
+    return ggml_threadpool_new(&tpp);
+}
+
 nak_stage::~nak_stage() {
     for (auto & kv : sessions_) {
         if (kv.second.smpl) {
@@ -91,6 +97,9 @@ nak_stage::~nak_stage() {
     }
     if (threadpool_) {
         ggml_threadpool_free(threadpool_);
+    }
+    if (threadpool_batch_) {
+        ggml_threadpool_free(threadpool_batch_);
     }
     if (model_) {
         llama_model_free(model_);
@@ -152,8 +161,9 @@ bool nak_stage::load(const nak_stage_params & params, std::string & err) {
                        : params.flash_attn == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED : LLAMA_FLASH_ATTN_TYPE_ENABLED;
     const int32_t n_threads = params.n_threads > 0 ? params.n_threads
                             : (int32_t) std::max(1u, std::thread::hardware_concurrency());
+    const int32_t n_threads_batch = params.n_threads_batch > 0 ? params.n_threads_batch : n_threads;
     cp.n_threads       = n_threads;
-    cp.n_threads_batch = n_threads;
+    cp.n_threads_batch = n_threads_batch;
     cp.no_perf         = true;
     if (!is_last()) {
         // hidden states of every row go to the next stage
@@ -169,14 +179,13 @@ bool nak_stage::load(const nak_stage_params & params, std::string & err) {
     }
     // workers that sleep as soon as a decode ends (poll = 0): an idle stage costs no CPU, and
     // stages sharing a machine do not steal each other's cores; barriers inside a graph still spin
-    ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
-    tpp.poll   = 0;
-    threadpool_ = ggml_threadpool_new(&tpp);
-    if (!threadpool_) {
+    threadpool_       = new_sleeping_pool(n_threads);
+    threadpool_batch_ = n_threads_batch == n_threads ? nullptr : new_sleeping_pool(n_threads_batch);
+    if (!threadpool_ || (n_threads_batch != n_threads && !threadpool_batch_)) {
         err = "could not create a thread pool of " + std::to_string(n_threads) + " threads";
         return false;
     }
-    llama_attach_threadpool(ctx_, threadpool_, threadpool_);
+    llama_attach_threadpool(ctx_, threadpool_, threadpool_batch_ ? threadpool_batch_ : threadpool_);
     slot_used_.assign(params.max_sessions, false);
     t_start_ms_ = nak_now_ms();
     return true;

@@ -25,7 +25,8 @@ struct nak_stage_params {
     uint32_t    max_sessions  = 8;
     uint32_t    n_batch       = 2048; // llama.cpp defaults: the chain must cut ubatches as the reference
     uint32_t    n_ubatch      = 512;
-    int32_t     n_threads     = 0;    // 0: hardware concurrency
+    int32_t     n_threads     = 0;    // decode (one-token ubatches); 0: hardware concurrency
+    int32_t     n_threads_batch = 0;  // prefill (larger ubatches); 0: as n_threads
     int32_t     n_gpu_layers  = -1;   // -1: all (only meaningful with a GPU backend)
     int32_t     flash_attn    = -1;   // -1 auto, 0 off, 1 on
     std::string cache_type_k  = "f16";
@@ -107,6 +108,7 @@ class nak_stage {
     llama_model *         model_ = nullptr;
     llama_context *       ctx_   = nullptr;
     ggml_threadpool *     threadpool_ = nullptr;
+    ggml_threadpool *     threadpool_batch_ = nullptr;
     const llama_vocab *   vocab_ = nullptr;
     std::string           arch_;
     uint32_t              layer_start_  = 0;

@@ -34,7 +34,8 @@ GREEDY = SamplerParams(temp=0.0)
 @dataclass
 class BenchConfig:
     """What to measure. ``prompt_lens`` and ``n_decode`` are tokens; ``threads`` is llama.cpp
-    threads per process (single) and per stage (chain)."""
+    threads of the single process; ``stage_threads`` per chain stage (0: the machine's cores
+    shared between the stages, as ``nak run`` does)."""
 
     model: Path
     stages: int = 3
@@ -42,6 +43,7 @@ class BenchConfig:
     n_decode: int = 128
     reps: int = 3
     threads: int = 2
+    stage_threads: int = 0
     slices: list[Path] = field(default_factory=list)
 
 
@@ -151,11 +153,12 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     slices = cfg.slices or cached_parts(cfg.model, cfg.stages, progress=False)
     n_ctx = max(cfg.prompt_lens) + cfg.n_decode + 16
-    with LocalStages(slices, threads=cfg.threads, ctx=n_ctx, max_sessions=1) as ls:
+    with LocalStages(slices, threads=cfg.stage_threads, ctx=n_ctx, max_sessions=1) as ls:
         chain = bench_chain(cfg, ls.addresses, ls.pids)
         with Chain(ls.addresses) as c:
             n_vocab = c.stages[0].n_vocab
     single = bench_single(cfg, n_vocab)
     return {"config": {"model": str(cfg.model), "stages": len(slices), "prompt_lens": list(cfg.prompt_lens),
-                       "n_decode": cfg.n_decode, "reps": cfg.reps, "threads": cfg.threads},
+                       "n_decode": cfg.n_decode, "reps": cfg.reps, "threads": cfg.threads,
+                       "stage_threads": ls.threads},
             "single": single, "chain": chain, "ratios": ratios(single, chain)}

@@ -23,9 +23,10 @@ from .errors import ChainError
 class LocalStages:
     """A context manager running one stage process per slice; ``addresses`` lists ``host:port``.
 
-    ``threads`` is llama.cpp threads per stage; 0 shares the machine's cores between the stages
-    (``max(1, cores // stages)``): stages on one machine take turns, and on this 2-core VM one
-    thread per stage decodes faster than two that must be woken for every token (``nak bench``).
+    ``threads`` is llama.cpp threads per stage; 0 gives decode ``max(1, cores // stages)`` threads
+    and prefill all cores: stages on one machine take turns, and on this 2-core VM one thread per
+    stage decodes faster than two that must be woken for every token, while a prefill ubatch is
+    long enough to pay for waking them (``nak bench``).
     Raises ChainError, with the stage's log tail, when a stage exits or is not ready within
     ``start_timeout_s``.
     """
@@ -35,6 +36,8 @@ class LocalStages:
                  env: dict[str, str] | None = None) -> None:
         self.slices = [Path(s) for s in slices]
         self.threads = threads or max(1, (os.cpu_count() or 1) // max(1, len(self.slices)))
+        # prefill is one long graph per ubatch: worth every core even when stages share them
+        self.threads_batch = threads or (os.cpu_count() or 1)
         self.ctx = ctx
         self.max_sessions = max_sessions
         self.extra_args = list(extra_args)
@@ -64,7 +67,8 @@ class LocalStages:
             log = Path(self._logdir.name) / f"stage{i}.log"
             self.logs.append(log)
             cmd = [sys.executable, "-m", "nakshatra.serve", str(path), "--host", "127.0.0.1",
-                   "--port", "0", "--ready-json", "--threads", str(self.threads), "--ctx", str(self.ctx),
+                   "--port", "0", "--ready-json", "--threads", str(self.threads),
+                   "--threads-batch", str(self.threads_batch), "--ctx", str(self.ctx),
                    "--max-sessions", str(self.max_sessions), *self.extra_args]
             with open(log, "wb") as lf:
                 p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=lf, stdin=subprocess.DEVNULL, env=env)

@@ -29,6 +29,7 @@ class ServeOptions:
     port: int = 7071
     insecure: bool = False
     threads: int = 0
+    threads_batch: int = 0
     ctx: int = 4096
     max_sessions: int = 8
     n_gpu_layers: int = -1
@@ -120,6 +121,7 @@ def serve(opts: ServeOptions) -> int:
     try:
         stage = _nakshatra.Stage(str(path), model_sha256=model_sha, n_ctx=opts.ctx,
                                  max_sessions=opts.max_sessions, n_threads=opts.threads,
+                                 n_threads_batch=opts.threads_batch,
                                  n_gpu_layers=opts.n_gpu_layers, flash_attn=fa,
                                  cache_type_k=opts.cache_type_k, cache_type_v=opts.cache_type_v)
     except StageError as e:
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=7071)
     ap.add_argument("--insecure", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads-batch", type=int, default=0)
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--max-sessions", type=int, default=8)
     ap.add_argument("--n-gpu-layers", type=int, default=-1)
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ready-json", action="store_true")
     a = ap.parse_args(argv)
     opts = ServeOptions(model=a.model, layers=a.layers, host=a.host, port=a.port, insecure=a.insecure,
-                        threads=a.threads, ctx=a.ctx, max_sessions=a.max_sessions,
+                        threads=a.threads, threads_batch=a.threads_batch, ctx=a.ctx, max_sessions=a.max_sessions,
                         n_gpu_layers=a.n_gpu_layers, flash_attn=a.flash_attn,
                         cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
                         verify=not a.no_verify, ready_json=a.ready_json)
