@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
-def test_bench_writes_single_chain_and_ratios(smollm2_path: Path, tmp_path: Path) -> None:
+
+@pytest.mark.parametrize("mode", ["--relay", "--forwarding"])
+def test_bench_writes_single_chain_and_ratios(smollm2_path: Path, tmp_path: Path, mode: str) -> None:
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "bench", "--model", str(smollm2_path),
                         "--stages", "2", "--threads", "1", "--stage-threads", "1", "--reps", "1", "--n-decode", "8",
-                        "--prompt-lens", "16,32", "--json", str(out)],
+                        "--prompt-lens", "16,32", "--json", str(out), mode],
                        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
@@ -21,10 +24,14 @@ def test_bench_writes_single_chain_and_ratios(smollm2_path: Path, tmp_path: Path
         assert set(res[side]["prefill_tps"]) == {"16", "32"}
         assert res[side]["decode_tps"]["median"] > 0
     chain = res["chain"]
-    assert chain["hops"] == 2 and len(chain["stages"]) == 2
-    assert all(s["peak_rss_bytes"] > 0 for s in chain["stages"])
-    # a decode step moves one f32 hidden state per hop, plus framing
-    assert 576 * 4 <= chain["wire_bytes_per_token_per_hop"]["median"] <= 2 * 576 * 4 + 400
+    relay = mode == "--relay"
+    assert chain["hops"] == (4 if relay else 3) and len(chain["stages"]) == 2  # one-way legs per token
+    assert all(s["peak_rss_bytes"] > 0 and s["compute_ms_per_token"] > 0 for s in chain["stages"])
+    # a decode step moves the boundary's f32 hidden state (576 floats) once with forwarding,
+    # twice (in and out of the client) when relayed, plus framing
+    per_token = chain["wire_bytes_per_token_per_hop"]["median"] * chain["hops"]
+    hidden = 576 * 4 * (2 if relay else 1)
+    assert hidden <= per_token <= hidden + 600
     ratios = res["ratios"]
     assert ratios["decode_chain_over_single"] > 0
     assert ratios["prefill_chain_over_single"] == ratios["prefill16_chain_over_single"]

@@ -17,6 +17,7 @@ import pytest
 
 from nakshatra import _nakshatra
 from nakshatra.chain import Chain, SamplerParams
+from nakshatra.errors import StageError
 from nakshatra.local import LocalStages
 from nakshatra.ranges import LayerRange
 from nakshatra.slicer import slice_model
@@ -233,3 +234,29 @@ def test_exact_synthetic_arch(smollm2_path: Path, tmp_path: Path, arch: str, tie
     model = write_synthetic(tmp_path / f"{arch}.gguf", arch, n_layer=6, n_embd=64, n_head=4, n_head_kv=2,
                             n_ff=128, tokenizer_from=smollm2_path, seed=3, dtype="f32", tied=tied)
     _exact(model, [(0, 1), (2, 2), (3, 5)], PROMPT, tmp_path / "slices")
+
+
+# ---- stage-to-stage forwarding ----------------------------------------------------------------
+
+def test_forwarding_equals_the_relayed_chain(smol_chain) -> None:
+    samplers = [GREEDY, SamplerParams(temp=0.9, top_k=50, top_p=0.9, min_p=0.05, repeat_penalty=1.1, seed=11)]
+    for s in samplers:
+        with Chain(smol_chain.addresses) as c:
+            prompt = c.tokenize(LONG_PROMPT)  # two ubatches, then one-token steps
+            relayed = [t for t, _ in c.generate_tokens(prompt, 24, s)]
+        with Chain(smol_chain.addresses, forwarding=True) as c:
+            forwarded = [t for t, _ in c.generate_tokens(prompt, 24, s)]
+        assert forwarded == relayed
+
+
+def test_forwarding_reports_errors_from_any_stage(smol_chain) -> None:
+    with Chain(smol_chain.addresses, forwarding=True) as c:
+        with c.session(GREEDY) as sess:
+            sess.feed(c.tokenize("Hello"))
+            sess.step += 5  # out of order: the first stage refuses it and tells this client
+            with pytest.raises(StageError, match="out of order"):
+                sess.feed([1])
+        c.route = "127.0.0.1:1," + c.route.split(",", 1)[1]  # the next hop is dead
+        with c.session(GREEDY) as sess:
+            with pytest.raises(StageError, match="127.0.0.1:1 unreachable"):
+                sess.feed(c.tokenize("Hello"))

@@ -72,6 +72,7 @@ def run(
     seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Sampling seed (default: random).")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings per stage to stderr.")] = False,
+    forwarding: Annotated[bool, typer.Option("--forwarding/--relay", help="Stages pass hidden states to each other (forwarding) or through the client (relay).")] = False,
     threads: Threads = 0,
     ctx: Ctx = 4096,
 ) -> None:
@@ -87,7 +88,7 @@ def run(
     st = GenerationStats()
 
     def generate(addresses: list[str]) -> None:
-        with Chain(addresses) as c:
+        with Chain(addresses, forwarding=forwarding) as c:
             if stats:
                 err_console.print(" → ".join(f"{s.address} ({s.layers})" for s in c.stages), markup=False)
             for text in c.generate(prompt, n_predict, sampler, chat=chat, stats=st):
@@ -233,6 +234,7 @@ def bench(
     n_decode: Annotated[int, typer.Option("--n-decode", help="Decode steps measured.")] = 128,
     prompt_lens: Annotated[str, typer.Option("--prompt-lens", help="Prefill lengths, comma separated.")] = "128,512",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON to this file.")] = None,
+    forwarding: Annotated[bool, typer.Option("--forwarding/--relay", help="Chain with stage-to-stage forwarding or client relay.")] = False,
 ) -> None:
     """Measure the unsplit model (one process) and a chain of local stages side by side.
 
@@ -248,7 +250,7 @@ def bench(
     if not lens or min(lens) < 1 or n_decode < 1 or reps < 1 or stages < 1:
         raise NakError("--prompt-lens, --n-decode, --reps and --stages must be positive")
     cfg = BenchConfig(model=resolve_model(model), stages=stages, prompt_lens=lens, n_decode=n_decode,
-                      reps=reps, threads=threads, stage_threads=stage_threads)
+                      reps=reps, threads=threads, stage_threads=stage_threads, forwarding=forwarding)
     with err_console.status("measuring the chain, then the single process ..."):
         res = run_bench(cfg)
     single, chain, r = res["single"], res["chain"], res["ratios"]

@@ -14,6 +14,8 @@
 #include <pybind11/stl.h>
 
 #include <atomic>
+#include <cerrno>
+#include <poll.h>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -169,13 +171,15 @@ struct py_stage_client {
         return rd.u32();
     }
 
-    py::dict forward(uint64_t session, uint64_t step, const std::vector<int32_t> & pos,
-                     const std::optional<std::vector<int32_t>> & tokens, const std::optional<py::bytes> & embd,
-                     bool sample) {
+    static std::vector<uint8_t> forward_payload(uint64_t step, const std::vector<int32_t> & pos,
+                                                const std::optional<std::vector<int32_t>> & tokens,
+                                                const std::optional<py::bytes> & embd, bool sample,
+                                                const std::string & next_hop) {
         nak_forward f;
         f.step     = step;
         f.n_tokens = (uint32_t) pos.size();
         f.pos      = pos;
+        f.next_hop = next_hop;
         std::string embd_buf;
         if (tokens) {
             if (tokens->size() != pos.size()) {
@@ -195,7 +199,44 @@ struct py_stage_client {
         }
         nak_writer w;
         nak_encode(w, f);
-        nak_frame r = call(NAK_MSG_FORWARD, session, embd ? NAK_DTYPE_F32 : NAK_DTYPE_NONE, w.buf, NAK_MSG_FORWARD_OK);
+        return std::move(w.buf);
+    }
+
+    py::dict forward(uint64_t session, uint64_t step, const std::vector<int32_t> & pos,
+                     const std::optional<std::vector<int32_t>> & tokens, const std::optional<py::bytes> & embd,
+                     bool sample) {
+        const std::vector<uint8_t> payload = forward_payload(step, pos, tokens, embd, sample, "");
+        nak_frame r = call(NAK_MSG_FORWARD, session, embd ? NAK_DTYPE_F32 : NAK_DTYPE_NONE, payload, NAK_MSG_FORWARD_OK);
+        py::dict d = forward_ok_dict(r);
+        d["wire_bytes"] = (uint64_t) (NAK_HEADER_SIZE * 2 + payload.size() + r.payload.size());
+        return d;
+    }
+
+    // forwarding: send a FORWARD whose hidden state travels stage to stage along `route` (the
+    // addresses after this stage, comma separated); the reply comes from the last stage, see
+    // wait_forward_ok. Returns the bytes sent.
+    uint64_t send_forward(uint64_t session, uint64_t step, const std::vector<int32_t> & pos,
+                          const std::vector<int32_t> & tokens, bool sample, const std::string & route) {
+        const std::vector<uint8_t> payload = forward_payload(step, pos, tokens, std::nullopt, sample, route);
+        nak_header h;
+        h.type       = NAK_MSG_FORWARD;
+        h.session_id = session;
+        h.request_id = c.next_request_id++;
+        const std::vector<uint8_t> frame = nak_frame_bytes(h, payload);
+        std::string err;
+        bool ok;
+        {
+            py::gil_scoped_release nogil;
+            ok = nak_send_all(c.fd, frame.data(), frame.size(), c.timeout_ms, err);
+        }
+        if (!ok) {
+            c.close();
+            raise_stage_error(where() + ": " + err, "transport");
+        }
+        return frame.size();
+    }
+
+    py::dict forward_ok_dict(const nak_frame & r) {
         nak_forward_ok ok;
         if (!nak_decode(r.payload, ok)) {
             raise_stage_error(where() + ": malformed FORWARD_OK", "transport");
@@ -209,7 +250,6 @@ struct py_stage_client {
         d["is_eog"]     = ok.is_eog != 0;
         d["piece"]      = py::bytes(ok.piece);
         d["embd"]       = ok.embd_bytes ? py::bytes((const char *) ok.embd, ok.embd_bytes) : py::bytes();
-        d["wire_bytes"] = (uint64_t) (NAK_HEADER_SIZE * 2 + w.buf.size() + r.payload.size());
         return d;
     }
 
@@ -302,6 +342,61 @@ struct py_stage_client {
 
     void close() { c.close(); }
 };
+
+// Wait for the reply to a forwarded step: FORWARD_OK from the last stage, or an ERROR from any
+// stage (each answers errors to the session's owner, i.e. this client). Raises StageError naming
+// the stage, or on timeout.
+py::dict wait_forward_ok(const std::vector<py_stage_client *> & clients, int timeout_ms) {
+    std::vector<pollfd> pfds;
+    for (auto * c : clients) {
+        pfds.push_back({ c->c.fd, POLLIN, 0 });
+    }
+    int rc;
+    {
+        py::gil_scoped_release nogil;
+        do {
+            rc = poll(pfds.data(), pfds.size(), timeout_ms);
+        } while (rc < 0 && errno == EINTR);
+    }
+    if (rc <= 0) {
+        raise_stage_error("no reply from the chain within " + std::to_string(timeout_ms) + " ms", "transport");
+    }
+    for (size_t i = 0; i < pfds.size(); i++) {
+        if (!(pfds[i].revents & (POLLIN | POLLHUP | POLLERR))) {
+            continue;
+        }
+        py_stage_client * c = clients[i];
+        nak_frame r;
+        std::string err;
+        bool ok;
+        {
+            py::gil_scoped_release nogil;
+            uint8_t hdr[NAK_HEADER_SIZE];
+            ok = nak_recv_exact(c->c.fd, hdr, NAK_HEADER_SIZE, c->c.timeout_ms, err) && nak_header_decode(hdr, r.hdr) &&
+                 r.hdr.payload_len <= c->c.max_payload;
+            if (ok) {
+                r.payload.resize(r.hdr.payload_len);
+                ok = nak_recv_exact(c->c.fd, r.payload.data(), r.payload.size(), c->c.timeout_ms, err);
+            }
+        }
+        if (!ok) {
+            c->c.close();
+            raise_stage_error(c->where() + ": " + (err.empty() ? "bad frame" : err), "transport");
+        }
+        if (r.hdr.type == NAK_MSG_ERROR) {
+            nak_error e;
+            nak_decode(r.payload, e);
+            raise_stage_error(c->where() + ": " + e.message, nak_error_code_name(e.code));
+        }
+        if (r.hdr.type != NAK_MSG_FORWARD_OK) {
+            raise_stage_error(c->where() + ": unexpected reply " + nak_msg_type_name(r.hdr.type), "transport");
+        }
+        py::dict d = c->forward_ok_dict(r);
+        d["wire_bytes"] = (uint64_t) (NAK_HEADER_SIZE + r.payload.size());
+        return d;
+    }
+    raise_stage_error("poll reported no readable stage", "transport");
+}
 
 struct py_stage {
     std::unique_ptr<nak_stage> st;
@@ -470,6 +565,8 @@ PYBIND11_MODULE(_nakshatra, m) {
     m.def("set_log_level", [](int level) { g_log_level = level; },
           "llama.cpp log threshold: 1 debug, 2 info, 3 warn (default), 4 error.");
     m.def("is_loopback", &nak_is_loopback, "Whether a host name or address is loopback.");
+    m.def("wait_forward_ok", &wait_forward_ok, py::arg("clients"), py::arg("timeout_ms"),
+          "Wait for a forwarded step's FORWARD_OK (last stage) or an ERROR (any stage).");
 
     py::class_<py_stage>(m, "Stage", "One loaded slice and its llama_context (see cpp/stage/stage.h).")
         .def(py::init<const std::string &, const std::string &, uint32_t, uint32_t, int32_t, int32_t, int32_t, int32_t,
@@ -501,6 +598,9 @@ PYBIND11_MODULE(_nakshatra, m) {
              py::arg("stop_tokens") = std::vector<int32_t>{})
         .def("forward", &py_stage_client::forward, py::arg("session"), py::arg("step"), py::arg("pos"),
              py::arg("tokens") = py::none(), py::arg("embd") = py::none(), py::arg("sample") = false)
+        .def("send_forward", &py_stage_client::send_forward, py::arg("session"), py::arg("step"), py::arg("pos"),
+             py::arg("tokens"), py::arg("sample"), py::arg("route"),
+             "Forwarding: send a step whose hidden state travels stage to stage along route; see wait_forward_ok.")
         .def("truncate", &py_stage_client::truncate, py::arg("session"), py::arg("pos"))
         .def("close_session", &py_stage_client::close_session, py::arg("session"))
         .def("stats", &py_stage_client::stats)

@@ -207,7 +207,11 @@ struct nak_forward {
     std::vector<int32_t> tokens;      // [n_tokens] when NAK_FWD_TOKENS
     const uint8_t *      embd = nullptr; // [n_tokens, n_embd] of header dtype when NAK_FWD_EMBD (a view)
     size_t               embd_bytes = 0;
-    std::string          next_hop;    // unused for now: stage-to-stage forwarding
+    // forwarding route: the addresses ("host:port,host:port") of the stages after this one. A
+    // non-last stage given a route sends its hidden state (with the tokens and SAMPLE flag) as a
+    // FORWARD to the first address and the rest of the route; the last stage answers the
+    // session's owner. Empty: answer the sender with the hidden state (client relay).
+    std::string          next_hop;
 };
 
 struct nak_forward_ok {

@@ -3,6 +3,8 @@
 #include "net.h"
 
 #include <cerrno>
+#include <cstdio>
+#include <cstdlib>
 #include <deque>
 #include <poll.h>
 #include <sys/socket.h>
@@ -20,6 +22,8 @@ struct conn_state {
     bool                 hello_seen = false;
     bool                 closing    = false; // close once `out` is flushed
     bool                 dead       = false;
+    bool                 outbound   = false;  // our connection to the next stage (forwarding)
+    std::string          address;
     int64_t              t_open_ms  = 0;
     int64_t              t_last_ms  = 0;
 };
@@ -62,6 +66,20 @@ void reject(conn_state & c, uint16_t code, const std::string & msg) {
     flush(c);
 }
 
+// frames the next stage sends back on our outbound connection: HELLO_OK, or an error it could not
+// deliver to the session's owner; nothing to answer
+void drain_outbound(conn_state & c) {
+    nak_frame f;
+    while (c.parser.next(f) == NAK_PARSE_FRAME) {
+        if (f.hdr.type == NAK_MSG_ERROR) {
+            nak_error e;
+            if (nak_decode(f.payload, e)) {
+                fprintf(stderr, "nak stage: next stage %s: %s\n", c.address.c_str(), e.message.c_str());
+            }
+        }
+    }
+}
+
 void read_frames(conn_state & c, std::deque<queued_request> & queue, int64_t now) {
     uint8_t buf[65536];
     for (;;) {
@@ -77,6 +95,10 @@ void read_frames(conn_state & c, std::deque<queued_request> & queue, int64_t now
             c.dead = true;
         }
         break;
+    }
+    if (c.outbound) {
+        drain_outbound(c);
+        return;
     }
     while (!c.closing) {
         queued_request q;
@@ -107,6 +129,43 @@ void read_frames(conn_state & c, std::deque<queued_request> & queue, int64_t now
         q.conn = c.id;
         queue.push_back(std::move(q));
     }
+}
+
+// the connection to the next stage at "host:port", opened (with a HELLO) on first use
+conn_state * outbound_conn(std::vector<conn_state> & conns, int32_t & next_id, const std::string & address,
+                           const nak_stage & stage, std::string & err) {
+    for (auto & c : conns) {
+        if (c.outbound && c.address == address && !c.dead) {
+            return &c;
+        }
+    }
+    const size_t colon = address.rfind(':');
+    if (colon == std::string::npos) {
+        err = "bad next-hop address '" + address + "'";
+        return nullptr;
+    }
+    const int fd = nak_connect(address.substr(0, colon), atoi(address.c_str() + colon + 1), 5000, err);
+    if (fd < 0) {
+        return nullptr;
+    }
+    nak_set_nonblocking(fd);
+    conn_state c;
+    c.fd         = fd;
+    c.id         = next_id++;
+    c.outbound   = true;
+    c.address    = address;
+    c.hello_seen = true;
+    c.t_open_ms  = c.t_last_ms = nak_now_ms();
+    nak_hello hello;
+    hello.client_name       = "nakshatra-stage";
+    hello.want_model_sha256 = stage.info().model_sha256;
+    nak_writer w;
+    nak_encode(w, hello);
+    nak_header h;
+    h.type = NAK_MSG_HELLO;
+    conns.push_back(std::move(c));
+    send_frame(conns.back(), nak_frame_bytes(h, w.buf));
+    return &conns.back();
 }
 
 } // namespace
@@ -196,14 +255,34 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
             queued_request q = std::move(queue.front());
             queue.pop_front();
             stage.queue_depth = (uint32_t) queue.size();
+            bool close_conn = false;
+            std::vector<nak_send> out;
+            stage.handle(q.frame, q.conn, close_conn, out);
+            for (auto & s : out) {
+                conn_state * dst = nullptr;
+                std::string ferr;
+                if (!s.address.empty()) {
+                    dst = outbound_conn(conns, next_id, s.address, stage, ferr);
+                    if (!dst) {
+                        s.frame = nak_error_frame(s.req, NAK_ERR_INTERNAL, "next stage " + s.address +
+                                                  " unreachable: " + ferr);
+                        s.conn  = s.error_conn;
+                    }
+                }
+                if (!dst) {
+                    for (auto & c : conns) {
+                        if (c.id == s.conn && !c.dead) {
+                            dst = &c;
+                        }
+                    }
+                }
+                if (dst) {
+                    send_frame(*dst, s.frame);
+                }
+            }
             for (auto & c : conns) {
-                if (c.id == q.conn && !c.dead) {
-                    bool close_conn = false;
-                    std::vector<uint8_t> reply;
-                    stage.handle(q.frame, c.id, close_conn, reply);
-                    send_frame(c, reply);
+                if (c.id == q.conn) {
                     c.closing = c.closing || close_conn;
-                    break;
                 }
             }
         }

@@ -308,13 +308,23 @@ struct nak_reject {
     std::string message;
 };
 
-void nak_stage::handle(const nak_frame & req, int32_t conn, bool & close_conn, std::vector<uint8_t> & reply) {
+void nak_stage::handle(const nak_frame & req, int32_t conn, bool & close_conn, std::vector<nak_send> & out) {
     bytes_in_ += NAK_HEADER_SIZE + req.payload.size();
     nak_header h;
     h.request_id = req.hdr.request_id;
     h.session_id = req.hdr.session_id;
     nak_writer w;
     close_conn = false;
+    // a FORWARD is answered to whoever opened the session: with forwarding, the request came from
+    // the previous stage but the client waits for the token (or an error)
+    int32_t reply_conn = conn;
+    if (req.hdr.type == NAK_MSG_FORWARD) {
+        if (const nak_session * s = find_session(req.hdr.session_id)) {
+            reply_conn = s->conn;
+        }
+    }
+    std::string forward_to;
+    std::vector<uint8_t> reply;
     try {
         switch (req.hdr.type) {
             case NAK_MSG_HELLO: {
@@ -330,7 +340,7 @@ void nak_stage::handle(const nak_frame & req, int32_t conn, bool & close_conn, s
                 nak_encode(w, info());
             } break;
             case NAK_MSG_OPEN:       on_open(req, conn, w, h);   break;
-            case NAK_MSG_FORWARD:    on_forward(req, w, h);      break;
+            case NAK_MSG_FORWARD:    on_forward(req, w, h, forward_to); break;
             case NAK_MSG_TRUNCATE:   on_truncate(req, w, h);     break;
             case NAK_MSG_CLOSE:      on_close(req, w, h);        break;
             case NAK_MSG_TOKENIZE:   on_tokenize(req, w, h);     break;
@@ -348,10 +358,19 @@ void nak_stage::handle(const nak_frame & req, int32_t conn, bool & close_conn, s
         reply = nak_frame_bytes(h, w.buf);
     } catch (const nak_reject & e) {
         reply = nak_error_frame(req.hdr, e.code, e.message);
+        forward_to.clear();
     } catch (const std::exception & e) {
         reply = nak_error_frame(req.hdr, NAK_ERR_INTERNAL, e.what());
+        forward_to.clear();
     }
     bytes_out_ += reply.size();
+    nak_send s;
+    s.conn       = reply_conn;
+    s.address    = forward_to;
+    s.error_conn = reply_conn;
+    s.req        = req.hdr;
+    s.frame      = std::move(reply);
+    out.push_back(std::move(s));
 }
 
 void nak_stage::on_open(const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h) {
@@ -394,7 +413,7 @@ void nak_stage::on_open(const nak_frame & req, int32_t conn, nak_writer & w, nak
     w.u32(params_.n_ctx_session);
 }
 
-void nak_stage::on_forward(const nak_frame & req, nak_writer & w, nak_header & h) {
+void nak_stage::on_forward(const nak_frame & req, nak_writer & w, nak_header & h, std::string & forward_to) {
     nak_session * s = find_session(req.hdr.session_id);
     if (!s) {
         throw nak_reject{ NAK_ERR_NO_SESSION, "no open session " + std::to_string(req.hdr.session_id) + " on this stage" };
@@ -423,8 +442,11 @@ void nak_stage::on_forward(const nak_frame & req, nak_writer & w, nak_header & h
                           std::to_string(n) + " tokens > --ctx " + std::to_string(params_.n_ctx_session) };
     }
     const bool sample = (f.flags & NAK_FWD_SAMPLE) != 0;
-    if (sample && !is_last()) {
-        throw nak_reject{ NAK_ERR_BAD_REQUEST, "only the last stage samples" };
+    if (sample && !is_last() && f.next_hop.empty()) {
+        throw nak_reject{ NAK_ERR_BAD_REQUEST, "only the last stage samples (no route to it given)" };
+    }
+    if (is_last() && !f.next_hop.empty()) {
+        throw nak_reject{ NAK_ERR_BAD_REQUEST, "the last stage has no next hop (route '" + f.next_hop + "')" };
     }
     const int32_t n_vocab = llama_vocab_n_tokens(vocab_);
     if (f.flags & NAK_FWD_TOKENS) {
@@ -514,6 +536,27 @@ void nak_stage::on_forward(const nak_frame & req, nak_writer & w, nak_header & h
         out.embd       = (const uint8_t *) e;
         out.embd_bytes = (size_t) n * n_embd_ * sizeof(float);
         h.dtype        = NAK_DTYPE_F32;
+        if (!f.next_hop.empty()) {
+            // forwarding: the hidden state goes straight to the next stage with the rest of the
+            // route; the token ids travel along for the last stage's sampler history
+            nak_forward nf;
+            nf.step       = f.step;
+            nf.flags      = (f.flags & (NAK_FWD_TOKENS | NAK_FWD_SAMPLE)) | NAK_FWD_EMBD;
+            nf.n_tokens   = n;
+            nf.pos        = f.pos;
+            nf.tokens     = f.tokens;
+            nf.embd       = out.embd;
+            nf.embd_bytes = out.embd_bytes;
+            const size_t comma = f.next_hop.find(',');
+            forward_to  = f.next_hop.substr(0, comma);
+            nf.next_hop = comma == std::string::npos ? std::string() : f.next_hop.substr(comma + 1);
+            const int64_t dt = now_us() - t0;
+            s->compute_us += dt;
+            compute_us_   += dt;
+            h.type = NAK_MSG_FORWARD;
+            nak_encode(w, nf);
+            return;
+        }
     }
     const int64_t dt = now_us() - t0;
     s->compute_us += dt;

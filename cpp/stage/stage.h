@@ -44,6 +44,17 @@ bool nak_parse_cache_type(const std::string & name, ggml_type & out);
 // resident set size of this process in bytes (Linux /proc; 0 elsewhere)
 uint64_t nak_rss_bytes();
 
+// A frame the event loop must send: to an accepted connection, or to the next stage by address
+// (stage-to-stage forwarding). A frame that cannot reach `address` is answered with an error to
+// `error_conn` (the session's owner), built from `req`.
+struct nak_send {
+    int32_t              conn = -1;
+    std::string          address;
+    int32_t              error_conn = -1;
+    nak_header           req;
+    std::vector<uint8_t> frame;
+};
+
 struct nak_session {
     uint64_t                 id       = 0;
     int32_t                  seq      = 0;   // KV sequence id (the slot)
@@ -71,8 +82,10 @@ class nak_stage {
     // load the model and create the context; false with err set on failure
     bool load(const nak_stage_params & params, std::string & err);
 
-    // answer one request frame; `reply` receives a complete frame (header + payload)
-    void handle(const nak_frame & req, int32_t conn, bool & close_conn, std::vector<uint8_t> & reply);
+    // answer one request frame that arrived on connection `conn`: `out` receives the frames to
+    // send (a reply to `conn`, or for FORWARD the reply to the session's owner or the hidden state
+    // forwarded to the next stage named in the request's route)
+    void handle(const nak_frame & req, int32_t conn, bool & close_conn, std::vector<nak_send> & out);
     // the connection went away: free the KV of the sessions it opened
     void on_disconnect(int32_t conn);
     // free sessions idle for longer than idle_timeout_s
@@ -93,7 +106,7 @@ class nak_stage {
 
   private:
     void on_open    (const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h);
-    void on_forward (const nak_frame & req, nak_writer & w, nak_header & h);
+    void on_forward (const nak_frame & req, nak_writer & w, nak_header & h, std::string & forward_to);
     void on_truncate(const nak_frame & req, nak_writer & w, nak_header & h);
     void on_close   (const nak_frame & req, nak_writer & w, nak_header & h);
     void on_tokenize  (const nak_frame & req, nak_writer & w, nak_header & h);

@@ -12,7 +12,8 @@ Definitions:
 * prefill tok/s = prompt tokens / (time from sending the prompt to holding the first sampled token);
   that time is also the time to first token (TTFT).
 * decode tok/s = decode steps / their wall time.
-* hops = round trips per token: a client-relayed chain of N stages makes N (client -> stage -> client).
+* hops = one-way network legs per token: a client-relayed chain of N stages makes 2N (client ->
+  stage -> client, for each stage); with forwarding N + 1 (client -> first -> ... -> last -> client).
 * per-hop overhead (us) = (chain ms per decoded token - sum of stage compute ms per token) / hops.
 * wire bytes per token per hop = bytes sent and received for the decode steps / steps / hops.
 """
@@ -44,6 +45,7 @@ class BenchConfig:
     reps: int = 3
     threads: int = 2
     stage_threads: int = 0
+    forwarding: bool = False
     slices: list[Path] = field(default_factory=list)
 
 
@@ -96,8 +98,8 @@ def bench_chain(cfg: BenchConfig, addresses: list[str], pids: list[int]) -> dict
     out: dict[str, Any] = {"prefill_tps": {}, "ttft_ms": {}}
     decode, hop_us, wire = [], [], []
     compute_ms: list[list[float]] = []
-    with Chain(addresses) as chain:
-        hops = len(chain.stages)
+    with Chain(addresses, forwarding=cfg.forwarding) as chain:
+        hops = len(chain.stages) + 1 if cfg.forwarding else 2 * len(chain.stages)
         n_vocab = chain.stages[0].n_vocab
         for n in cfg.prompt_lens:
             prompt = _prompt(n, n_vocab)
@@ -115,6 +117,7 @@ def bench_chain(cfg: BenchConfig, addresses: list[str], pids: list[int]) -> dict
                     if not first:
                         continue
                     c0, w0 = list(sess.compute_us), list(sess.wire_bytes)
+                    before = _stage_counters(chain, sess.id) if cfg.forwarding else None
                     t2 = time.perf_counter()
                     for _ in range(cfg.n_decode):
                         r = sess.feed([r["token"]])
@@ -122,9 +125,15 @@ def bench_chain(cfg: BenchConfig, addresses: list[str], pids: list[int]) -> dict
                     steps = cfg.n_decode
                     decode.append(steps / dt)
                     stage_ms = [(c - c_0) / 1e3 / steps for c, c_0 in zip(sess.compute_us, c0)]
+                    wire_total = sum(w - w_0 for w, w_0 in zip(sess.wire_bytes, w0))
+                    if cfg.forwarding:  # the client sees the first and last legs only: ask the stages
+                        after = _stage_counters(chain, sess.id)
+                        stage_ms = [(a[0] - b[0]) / 1e3 / steps for a, b in zip(after, before)]
+                        # every leg into a stage, plus the last stage's replies to this client
+                        wire_total = sum(a[1] - b[1] for a, b in zip(after, before)) + sess.wire_bytes[-1] - w0[-1]
                     compute_ms.append(stage_ms)
                     hop_us.append((dt * 1e3 / steps - sum(stage_ms)) * 1e3 / hops)
-                    wire.append(sum(w - w_0 for w, w_0 in zip(sess.wire_bytes, w0)) / steps / hops)
+                    wire.append(wire_total / steps / hops)
             out["prefill_tps"][str(n)] = _stat(pre)
             out["ttft_ms"][str(n)] = _stat(ttft)
         out["stages"] = [{"address": s.address, "layers": str(s.layers), "peak_rss_bytes": peak_rss_bytes(pid),
@@ -134,6 +143,17 @@ def bench_chain(cfg: BenchConfig, addresses: list[str], pids: list[int]) -> dict
     out["hops"] = hops
     out["per_hop_overhead_us"] = _stat(hop_us)
     out["wire_bytes_per_token_per_hop"] = _stat(wire)
+    return out
+
+
+def _stage_counters(chain: Chain, session_id: int) -> list[tuple[int, int]]:
+    """Each stage's (compute us for the session, bytes received) so far, from its STATS."""
+    import json
+
+    out = []
+    for c in chain.clients:
+        st = json.loads(c.stats())
+        out.append((st["sessions"][str(session_id)]["compute_us"], st["bytes_in"]))
     return out
 
 
@@ -160,5 +180,5 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     single = bench_single(cfg, n_vocab)
     return {"config": {"model": str(cfg.model), "stages": len(slices), "prompt_lens": list(cfg.prompt_lens),
                        "n_decode": cfg.n_decode, "reps": cfg.reps, "threads": cfg.threads,
-                       "stage_threads": ls.threads},
+                       "stage_threads": ls.threads, "forwarding": cfg.forwarding},
             "single": single, "chain": chain, "ratios": ratios(single, chain)}

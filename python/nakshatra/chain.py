@@ -163,6 +163,8 @@ class Session:
     def __init__(self, chain: Chain, sampler: SamplerParams, capture: bool = False,
                  stop_tokens: Sequence[int] = ()) -> None:
         sampler.check()
+        if capture and chain.forwarding:
+            raise ChainError("capturing hidden states needs the client-relayed path (forwarding=False)")
         self.chain = chain
         self.id = random.getrandbits(63) or 1
         self.n_past = 0
@@ -205,6 +207,8 @@ class Session:
         return result
 
     def _forward(self, chunk: list[int], sample: bool) -> dict:
+        if self.chain.forwarding and len(self.chain.clients) > 1:
+            return self._forward_routed(chunk, sample)
         pos = list(range(self.n_past, self.n_past + len(chunk)))
         embd = None
         reply: dict = {}
@@ -225,6 +229,24 @@ class Session:
             embd = reply["embd"]
             if self.capture and not last:
                 self.hidden[i].append(embd)
+        self.n_past += len(chunk)
+        self.step += 1
+        return reply
+
+    def _forward_routed(self, chunk: list[int], sample: bool) -> dict:
+        """Forwarding: the first stage sends its hidden state straight to the next and so on; the
+        last stage answers this client. One client round trip per step instead of one per stage."""
+        pos = list(range(self.n_past, self.n_past + len(chunk)))
+        t0 = time.perf_counter_ns()
+        sent = self.chain.clients[0].send_forward(self.id, self.step, pos, chunk, sample, self.chain.route)
+        try:
+            reply = _nakshatra.wait_forward_ok(self.chain.clients, int(self.chain.timeout_s * 1000))
+        except StageError as e:
+            raise StageError(f"forwarded step {self.step}: {e}", e.code) from None
+        self.rtt_us[-1] += (time.perf_counter_ns() - t0) // 1000
+        self.compute_us[-1] += reply["compute_us"]
+        self.wire_bytes[0] += sent
+        self.wire_bytes[-1] += reply["wire_bytes"]
         self.n_past += len(chunk)
         self.step += 1
         return reply
@@ -257,16 +279,21 @@ class Chain:
     """A client of a chain of stages, e.g. ``Chain(["127.0.0.1:7071", "127.0.0.1:7072"])``.
 
     Stages may be given in any order; they are sorted by layer range and validated
-    (:func:`validate_chain`). Raises ChainError when a stage is unreachable or the chain is
-    malformed.
+    (:func:`validate_chain`). With ``forwarding`` each stage sends its hidden state straight to the
+    next (the client talks to the first stage and hears from the last); without it the client
+    relays every hidden state. Both give the same tokens. Raises ChainError when a stage is
+    unreachable or the chain is malformed.
     """
 
     def __init__(self, stages: Sequence[str | tuple[str, int]], timeout_s: float = 60.0,
-                 connect_timeout_s: float = 5.0, n_batch: int = DEFAULT_N_BATCH) -> None:
+                 connect_timeout_s: float = 5.0, n_batch: int = DEFAULT_N_BATCH,
+                 forwarding: bool = False) -> None:
         addrs = [parse_stage_address(s) if isinstance(s, str) else s for s in stages]
         if not addrs:
             raise ChainError("the chain is empty: give --chain host:port,host:port,...")
         self.n_batch = n_batch
+        self.timeout_s = timeout_s
+        self.forwarding = forwarding
         clients: dict[tuple[str, int], object] = {}
         infos = []
         try:
@@ -290,6 +317,9 @@ class Chain:
                 c.close()
             raise
         self.clients = [clients[(s.host, s.port)] for s in self.stages]
+        # the stages after the first, as the first stage will pass the hidden state on; the
+        # addresses must reach each stage from the previous one (on a LAN, use the hosts' addresses)
+        self.route = ",".join(s.address for s in self.stages[1:])
 
     @property
     def first(self):
