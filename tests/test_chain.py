@@ -260,3 +260,17 @@ def test_forwarding_reports_errors_from_any_stage(smol_chain) -> None:
         with c.session(GREEDY) as sess:
             with pytest.raises(StageError, match="127.0.0.1:1 unreachable"):
                 sess.feed(c.tokenize("Hello"))
+
+
+def test_ring_equals_the_relayed_chain(smol_chain) -> None:
+    samplers = [GREEDY, SamplerParams(temp=0.9, top_k=50, top_p=0.9, min_p=0.05, repeat_penalty=1.1, seed=5)]
+    for s in samplers:
+        # n_batch 256 cuts the prompt into several forwarded chunks before the ring starts
+        with Chain(smol_chain.addresses, n_batch=256) as c:
+            prompt = c.tokenize(LONG_PROMPT)
+            relayed = [t for t, _ in c.generate_tokens(prompt, 20, s)]
+        with Chain(smol_chain.addresses, n_batch=256, ring=True) as c:
+            ring = [t for t, _ in c.generate_tokens(prompt, 20, s)]
+            # the ring stopped exactly where the client did: the chain is reusable at once
+            again = [t for t, _ in c.generate_tokens(prompt, 20, s)]
+        assert ring == relayed == again

@@ -32,11 +32,13 @@ def test_run_chain_equals_default_parts(smollm2_path: Path, tmp_path: Path) -> N
     with LocalStages([tmp_path / s.file for s in reversed(m.slices)], threads=2, ctx=512, max_sessions=2) as st:
         chained = nak("run", "--chain", ",".join(st.addresses), "--temp", "0", "-n", "24", "--stats",
                       "The capital of France is")
+        ringed = nak("run", "--chain", ",".join(st.addresses), "--temp", "0", "-n", "24", "--ring",
+                     "The capital of France is")
     local = nak("run", "--model", str(smollm2_path), "--parts", "3", "--temp", "0", "-n", "24", "--threads", "2",
                 "--ctx", "512", "The capital of France is")
     assert chained.returncode == 0, chained.stderr
     assert local.returncode == 0, local.stderr
-    assert chained.stdout == local.stdout
+    assert chained.stdout == local.stdout == ringed.stdout
     assert "decode" in chained.stderr and "tok/s" in chained.stderr
 
 

@@ -212,3 +212,6 @@ def test_generation_stops_at_a_full_context_and_a_long_prompt_is_refused(two_sta
         assert len(prompt) + len(got) == 257  # 256 positions fed, and the last token sampled
         with pytest.raises(ChainError, match="larger --ctx"):
             list(c.generate_tokens(prompt * 40, 4, SamplerParams(temp=0)))
+    with Chain(two_stage.addresses, ring=True) as c:  # the ring stops at the same place by itself
+        ring = [t for t, _ in c.generate_tokens(prompt, -1, SamplerParams(temp=0.0))]
+    assert ring == got

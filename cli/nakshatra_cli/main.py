@@ -73,6 +73,7 @@ def run(
     chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings per stage to stderr.")] = False,
     forwarding: Annotated[bool, typer.Option("--forwarding/--relay", help="Stages pass hidden states to each other (forwarding) or through the client (relay).")] = False,
+    ring: Annotated[bool, typer.Option("--ring", help="Forwarding, and the last stage hands each token straight back to the first.")] = False,
     threads: Threads = 0,
     ctx: Ctx = 4096,
 ) -> None:
@@ -88,7 +89,7 @@ def run(
     st = GenerationStats()
 
     def generate(addresses: list[str]) -> None:
-        with Chain(addresses, forwarding=forwarding) as c:
+        with Chain(addresses, forwarding=forwarding, ring=ring) as c:
             if stats:
                 err_console.print(" → ".join(f"{s.address} ({s.layers})" for s in c.stages), markup=False)
             for text in c.generate(prompt, n_predict, sampler, chat=chat, stats=st):

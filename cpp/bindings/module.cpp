@@ -174,12 +174,16 @@ struct py_stage_client {
     static std::vector<uint8_t> forward_payload(uint64_t step, const std::vector<int32_t> & pos,
                                                 const std::optional<std::vector<int32_t>> & tokens,
                                                 const std::optional<py::bytes> & embd, bool sample,
-                                                const std::string & next_hop) {
+                                                const std::string & next_hop, const std::string & ring = "") {
         nak_forward f;
         f.step     = step;
         f.n_tokens = (uint32_t) pos.size();
         f.pos      = pos;
         f.next_hop = next_hop;
+        f.ring     = ring;
+        if (!ring.empty()) {
+            f.flags |= NAK_FWD_RING;
+        }
         std::string embd_buf;
         if (tokens) {
             if (tokens->size() != pos.size()) {
@@ -216,8 +220,9 @@ struct py_stage_client {
     // addresses after this stage, comma separated); the reply comes from the last stage, see
     // wait_forward_ok. Returns the bytes sent.
     uint64_t send_forward(uint64_t session, uint64_t step, const std::vector<int32_t> & pos,
-                          const std::vector<int32_t> & tokens, bool sample, const std::string & route) {
-        const std::vector<uint8_t> payload = forward_payload(step, pos, tokens, std::nullopt, sample, route);
+                          const std::vector<int32_t> & tokens, bool sample, const std::string & route,
+                          const std::string & ring) {
+        const std::vector<uint8_t> payload = forward_payload(step, pos, tokens, std::nullopt, sample, route, ring);
         nak_header h;
         h.type       = NAK_MSG_FORWARD;
         h.session_id = session;
@@ -599,8 +604,9 @@ PYBIND11_MODULE(_nakshatra, m) {
         .def("forward", &py_stage_client::forward, py::arg("session"), py::arg("step"), py::arg("pos"),
              py::arg("tokens") = py::none(), py::arg("embd") = py::none(), py::arg("sample") = false)
         .def("send_forward", &py_stage_client::send_forward, py::arg("session"), py::arg("step"), py::arg("pos"),
-             py::arg("tokens"), py::arg("sample"), py::arg("route"),
-             "Forwarding: send a step whose hidden state travels stage to stage along route; see wait_forward_ok.")
+             py::arg("tokens"), py::arg("sample"), py::arg("route"), py::arg("ring") = "",
+             "Forwarding: send a step whose hidden state travels stage to stage along route; see wait_forward_ok. "
+             "With ring (every stage's address, first first) the last stage starts each next step itself.")
         .def("truncate", &py_stage_client::truncate, py::arg("session"), py::arg("pos"))
         .def("close_session", &py_stage_client::close_session, py::arg("session"))
         .def("stats", &py_stage_client::stats)

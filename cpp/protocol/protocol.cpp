@@ -216,7 +216,7 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_open & m) {
 }
 
 // FORWARD payload:
-// | step u64 | flags u32 | n_tokens u32 | pos i32[n] | (tokens i32[n]) | (embd_bytes u32 | embd) | next_hop str |
+// | step u64 | flags u32 | n_tokens u32 | pos i32[n] | (tokens i32[n]) | (embd_bytes u32 | embd) | next_hop str | ring str |
 void nak_encode(nak_writer & w, const nak_forward & m) {
     w.u64(m.step);
     w.u32(m.flags);
@@ -230,6 +230,7 @@ void nak_encode(nak_writer & w, const nak_forward & m) {
         w.bytes(m.embd, m.embd_bytes);
     }
     w.str(m.next_hop);
+    w.str(m.ring);
 }
 
 static bool read_i32_array(nak_reader & r, uint32_t n, std::vector<int32_t> & out) {
@@ -261,6 +262,7 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_forward & m) {
         m.embd       = r.view(m.embd_bytes);
     }
     m.next_hop = r.str();
+    m.ring     = r.str();
     return r.done();
 }
 

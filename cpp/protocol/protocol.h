@@ -76,6 +76,7 @@ enum nak_dtype : uint8_t {
 #define NAK_FWD_TOKENS (1u << 0) // payload carries token ids (first stage input; last stage sampler history)
 #define NAK_FWD_EMBD   (1u << 1) // payload carries hidden states [n_tokens, n_embd]
 #define NAK_FWD_SAMPLE (1u << 2) // the last stage samples a token from the last row
+#define NAK_FWD_RING   (1u << 3) // ring: the last stage sends the sampled token on to the first stage
 
 struct nak_header {
     uint32_t magic       = NAK_PROTO_MAGIC;
@@ -212,6 +213,9 @@ struct nak_forward {
     // FORWARD to the first address and the rest of the route; the last stage answers the
     // session's owner. Empty: answer the sender with the hidden state (client relay).
     std::string          next_hop;
+    // ring route: every stage's address, first stage first (with NAK_FWD_RING): the last stage
+    // starts the next decode step itself until end of generation, n_predict or a full context
+    std::string          ring;
 };
 
 struct nak_forward_ok {

@@ -325,6 +325,7 @@ void nak_stage::handle(const nak_frame & req, int32_t conn, bool & close_conn, s
     }
     std::string forward_to;
     std::vector<uint8_t> reply;
+    extra_.clear();
     try {
         switch (req.hdr.type) {
             case NAK_MSG_HELLO: {
@@ -371,6 +372,10 @@ void nak_stage::handle(const nak_frame & req, int32_t conn, bool & close_conn, s
     s.req        = req.hdr;
     s.frame      = std::move(reply);
     out.push_back(std::move(s));
+    for (auto & e : extra_) {
+        out.push_back(std::move(e));
+    }
+    extra_.clear();
 }
 
 void nak_stage::on_open(const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h) {
@@ -407,6 +412,7 @@ void nak_stage::on_open(const nak_frame & req, int32_t conn, nak_writer & w, nak
     s.conn = conn;
     s.sp   = m.sampler;
     s.stop_tokens = m.stop_tokens;
+    s.n_predict   = m.n_predict;
     s.last_used_ms = nak_now_ms();
     rebuild_sampler(s);
     h.type = NAK_MSG_OPEN_OK;
@@ -527,6 +533,10 @@ void nak_stage::on_forward(const nak_frame & req, nak_writer & w, nak_header & h
             out.piece = k > 0 ? std::string(buf, k) : std::string();
             s->pending_sampled = true;
             s->last_sampled    = tok;
+            s->n_generated++;
+            if ((f.flags & NAK_FWD_RING) && !out.is_eog) {
+                ring_next(*s, req.hdr, f, tok);
+            }
         }
     } else {
         const float * e = llama_get_embeddings(ctx_);
@@ -541,7 +551,8 @@ void nak_stage::on_forward(const nak_frame & req, nak_writer & w, nak_header & h
             // route; the token ids travel along for the last stage's sampler history
             nak_forward nf;
             nf.step       = f.step;
-            nf.flags      = (f.flags & (NAK_FWD_TOKENS | NAK_FWD_SAMPLE)) | NAK_FWD_EMBD;
+            nf.flags      = (f.flags & (NAK_FWD_TOKENS | NAK_FWD_SAMPLE | NAK_FWD_RING)) | NAK_FWD_EMBD;
+            nf.ring       = f.ring;
             nf.n_tokens   = n;
             nf.pos        = f.pos;
             nf.tokens     = f.tokens;
@@ -567,6 +578,35 @@ void nak_stage::on_forward(const nak_frame & req, nak_writer & w, nak_header & h
     out.compute_us = (uint64_t) dt;
     h.type = NAK_MSG_FORWARD_OK;
     nak_encode(w, out);
+}
+
+// ring: start the next decode step at the first stage, as the client would have, while the
+// session wants more tokens (the client applies the same rule to know when the stream ends)
+void nak_stage::ring_next(const nak_session & s, const nak_header & req, const nak_forward & f, llama_token tok) {
+    if ((s.n_predict >= 0 && s.n_generated >= s.n_predict) || s.n_past + 1 > params_.n_ctx_session || f.ring.empty()) {
+        return;
+    }
+    nak_forward nf;
+    nf.step     = f.step + 1;
+    nf.flags    = NAK_FWD_TOKENS | NAK_FWD_SAMPLE | NAK_FWD_RING;
+    nf.n_tokens = 1;
+    nf.pos      = { (int32_t) s.n_past };
+    nf.tokens   = { tok };
+    nf.ring     = f.ring;
+    const size_t comma = f.ring.find(',');
+    nf.next_hop = comma == std::string::npos ? std::string() : f.ring.substr(comma + 1);
+    nak_header h;
+    h.type       = NAK_MSG_FORWARD;
+    h.request_id = req.request_id;
+    h.session_id = req.session_id;
+    nak_writer w;
+    nak_encode(w, nf);
+    nak_send out;
+    out.address    = f.ring.substr(0, comma);
+    out.error_conn = s.conn;
+    out.req        = req;
+    out.frame      = nak_frame_bytes(h, w.buf);
+    extra_.push_back(std::move(out));
 }
 
 void nak_stage::on_truncate(const nak_frame & req, nak_writer & w, nak_header & h) {

@@ -64,6 +64,8 @@ struct nak_session {
     int64_t                  last_used_ms = 0;
     nak_sampler_params       sp;
     std::vector<int32_t>     stop_tokens;
+    int32_t                  n_predict   = -1; // ring: tokens to generate (-1: until EOG or a full context)
+    int32_t                  n_generated = 0;  // tokens sampled so far (last stage)
     llama_sampler *          smpl = nullptr; // last stage only
     std::vector<llama_token> history;        // tokens at positions [0, history.size()) (last stage: sampler history)
     bool                     pending_sampled = false; // last_sampled was accepted by the sampler already
@@ -113,6 +115,7 @@ class nak_stage {
     void on_detokenize(const nak_frame & req, nak_writer & w, nak_header & h);
     void on_template  (const nak_frame & req, nak_writer & w, nak_header & h);
 
+    void ring_next(const nak_session & s, const nak_header & req, const nak_forward & f, llama_token tok);
     nak_session * find_session(uint64_t id);
     void free_session(nak_session & s);
     void rebuild_sampler(nak_session & s);
@@ -137,6 +140,7 @@ class nak_stage {
     std::map<uint64_t, nak_session> sessions_;
     std::vector<bool>     slot_used_;
     std::vector<float>    embd_out_;
+    std::vector<nak_send> extra_; // frames a handler sends besides its reply (the ring's next step)
 };
 
 // error reply helper (also used by the event loop for transport-level errors)

@@ -161,7 +161,7 @@ class Session:
     """
 
     def __init__(self, chain: Chain, sampler: SamplerParams, capture: bool = False,
-                 stop_tokens: Sequence[int] = ()) -> None:
+                 stop_tokens: Sequence[int] = (), n_predict: int = -1) -> None:
         sampler.check()
         if capture and chain.forwarding:
             raise ChainError("capturing hidden states needs the client-relayed path (forwarding=False)")
@@ -181,7 +181,8 @@ class Session:
             for i, c in enumerate(chain.clients):
                 n_ctx = c.open(self.id, temp=sampler.temp, top_k=sampler.top_k, top_p=sampler.top_p,
                        min_p=sampler.min_p, repeat_penalty=sampler.repeat_penalty,
-                       repeat_last_n=sampler.repeat_last_n, seed=seed, stop_tokens=list(stop_tokens))
+                       repeat_last_n=sampler.repeat_last_n, seed=seed, stop_tokens=list(stop_tokens),
+                       n_predict=n_predict)
                 self._opened.append(i)
                 self.n_ctx = min(self.n_ctx, n_ctx)
         except StageError:
@@ -232,6 +233,41 @@ class Session:
         self.n_past += len(chunk)
         self.step += 1
         return reply
+
+    def ring(self, prompt_tokens: Sequence[int], n_predict: int) -> Iterator[dict]:
+        """Ring mode: prefill through the forwarding chain, then the last stage hands each sampled
+        token straight to the first stage; this client only receives the stream. Yields the last
+        stage's replies (``token``, ``is_eog``, ``piece``, ``n_past``), the final one included; the
+        stages and this loop stop by the same rule (end of generation, ``n_predict``, full context).
+        """
+        tokens = list(prompt_tokens)
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise ChainError(f"{self.n_past} cached + {len(tokens)} new tokens do not fit the session "
+                             f"context of {self.n_ctx} tokens; start the stages with a larger --ctx")
+        if not tokens:
+            raise ChainError("nothing to feed: the prompt is empty")
+        # the same n_batch chunks as feed(): the last one starts the ring
+        cut = len(tokens) - ((len(tokens) - 1) % self.chain.n_batch + 1)
+        head, last = tokens[:cut], tokens[cut:]
+        for i in range(0, len(head), self.chain.n_batch):
+            self._forward_routed(head[i:i + self.chain.n_batch], False)
+        pos = list(range(self.n_past, self.n_past + len(last)))
+        ring = ",".join(s.address for s in self.chain.stages)
+        self.chain.clients[0].send_forward(self.id, self.step, pos, last, True, self.chain.route, ring)
+        produced = 0
+        while True:
+            try:
+                reply = _nakshatra.wait_forward_ok(self.chain.clients, int(self.chain.timeout_s * 1000))
+            except StageError as e:
+                raise StageError(f"ring step {self.step}: {e}", e.code) from None
+            self.n_past = reply["n_past"]
+            self.step = reply["step"] + 1
+            yield reply
+            if reply["is_eog"]:
+                return
+            produced += 1
+            if produced == n_predict or self.n_past + 1 > self.n_ctx:
+                return
 
     def _forward_routed(self, chunk: list[int], sample: bool) -> dict:
         """Forwarding: the first stage sends its hidden state straight to the next and so on; the
@@ -287,13 +323,14 @@ class Chain:
 
     def __init__(self, stages: Sequence[str | tuple[str, int]], timeout_s: float = 60.0,
                  connect_timeout_s: float = 5.0, n_batch: int = DEFAULT_N_BATCH,
-                 forwarding: bool = False) -> None:
+                 forwarding: bool = False, ring: bool = False) -> None:
         addrs = [parse_stage_address(s) if isinstance(s, str) else s for s in stages]
         if not addrs:
             raise ChainError("the chain is empty: give --chain host:port,host:port,...")
         self.n_batch = n_batch
         self.timeout_s = timeout_s
-        self.forwarding = forwarding
+        self.forwarding = forwarding or ring
+        self.ring_mode = ring
         clients: dict[tuple[str, int], object] = {}
         infos = []
         try:
@@ -326,10 +363,11 @@ class Chain:
         return self.clients[0]
 
     def session(self, sampler: SamplerParams | None = None, capture: bool = False,
-                stop_tokens: Sequence[int] = ()) -> Session:
+                stop_tokens: Sequence[int] = (), n_predict: int = -1) -> Session:
         """Open a session on every stage (see :class:`Session`); the last stage ends the generation
-        (``is_eog``) at an end-of-generation token or one of ``stop_tokens``."""
-        return Session(self, sampler or SamplerParams(), capture, stop_tokens)
+        (``is_eog``) at an end-of-generation token or one of ``stop_tokens``; ``n_predict`` bounds a
+        ring's generation."""
+        return Session(self, sampler or SamplerParams(), capture, stop_tokens, n_predict)
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Token ids of ``text`` by the first stage's vocabulary (llama_tokenize)."""
@@ -348,7 +386,10 @@ class Chain:
         """Yield ``(token, piece_bytes)`` for each generated token; stops at an end-of-generation
         token (not yielded) or after ``n_predict`` tokens (``-1``: until the context is full)."""
         own = session is None
-        sess = session or self.session(sampler, stop_tokens=stop_tokens)
+        sess = session or self.session(sampler, stop_tokens=stop_tokens, n_predict=n_predict)
+        if self.ring_mode and len(self.clients) > 1:
+            yield from self._generate_ring(sess, prompt_tokens, n_predict, stats, own)
+            return
         try:
             t0 = time.perf_counter()
             reply = sess.feed(prompt_tokens, sample=True)
@@ -373,6 +414,29 @@ class Chain:
                 stats.stage_compute_ms = [u / 1e3 for u in sess.compute_us]
                 stats.stage_rtt_ms = [u / 1e3 for u in sess.rtt_us]
                 stats.wire_bytes = list(sess.wire_bytes)
+        finally:
+            if own:
+                sess.close()
+
+    def _generate_ring(self, sess: Session, prompt_tokens: Sequence[int], n_predict: int,
+                       stats: GenerationStats | None, own: bool) -> Iterator[tuple[int, bytes]]:
+        try:
+            t0 = time.perf_counter()
+            t1 = None
+            produced = 0
+            for reply in sess.ring(prompt_tokens, n_predict):
+                if t1 is None:
+                    t1 = time.perf_counter()
+                    if stats is not None:
+                        stats.n_prompt = len(prompt_tokens)
+                        stats.prefill_ms = stats.ttft_ms = (t1 - t0) * 1e3
+                if reply["is_eog"]:
+                    break
+                produced += 1
+                if stats is not None:
+                    stats.n_generated = produced
+                    stats.decode_ms = (time.perf_counter() - t1) * 1e3
+                yield reply["token"], reply["piece"]
         finally:
             if own:
                 sess.close()
