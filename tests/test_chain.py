@@ -274,3 +274,26 @@ def test_ring_equals_the_relayed_chain(smol_chain) -> None:
             # the ring stopped exactly where the client did: the chain is reusable at once
             again = [t for t, _ in c.generate_tokens(prompt, 20, s)]
         assert ring == relayed == again
+
+
+def test_ring_stops_on_every_stage_when_the_client_goes_away(smol_chain) -> None:
+    import json
+    import time
+
+    c = Chain(smol_chain.addresses, ring=True)
+    gen = c.generate_tokens(c.tokenize("Count from one to one thousand:"), -1, GREEDY)
+    first = [next(gen) for _ in range(3)]
+    assert len(first) == 3
+    c.close()  # mid-ring: no CLOSE, the connections just drop
+    gen.close()
+    deadline = time.monotonic() + 10
+    for addr in smol_chain.addresses:
+        host, port = addr.rsplit(":", 1)
+        probe = _nakshatra.StageClient(host, int(port))
+        probe.hello()
+        while json.loads(probe.stats())["sessions"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert json.loads(probe.stats())["sessions"] == {}
+        probe.close()
+    # and the chain serves the next client
+    assert len(_generate(smol_chain.addresses, "Hello", 4)) == 4
