@@ -234,6 +234,21 @@ class Session:
         self.step += 1
         return reply
 
+    def relay(self, prompt_tokens: Sequence[int], n_predict: int) -> Iterator[dict]:
+        """Prefill, then one :meth:`feed` per sampled token (relayed or forwarded, as the chain
+        is set). Yields the last stage's replies, the final one included, and stops at end of
+        generation, after ``n_predict`` tokens (``-1``: no limit) or when the context is full."""
+        reply = self.feed(prompt_tokens, sample=True)
+        produced = 0
+        while True:
+            yield reply
+            if reply["is_eog"]:
+                return
+            produced += 1
+            if produced == n_predict or self.n_past + 1 > self.n_ctx:
+                return
+            reply = self.feed([reply["token"]], sample=True)
+
     def ring(self, prompt_tokens: Sequence[int], n_predict: int) -> Iterator[dict]:
         """Ring mode: prefill through the forwarding chain, then the last stage hands each sampled
         token straight to the first stage; this client only receives the stream. Yields the last
@@ -387,44 +402,13 @@ class Chain:
         token (not yielded) or after ``n_predict`` tokens (``-1``: until the context is full)."""
         own = session is None
         sess = session or self.session(sampler, stop_tokens=stop_tokens, n_predict=n_predict)
-        if self.ring_mode and len(self.clients) > 1:
-            yield from self._generate_ring(sess, prompt_tokens, n_predict, stats, own)
-            return
-        try:
-            t0 = time.perf_counter()
-            reply = sess.feed(prompt_tokens, sample=True)
-            t1 = time.perf_counter()
-            if stats is not None:
-                stats.n_prompt = len(prompt_tokens)
-                stats.prefill_ms = stats.ttft_ms = (t1 - t0) * 1e3
-            produced = 0
-            while True:
-                if reply["is_eog"]:
-                    break
-                produced += 1
-                if stats is not None:
-                    stats.n_generated = produced
-                    stats.decode_ms = (time.perf_counter() - t1) * 1e3
-                yield reply["token"], reply["piece"]
-                if produced == n_predict or sess.n_past + 1 > sess.n_ctx:
-                    break  # asked-for length, or the context is full
-                reply = sess.feed([reply["token"]], sample=True)
-            if stats is not None:
-                stats.decode_ms = (time.perf_counter() - t1) * 1e3
-                stats.stage_compute_ms = [u / 1e3 for u in sess.compute_us]
-                stats.stage_rtt_ms = [u / 1e3 for u in sess.rtt_us]
-                stats.wire_bytes = list(sess.wire_bytes)
-        finally:
-            if own:
-                sess.close()
-
-    def _generate_ring(self, sess: Session, prompt_tokens: Sequence[int], n_predict: int,
-                       stats: GenerationStats | None, own: bool) -> Iterator[tuple[int, bytes]]:
+        ring = self.ring_mode and len(self.clients) > 1
+        replies = sess.ring(prompt_tokens, n_predict) if ring else sess.relay(prompt_tokens, n_predict)
         try:
             t0 = time.perf_counter()
             t1 = None
             produced = 0
-            for reply in sess.ring(prompt_tokens, n_predict):
+            for reply in replies:
                 if t1 is None:
                     t1 = time.perf_counter()
                     if stats is not None:
@@ -437,7 +421,12 @@ class Chain:
                     stats.n_generated = produced
                     stats.decode_ms = (time.perf_counter() - t1) * 1e3
                 yield reply["token"], reply["piece"]
+            if stats is not None:
+                stats.stage_compute_ms = [u / 1e3 for u in sess.compute_us]
+                stats.stage_rtt_ms = [u / 1e3 for u in sess.rtt_us]
+                stats.wire_bytes = list(sess.wire_bytes)
         finally:
+            replies.close()
             if own:
                 sess.close()
 
