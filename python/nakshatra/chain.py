@@ -242,12 +242,16 @@ class Session:
         produced = 0
         while True:
             yield reply
-            if reply["is_eog"]:
-                return
             produced += 1
-            if produced == n_predict or self.n_past + 1 > self.n_ctx:
+            if self._last(reply, produced, n_predict):
                 return
             reply = self.feed([reply["token"]], sample=True)
+
+    def _last(self, reply: dict, produced: int, n_predict: int) -> bool:
+        """Whether generation ends with this reply: end of generation, ``n_predict`` tokens, or a
+        full context. The last stage applies the same rule to stop a ring (cpp/stage/stage.cpp,
+        ring_next), so client and stages stop together."""
+        return bool(reply["is_eog"]) or produced == n_predict or self.n_past + 1 > self.n_ctx
 
     def ring(self, prompt_tokens: Sequence[int], n_predict: int) -> Iterator[dict]:
         """Ring mode: prefill through the forwarding chain, then the last stage hands each sampled
@@ -278,10 +282,8 @@ class Session:
             self.n_past = reply["n_past"]
             self.step = reply["step"] + 1
             yield reply
-            if reply["is_eog"]:
-                return
             produced += 1
-            if produced == n_predict or self.n_past + 1 > self.n_ctx:
+            if self._last(reply, produced, n_predict):
                 return
 
     def _forward_routed(self, chunk: list[int], sample: bool) -> dict:
