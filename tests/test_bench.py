@@ -36,3 +36,20 @@ def test_bench_writes_single_chain_and_ratios(smollm2_path: Path, tmp_path: Path
     assert ratios["decode_chain_over_single"] > 0
     assert ratios["prefill_chain_over_single"] == ratios["prefill16_chain_over_single"]
     assert "decode tok/s" in r.stdout and "chain / single" in r.stdout
+
+
+def test_bench_synthetic_model_of_a_given_size(smollm2_path: Path, tmp_path: Path) -> None:
+    from nakshatra.synthetic import parse_size
+
+    assert parse_size("1.5B") == 1.5e9 and parse_size("300M") == 3e8
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "bench", "--synthetic", "40M", "--stages", "2",
+                        "--threads", "1", "--reps", "1", "--n-decode", "4", "--prompt-lens", "8", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert "synthetic-llama-40M" in res["config"]["model"]
+    assert res["ratios"]["decode_chain_over_single"] > 0
+    bad = subprocess.run([sys.executable, "-m", "nakshatra_cli", "bench", "--synthetic", "lots"],
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert bad.returncode == 1 and "1.5B" in bad.stderr

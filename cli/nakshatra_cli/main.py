@@ -236,6 +236,7 @@ def bench(
     prompt_lens: Annotated[str, typer.Option("--prompt-lens", help="Prefill lengths, comma separated.")] = "128,512",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON to this file.")] = None,
     forwarding: Annotated[bool, typer.Option("--forwarding/--relay", help="Chain with stage-to-stage forwarding or client relay.")] = False,
+    synthetic: Annotated[Optional[str], typer.Option("--synthetic", help="Bench a random-weight llama-shaped Q4_0 model of this size instead, e.g. 1.5B (written once into the cache).")] = None,
 ) -> None:
     """Measure the unsplit model (one process) and a chain of local stages side by side.
 
@@ -250,7 +251,17 @@ def bench(
         raise NakError(f"--prompt-lens {prompt_lens!r}: give token counts like 128,512") from None
     if not lens or min(lens) < 1 or n_decode < 1 or reps < 1 or stages < 1:
         raise NakError("--prompt-lens, --n-decode, --reps and --stages must be positive")
-    cfg = BenchConfig(model=resolve_model(model), stages=stages, prompt_lens=lens, n_decode=n_decode,
+    if synthetic:
+        from nakshatra.synthetic import cached_synthetic_llama
+
+        try:
+            with err_console.status(f"writing a {synthetic} random-weight model (once) ..."):
+                model_path = cached_synthetic_llama(synthetic)
+        except ValueError as e:
+            raise NakError(f"--synthetic: {e}") from None
+    else:
+        model_path = resolve_model(model)
+    cfg = BenchConfig(model=model_path, stages=stages, prompt_lens=lens, n_decode=n_decode,
                       reps=reps, threads=threads, stage_threads=stage_threads, forwarding=forwarding)
     with err_console.status("measuring the chain, then the single process ..."):
         res = run_bench(cfg)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -303,3 +304,34 @@ def _make_tensor(spec: TensorSpec, qtype, rng: np.random.Generator) -> np.ndarra
         parts.append(gguf.quants.quantize(x, qtype))
     data = np.concatenate(parts) if len(parts) > 1 else parts[0]
     return data.reshape(*spec.ne[1:][::-1], data.shape[-1])
+
+
+def parse_size(text: str) -> float:
+    """Parameter count from ``"1.5B"``, ``"300M"``, ``"2e9"``. Raises ValueError naming the text."""
+    t = text.strip().upper()
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}.get(t[-1:], 1.0)
+    try:
+        n = float(t[:-1] if t[-1:] in "KMBG" else t) * scale
+    except ValueError:
+        raise ValueError(f"model size {text!r}: write e.g. 1.5B or 300M") from None
+    if n <= 0:
+        raise ValueError(f"model size {text!r} must be positive")
+    return n
+
+
+def cached_synthetic_llama(size: str, dtype: str = "q4_0") -> Path:
+    """A random-weight llama-shaped GGUF of about ``size`` parameters (``"1.5B"``), with the
+    built-in SmolLM2 tokenizer, written once into ``cache_dir()/models/`` and reused. For
+    benchmarks only: its text is noise. Raises ValueError for a bad or too small size."""
+    from .models import pull
+    from .paths import cache_dir
+
+    n = parse_size(size)
+    path = cache_dir() / "models" / f"synthetic-llama-{n / 1e6:.0f}M-{dtype}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".writing")
+        write_synthetic_llama_of_size(tmp, n, tokenizer_from=pull("smollm2", progress=False), dtype=dtype)
+        # write_synthetic writes to <tmp>.partial and renames; move the finished file into place
+        os.replace(tmp, path)
+    return path
