@@ -22,7 +22,7 @@ MAGIC = 0x534B414E
 HELLO, ERROR, FORWARD, OPEN = 1, 255, 5, 3
 
 
-def frame(type_: int, payload: bytes = b"", version: int = 1, magic: int = MAGIC, session: int = 0,
+def frame(type_: int, payload: bytes = b"", version: int = _nakshatra.PROTOCOL_VERSION, magic: int = MAGIC, session: int = 0,
           length: int | None = None) -> bytes:
     return HDR.pack(magic, version, type_, 0, 1, session, 0, len(payload) if length is None else length) + payload
 

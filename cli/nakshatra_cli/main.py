@@ -206,6 +206,9 @@ def serve(
     cache_type_k: Annotated[str, typer.Option("--cache-type-k", "-ctk")] = "f16",
     cache_type_v: Annotated[str, typer.Option("--cache-type-v", "-ctv")] = "f16",
     ready_json: Annotated[bool, typer.Option("--ready-json", help="Also print the ready line as JSON on stdout.")] = False,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="First stage: session steps decoded together (1: no batching).")] = 8,
+    wire: Annotated[str, typer.Option("--wire", help="Hidden states sent as f32 (exact), bf16 or q8r (per-row int8).")] = "f32",
+    batch_log: Annotated[str, typer.Option("--batch-log", help="Append one JSON line per decoded batch to this file.")] = "",
 ) -> None:
     """Serve one slice as a stage (C++ event loop; Ctrl-C stops it).
 
@@ -219,7 +222,7 @@ def serve(
                                  threads=threads, threads_batch=threads_batch, ctx=ctx, max_sessions=max_sessions,
                                  n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
                                  cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-                                 ready_json=ready_json))
+                                 ready_json=ready_json, max_batch=max_batch, wire=wire, batch_log=batch_log))
     raise typer.Exit(code)
 
 

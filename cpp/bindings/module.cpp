@@ -158,17 +158,22 @@ struct py_stage_client {
         return hello_dict(ok);
     }
 
-    uint32_t open(uint64_t session, float temp, int32_t top_k, float top_p, float min_p, float repeat_penalty,
-                  int32_t repeat_last_n, uint32_t seed, int32_t n_predict, const std::vector<int32_t> & stop_tokens) {
+    // (positions the stage holds for the session, its KV sequence id)
+    py::tuple open(uint64_t session, float temp, int32_t top_k, float top_p, float min_p, float repeat_penalty,
+                   int32_t repeat_last_n, uint32_t seed, int32_t n_predict, const std::vector<int32_t> & stop_tokens,
+                   int32_t seq) {
         nak_open m;
         m.sampler = { temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed };
         m.n_predict = n_predict;
         m.stop_tokens = stop_tokens;
+        m.seq = seq;
         nak_writer w;
         nak_encode(w, m);
         nak_frame r = call(NAK_MSG_OPEN, session, NAK_DTYPE_NONE, w.buf, NAK_MSG_OPEN_OK);
         nak_reader rd(r.payload);
-        return rd.u32();
+        const uint32_t n_ctx = rd.u32();
+        const int32_t  got   = rd.i32();
+        return py::make_tuple(n_ctx, got);
     }
 
     static std::vector<uint8_t> forward_payload(uint64_t step, const std::vector<int32_t> & pos,
@@ -208,9 +213,9 @@ struct py_stage_client {
 
     py::dict forward(uint64_t session, uint64_t step, const std::vector<int32_t> & pos,
                      const std::optional<std::vector<int32_t>> & tokens, const std::optional<py::bytes> & embd,
-                     bool sample) {
+                     bool sample, uint8_t dtype) {
         const std::vector<uint8_t> payload = forward_payload(step, pos, tokens, embd, sample, "");
-        nak_frame r = call(NAK_MSG_FORWARD, session, embd ? NAK_DTYPE_F32 : NAK_DTYPE_NONE, payload, NAK_MSG_FORWARD_OK);
+        nak_frame r = call(NAK_MSG_FORWARD, session, embd ? dtype : (uint8_t) NAK_DTYPE_NONE, payload, NAK_MSG_FORWARD_OK);
         py::dict d = forward_ok_dict(r);
         d["wire_bytes"] = (uint64_t) (NAK_HEADER_SIZE * 2 + payload.size() + r.payload.size());
         return d;
@@ -255,6 +260,7 @@ struct py_stage_client {
         d["is_eog"]     = ok.is_eog != 0;
         d["piece"]      = py::bytes(ok.piece);
         d["embd"]       = ok.embd_bytes ? py::bytes((const char *) ok.embd, ok.embd_bytes) : py::bytes();
+        d["dtype"]      = r.hdr.dtype; // of embd (the sending stage's --wire)
         return d;
     }
 
@@ -408,7 +414,8 @@ struct py_stage {
 
     py_stage(const std::string & path, const std::string & model_sha256, uint32_t n_ctx, uint32_t max_sessions,
              int32_t n_threads, int32_t n_threads_batch, int32_t n_gpu_layers, int32_t flash_attn, const std::string & cache_type_k,
-             const std::string & cache_type_v, uint32_t n_batch, uint32_t n_ubatch, uint32_t idle_timeout_s) {
+             const std::string & cache_type_v, uint32_t n_batch, uint32_t n_ubatch, uint32_t idle_timeout_s,
+             uint32_t max_batch, const std::string & wire, const std::string & batch_log) {
         ensure_backend();
         nak_stage_params p;
         p.model_path     = path;
@@ -424,6 +431,9 @@ struct py_stage {
         p.n_batch        = n_batch;
         p.n_ubatch       = n_ubatch;
         p.idle_timeout_s = idle_timeout_s;
+        p.max_batch      = max_batch;
+        p.wire           = wire;
+        p.batch_log      = batch_log;
         st = std::make_unique<nak_stage>();
         std::string err;
         bool ok;
@@ -476,13 +486,13 @@ struct py_reference {
     nak_reference ref;
 
     py_reference(const std::string & path, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, int32_t n_threads,
-                 const std::vector<int> & capture_layers) {
+                 const std::vector<int> & capture_layers, uint32_t n_seq_max) {
         ensure_backend();
         std::string err;
         bool ok;
         {
             py::gil_scoped_release nogil;
-            ok = ref.load(path, n_ctx, n_batch, n_ubatch, n_threads, capture_layers, err);
+            ok = ref.load(path, n_ctx, n_batch, n_ubatch, n_threads, capture_layers, err, n_seq_max);
         }
         if (!ok) {
             raise_stage_error(err, "load");
@@ -497,6 +507,23 @@ struct py_reference {
         {
             py::gil_scoped_release nogil;
             out = ref.generate(prompt, n_predict, sp, err);
+        }
+        if (!err.empty()) {
+            raise_stage_error(err, "internal");
+        }
+        return out;
+    }
+
+    std::vector<int32_t> decode_batch(const std::vector<int32_t> & seq, const std::vector<int32_t> & pos,
+                                      const std::vector<int32_t> & tokens, const std::vector<int32_t> & sample) {
+        if (seq.size() != pos.size() || pos.size() != tokens.size() || tokens.size() != sample.size()) {
+            throw py::value_error("seq, pos, tokens and sample must have one entry per row");
+        }
+        std::string err;
+        std::vector<int32_t> out;
+        {
+            py::gil_scoped_release nogil;
+            out = ref.decode_batch(seq, pos, tokens, sample, err);
         }
         if (!err.empty()) {
             raise_stage_error(err, "internal");
@@ -575,11 +602,13 @@ PYBIND11_MODULE(_nakshatra, m) {
 
     py::class_<py_stage>(m, "Stage", "One loaded slice and its llama_context (see cpp/stage/stage.h).")
         .def(py::init<const std::string &, const std::string &, uint32_t, uint32_t, int32_t, int32_t, int32_t, int32_t,
-                      const std::string &, const std::string &, uint32_t, uint32_t, uint32_t>(),
+                      const std::string &, const std::string &, uint32_t, uint32_t, uint32_t, uint32_t,
+                      const std::string &, const std::string &>(),
              py::arg("model_path"), py::arg("model_sha256") = "", py::arg("n_ctx") = 4096, py::arg("max_sessions") = 8,
              py::arg("n_threads") = 0, py::arg("n_threads_batch") = 0, py::arg("n_gpu_layers") = -1, py::arg("flash_attn") = -1,
              py::arg("cache_type_k") = "f16", py::arg("cache_type_v") = "f16", py::arg("n_batch") = 2048,
-             py::arg("n_ubatch") = 512, py::arg("idle_timeout_s") = 600)
+             py::arg("n_ubatch") = 512, py::arg("idle_timeout_s") = 600, py::arg("max_batch") = 8,
+             py::arg("wire") = "f32", py::arg("batch_log") = "")
         .def("serve", &py_stage::serve, py::arg("host"), py::arg("port"), py::arg("on_ready"),
              py::arg("max_payload") = NAK_MAX_PAYLOAD_DEFAULT,
              "Run the event loop until SIGINT/SIGTERM raises or stop() is called; on_ready(port) once listening.")
@@ -600,9 +629,11 @@ PYBIND11_MODULE(_nakshatra, m) {
         .def("open", &py_stage_client::open, py::arg("session"), py::arg("temp") = 0.8f, py::arg("top_k") = 40,
              py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
              py::arg("repeat_last_n") = 64, py::arg("seed") = 0xFFFFFFFFu, py::arg("n_predict") = -1,
-             py::arg("stop_tokens") = std::vector<int32_t>{})
+             py::arg("stop_tokens") = std::vector<int32_t>{}, py::arg("seq") = -1,
+             "Open a session: returns (n_ctx positions it may hold, its KV sequence id); seq -1 lets the stage pick.")
         .def("forward", &py_stage_client::forward, py::arg("session"), py::arg("step"), py::arg("pos"),
-             py::arg("tokens") = py::none(), py::arg("embd") = py::none(), py::arg("sample") = false)
+             py::arg("tokens") = py::none(), py::arg("embd") = py::none(), py::arg("sample") = false,
+             py::arg("dtype") = (uint8_t) NAK_DTYPE_F32)
         .def("send_forward", &py_stage_client::send_forward, py::arg("session"), py::arg("step"), py::arg("pos"),
              py::arg("tokens"), py::arg("sample"), py::arg("route"), py::arg("ring") = "",
              "Forwarding: send a step whose hidden state travels stage to stage along route; see wait_forward_ok. "
@@ -618,12 +649,18 @@ PYBIND11_MODULE(_nakshatra, m) {
         .def("close", &py_stage_client::close);
 
     py::class_<py_reference>(m, "Reference", "The unsplit model on llama.cpp's stock path (see cpp/stage/reference.h).")
-        .def(py::init<const std::string &, uint32_t, uint32_t, uint32_t, int32_t, const std::vector<int> &>(),
+        .def(py::init<const std::string &, uint32_t, uint32_t, uint32_t, int32_t, const std::vector<int> &, uint32_t>(),
              py::arg("model_path"), py::arg("n_ctx") = 4096, py::arg("n_batch") = 2048, py::arg("n_ubatch") = 512,
-             py::arg("n_threads") = 0, py::arg("capture_layers") = std::vector<int>{})
+             py::arg("n_threads") = 0, py::arg("capture_layers") = std::vector<int>{}, py::arg("n_seq_max") = 1,
+             "n_seq_max > 1: that many KV sequences of n_ctx / n_seq_max positions each, one stream per\n"
+             "sequence, as a stage with --max-sessions n_seq_max (for decode_batch replays).")
         .def("generate", &py_reference::generate, py::arg("prompt"), py::arg("n_predict"), py::arg("temp") = 0.0f,
              py::arg("top_k") = 40, py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
              py::arg("repeat_last_n") = 64, py::arg("seed") = 0xFFFFFFFFu)
+        .def("decode_batch", &py_reference::decode_batch, py::arg("seq"), py::arg("pos"), py::arg("tokens"),
+             py::arg("sample"),
+             "One llama_decode of the given rows (one entry per row); returns the greedy token of every row "
+             "whose sample flag is set, in row order. Replays a stage's --batch-log.")
         .def("time_run", &py_reference::time_run, py::arg("prompt"), py::arg("n_decode"),
              "Prefill then n_decode greedy one-token steps from an empty cache: (prefill_us, decode_us).")
         .def("captured", &py_reference::captured, py::arg("layer"),

@@ -50,6 +50,7 @@ const char * nak_msg_type_name(uint8_t type) {
         case NAK_MSG_DETOKENIZE_OK: return "DETOKENIZE_OK";
         case NAK_MSG_TEMPLATE:      return "TEMPLATE";
         case NAK_MSG_TEMPLATE_OK:   return "TEMPLATE_OK";
+        case NAK_MSG_BATCH:         return "BATCH";
         case NAK_MSG_ERROR:         return "ERROR";
         default:                    return "UNKNOWN";
     }
@@ -199,6 +200,7 @@ void nak_encode(nak_writer & w, const nak_open & m) {
     w.u32(m.sampler.seed);
     w.i32(m.n_predict);
     w.i32s(m.stop_tokens);
+    w.i32(m.seq);
 }
 
 bool nak_decode(const std::vector<uint8_t> & p, nak_open & m) {
@@ -212,6 +214,7 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_open & m) {
     m.sampler.seed           = r.u32();
     m.n_predict              = r.i32();
     m.stop_tokens            = r.i32s();
+    m.seq                    = r.i32();
     return r.done();
 }
 
@@ -289,6 +292,62 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_forward_ok & m) {
     m.token      = r.i32();
     m.is_eog     = r.u8();
     m.piece      = r.str();
+    m.embd_bytes = r.u32();
+    m.embd       = r.view(m.embd_bytes);
+    return r.done();
+}
+
+// BATCH payload:
+// | id u64 | n_entries u32 | entry ... | next_hop str | embd_bytes u32 | embd |
+// entry: | session_id u64 | request_id u64 | step u64 | flags u32 | seq i32 | n_tokens u32 | pos0 i32 |
+//        | (tokens i32[n_tokens]) | ring str |
+void nak_encode(nak_writer & w, const nak_batch & m) {
+    w.u64(m.id);
+    w.u32((uint32_t) m.entries.size());
+    for (const auto & e : m.entries) {
+        w.u64(e.session_id);
+        w.u64(e.request_id);
+        w.u64(e.step);
+        w.u32(e.flags);
+        w.i32(e.seq);
+        w.u32(e.n_tokens);
+        w.i32(e.pos0);
+        if (e.flags & NAK_FWD_TOKENS) {
+            w.bytes(e.tokens.data(), e.tokens.size() * 4);
+        }
+        w.str(e.ring);
+    }
+    w.str(m.next_hop);
+    w.u32((uint32_t) m.embd_bytes);
+    w.bytes(m.embd, m.embd_bytes);
+}
+
+bool nak_decode(const std::vector<uint8_t> & p, nak_batch & m) {
+    nak_reader r(p);
+    m.id = r.u64();
+    const uint32_t n = r.u32();
+    // an entry takes at least 44 bytes: a count beyond what the payload can hold is malformed
+    if (!r.ok || n > (r.n - r.off) / 44) {
+        return false;
+    }
+    m.entries.resize(n);
+    for (auto & e : m.entries) {
+        e.session_id = r.u64();
+        e.request_id = r.u64();
+        e.step       = r.u64();
+        e.flags      = r.u32();
+        e.seq        = r.i32();
+        e.n_tokens   = r.u32();
+        e.pos0       = r.i32();
+        if (!r.ok || e.n_tokens > (r.n - r.off) / 4) {
+            return false;
+        }
+        if ((e.flags & NAK_FWD_TOKENS) && !read_i32_array(r, e.n_tokens, e.tokens)) {
+            return false;
+        }
+        e.ring = r.str();
+    }
+    m.next_hop   = r.str();
     m.embd_bytes = r.u32();
     m.embd       = r.view(m.embd_bytes);
     return r.done();

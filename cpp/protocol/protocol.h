@@ -20,7 +20,7 @@
 #include <vector>
 
 #define NAK_PROTO_MAGIC         0x534b414eu // "NAKS" read as a little-endian u32
-#define NAK_PROTO_VERSION       1
+#define NAK_PROTO_VERSION       2 // 2: OPEN names a KV sequence, BATCH between stages, wire dtypes
 #define NAK_HEADER_SIZE         32
 #define NAK_MAX_PAYLOAD_DEFAULT (64u << 20) // 64 MiB: a 2048-token batch of n_embd 8192 f32
 #define NAK_NONCE_SIZE          32
@@ -49,6 +49,7 @@ enum nak_msg_type : uint8_t {
     NAK_MSG_DETOKENIZE_OK = 16,
     NAK_MSG_TEMPLATE      = 17,
     NAK_MSG_TEMPLATE_OK   = 18,
+    NAK_MSG_BATCH         = 19, // stage to stage: the first stage's batch of session steps, unchanged
     NAK_MSG_ERROR         = 255,
 };
 
@@ -68,8 +69,8 @@ enum nak_error_code : uint16_t {
 enum nak_dtype : uint8_t {
     NAK_DTYPE_NONE = 0,
     NAK_DTYPE_F32  = 1, // exact, the default
-    NAK_DTYPE_BF16 = 2, // reserved for the wire-format opt-ins
-    NAK_DTYPE_Q8R  = 3, // reserved: per-row scaled int8
+    NAK_DTYPE_BF16 = 2, // lossy opt-in, see wire.h
+    NAK_DTYPE_Q8R  = 3, // lossy opt-in: per-row scaled int8, see wire.h
 };
 
 // FORWARD flags
@@ -198,6 +199,11 @@ struct nak_open {
     nak_sampler_params   sampler;
     int32_t              n_predict = -1;
     std::vector<int32_t> stop_tokens; // sampled tokens that end the generation like an EOG token
+    // KV sequence id to use (-1: the stage picks the lowest free one). The client opens the first
+    // stage first and asks every other stage for the same id: llama.cpp cuts a multi-session
+    // batch into ubatches by runs of consecutive sequence ids, so every stage must number the
+    // sessions alike to cut a batch the same way (and the unsplit model replay with it).
+    int32_t              seq = -1;
 };
 
 struct nak_forward {
@@ -230,6 +236,30 @@ struct nak_forward_ok {
     size_t      embd_bytes = 0;
 };
 
+// One session's step inside a BATCH: the fields of a FORWARD, plus who asked and the KV sequence.
+struct nak_batch_entry {
+    uint64_t             session_id = 0;
+    uint64_t             request_id = 0; // of the client's FORWARD: the last stage's reply carries it
+    uint64_t             step       = 0;
+    uint32_t             flags      = 0; // NAK_FWD_TOKENS | NAK_FWD_SAMPLE | NAK_FWD_RING
+    int32_t              seq        = 0; // KV sequence id on every stage (see nak_open::seq)
+    uint32_t             n_tokens   = 0;
+    int32_t              pos0       = 0; // positions pos0 .. pos0 + n_tokens - 1
+    std::vector<int32_t> tokens;         // [n_tokens] when NAK_FWD_TOKENS
+    std::string          ring;           // ring route (see nak_forward::ring)
+};
+
+// A batch formed by the first stage (continuous batching): every later stage decodes the same
+// rows in the same order in one llama_decode, so the batch can be logged and replayed through
+// the unsplit model. Hidden states of all rows follow, entry after entry.
+struct nak_batch {
+    uint64_t                     id = 0;     // the first stage's batch counter
+    std::vector<nak_batch_entry> entries;
+    std::string                  next_hop;   // the rest of the route after the receiving stage
+    const uint8_t *              embd = nullptr; // [sum n_tokens, n_embd] in the header's dtype (a view)
+    size_t                       embd_bytes = 0;
+};
+
 struct nak_error {
     uint16_t    code = NAK_ERR_INTERNAL;
     std::string message;
@@ -248,6 +278,7 @@ void nak_encode(nak_writer & w, const nak_forward & m);
 void nak_encode(nak_writer & w, const nak_forward_ok & m);
 void nak_encode(nak_writer & w, const nak_error & m);
 void nak_encode(nak_writer & w, const nak_health & m);
+void nak_encode(nak_writer & w, const nak_batch & m);
 
 bool nak_decode(const std::vector<uint8_t> & p, nak_hello & m);
 bool nak_decode(const std::vector<uint8_t> & p, nak_hello_ok & m);
@@ -256,6 +287,7 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_forward & m);
 bool nak_decode(const std::vector<uint8_t> & p, nak_forward_ok & m);
 bool nak_decode(const std::vector<uint8_t> & p, nak_error & m);
 bool nak_decode(nak_reader & r, nak_health & m);
+bool nak_decode(const std::vector<uint8_t> & p, nak_batch & m);
 
 // a complete frame (header + payload) ready to send
 std::vector<uint8_t> nak_frame_bytes(nak_header h, const std::vector<uint8_t> & payload);

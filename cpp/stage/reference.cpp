@@ -30,6 +30,9 @@ static bool reference_eval_cb(ggml_tensor * t, bool ask, void * user_data) {
 }
 
 nak_reference::~nak_reference() {
+    if (greedy) {
+        llama_sampler_free(greedy);
+    }
     if (ctx) {
         llama_free(ctx);
     }
@@ -42,7 +45,8 @@ nak_reference::~nak_reference() {
 }
 
 bool nak_reference::load(const std::string & path, uint32_t n_ctx, uint32_t n_batch_, uint32_t n_ubatch,
-                         int32_t n_threads, const std::vector<int> & capture_layers, std::string & err) {
+                         int32_t n_threads, const std::vector<int> & capture_layers, std::string & err,
+                         uint32_t n_seq_max) {
     llama_model_params mp = llama_model_default_params();
     model = llama_model_load_from_file(path.c_str(), mp);
     if (!model) {
@@ -58,6 +62,10 @@ bool nak_reference::load(const std::string & path, uint32_t n_ctx, uint32_t n_ba
     cp.n_ctx    = n_ctx;
     cp.n_batch  = n_batch_;
     cp.n_ubatch = n_ubatch;
+    // as a stage: one KV stream per sequence (see nak_stage::load)
+    cp.n_seq_max  = std::max(1u, n_seq_max);
+    cp.kv_unified = false;
+    cp.swa_full   = true;
     const int32_t nt = n_threads > 0 ? n_threads : (int32_t) std::max(1u, std::thread::hardware_concurrency());
     cp.n_threads       = nt;
     cp.n_threads_batch = nt;
@@ -161,5 +169,48 @@ std::vector<llama_token> nak_reference::generate(const std::vector<llama_token> 
         pos++;
     }
     llama_sampler_free(smpl);
+    return out;
+}
+
+std::vector<llama_token> nak_reference::decode_batch(const std::vector<int32_t> & seq, const std::vector<int32_t> & pos,
+                                                     const std::vector<int32_t> & tokens, const std::vector<int32_t> & sample,
+                                                     std::string & err) {
+    std::vector<llama_token> out;
+    const int32_t n = (int32_t) tokens.size();
+    const int32_t n_vocab = llama_vocab_n_tokens(vocab);
+    const uint32_t n_seq = llama_n_seq_max(ctx);
+    for (int32_t i = 0; i < n; i++) {
+        if (tokens[i] < 0 || tokens[i] >= n_vocab || seq[i] < 0 || (uint32_t) seq[i] >= n_seq) {
+            err = "row " + std::to_string(i) + ": token or sequence id out of range";
+            return out;
+        }
+    }
+    if (n == 0 || (uint32_t) n > n_batch) {
+        err = "a batch holds 1.." + std::to_string(n_batch) + " rows";
+        return out;
+    }
+    llama_batch batch = llama_batch_init(n, 0, 1);
+    batch.n_tokens = n;
+    for (int32_t i = 0; i < n; i++) {
+        batch.token[i]     = tokens[i];
+        batch.pos[i]       = pos[i];
+        batch.n_seq_id[i]  = 1;
+        batch.seq_id[i][0] = seq[i];
+        batch.logits[i]    = sample[i] != 0;
+    }
+    const int32_t rc = llama_decode(ctx, batch);
+    llama_batch_free(batch);
+    if (rc != 0) {
+        err = "llama_decode failed (" + std::to_string(rc) + ")";
+        return out;
+    }
+    if (!greedy) {
+        greedy = llama_sampler_init_greedy();
+    }
+    for (int32_t i = 0; i < n; i++) {
+        if (sample[i]) {
+            out.push_back(llama_sampler_sample(greedy, ctx, i));
+        }
+    }
     return out;
 }

@@ -17,6 +17,7 @@ struct nak_reference {
     llama_context *     ctx   = nullptr;
     ggml_threadpool *   threadpool = nullptr; // llama.cpp's tools' default: poll = 50
     const llama_vocab * vocab = nullptr;
+    llama_sampler *     greedy = nullptr;
     uint32_t            n_batch = 2048;
     int32_t             n_embd  = 0;
     std::set<int>       capture;                     // global layer indices whose l_out to keep
@@ -24,7 +25,13 @@ struct nak_reference {
 
     ~nak_reference();
     bool load(const std::string & path, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
-              int32_t n_threads, const std::vector<int> & capture_layers, std::string & err);
+              int32_t n_threads, const std::vector<int> & capture_layers, std::string & err,
+              uint32_t n_seq_max = 1);
+    // one llama_decode of the given rows; the greedy token of each row flagged in `sample`, in row
+    // order (a replay of a stage's batch log: same rows, same sequence ids, same ubatch cuts)
+    std::vector<llama_token> decode_batch(const std::vector<int32_t> & seq, const std::vector<int32_t> & pos,
+                                          const std::vector<int32_t> & tokens, const std::vector<int32_t> & sample,
+                                          std::string & err);
     // prefill `prompt` (cut in n_batch chunks), then sample up to n_predict tokens, one per decode,
     // stopping at an end-of-generation token (not included). Returns the sampled tokens.
     std::vector<llama_token> generate(const std::vector<llama_token> & prompt, int32_t n_predict,

@@ -4,6 +4,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <algorithm>
 #include <cstdlib>
 #include <deque>
 #include <poll.h>
@@ -168,6 +169,68 @@ conn_state * outbound_conn(std::vector<conn_state> & conns, int32_t & next_id, c
     return &conns.back();
 }
 
+// the requests to decode next: the queue's first, and at the first stage with batching on, the
+// FORWARDs of other sessions behind it that share its route, up to --max-batch steps and n_batch
+// rows. Scanning stops at the first frame that is not a FORWARD, so a CLOSE or TRUNCATE is never
+// overtaken, and a session contributes at most its earliest step.
+std::vector<queued_request> pick_batch(std::deque<queued_request> & queue, const nak_stage & stage) {
+    std::vector<queued_request> picked;
+    std::string route;
+    const uint32_t max_batch = stage.params().max_batch;
+    if (!stage.is_first() || max_batch <= 1 || !nak_stage::batchable(queue.front().frame, route)) {
+        picked.push_back(std::move(queue.front()));
+        queue.pop_front();
+        return picked;
+    }
+    std::vector<uint64_t> seen;
+    uint64_t rows = 0;
+    for (auto it = queue.begin(); it != queue.end() && picked.size() < max_batch;) {
+        const nak_frame & f = it->frame;
+        if (f.hdr.type != NAK_MSG_FORWARD) {
+            break;
+        }
+        const bool dup = std::find(seen.begin(), seen.end(), f.hdr.session_id) != seen.end();
+        seen.push_back(f.hdr.session_id);
+        std::string r;
+        nak_forward fw;
+        const bool ok = !dup && nak_stage::batchable(f, r) && r == route && nak_decode(f.payload, fw) &&
+                        (picked.empty() || rows + fw.n_tokens <= stage.params().n_batch);
+        if (!ok) {
+            ++it;
+            continue;
+        }
+        rows += fw.n_tokens;
+        picked.push_back(std::move(*it));
+        it = queue.erase(it);
+    }
+    return picked;
+}
+
+// send one frame the stage produced: to an accepted connection, or to the next stage by address;
+// a frame that cannot reach its address turns into an error for each session it carried
+void deliver(std::vector<conn_state> & conns, int32_t & next_id, const nak_stage & stage, nak_send & s) {
+    if (!s.address.empty()) {
+        std::string ferr;
+        if (conn_state * dst = outbound_conn(conns, next_id, s.address, stage, ferr)) {
+            send_frame(*dst, s.frame);
+            return;
+        }
+        for (const auto & f : s.fail_to) {
+            nak_send e;
+            e.conn  = f.first;
+            e.frame = nak_error_frame(f.second, NAK_ERR_INTERNAL, "next stage " + s.address + " unreachable: " + ferr);
+            deliver(conns, next_id, stage, e);
+        }
+        return;
+    }
+    for (auto & c : conns) {
+        if (c.id == s.conn && !c.dead) {
+            send_frame(c, s.frame);
+            return;
+        }
+    }
+}
+
 } // namespace
 
 bool nak_serve(nak_stage & stage, const nak_server_params & params,
@@ -250,38 +313,29 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
             }
         }
 
-        // scheduler: one request per llama_decode, first come first served
+        // scheduler: first come first served; at the first stage, forwarded steps of several
+        // sessions waiting together are decoded as one batch (continuous batching)
         if (!queue.empty()) {
-            queued_request q = std::move(queue.front());
-            queue.pop_front();
+            std::vector<queued_request> picked = pick_batch(queue, stage);
             stage.queue_depth = (uint32_t) queue.size();
             bool close_conn = false;
             std::vector<nak_send> out;
-            stage.handle(q.frame, q.conn, close_conn, out);
+            if (picked.size() == 1) {
+                stage.handle(picked[0].frame, picked[0].conn, close_conn, out);
+            } else {
+                std::vector<const nak_frame *> frames;
+                std::vector<int32_t> from;
+                for (const auto & q : picked) {
+                    frames.push_back(&q.frame);
+                    from.push_back(q.conn);
+                }
+                stage.on_forwards(frames, from, out);
+            }
             for (auto & s : out) {
-                conn_state * dst = nullptr;
-                std::string ferr;
-                if (!s.address.empty()) {
-                    dst = outbound_conn(conns, next_id, s.address, stage, ferr);
-                    if (!dst) {
-                        s.frame = nak_error_frame(s.req, NAK_ERR_INTERNAL, "next stage " + s.address +
-                                                  " unreachable: " + ferr);
-                        s.conn  = s.error_conn;
-                    }
-                }
-                if (!dst) {
-                    for (auto & c : conns) {
-                        if (c.id == s.conn && !c.dead) {
-                            dst = &c;
-                        }
-                    }
-                }
-                if (dst) {
-                    send_frame(*dst, s.frame);
-                }
+                deliver(conns, next_id, stage, s);
             }
             for (auto & c : conns) {
-                if (c.id == q.conn) {
+                if (c.id == picked[0].conn) {
                     c.closing = c.closing || close_conn;
                 }
             }

@@ -1,6 +1,7 @@
 #include "stage.h"
 
 #include "ggml-cpu.h"
+#include "wire.h"
 
 #include <algorithm>
 #include <chrono>
@@ -87,6 +88,9 @@ static ggml_threadpool * new_sleeping_pool(int32_t n_threads) {
 }
 
 nak_stage::~nak_stage() {
+    if (batch_log_) {
+        fclose(batch_log_);
+    }
     for (auto & kv : sessions_) {
         if (kv.second.smpl) {
             llama_sampler_free(kv.second.smpl);
@@ -117,6 +121,22 @@ bool nak_stage::load(const nak_stage_params & params, std::string & err) {
         err = "unknown cache type '" + params.cache_type_k + "'/'" + params.cache_type_v +
               "': use one of f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1";
         return false;
+    }
+
+    if (!nak_wire_parse(params.wire, wire_dtype_)) {
+        err = "unknown wire format '" + params.wire + "': use f32 (exact), bf16 or q8r";
+        return false;
+    }
+    if (params.max_batch == 0) {
+        err = "--max-batch must be at least 1 (1 turns batching off)";
+        return false;
+    }
+    if (!params.batch_log.empty()) {
+        batch_log_ = fopen(params.batch_log.c_str(), "a");
+        if (!batch_log_) {
+            err = "cannot open the batch log " + params.batch_log + " for appending";
+            return false;
+        }
     }
 
     llama_model_params mp = llama_model_default_params();
@@ -228,14 +248,16 @@ nak_hello_ok nak_stage::info() const {
 std::string nak_stage::stats_json() const {
     const nak_health h = health();
     std::string out;
-    char buf[512];
+    char buf[1024];
     snprintf(buf, sizeof(buf),
              "{\"layer_start\": %u, \"layer_end\": %u, \"sessions_active\": %u, \"max_sessions\": %u, "
              "\"tokens_in\": %" PRIu64 ", \"n_decode\": %" PRIu64 ", \"compute_us\": %" PRIu64 ", "
              "\"bytes_in\": %" PRIu64 ", \"bytes_out\": %" PRIu64 ", \"rss_bytes\": %" PRIu64 ", "
-             "\"kv_tokens_used\": %" PRIu64 ", \"uptime_ms\": %" PRIu64 ", \"sessions\": {",
+             "\"kv_tokens_used\": %" PRIu64 ", \"uptime_ms\": %" PRIu64 ", \"batch_entries\": %" PRIu64 ", "
+             "\"max_batch_entries\": %" PRIu64 ", \"wire\": \"%s\", \"sessions\": {",
              layer_start_, layer_end_, h.sessions_active, h.max_sessions, tokens_in_, n_decode_, compute_us_,
-             bytes_in_, bytes_out_, h.rss_bytes, h.kv_tokens_used, h.uptime_ms);
+             bytes_in_, bytes_out_, h.rss_bytes, h.kv_tokens_used, h.uptime_ms, n_batch_entries_, max_batch_entries_,
+             nak_wire_name(wire_dtype_));
     out += buf;
     bool first = true;
     for (const auto & kv : sessions_) {
@@ -309,23 +331,21 @@ struct nak_reject {
 };
 
 void nak_stage::handle(const nak_frame & req, int32_t conn, bool & close_conn, std::vector<nak_send> & out) {
+    close_conn = false;
+    if (req.hdr.type == NAK_MSG_FORWARD) {
+        on_forwards({ &req }, { conn }, out);
+        return;
+    }
+    if (req.hdr.type == NAK_MSG_BATCH) {
+        on_batch(req, conn, out);
+        return;
+    }
     bytes_in_ += NAK_HEADER_SIZE + req.payload.size();
     nak_header h;
     h.request_id = req.hdr.request_id;
     h.session_id = req.hdr.session_id;
     nak_writer w;
-    close_conn = false;
-    // a FORWARD is answered to whoever opened the session: with forwarding, the request came from
-    // the previous stage but the client waits for the token (or an error)
-    int32_t reply_conn = conn;
-    if (req.hdr.type == NAK_MSG_FORWARD) {
-        if (const nak_session * s = find_session(req.hdr.session_id)) {
-            reply_conn = s->conn;
-        }
-    }
-    std::string forward_to;
     std::vector<uint8_t> reply;
-    extra_.clear();
     try {
         switch (req.hdr.type) {
             case NAK_MSG_HELLO: {
@@ -341,7 +361,6 @@ void nak_stage::handle(const nak_frame & req, int32_t conn, bool & close_conn, s
                 nak_encode(w, info());
             } break;
             case NAK_MSG_OPEN:       on_open(req, conn, w, h);   break;
-            case NAK_MSG_FORWARD:    on_forward(req, w, h, forward_to); break;
             case NAK_MSG_TRUNCATE:   on_truncate(req, w, h);     break;
             case NAK_MSG_CLOSE:      on_close(req, w, h);        break;
             case NAK_MSG_TOKENIZE:   on_tokenize(req, w, h);     break;
@@ -359,23 +378,14 @@ void nak_stage::handle(const nak_frame & req, int32_t conn, bool & close_conn, s
         reply = nak_frame_bytes(h, w.buf);
     } catch (const nak_reject & e) {
         reply = nak_error_frame(req.hdr, e.code, e.message);
-        forward_to.clear();
     } catch (const std::exception & e) {
         reply = nak_error_frame(req.hdr, NAK_ERR_INTERNAL, e.what());
-        forward_to.clear();
     }
     bytes_out_ += reply.size();
     nak_send s;
-    s.conn       = reply_conn;
-    s.address    = forward_to;
-    s.error_conn = reply_conn;
-    s.req        = req.hdr;
-    s.frame      = std::move(reply);
+    s.conn  = conn;
+    s.frame = std::move(reply);
     out.push_back(std::move(s));
-    for (auto & e : extra_) {
-        out.push_back(std::move(e));
-    }
-    extra_.clear();
 }
 
 void nak_stage::on_open(const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h) {
@@ -394,10 +404,20 @@ void nak_stage::on_open(const nak_frame & req, int32_t conn, nak_writer & w, nak
         throw nak_reject{ NAK_ERR_BAD_REQUEST, "sampler parameters out of range (temp >= 0, top_p and min_p in [0, 1], repeat_penalty > 0)" };
     }
     int32_t slot = -1;
-    for (uint32_t i = 0; i < slot_used_.size(); i++) {
+    if (m.seq >= 0) {
+        if ((uint32_t) m.seq >= slot_used_.size()) {
+            throw nak_reject{ NAK_ERR_OVERLOADED, "KV sequence " + std::to_string(m.seq) + " asked for, but this stage has " +
+                              std::to_string(params_.max_sessions) + " (--max-sessions); give every stage the same --max-sessions" };
+        }
+        if (slot_used_[m.seq]) {
+            throw nak_reject{ NAK_ERR_OVERLOADED, "KV sequence " + std::to_string(m.seq) +
+                              " is in use on this stage by another session" };
+        }
+        slot = m.seq;
+    }
+    for (uint32_t i = 0; slot < 0 && i < slot_used_.size(); i++) {
         if (!slot_used_[i]) {
             slot = (int32_t) i;
-            break;
         }
     }
     if (slot < 0) {
@@ -417,46 +437,86 @@ void nak_stage::on_open(const nak_frame & req, int32_t conn, nak_writer & w, nak
     rebuild_sampler(s);
     h.type = NAK_MSG_OPEN_OK;
     w.u32(params_.n_ctx_session);
+    w.i32(slot);
 }
 
-void nak_stage::on_forward(const nak_frame & req, nak_writer & w, nak_header & h, std::string & forward_to) {
-    nak_session * s = find_session(req.hdr.session_id);
-    if (!s) {
-        throw nak_reject{ NAK_ERR_NO_SESSION, "no open session " + std::to_string(req.hdr.session_id) + " on this stage" };
-    }
+// ---- decode steps: FORWARD frames and BATCH frames ---------------------------------------------
+
+// a FORWARD frame as one step; `next_hop` receives its route
+static nak_step step_from_forward(const nak_frame & req, int32_t conn, std::string & next_hop) {
     nak_forward f;
     if (!nak_decode(req.payload, f)) {
         throw nak_reject{ NAK_ERR_BAD_REQUEST, "malformed FORWARD payload" };
     }
-    if (f.step != s->next_step) {
-        throw nak_reject{ NAK_ERR_BAD_REQUEST, "step " + std::to_string(f.step) + " out of order: expected " +
+    nak_step st;
+    st.e.session_id = req.hdr.session_id;
+    st.e.request_id = req.hdr.request_id;
+    st.e.step       = f.step;
+    st.e.flags      = f.flags & (NAK_FWD_TOKENS | NAK_FWD_SAMPLE | NAK_FWD_RING);
+    st.e.n_tokens   = f.n_tokens;
+    st.e.pos0       = f.n_tokens > 0 ? f.pos[0] : 0;
+    st.e.tokens     = std::move(f.tokens);
+    st.e.ring       = std::move(f.ring);
+    for (uint32_t i = 0; i < f.n_tokens; i++) {
+        if (f.pos[i] != st.e.pos0 + (int32_t) i) {
+            throw nak_reject{ NAK_ERR_BAD_REQUEST, "positions of one step must be consecutive" };
+        }
+    }
+    st.embd       = (f.flags & NAK_FWD_EMBD) ? f.embd : nullptr;
+    st.embd_bytes = (f.flags & NAK_FWD_EMBD) ? f.embd_bytes : 0;
+    st.dtype      = req.hdr.dtype;
+    st.req        = req.hdr;
+    st.reply_conn = conn;
+    next_hop      = std::move(f.next_hop);
+    return st;
+}
+
+bool nak_stage::batchable(const nak_frame & req, std::string & route) {
+    if (req.hdr.type != NAK_MSG_FORWARD) {
+        return false;
+    }
+    nak_forward f;
+    if (!nak_decode(req.payload, f) || f.next_hop.empty()) {
+        return false;
+    }
+    route = f.next_hop;
+    return true;
+}
+
+// check a step against its session before it joins a batch; throws nak_reject
+void nak_stage::check_step(nak_step & st, const std::string & next_hop) {
+    nak_session * s = find_session(st.e.session_id);
+    if (!s) {
+        throw nak_reject{ NAK_ERR_NO_SESSION, "no open session " + std::to_string(st.e.session_id) + " on this stage" };
+    }
+    st.s          = s;
+    st.reply_conn = s->conn; // the client waits for the reply (or an error) on its own connection
+    const uint32_t n = st.e.n_tokens;
+    if (st.e.step != s->next_step) {
+        throw nak_reject{ NAK_ERR_BAD_REQUEST, "step " + std::to_string(st.e.step) + " out of order: expected " +
                           std::to_string(s->next_step) };
     }
-    const uint32_t n = f.n_tokens;
     if (n == 0 || n > params_.n_batch) {
         throw nak_reject{ NAK_ERR_BAD_REQUEST, "a FORWARD carries 1.." + std::to_string(params_.n_batch) +
                           " tokens, not " + std::to_string(n) };
     }
-    for (uint32_t i = 0; i < n; i++) {
-        if (f.pos[i] != (int32_t) (s->n_past + i)) {
-            throw nak_reject{ NAK_ERR_BAD_REQUEST, "position " + std::to_string(f.pos[i]) + " does not continue the " +
-                              std::to_string(s->n_past) + " cached positions; TRUNCATE first" };
-        }
+    if (st.e.pos0 != (int32_t) s->n_past) {
+        throw nak_reject{ NAK_ERR_BAD_REQUEST, "position " + std::to_string(st.e.pos0) + " does not continue the " +
+                          std::to_string(s->n_past) + " cached positions; TRUNCATE first" };
     }
     if ((uint64_t) s->n_past + n > params_.n_ctx_session) {
         throw nak_reject{ NAK_ERR_CTX_FULL, "session context full: " + std::to_string(s->n_past) + " + " +
                           std::to_string(n) + " tokens > --ctx " + std::to_string(params_.n_ctx_session) };
     }
-    const bool sample = (f.flags & NAK_FWD_SAMPLE) != 0;
-    if (sample && !is_last() && f.next_hop.empty()) {
+    if ((st.e.flags & NAK_FWD_SAMPLE) && !is_last() && next_hop.empty()) {
         throw nak_reject{ NAK_ERR_BAD_REQUEST, "only the last stage samples (no route to it given)" };
     }
-    if (is_last() && !f.next_hop.empty()) {
-        throw nak_reject{ NAK_ERR_BAD_REQUEST, "the last stage has no next hop (route '" + f.next_hop + "')" };
+    if (is_last() && !next_hop.empty()) {
+        throw nak_reject{ NAK_ERR_BAD_REQUEST, "the last stage has no next hop (route '" + next_hop + "')" };
     }
     const int32_t n_vocab = llama_vocab_n_tokens(vocab_);
-    if (f.flags & NAK_FWD_TOKENS) {
-        for (int32_t t : f.tokens) {
+    if (st.e.flags & NAK_FWD_TOKENS) {
+        for (int32_t t : st.e.tokens) {
             if (t < 0 || t >= n_vocab) {
                 throw nak_reject{ NAK_ERR_BAD_REQUEST, "token id " + std::to_string(t) + " outside the vocabulary [0, " +
                                   std::to_string(n_vocab) + ")" };
@@ -464,149 +524,346 @@ void nak_stage::on_forward(const nak_frame & req, nak_writer & w, nak_header & h
         }
     }
     if (is_first()) {
-        if (!(f.flags & NAK_FWD_TOKENS)) {
+        if (!(st.e.flags & NAK_FWD_TOKENS)) {
             throw nak_reject{ NAK_ERR_BAD_REQUEST, "the first stage takes token ids" };
         }
-    } else {
-        if (!(f.flags & NAK_FWD_EMBD) || req.hdr.dtype != NAK_DTYPE_F32) {
-            throw nak_reject{ NAK_ERR_BAD_REQUEST, "this stage takes f32 hidden states (layers from " +
-                              std::to_string(layer_start_) + ")" };
-        }
-        if (f.embd_bytes != (size_t) n * n_embd_ * sizeof(float)) {
-            throw nak_reject{ NAK_ERR_BAD_REQUEST, "hidden state of " + std::to_string(f.embd_bytes) +
-                              " bytes; expected n_tokens x n_embd x 4 = " + std::to_string((size_t) n * n_embd_ * 4) };
-        }
+        return;
     }
+    const size_t row_bytes = nak_wire_row_bytes(st.dtype, n_embd_);
+    if (!st.embd || row_bytes == 0) {
+        throw nak_reject{ NAK_ERR_BAD_REQUEST, "this stage takes hidden states (layers from " +
+                          std::to_string(layer_start_) + ") as f32, bf16 or q8r" };
+    }
+    if (st.embd_bytes != (size_t) n * row_bytes) {
+        throw nak_reject{ NAK_ERR_BAD_REQUEST, "hidden state of " + std::to_string(st.embd_bytes) +
+                          " bytes; expected n_tokens x " + std::to_string(row_bytes) + " = " +
+                          std::to_string((size_t) n * row_bytes) };
+    }
+}
 
-    llama_batch batch = llama_batch_init((int32_t) n, is_first() ? 0 : (int32_t) n_embd_, 1);
-    batch.n_tokens = (int32_t) n;
-    for (uint32_t i = 0; i < n; i++) {
-        if (is_first()) {
-            batch.token[i] = f.tokens[i];
+void nak_stage::reject_step(const nak_step & st, int32_t conn, uint16_t code, const std::string & msg,
+                            std::vector<nak_send> & out) {
+    nak_header req = st.req;
+    req.request_id = st.e.request_id;
+    req.session_id = st.e.session_id;
+    nak_send s;
+    s.conn  = st.s ? st.s->conn : conn;
+    s.frame = nak_error_frame(req, code, msg);
+    bytes_out_ += s.frame.size();
+    out.push_back(std::move(s));
+}
+
+void nak_stage::on_forwards(const std::vector<const nak_frame *> & reqs, const std::vector<int32_t> & conns,
+                            std::vector<nak_send> & out) {
+    std::vector<nak_step> steps;
+    std::string next_hop;
+    for (size_t i = 0; i < reqs.size(); i++) {
+        bytes_in_ += NAK_HEADER_SIZE + reqs[i]->payload.size();
+        nak_step st;
+        st.req        = reqs[i]->hdr;
+        st.reply_conn = conns[i];
+        try {
+            std::string hop;
+            st = step_from_forward(*reqs[i], conns[i], hop);
+            if (i > 0 && hop != next_hop) {
+                throw nak_reject{ NAK_ERR_INTERNAL, "steps of one batch must share a route" };
+            }
+            next_hop = hop;
+            check_step(st, next_hop);
+            steps.push_back(std::move(st));
+        } catch (const nak_reject & e) {
+            reject_step(st, conns[i], e.code, e.message, out);
         }
-        batch.pos[i]       = f.pos[i];
-        batch.n_seq_id[i]  = 1;
-        batch.seq_id[i][0] = s->seq;
-        batch.logits[i]    = is_last() ? (sample && i == n - 1) : 1;
     }
-    if (!is_first()) {
-        memcpy(batch.embd, f.embd, f.embd_bytes);
+    if (!steps.empty()) {
+        run_steps(steps, next_hop, is_first() && !next_hop.empty() ? ++n_batches_formed_ : 0, out);
+    }
+}
+
+void nak_stage::on_batch(const nak_frame & req, int32_t conn, std::vector<nak_send> & out) {
+    bytes_in_ += NAK_HEADER_SIZE + req.payload.size();
+    nak_batch b;
+    if (!nak_decode(req.payload, b)) {
+        nak_send s;
+        s.conn  = conn;
+        s.frame = nak_error_frame(req.hdr, NAK_ERR_BAD_REQUEST, "malformed BATCH payload");
+        out.push_back(std::move(s));
+        return;
+    }
+    const size_t row_bytes = nak_wire_row_bytes(req.hdr.dtype, n_embd_);
+    size_t off = 0;
+    std::vector<nak_step> steps;
+    for (auto & e : b.entries) {
+        nak_step st;
+        st.req        = req.hdr;
+        st.dtype      = req.hdr.dtype;
+        st.reply_conn = conn;
+        const size_t bytes = (size_t) e.n_tokens * row_bytes;
+        if (row_bytes > 0 && off + bytes <= b.embd_bytes) {
+            st.embd       = b.embd + off;
+            st.embd_bytes = bytes;
+        }
+        off += bytes;
+        st.e = std::move(e);
+        try {
+            check_step(st, b.next_hop);
+            if (st.e.seq != st.s->seq) {
+                // another KV sequence would cut the batch into other ubatches than the first stage did
+                throw nak_reject{ NAK_ERR_BAD_REQUEST, "session " + std::to_string(st.e.session_id) + " has KV sequence " +
+                                  std::to_string(st.s->seq) + " here but " + std::to_string(st.e.seq) +
+                                  " on the first stage; open sessions through nakshatra's client" };
+            }
+            steps.push_back(std::move(st));
+        } catch (const nak_reject & e) {
+            reject_step(st, conn, e.code, e.message, out);
+        }
+    }
+    if (off != b.embd_bytes) {
+        for (const auto & st : steps) {
+            reject_step(st, conn, NAK_ERR_BAD_REQUEST, "BATCH hidden states do not match its rows", out);
+        }
+        return;
+    }
+    if (!steps.empty()) {
+        run_steps(steps, b.next_hop, b.id, out);
+    }
+}
+
+// one llama_decode over every step's rows, in order; then each step's reply, or the batch onward
+void nak_stage::run_steps(std::vector<nak_step> & steps, const std::string & next_hop, uint64_t batch_id,
+                          std::vector<nak_send> & out) {
+    uint32_t n_rows = 0;
+    for (const auto & st : steps) {
+        n_rows += st.e.n_tokens;
+    }
+    if (n_rows > params_.n_batch) {
+        for (const auto & st : steps) {
+            reject_step(st, -1, NAK_ERR_BAD_REQUEST, "a batch of " + std::to_string(n_rows) + " rows exceeds n_batch " +
+                        std::to_string(params_.n_batch), out);
+        }
+        return;
+    }
+    llama_batch batch = llama_batch_init((int32_t) n_rows, is_first() ? 0 : (int32_t) n_embd_, 1);
+    batch.n_tokens = (int32_t) n_rows;
+    int32_t row = 0;
+    for (auto & st : steps) {
+        st.row0 = row;
+        const bool sample = (st.e.flags & NAK_FWD_SAMPLE) != 0;
+        if (!is_first()) {
+            nak_wire_decode(st.dtype, st.embd, st.e.n_tokens, n_embd_, batch.embd + (size_t) row * n_embd_);
+        }
+        for (uint32_t i = 0; i < st.e.n_tokens; i++, row++) {
+            if (is_first()) {
+                batch.token[row] = st.e.tokens[i];
+            }
+            batch.pos[row]       = st.e.pos0 + (int32_t) i;
+            batch.n_seq_id[row]  = 1;
+            batch.seq_id[row][0] = st.s->seq;
+            batch.logits[row]    = is_last() ? (sample && i == st.e.n_tokens - 1) : 1;
+        }
     }
     const int64_t t0 = now_us();
     const int32_t rc = llama_decode(ctx_, batch);
     llama_batch_free(batch);
     if (rc != 0) {
-        // a failed multi-ubatch decode may have written part of the batch: drop it
-        llama_memory_seq_rm(llama_get_memory(ctx_), s->seq, s->n_past, -1);
-        throw nak_reject{ rc == 1 ? NAK_ERR_CTX_FULL : NAK_ERR_INTERNAL,
-                          "llama_decode failed (" + std::to_string(rc) + ")" + (rc == 1 ? ": no KV slot" : "") };
+        for (const auto & st : steps) {
+            // a failed multi-ubatch decode may have written part of the batch: drop it
+            llama_memory_seq_rm(llama_get_memory(ctx_), st.s->seq, st.s->n_past, -1);
+            reject_step(st, -1, rc == 1 ? NAK_ERR_CTX_FULL : NAK_ERR_INTERNAL,
+                        "llama_decode failed (" + std::to_string(rc) + ")" + (rc == 1 ? ": no KV slot" : ""), out);
+        }
+        return;
+    }
+    log_batch(steps, batch_id);
+    n_decode_++;
+    n_batch_entries_ += steps.size();
+    max_batch_entries_ = std::max<uint64_t>(max_batch_entries_, steps.size());
+    for (auto & st : steps) {
+        advance(st);
     }
 
-    nak_forward_ok out;
-    if (f.flags & NAK_FWD_TOKENS) {
-        for (uint32_t i = 0; i < n; i++) {
-            if ((size_t) f.pos[i] == s->history.size()) {
-                s->history.push_back(f.tokens[i]);
+    if (is_last()) {
+        for (auto & st : steps) {
+            reply_step(st, (uint64_t) (now_us() - t0) * st.e.n_tokens / n_rows, out);
+        }
+    } else if (!next_hop.empty()) {
+        pass_on(steps, next_hop, batch_id, out);
+    } else {
+        for (auto & st : steps) {
+            reply_step(st, (uint64_t) (now_us() - t0) * st.e.n_tokens / n_rows, out);
+        }
+    }
+    const int64_t dt = now_us() - t0;
+    compute_us_ += dt;
+    for (auto & st : steps) {
+        st.s->compute_us += (uint64_t) dt * st.e.n_tokens / n_rows;
+    }
+}
+
+// the session's state after its rows were decoded
+void nak_stage::advance(nak_step & st) {
+    nak_session * s = st.s;
+    if (st.e.flags & NAK_FWD_TOKENS) {
+        for (uint32_t i = 0; i < st.e.n_tokens; i++) {
+            if ((size_t) (st.e.pos0 + i) == s->history.size()) {
+                s->history.push_back(st.e.tokens[i]);
                 // the sampler already accepted the token it sampled for this position
-                if (s->smpl && !(s->pending_sampled && i == 0 && f.tokens[i] == s->last_sampled)) {
-                    llama_sampler_accept(s->smpl, f.tokens[i]);
+                if (s->smpl && !(s->pending_sampled && i == 0 && st.e.tokens[i] == s->last_sampled)) {
+                    llama_sampler_accept(s->smpl, st.e.tokens[i]);
                 }
             }
         }
     }
     s->pending_sampled = false;
-    s->n_past += n;
+    s->n_past += st.e.n_tokens;
     s->next_step++;
-    s->tokens_in += n;
+    s->tokens_in += st.e.n_tokens;
     s->last_used_ms = nak_now_ms();
-    tokens_in_ += n;
-    n_decode_++;
+    tokens_in_ += st.e.n_tokens;
+}
 
+// FORWARD_OK to the session's owner: the sampled token (last stage) or the hidden state (relay)
+void nak_stage::reply_step(nak_step & st, uint64_t compute_us, std::vector<nak_send> & out) {
+    nak_session * s = st.s;
+    nak_header h;
+    h.type       = NAK_MSG_FORWARD_OK;
+    h.request_id = st.e.request_id;
+    h.session_id = st.e.session_id;
+    nak_forward_ok ok;
+    ok.step       = st.e.step;
+    ok.n_tokens   = st.e.n_tokens;
+    ok.n_past     = s->n_past;
+    ok.compute_us = compute_us;
+    std::vector<uint8_t> wire;
     if (is_last()) {
-        if (sample) {
-            const llama_token tok = llama_sampler_sample(s->smpl, ctx_, -1);
-            out.token  = tok;
+        if (st.e.flags & NAK_FWD_SAMPLE) {
+            const llama_token tok = llama_sampler_sample(s->smpl, ctx_, st.row0 + (int32_t) st.e.n_tokens - 1);
+            ok.token = tok;
             const bool stop = std::find(s->stop_tokens.begin(), s->stop_tokens.end(), tok) != s->stop_tokens.end();
-            out.is_eog = llama_vocab_is_eog(vocab_, tok) || stop ? 1 : 0;
+            ok.is_eog = llama_vocab_is_eog(vocab_, tok) || stop ? 1 : 0;
             char buf[256];
             const int32_t k = llama_token_to_piece(vocab_, tok, buf, sizeof(buf), 0, false);
-            out.piece = k > 0 ? std::string(buf, k) : std::string();
+            ok.piece = k > 0 ? std::string(buf, k) : std::string();
             s->pending_sampled = true;
             s->last_sampled    = tok;
             s->n_generated++;
-            if ((f.flags & NAK_FWD_RING) && !out.is_eog) {
-                ring_next(*s, req.hdr, f, tok);
+            // the ring's next step leaves before the client's copy: it is on the critical path
+            if ((st.e.flags & NAK_FWD_RING) && !ok.is_eog) {
+                ring_next(*s, st, tok, out);
             }
         }
     } else {
         const float * e = llama_get_embeddings(ctx_);
         if (!e) {
-            throw nak_reject{ NAK_ERR_INTERNAL, "llama.cpp returned no hidden states (is the slice patched?)" };
-        }
-        out.embd       = (const uint8_t *) e;
-        out.embd_bytes = (size_t) n * n_embd_ * sizeof(float);
-        h.dtype        = NAK_DTYPE_F32;
-        if (!f.next_hop.empty()) {
-            // forwarding: the hidden state goes straight to the next stage with the rest of the
-            // route; the token ids travel along for the last stage's sampler history
-            nak_forward nf;
-            nf.step       = f.step;
-            nf.flags      = (f.flags & (NAK_FWD_TOKENS | NAK_FWD_SAMPLE | NAK_FWD_RING)) | NAK_FWD_EMBD;
-            nf.ring       = f.ring;
-            nf.n_tokens   = n;
-            nf.pos        = f.pos;
-            nf.tokens     = f.tokens;
-            nf.embd       = out.embd;
-            nf.embd_bytes = out.embd_bytes;
-            const size_t comma = f.next_hop.find(',');
-            forward_to  = f.next_hop.substr(0, comma);
-            nf.next_hop = comma == std::string::npos ? std::string() : f.next_hop.substr(comma + 1);
-            const int64_t dt = now_us() - t0;
-            s->compute_us += dt;
-            compute_us_   += dt;
-            h.type = NAK_MSG_FORWARD;
-            nak_encode(w, nf);
+            reject_step(st, -1, NAK_ERR_INTERNAL, "llama.cpp returned no hidden states (is the slice patched?)", out);
             return;
         }
+        h.dtype = wire_dtype_;
+        nak_wire_encode(wire_dtype_, e + (size_t) st.row0 * n_embd_, st.e.n_tokens, n_embd_, wire);
+        ok.embd       = wire.data();
+        ok.embd_bytes = wire.size();
     }
-    const int64_t dt = now_us() - t0;
-    s->compute_us += dt;
-    compute_us_   += dt;
-    out.step       = f.step;
-    out.n_tokens   = n;
-    out.n_past     = s->n_past;
-    out.compute_us = (uint64_t) dt;
-    h.type = NAK_MSG_FORWARD_OK;
-    nak_encode(w, out);
+    nak_writer w;
+    nak_encode(w, ok);
+    nak_send s_out;
+    s_out.conn  = s->conn;
+    s_out.frame = nak_frame_bytes(h, w.buf);
+    bytes_out_ += s_out.frame.size();
+    out.push_back(std::move(s_out));
+}
+
+// forwarding: the whole batch, rows in the same order, to the next stage with the rest of the route
+void nak_stage::pass_on(const std::vector<nak_step> & steps, const std::string & next_hop, uint64_t batch_id,
+                        std::vector<nak_send> & out) {
+    const float * e = llama_get_embeddings(ctx_);
+    if (!e) {
+        for (const auto & st : steps) {
+            reject_step(st, -1, NAK_ERR_INTERNAL, "llama.cpp returned no hidden states (is the slice patched?)", out);
+        }
+        return;
+    }
+    uint32_t n_rows = 0;
+    nak_batch b;
+    b.id = batch_id;
+    for (const auto & st : steps) {
+        b.entries.push_back(st.e);
+        b.entries.back().seq = st.s->seq;
+        n_rows += st.e.n_tokens;
+    }
+    std::vector<uint8_t> wire;
+    nak_wire_encode(wire_dtype_, e, n_rows, n_embd_, wire);
+    b.embd       = wire.data();
+    b.embd_bytes = wire.size();
+    const size_t comma = next_hop.find(',');
+    b.next_hop = comma == std::string::npos ? std::string() : next_hop.substr(comma + 1);
+    nak_header h;
+    h.type       = NAK_MSG_BATCH;
+    h.request_id = batch_id;
+    h.dtype      = wire_dtype_;
+    nak_writer w;
+    nak_encode(w, b);
+    nak_send s;
+    s.address = next_hop.substr(0, comma);
+    for (const auto & st : steps) {
+        nak_header req = st.req;
+        req.request_id = st.e.request_id;
+        req.session_id = st.e.session_id;
+        s.fail_to.push_back({ st.s->conn, req });
+    }
+    s.frame = nak_frame_bytes(h, w.buf);
+    bytes_out_ += s.frame.size();
+    out.push_back(std::move(s));
 }
 
 // ring: start the next decode step at the first stage, as the client would have, while the
 // session wants more tokens (the client applies the same rule to know when the stream ends)
-void nak_stage::ring_next(const nak_session & s, const nak_header & req, const nak_forward & f, llama_token tok) {
-    if ((s.n_predict >= 0 && s.n_generated >= s.n_predict) || s.n_past + 1 > params_.n_ctx_session || f.ring.empty()) {
+void nak_stage::ring_next(const nak_session & s, const nak_step & st, llama_token tok, std::vector<nak_send> & out) {
+    if ((s.n_predict >= 0 && s.n_generated >= s.n_predict) || s.n_past + 1 > params_.n_ctx_session || st.e.ring.empty()) {
         return;
     }
     nak_forward nf;
-    nf.step     = f.step + 1;
+    nf.step     = st.e.step + 1;
     nf.flags    = NAK_FWD_TOKENS | NAK_FWD_SAMPLE | NAK_FWD_RING;
     nf.n_tokens = 1;
     nf.pos      = { (int32_t) s.n_past };
     nf.tokens   = { tok };
-    nf.ring     = f.ring;
-    const size_t comma = f.ring.find(',');
-    nf.next_hop = comma == std::string::npos ? std::string() : f.ring.substr(comma + 1);
+    nf.ring     = st.e.ring;
+    const size_t comma = st.e.ring.find(',');
+    nf.next_hop = comma == std::string::npos ? std::string() : st.e.ring.substr(comma + 1);
     nak_header h;
     h.type       = NAK_MSG_FORWARD;
-    h.request_id = req.request_id;
-    h.session_id = req.session_id;
+    h.request_id = st.e.request_id;
+    h.session_id = st.e.session_id;
     nak_writer w;
     nak_encode(w, nf);
-    nak_send out;
-    out.address    = f.ring.substr(0, comma);
-    out.error_conn = s.conn;
-    out.req        = req;
-    out.frame      = nak_frame_bytes(h, w.buf);
-    extra_.push_back(std::move(out));
+    nak_send o;
+    o.address = st.e.ring.substr(0, comma);
+    o.fail_to.push_back({ s.conn, h });
+    o.frame   = nak_frame_bytes(h, w.buf);
+    out.push_back(std::move(o));
+}
+
+// one JSON line per decoded batch (--batch-log): enough to replay it through the unsplit model
+void nak_stage::log_batch(const std::vector<nak_step> & steps, uint64_t batch_id) {
+    if (!batch_log_) {
+        return;
+    }
+    std::string line = "{\"batch\": " + std::to_string(batch_id) + ", \"entries\": [";
+    for (size_t i = 0; i < steps.size(); i++) {
+        const nak_batch_entry & e = steps[i].e;
+        line += i ? ", " : "";
+        line += "{\"session\": " + std::to_string(e.session_id) + ", \"seq\": " + std::to_string(steps[i].s->seq) +
+                ", \"step\": " + std::to_string(e.step) + ", \"pos\": " + std::to_string(e.pos0) +
+                ", \"n_tokens\": " + std::to_string(e.n_tokens) +
+                ", \"sample\": " + ((e.flags & NAK_FWD_SAMPLE) ? "true" : "false") + ", \"tokens\": [";
+        for (size_t k = 0; k < e.tokens.size(); k++) {
+            line += (k ? ", " : "") + std::to_string(e.tokens[k]);
+        }
+        line += "]}";
+    }
+    line += "]}\n";
+    fputs(line.c_str(), batch_log_);
+    fflush(batch_log_);
 }
 
 void nak_stage::on_truncate(const nak_frame & req, nak_writer & w, nak_header & h) {

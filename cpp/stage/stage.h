@@ -10,6 +10,7 @@
 #include "llama.h"
 
 #include <cstdint>
+#include <cstdio>
 #include <map>
 #include <string>
 #include <vector>
@@ -32,6 +33,9 @@ struct nak_stage_params {
     std::string cache_type_k  = "f16";
     std::string cache_type_v  = "f16";
     uint32_t    idle_timeout_s = 600; // sessions idle longer are freed
+    uint32_t    max_batch     = 8;    // first stage: session steps per llama_decode (1: one at a time)
+    std::string wire          = "f32"; // hidden states sent as f32 | bf16 | q8r (see cpp/protocol/wire.h)
+    std::string batch_log;            // file to append one JSON line per decoded batch (replay tests)
 };
 
 // the sampler chain in llama.cpp's default order (common/sampling): penalties, top-k, top-p,
@@ -50,8 +54,7 @@ uint64_t nak_rss_bytes();
 struct nak_send {
     int32_t              conn = -1;
     std::string          address;
-    int32_t              error_conn = -1;
-    nak_header           req;
+    std::vector<std::pair<int32_t, nak_header>> fail_to; // (owner, request) of each step in the frame
     std::vector<uint8_t> frame;
 };
 
@@ -74,6 +77,18 @@ struct nak_session {
     uint64_t                 compute_us = 0;
 };
 
+// one session's step inside the batch being decoded
+struct nak_step {
+    nak_batch_entry e;
+    nak_session *   s          = nullptr;
+    const uint8_t * embd       = nullptr; // input rows in `dtype` (stages after the first), a view
+    size_t          embd_bytes = 0;
+    uint8_t         dtype      = NAK_DTYPE_NONE;
+    int32_t         row0       = 0;       // first row of this step in the llama_batch
+    int32_t         reply_conn = -1;      // where an error goes when the session is unknown
+    nak_header      req;                  // the frame it came in (for error replies)
+};
+
 class nak_stage {
   public:
     nak_stage() = default;
@@ -85,9 +100,16 @@ class nak_stage {
     bool load(const nak_stage_params & params, std::string & err);
 
     // answer one request frame that arrived on connection `conn`: `out` receives the frames to
-    // send (a reply to `conn`, or for FORWARD the reply to the session's owner or the hidden state
-    // forwarded to the next stage named in the request's route)
+    // send (a reply to `conn`, or for FORWARD/BATCH the reply to the session's owner or the batch
+    // forwarded to the next stage named in the route)
     void handle(const nak_frame & req, int32_t conn, bool & close_conn, std::vector<nak_send> & out);
+    // several FORWARD frames of different sessions, with one route, decoded as one batch (the
+    // first stage's continuous batching; the event loop picks them)
+    void on_forwards(const std::vector<const nak_frame *> & reqs, const std::vector<int32_t> & conns,
+                     std::vector<nak_send> & out);
+    // whether a FORWARD may join a batch (it names a next hop: the batch travels on unchanged);
+    // `route` receives that route
+    static bool batchable(const nak_frame & req, std::string & route);
     // the connection went away: free the KV of the sessions it opened
     void on_disconnect(int32_t conn);
     // free sessions idle for longer than idle_timeout_s
@@ -108,14 +130,21 @@ class nak_stage {
 
   private:
     void on_open    (const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h);
-    void on_forward (const nak_frame & req, nak_writer & w, nak_header & h, std::string & forward_to);
+    void on_batch   (const nak_frame & req, int32_t conn, std::vector<nak_send> & out);
+    void check_step (nak_step & st, const std::string & next_hop);
+    void reject_step(const nak_step & st, int32_t conn, uint16_t code, const std::string & msg, std::vector<nak_send> & out);
+    void run_steps  (std::vector<nak_step> & steps, const std::string & next_hop, uint64_t batch_id, std::vector<nak_send> & out);
+    void advance    (nak_step & st);
+    void reply_step (nak_step & st, uint64_t compute_us, std::vector<nak_send> & out);
+    void pass_on    (const std::vector<nak_step> & steps, const std::string & next_hop, uint64_t batch_id, std::vector<nak_send> & out);
+    void log_batch  (const std::vector<nak_step> & steps, uint64_t batch_id);
     void on_truncate(const nak_frame & req, nak_writer & w, nak_header & h);
     void on_close   (const nak_frame & req, nak_writer & w, nak_header & h);
     void on_tokenize  (const nak_frame & req, nak_writer & w, nak_header & h);
     void on_detokenize(const nak_frame & req, nak_writer & w, nak_header & h);
     void on_template  (const nak_frame & req, nak_writer & w, nak_header & h);
 
-    void ring_next(const nak_session & s, const nak_header & req, const nak_forward & f, llama_token tok);
+    void ring_next(const nak_session & s, const nak_step & st, llama_token tok, std::vector<nak_send> & out);
     nak_session * find_session(uint64_t id);
     void free_session(nak_session & s);
     void rebuild_sampler(nak_session & s);
@@ -140,7 +169,11 @@ class nak_stage {
     std::map<uint64_t, nak_session> sessions_;
     std::vector<bool>     slot_used_;
     std::vector<float>    embd_out_;
-    std::vector<nak_send> extra_; // frames a handler sends besides its reply (the ring's next step)
+    uint8_t               wire_dtype_ = NAK_DTYPE_F32;
+    FILE *                batch_log_  = nullptr;
+    uint64_t              n_batches_formed_  = 0; // batch ids of the first stage
+    uint64_t              n_batch_entries_   = 0; // steps decoded, over all batches
+    uint64_t              max_batch_entries_ = 0;
 };
 
 // error reply helper (also used by the event loop for transport-level errors)

@@ -177,13 +177,17 @@ class Session:
         seed = sampler.seed if sampler.seed is not None else random.getrandbits(32) % (2**32 - 1)
         self._opened: list[int] = []
         self.n_ctx = 2**31 - 1  # positions each stage holds for this session (the smallest wins)
+        # the first stage picks the KV sequence id and every other stage is asked for the same one,
+        # so a batch of several sessions is cut into the same ubatches on every stage
+        self.seq = -1
         try:
             for i, c in enumerate(chain.clients):
-                n_ctx = c.open(self.id, temp=sampler.temp, top_k=sampler.top_k, top_p=sampler.top_p,
-                       min_p=sampler.min_p, repeat_penalty=sampler.repeat_penalty,
-                       repeat_last_n=sampler.repeat_last_n, seed=seed, stop_tokens=list(stop_tokens),
-                       n_predict=n_predict)
+                n_ctx, seq = c.open(self.id, temp=sampler.temp, top_k=sampler.top_k, top_p=sampler.top_p,
+                                    min_p=sampler.min_p, repeat_penalty=sampler.repeat_penalty,
+                                    repeat_last_n=sampler.repeat_last_n, seed=seed, stop_tokens=list(stop_tokens),
+                                    n_predict=n_predict, seq=self.seq)
                 self._opened.append(i)
+                self.seq = seq
                 self.n_ctx = min(self.n_ctx, n_ctx)
         except StageError:
             self.close()
@@ -212,6 +216,7 @@ class Session:
             return self._forward_routed(chunk, sample)
         pos = list(range(self.n_past, self.n_past + len(chunk)))
         embd = None
+        dtype = 1  # NAK_DTYPE_F32; a stage started with --wire sends bf16 or q8r
         reply: dict = {}
         n = len(self.chain.clients)
         for i, c in enumerate(self.chain.clients):
@@ -220,7 +225,7 @@ class Session:
             try:
                 reply = c.forward(self.id, self.step, pos,
                                   tokens=chunk if (i == 0 or last) else None,
-                                  embd=embd, sample=sample and last)
+                                  embd=embd, sample=sample and last, dtype=dtype)
             except StageError as e:
                 s = self.chain.stages[i]
                 raise StageError(f"stage {s.address} (layers {s.layers}): {e}", e.code) from None
@@ -228,6 +233,7 @@ class Session:
             self.compute_us[i] += reply["compute_us"]
             self.wire_bytes[i] += reply["wire_bytes"]
             embd = reply["embd"]
+            dtype = reply["dtype"] or 1
             if self.capture and not last:
                 self.hidden[i].append(embd)
         self.n_past += len(chunk)

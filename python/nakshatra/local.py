@@ -33,7 +33,7 @@ class LocalStages:
 
     def __init__(self, slices: Sequence[Path], threads: int = 0, ctx: int = 4096,
                  max_sessions: int = 8, extra_args: Sequence[str] = (), start_timeout_s: float = 120.0,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, stage_args: Sequence[Sequence[str]] = ()) -> None:
         self.slices = [Path(s) for s in slices]
         self.threads = threads or max(1, (os.cpu_count() or 1) // max(1, len(self.slices)))
         # prefill is one long graph per ubatch: worth every core even when stages share them
@@ -41,6 +41,7 @@ class LocalStages:
         self.ctx = ctx
         self.max_sessions = max_sessions
         self.extra_args = list(extra_args)
+        self.stage_args = [list(a) for a in stage_args]  # per stage, after extra_args
         self.start_timeout_s = start_timeout_s
         self.env = env
         self.procs: list[subprocess.Popen] = []
@@ -69,7 +70,8 @@ class LocalStages:
             cmd = [sys.executable, "-m", "nakshatra.serve", str(path), "--host", "127.0.0.1",
                    "--port", "0", "--ready-json", "--threads", str(self.threads),
                    "--threads-batch", str(self.threads_batch), "--ctx", str(self.ctx),
-                   "--max-sessions", str(self.max_sessions), *self.extra_args]
+                   "--max-sessions", str(self.max_sessions), *self.extra_args,
+                   *(self.stage_args[i] if i < len(self.stage_args) else [])]
             with open(log, "wb") as lf:
                 p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=lf, stdin=subprocess.DEVNULL, env=env)
             self.procs.append(p)

@@ -18,10 +18,16 @@ from .errors import NakError, SliceError
 from .ranges import LayerRange, parse_range
 
 
+# hidden-state wire formats (cpp/protocol/wire.h): f32 exact; bf16 and q8r (per-row scaled int8) lossy
+WIRE_FORMATS = ("f32", "bf16", "q8r")
+
+
 @dataclass
 class ServeOptions:
     """Options of one stage. ``ctx`` is the KV positions per session; the stage's n_ctx is
-    ``ctx * max_sessions``."""
+    ``ctx * max_sessions``. ``max_batch``: session steps the first stage decodes together (1:
+    batching off). ``wire``: format of the hidden states this stage sends (WIRE_FORMATS).
+    ``batch_log``: a file that gets one JSON line per decoded batch (for replays)."""
 
     model: Path
     layers: str | None = None
@@ -38,6 +44,9 @@ class ServeOptions:
     cache_type_v: str = "f16"
     verify: bool = True
     ready_json: bool = False
+    max_batch: int = 8
+    wire: str = "f32"
+    batch_log: str = ""
 
 
 def _fmt_bytes(n: float) -> str:
@@ -114,6 +123,10 @@ def serve(opts: ServeOptions) -> int:
         raise NakError("--ctx and --max-sessions must be at least 1")
     if not 0 <= opts.port < 65536:
         raise NakError(f"--port {opts.port} must be in 0..65535 (0: any free port)")
+    if opts.max_batch < 1:
+        raise NakError(f"--max-batch {opts.max_batch} must be at least 1 (1 turns batching off)")
+    if opts.wire not in WIRE_FORMATS:
+        raise NakError(f"--wire {opts.wire!r}: use one of {', '.join(WIRE_FORMATS)} (f32 is exact)")
     fa = {"auto": -1, "off": 0, "on": 1}.get(opts.flash_attn)
     if fa is None:
         raise NakError(f"--flash-attn {opts.flash_attn!r}: use auto, on or off")
@@ -123,7 +136,8 @@ def serve(opts: ServeOptions) -> int:
                                  max_sessions=opts.max_sessions, n_threads=opts.threads,
                                  n_threads_batch=opts.threads_batch,
                                  n_gpu_layers=opts.n_gpu_layers, flash_attn=fa,
-                                 cache_type_k=opts.cache_type_k, cache_type_v=opts.cache_type_v)
+                                 cache_type_k=opts.cache_type_k, cache_type_v=opts.cache_type_v,
+                                 max_batch=opts.max_batch, wire=opts.wire, batch_log=opts.batch_log)
     except StageError as e:
         raise NakError(f"cannot load {path}: {e}") from None
     info = stage.info()
@@ -171,12 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-type-v", default="f16")
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--ready-json", action="store_true")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--wire", default="f32")
+    ap.add_argument("--batch-log", default="")
     a = ap.parse_args(argv)
     opts = ServeOptions(model=a.model, layers=a.layers, host=a.host, port=a.port, insecure=a.insecure,
                         threads=a.threads, threads_batch=a.threads_batch, ctx=a.ctx, max_sessions=a.max_sessions,
                         n_gpu_layers=a.n_gpu_layers, flash_attn=a.flash_attn,
                         cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
-                        verify=not a.no_verify, ready_json=a.ready_json)
+                        verify=not a.no_verify, ready_json=a.ready_json, max_batch=a.max_batch,
+                        wire=a.wire, batch_log=a.batch_log)
     try:
         return serve(opts)
     except (NakError, SliceError) as e:
