@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 
-@pytest.mark.parametrize("mode", ["--relay", "--forwarding"])
+@pytest.mark.parametrize("mode", ["relay", "forwarding", "ring"])
 def test_bench_writes_single_chain_and_ratios(smollm2_path: Path, tmp_path: Path, mode: str) -> None:
     out = tmp_path / "bench.json"
+    extra = ["--sessions", "2", "--wire", "bf16"] if mode == "ring" else ["--sessions", "0", "--wire", ""]
     r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "bench", "--model", str(smollm2_path),
                         "--stages", "2", "--threads", "1", "--stage-threads", "1", "--reps", "1", "--n-decode", "8",
-                        "--prompt-lens", "16,32", "--json", str(out), mode],
+                        "--prompt-lens", "16,32", "--json", str(out), "--mode", mode, *extra],
                        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
@@ -24,11 +25,11 @@ def test_bench_writes_single_chain_and_ratios(smollm2_path: Path, tmp_path: Path
         assert set(res[side]["prefill_tps"]) == {"16", "32"}
         assert res[side]["decode_tps"]["median"] > 0
     chain = res["chain"]
-    relay = mode == "--relay"
-    assert chain["hops"] == (4 if relay else 3) and len(chain["stages"]) == 2  # one-way legs per token
+    relay = mode == "relay"
+    assert chain["hops"] == {"relay": 4, "forwarding": 3, "ring": 2}[mode] and len(chain["stages"]) == 2
     assert all(s["peak_rss_bytes"] > 0 and s["compute_ms_per_token"] > 0 for s in chain["stages"])
-    # a decode step moves the boundary's f32 hidden state (576 floats) once with forwarding,
-    # twice (in and out of the client) when relayed, plus framing
+    # a decode step moves the boundary's f32 hidden state (576 floats) once with forwarding or a
+    # ring, twice (in and out of the client) when relayed, plus framing
     per_token = chain["wire_bytes_per_token_per_hop"]["median"] * chain["hops"]
     hidden = 576 * 4 * (2 if relay else 1)
     assert hidden <= per_token <= hidden + 600
@@ -36,6 +37,11 @@ def test_bench_writes_single_chain_and_ratios(smollm2_path: Path, tmp_path: Path
     assert ratios["decode_chain_over_single"] > 0
     assert ratios["prefill_chain_over_single"] == ratios["prefill16_chain_over_single"]
     assert "decode tok/s" in r.stdout and "chain / single" in r.stdout
+    if mode == "ring":
+        assert res["chain"]["sessions"]["2"]["aggregate_tps"]["median"] > 0 and "ratio_2_over_1" in res["chain"]["sessions"]
+        wire = res["wire"]
+        assert wire["f32"]["greedy_agreement"] == 1.0 and wire["f32"]["max_abs_diff"] == [0.0]
+        assert wire["bf16"]["state_bytes_per_token"] == 576 * 2 and wire["bf16"]["max_abs_diff"][0] > 0
 
 
 def test_bench_synthetic_model_of_a_given_size(smollm2_path: Path, tmp_path: Path) -> None:

@@ -238,15 +238,21 @@ def bench(
     n_decode: Annotated[int, typer.Option("--n-decode", help="Decode steps measured.")] = 128,
     prompt_lens: Annotated[str, typer.Option("--prompt-lens", help="Prefill lengths, comma separated.")] = "128,512",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON to this file.")] = None,
-    forwarding: Annotated[bool, typer.Option("--forwarding/--relay", help="Chain with stage-to-stage forwarding or client relay.")] = False,
+    mode: Annotated[str, typer.Option("--mode", help="Chain path: ring (default), forwarding or relay.")] = "ring",
     synthetic: Annotated[Optional[str], typer.Option("--synthetic", help="Bench a random-weight llama-shaped Q4_0 model of this size instead, e.g. 1.5B (written once into the cache).")] = None,
+    sessions: Annotated[int, typer.Option("--sessions", help="Also measure this many concurrent sessions' aggregate decode (0: skip).")] = 4,
+    wire: Annotated[str, typer.Option("--wire", help="Wire formats to compare with f32, e.g. bf16,q8r ('' to skip).")] = "bf16,q8r",
+    link_delay_ms: Annotated[float, typer.Option("--link-delay-ms", help="Also measure over emulated links of this one-way delay, ms (0: skip).")] = 0.0,
+    rpc_baseline: Annotated[bool, typer.Option("--rpc-baseline", help="Also run llama.cpp's RPC (rpc-server + llama-bench, built once from the same source).")] = False,
 ) -> None:
-    """Measure the unsplit model (one process) and a chain of local stages side by side.
+    """Measure the unsplit model (one process) and a chain of local stages side by side, and as
+    asked llama.cpp RPC, concurrent sessions, wire formats and emulated slow links.
 
-    Example: [b]nak bench --stages 3 --json bench.json[/b]
+    Example: [b]nak bench --rpc-baseline --link-delay-ms 10 --json bench.json[/b]
     """
     from nakshatra.bench import BenchConfig, run_bench
     from nakshatra.models import resolve_model
+    from nakshatra.serve import WIRE_FORMATS
 
     try:
         lens = [int(x) for x in prompt_lens.split(",") if x.strip()]
@@ -254,6 +260,14 @@ def bench(
         raise NakError(f"--prompt-lens {prompt_lens!r}: give token counts like 128,512") from None
     if not lens or min(lens) < 1 or n_decode < 1 or reps < 1 or stages < 1:
         raise NakError("--prompt-lens, --n-decode, --reps and --stages must be positive")
+    if mode not in ("ring", "forwarding", "relay"):
+        raise NakError(f"--mode {mode!r}: use ring, forwarding or relay")
+    wires = [w.strip() for w in wire.split(",") if w.strip()]
+    for w in wires:
+        if w not in WIRE_FORMATS:
+            raise NakError(f"--wire {w!r}: use formats of {', '.join(WIRE_FORMATS)}")
+    if sessions < 0 or link_delay_ms < 0:
+        raise NakError("--sessions and --link-delay-ms must be >= 0")
     if synthetic:
         from nakshatra.synthetic import cached_synthetic_llama
 
@@ -265,39 +279,88 @@ def bench(
     else:
         model_path = resolve_model(model)
     cfg = BenchConfig(model=model_path, stages=stages, prompt_lens=lens, n_decode=n_decode,
-                      reps=reps, threads=threads, stage_threads=stage_threads, forwarding=forwarding)
-    with err_console.status("measuring the chain, then the single process ..."):
-        res = run_bench(cfg)
+                      reps=reps, threads=threads, stage_threads=stage_threads, mode=mode,
+                      sessions=sessions, wire=wires, link_delay_ms=link_delay_ms, rpc_baseline=rpc_baseline)
+    with err_console.status("measuring ...") as st:
+        res = run_bench(cfg, status=lambda text: st.update(f"measuring: {text} ..."))
+    print_bench(res, cfg)
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=1) + "\n")
+        err_console.print(f"wrote {json_out}", markup=False)
+
+
+def print_bench(res: dict, cfg) -> None:
+    """The Rich tables of one `nak bench` run."""
     single, chain, r = res["single"], res["chain"], res["ratios"]
+    rpc = res.get("rpc")
 
-    def fmt(st: dict) -> str:
-        return f"{st['median']:.1f} ± {st['spread'] / 2:.1f}"
+    def fmt(st: dict | None) -> str:
+        return f"{st['median']:.1f} ± {st['spread'] / 2:.1f}" if st else ""
 
-    t = Table(title=f"nak bench: {cfg.model.name}; single: {threads} threads; chain: {res['config']['stages']} "
-                    f"stages x {res['config']['stage_threads']} threads",
+    t = Table(title=f"nak bench: {cfg.model.name}; single: {cfg.threads} threads; chain: {res['config']['stages']} "
+                    f"stages x {res['config']['stage_threads']} threads, {cfg.mode}"
+                    + (f"; rpc: {rpc['servers']} servers" if rpc else ""),
               title_justify="left")
     t.add_column("metric")
     t.add_column("single", justify="right")
     t.add_column("chain", justify="right")
     t.add_column("chain / single", justify="right")
-    for n in map(str, lens):
-        t.add_row(f"prefill {n} tok/s", fmt(single["prefill_tps"][n]), fmt(chain["prefill_tps"][n]),
-                  f"{r[f'prefill{n}_chain_over_single']:.2f}x")
-        t.add_row(f"TTFT {n} ms", fmt(single["ttft_ms"][n]), fmt(chain["ttft_ms"][n]), "")
-    t.add_row(f"decode tok/s ({n_decode} steps)", fmt(single["decode_tps"]), fmt(chain["decode_tps"]),
-              f"{r['decode_chain_over_single']:.2f}x")
+    if rpc:
+        t.add_column("llama.cpp rpc", justify="right")
+        t.add_column("chain / rpc", justify="right")
+
+    def row(name: str, a: dict, b: dict, ratio: str, c: dict | None = None, rr: str = "") -> None:
+        t.add_row(name, fmt(a), fmt(b), ratio, *((fmt(c), rr) if rpc else ()))
+
+    for n in map(str, cfg.prompt_lens):
+        row(f"prefill {n} tok/s", single["prefill_tps"][n], chain["prefill_tps"][n],
+            f"{r[f'prefill{n}_chain_over_single']:.2f}x", rpc["prefill_tps"].get(n) if rpc else None,
+            f"{r[f'prefill{n}_chain_over_rpc']:.2f}x" if f"prefill{n}_chain_over_rpc" in r else "")
+        row(f"TTFT {n} ms", single["ttft_ms"][n], chain["ttft_ms"][n], "", rpc["ttft_ms"].get(n) if rpc else None)
+    row(f"decode tok/s ({cfg.n_decode} steps)", single["decode_tps"], chain["decode_tps"],
+        f"{r['decode_chain_over_single']:.2f}x", rpc["decode_tps"] if rpc else None,
+        f"{r['decode_chain_over_rpc']:.2f}x" if "decode_chain_over_rpc" in r else "")
     t.add_row("per-hop overhead us", "", fmt(chain["per_hop_overhead_us"]), "")
     t.add_row("wire bytes / token / hop", "", f"{chain['wire_bytes_per_token_per_hop']['median']:.0f}", "")
+    ses = chain.get("sessions")
+    if ses:
+        n = str(cfg.sessions)
+        t.add_row(f"aggregate decode tok/s, {n} sessions", "", fmt(ses[n]["aggregate_tps"]),
+                  f"{ses[f'ratio_{n}_over_1']:.2f}x one session")
     Console().print(t)
     s = Table(title="stages", title_justify="left")
-    for col in ("stage", "layers", "compute ms/token", "peak RSS MiB"):
+    for col in ("stage", "layers", "compute ms/token", "peak RSS MiB", "slice + KV MiB"):
         s.add_column(col, justify="right" if col != "stage" else "left")
     for st in chain["stages"]:
-        s.add_row(st["address"], st["layers"], f"{st['compute_ms_per_token']:.2f}", f"{st['peak_rss_bytes'] / 2**20:.0f}")
+        s.add_row(st["address"], st["layers"], f"{st['compute_ms_per_token']:.2f}", f"{st['peak_rss_bytes'] / 2**20:.0f}",
+                  f"{(st['slice_bytes'] + st['kv_bytes']) / 2**20:.0f}")
     Console().print(s)
-    if json_out:
-        json_out.write_text(json.dumps(res, indent=1) + "\n")
-        err_console.print(f"wrote {json_out}", markup=False)
+    if "wire" in res:
+        w = Table(title="wire formats (against f32, greedy, fixed prompts)", title_justify="left")
+        for col in ("format", "bytes / token", "greedy agreement", "identical outputs", "max |diff| per boundary",
+                    "relative"):
+            w.add_column(col, justify="right" if col != "format" else "left")
+        for f, v in res["wire"].items():
+            w.add_row(f, f"{v['state_bytes_per_token']:.0f}", f"{v['greedy_agreement']:.0%}",
+                      f"{v['prompts_identical']}/{v['prompts']}", ", ".join(f"{d:.3g}" for d in v["max_abs_diff"]),
+                      ", ".join(f"{d:.2%}" for d in v["max_rel_diff"]))
+        Console().print(w)
+    links = res.get("links")
+    if links:
+        k = Table(title=f"emulated links: {links['delay_ms']:g} ms one way, {links['stages']} stages; expected "
+                        f"{links['expected_ms_per_token']:.1f} ms/token = {links['stages']} x delay + compute",
+                  title_justify="left")
+        k.add_column("path")
+        k.add_column("ms / token", justify="right")
+        k.add_column("/ expected", justify="right")
+        for m in ("relay", "forwarding", "ring"):
+            k.add_row(m, fmt(links[f"{m}_ms_per_token"]),
+                      f"{links[f'{m}_ms_per_token']['median'] / links['expected_ms_per_token']:.2f}x")
+        ls = links["sessions"]
+        n = [x for x in ls if x.isdigit() and x != "1"][0]
+        k.add_row(f"ring, {n} sessions: aggregate tok/s", fmt(ls[n]["aggregate_tps"]),
+                  f"{ls[f'ratio_{n}_over_1']:.2f}x one session ({ls['1']['aggregate_tps']['median']:.1f})")
+        Console().print(k)
 
 
 # ---- build / doctor -------------------------------------------------------------------------

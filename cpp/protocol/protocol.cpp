@@ -201,6 +201,7 @@ void nak_encode(nak_writer & w, const nak_open & m) {
     w.i32(m.n_predict);
     w.i32s(m.stop_tokens);
     w.i32(m.seq);
+    w.u8(m.ignore_eog);
 }
 
 bool nak_decode(const std::vector<uint8_t> & p, nak_open & m) {
@@ -215,6 +216,7 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_open & m) {
     m.n_predict              = r.i32();
     m.stop_tokens            = r.i32s();
     m.seq                    = r.i32();
+    m.ignore_eog             = r.u8();
     return r.done();
 }
 

@@ -204,6 +204,7 @@ struct nak_open {
     // batch into ubatches by runs of consecutive sequence ids, so every stage must number the
     // sessions alike to cut a batch the same way (and the unsplit model replay with it).
     int32_t              seq = -1;
+    uint8_t              ignore_eog = 0; // as llama.cpp's --ignore-eos: only n_predict and stop tokens end it (benchmarks)
 };
 
 struct nak_forward {

@@ -263,8 +263,10 @@ std::string nak_stage::stats_json() const {
     for (const auto & kv : sessions_) {
         const nak_session & s = kv.second;
         snprintf(buf, sizeof(buf), "%s\"%" PRIu64 "\": {\"n_past\": %u, \"tokens_in\": %" PRIu64
-                 ", \"compute_us\": %" PRIu64 ", \"next_step\": %" PRIu64 "}",
-                 first ? "" : ", ", s.id, s.n_past, s.tokens_in, s.compute_us, s.next_step);
+                 ", \"compute_us\": %" PRIu64 ", \"next_step\": %" PRIu64 ", \"decode_us\": %" PRIu64
+                 ", \"decode_steps\": %" PRIu64 ", \"decode_bytes_in\": %" PRIu64 "}",
+                 first ? "" : ", ", s.id, s.n_past, s.tokens_in, s.compute_us, s.next_step, s.decode_us, s.decode_steps,
+                 s.decode_bytes_in);
         out += buf;
         first = false;
     }
@@ -433,6 +435,7 @@ void nak_stage::on_open(const nak_frame & req, int32_t conn, nak_writer & w, nak
     s.sp   = m.sampler;
     s.stop_tokens = m.stop_tokens;
     s.n_predict   = m.n_predict;
+    s.ignore_eog  = m.ignore_eog != 0;
     s.last_used_ms = nak_now_ms();
     rebuild_sampler(s);
     h.type = NAK_MSG_OPEN_OK;
@@ -570,6 +573,7 @@ void nak_stage::on_forwards(const std::vector<const nak_frame *> & reqs, const s
             }
             next_hop = hop;
             check_step(st, next_hop);
+            st.wire_in = NAK_HEADER_SIZE + reqs[i]->payload.size();
             steps.push_back(std::move(st));
         } catch (const nak_reject & e) {
             reject_step(st, conns[i], e.code, e.message, out);
@@ -613,6 +617,7 @@ void nak_stage::on_batch(const nak_frame & req, int32_t conn, std::vector<nak_se
                                   std::to_string(st.s->seq) + " here but " + std::to_string(st.e.seq) +
                                   " on the first stage; open sessions through nakshatra's client" };
             }
+            st.wire_in = (NAK_HEADER_SIZE + req.payload.size()) / std::max<size_t>(1, b.entries.size());
             steps.push_back(std::move(st));
         } catch (const nak_reject & e) {
             reject_step(st, conn, e.code, e.message, out);
@@ -696,7 +701,13 @@ void nak_stage::run_steps(std::vector<nak_step> & steps, const std::string & nex
     const int64_t dt = now_us() - t0;
     compute_us_ += dt;
     for (auto & st : steps) {
-        st.s->compute_us += (uint64_t) dt * st.e.n_tokens / n_rows;
+        const uint64_t share = (uint64_t) dt * st.e.n_tokens / n_rows;
+        st.s->compute_us += share;
+        if (st.e.n_tokens == 1) {
+            st.s->decode_us += share;
+            st.s->decode_steps++;
+            st.s->decode_bytes_in += st.wire_in;
+        }
     }
 }
 
@@ -740,7 +751,7 @@ void nak_stage::reply_step(nak_step & st, uint64_t compute_us, std::vector<nak_s
             const llama_token tok = llama_sampler_sample(s->smpl, ctx_, st.row0 + (int32_t) st.e.n_tokens - 1);
             ok.token = tok;
             const bool stop = std::find(s->stop_tokens.begin(), s->stop_tokens.end(), tok) != s->stop_tokens.end();
-            ok.is_eog = llama_vocab_is_eog(vocab_, tok) || stop ? 1 : 0;
+            ok.is_eog = (llama_vocab_is_eog(vocab_, tok) && !s->ignore_eog) || stop ? 1 : 0;
             char buf[256];
             const int32_t k = llama_token_to_piece(vocab_, tok, buf, sizeof(buf), 0, false);
             ok.piece = k > 0 ? std::string(buf, k) : std::string();

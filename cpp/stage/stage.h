@@ -69,12 +69,16 @@ struct nak_session {
     std::vector<int32_t>     stop_tokens;
     int32_t                  n_predict   = -1; // ring: tokens to generate (-1: until EOG or a full context)
     int32_t                  n_generated = 0;  // tokens sampled so far (last stage)
+    bool                     ignore_eog  = false;
     llama_sampler *          smpl = nullptr; // last stage only
     std::vector<llama_token> history;        // tokens at positions [0, history.size()) (last stage: sampler history)
     bool                     pending_sampled = false; // last_sampled was accepted by the sampler already
     llama_token              last_sampled    = -1;
     uint64_t                 tokens_in  = 0;
     uint64_t                 compute_us = 0;
+    uint64_t                 decode_us    = 0; // compute of one-token steps (decode), for per-token figures
+    uint64_t                 decode_steps = 0;
+    uint64_t                 decode_bytes_in = 0; // bytes of the frames that brought those steps
 };
 
 // one session's step inside the batch being decoded
@@ -87,6 +91,7 @@ struct nak_step {
     int32_t         row0       = 0;       // first row of this step in the llama_batch
     int32_t         reply_conn = -1;      // where an error goes when the session is unknown
     nak_header      req;                  // the frame it came in (for error replies)
+    uint64_t        wire_in    = 0;       // bytes of that frame (a BATCH's shared among its steps)
 };
 
 class nak_stage {

@@ -13,7 +13,8 @@ Definitions:
   that time is also the time to first token (TTFT).
 * decode tok/s = decode steps / their wall time.
 * hops = one-way network legs per token: a client-relayed chain of N stages makes 2N (client ->
-  stage -> client, for each stage); with forwarding N + 1 (client -> first -> ... -> last -> client).
+  stage -> client, for each stage); with forwarding N + 1 (client -> first -> ... -> last -> client);
+  a ring N (first -> ... -> last -> first; the copy of each token sent to the client is off the path).
 * per-hop overhead (us) = (chain ms per decoded token - sum of stage compute ms per token) / hops.
 * wire bytes per token per hop = bytes sent and received for the decode steps / steps / hops.
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .chain import Chain, SamplerParams
+from .errors import StageError
 
 GREEDY = SamplerParams(temp=0.0)
 
@@ -45,8 +47,12 @@ class BenchConfig:
     reps: int = 3
     threads: int = 2
     stage_threads: int = 0
-    forwarding: bool = False
+    mode: str = "ring"
     slices: list[Path] = field(default_factory=list)
+    sessions: int = 4          # concurrent sessions for the aggregate decode figure (0: skip)
+    wire: Sequence[str] = ()   # wire formats to compare with f32 (bf16, q8r)
+    link_delay_ms: float = 0.0  # > 0: also measure over emulated links of this one-way delay
+    rpc_baseline: bool = False
 
 
 def _stat(values: list[float]) -> dict[str, float]:
@@ -94,46 +100,51 @@ def bench_single(cfg: BenchConfig, n_vocab: int) -> dict[str, Any]:
 
 
 def bench_chain(cfg: BenchConfig, addresses: list[str], pids: list[int]) -> dict[str, Any]:
-    """A chain of local stage processes through the client (nakshatra.chain.Chain)."""
-    out: dict[str, Any] = {"prefill_tps": {}, "ttft_ms": {}}
+    """A chain of local stage processes through the client (nakshatra.chain.Chain), in
+    ``cfg.mode``: relay, forwarding or ring. Decode ignores end-of-generation tokens (as
+    llama-bench does); stage compute and bytes per decode step come from each stage's STATS."""
+    mode = cfg.mode
+    out: dict[str, Any] = {"prefill_tps": {}, "ttft_ms": {}, "mode": mode}
     decode, hop_us, wire = [], [], []
     compute_ms: list[list[float]] = []
-    with Chain(addresses, forwarding=cfg.forwarding) as chain:
-        hops = len(chain.stages) + 1 if cfg.forwarding else 2 * len(chain.stages)
+    with Chain(addresses, forwarding=mode != "relay", ring=mode == "ring") as chain:
+        n_st = len(chain.stages)
+        hops = {"relay": 2 * n_st, "forwarding": n_st + 1, "ring": n_st}[mode]
         n_vocab = chain.stages[0].n_vocab
         for n in cfg.prompt_lens:
             prompt = _prompt(n, n_vocab)
             first = n == cfg.prompt_lens[0]
+            n_predict = cfg.n_decode + 1 if first else 1
             pre, ttft = [], []
             for rep in range(cfg.reps + 1):  # rep 0 is the warm-up
-                with chain.session(GREEDY) as sess:
+                with chain.session(GREEDY, n_predict=n_predict, ignore_eog=True) as sess:
+                    replies = sess.ring(prompt, n_predict) if mode == "ring" else sess.relay(prompt, n_predict)
                     t0 = time.perf_counter()
-                    r = sess.feed(prompt)
-                    t1 = time.perf_counter()
+                    times = []
+                    client_in = 0
+                    for _ in replies:
+                        times.append(time.perf_counter())
+                        if len(times) == 1:
+                            client_in = sum(sess.wire_bytes)
+                    client_in = sum(sess.wire_bytes) - client_in
                     if rep == 0:
                         continue
-                    pre.append(n / (t1 - t0))
-                    ttft.append((t1 - t0) * 1e3)
+                    pre.append(n / (times[0] - t0))
+                    ttft.append((times[0] - t0) * 1e3)
                     if not first:
                         continue
-                    c0, w0 = list(sess.compute_us), list(sess.wire_bytes)
-                    before = _stage_counters(chain, sess.id) if cfg.forwarding else None
-                    t2 = time.perf_counter()
-                    for _ in range(cfg.n_decode):
-                        r = sess.feed([r["token"]])
-                    dt = time.perf_counter() - t2
-                    steps = cfg.n_decode
+                    steps = len(times) - 1
+                    dt = times[-1] - times[0]
                     decode.append(steps / dt)
-                    stage_ms = [(c - c_0) / 1e3 / steps for c, c_0 in zip(sess.compute_us, c0)]
-                    wire_total = sum(w - w_0 for w, w_0 in zip(sess.wire_bytes, w0))
-                    if cfg.forwarding:  # the client sees the first and last legs only: ask the stages
-                        after = _stage_counters(chain, sess.id)
-                        stage_ms = [(a[0] - b[0]) / 1e3 / steps for a, b in zip(after, before)]
-                        # every leg into a stage, plus the last stage's replies to this client
-                        wire_total = sum(a[1] - b[1] for a, b in zip(after, before)) + sess.wire_bytes[-1] - w0[-1]
+                    st = _session_stats(chain, sess.id)
+                    stage_ms = [s["decode_us"] / 1e3 / max(1, s["decode_steps"]) for s in st]
                     compute_ms.append(stage_ms)
                     hop_us.append((dt * 1e3 / steps - sum(stage_ms)) * 1e3 / hops)
-                    wire.append(wire_total / steps / hops)
+                    if mode == "relay":  # the client saw every leg
+                        wire.append(client_in / steps / hops)
+                    else:  # every leg into a stage, plus (forwarding) the replies to this client
+                        into = sum(s["decode_bytes_in"] for s in st)
+                        wire.append((into + (client_in if mode == "forwarding" else 0)) / steps / hops)
             out["prefill_tps"][str(n)] = _stat(pre)
             out["ttft_ms"][str(n)] = _stat(ttft)
         out["stages"] = [{"address": s.address, "layers": str(s.layers), "peak_rss_bytes": peak_rss_bytes(pid),
@@ -146,39 +157,265 @@ def bench_chain(cfg: BenchConfig, addresses: list[str], pids: list[int]) -> dict
     return out
 
 
-def _stage_counters(chain: Chain, session_id: int) -> list[tuple[int, int]]:
-    """Each stage's (compute us for the session, bytes received) so far, from its STATS."""
+def _session_stats(chain: Chain, session_id: int) -> list[dict[str, int]]:
+    """Each stage's STATS entry for one session (decode_us, decode_steps, decode_bytes_in, ...)."""
     import json
 
-    out = []
-    for c in chain.clients:
-        st = json.loads(c.stats())
-        out.append((st["sessions"][str(session_id)]["compute_us"], st["bytes_in"]))
-    return out
+    return [json.loads(c.stats())["sessions"][str(session_id)] for c in chain.clients]
 
 
-def ratios(single: dict[str, Any], chain: dict[str, Any]) -> dict[str, float]:
-    """chain / single for decode and each prefill length (medians)."""
+def ratios(res: dict[str, Any]) -> dict[str, float]:
+    """The headline ratios of one run (medians): chain / single and chain / rpc for decode and each
+    prefill length, concurrent sessions / one, and over emulated links latency / expected."""
+    single, chain = res["single"], res["chain"]
     r = {"decode_chain_over_single": chain["decode_tps"]["median"] / single["decode_tps"]["median"]}
     for n, s in single["prefill_tps"].items():
         r[f"prefill{n}_chain_over_single"] = chain["prefill_tps"][n]["median"] / s["median"]
     first = next(iter(single["prefill_tps"]))
     r["prefill_chain_over_single"] = r[f"prefill{first}_chain_over_single"]
+    if "rpc" in res:
+        rpc = res["rpc"]
+        r["decode_chain_over_rpc"] = chain["decode_tps"]["median"] / rpc["decode_tps"]["median"]
+        for n in single["prefill_tps"]:
+            if n in rpc["prefill_tps"]:
+                r[f"prefill{n}_chain_over_rpc"] = chain["prefill_tps"][n]["median"] / rpc["prefill_tps"][n]["median"]
+        if f"prefill{first}_chain_over_rpc" in r:
+            r["prefill_chain_over_rpc"] = r[f"prefill{first}_chain_over_rpc"]
+    for k, v in chain.get("sessions", {}).items():
+        if k.startswith("ratio_"):
+            r[f"sessions_{k[6:]}"] = v
+    links = res.get("links")
+    if links:
+        r["links_forwarding_over_expected"] = links["forwarding_over_expected"]
+        r["links_ring_over_expected"] = links["ring_over_expected"]
+        r["links_relay_over_ring"] = links["relay_over_ring"]
+        for k, v in links["sessions"].items():
+            if k.startswith("ratio_"):
+                r[f"links_sessions_{k[6:]}"] = v
     return r
 
 
-def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    """Measure single and chain in one run; returns ``{"single", "chain", "ratios", "config"}``."""
+def run_bench(cfg: BenchConfig, status: Any = None) -> dict[str, Any]:
+    """Measure single and chain (and, as configured, concurrent sessions, wire formats, emulated
+    links and llama.cpp RPC) in one run; returns ``{"config", "single", "chain", ["rpc"], ["wire"],
+    ["links"], "ratios"}``. ``status(text)`` is called before each part."""
     from .local import LocalStages, cached_parts
+    from .serve import kv_bytes_estimate
 
+    say = status or (lambda text: None)
     slices = cfg.slices or cached_parts(cfg.model, cfg.stages, progress=False)
-    n_ctx = max(cfg.prompt_lens) + cfg.n_decode + 16
-    with LocalStages(slices, threads=cfg.stage_threads, ctx=n_ctx, max_sessions=1) as ls:
+    n_ctx = max(*cfg.prompt_lens, SESSION_PROMPT) + cfg.n_decode + 16
+    max_sessions = max(1, cfg.sessions)
+    with LocalStages(slices, threads=cfg.stage_threads, ctx=n_ctx, max_sessions=max_sessions) as ls:
+        say(f"chain of {len(slices)} stages ({cfg.mode})")
         chain = bench_chain(cfg, ls.addresses, ls.pids)
+        if cfg.sessions > 1:
+            say(f"{cfg.sessions} concurrent sessions")
+            chain["sessions"] = bench_sessions(ls.addresses, [1, cfg.sessions], cfg.n_decode, cfg.reps, "ring")
+        for st, path in zip(chain["stages"], slices):
+            st["slice_bytes"] = Path(path).stat().st_size
+            st["kv_bytes"] = kv_bytes_estimate(Path(path), n_ctx * max_sessions) or 0
         with Chain(ls.addresses) as c:
             n_vocab = c.stages[0].n_vocab
+        # peak RSS is read once every measurement on these stages is done
+        for st, pid in zip(chain["stages"], ls.pids):
+            st["peak_rss_bytes"] = peak_rss_bytes(pid)
+    say("single process")
     single = bench_single(cfg, n_vocab)
-    return {"config": {"model": str(cfg.model), "stages": len(slices), "prompt_lens": list(cfg.prompt_lens),
-                       "n_decode": cfg.n_decode, "reps": cfg.reps, "threads": cfg.threads,
-                       "stage_threads": ls.threads, "forwarding": cfg.forwarding},
-            "single": single, "chain": chain, "ratios": ratios(single, chain)}
+    res: dict[str, Any] = {
+        "config": {"model": str(cfg.model), "stages": len(slices), "prompt_lens": list(cfg.prompt_lens),
+                   "n_decode": cfg.n_decode, "reps": cfg.reps, "threads": cfg.threads,
+                   "stage_threads": ls.threads, "mode": cfg.mode, "sessions": cfg.sessions,
+                   "link_delay_ms": cfg.link_delay_ms, "wire": list(cfg.wire)},
+        "single": single, "chain": chain}
+    if cfg.rpc_baseline:
+        from .rpc_baseline import run_rpc_baseline
+
+        say(f"llama.cpp RPC with {len(slices)} servers")
+        res["rpc"] = run_rpc_baseline(cfg.model, n_servers=len(slices), threads=cfg.threads,
+                                      prompt_lens=tuple(cfg.prompt_lens), n_decode=cfg.n_decode, reps=cfg.reps)
+    if cfg.wire:
+        say("wire formats")
+        res["wire"] = bench_wire(slices, cfg.wire, 16, cfg.stage_threads)
+    if cfg.link_delay_ms > 0:
+        say(f"emulated {cfg.link_delay_ms:g} ms links")
+        compute = sum(st["compute_ms_per_token"] for st in chain["stages"])
+        res["links"] = bench_links(slices, cfg.link_delay_ms, min(cfg.n_decode, 64), cfg.reps,
+                                   max(cfg.sessions, 4), cfg.stage_threads, compute)
+    res["ratios"] = ratios(res)
+    return res
+
+
+# ---- concurrent sessions, emulated slow links, wire formats ----------------------------------
+
+SESSION_PROMPT = 32  # prompt tokens of each session in decode_sessions
+
+
+def decode_sessions(addresses: list[str], n_sessions: int, n_decode: int, mode: str = "ring",
+                    prompt_len: int = SESSION_PROMPT, hop_addresses: dict[str, str] | None = None,
+                    timeout_s: float = 300.0) -> dict[str, float]:
+    """``n_sessions`` sessions decoding at once, each from its own thread and connections, greedy,
+    end-of-generation ignored. ``mode``: ``relay`` (client relays every hidden state),
+    ``forwarding`` (stage to stage, one client round trip per token) or ``ring`` (the last stage
+    starts each next step itself).
+
+    Returns ``aggregate_tps`` (decoded tokens of all sessions / the wall time from the first
+    session's first token to the last session's last token), ``ms_per_token`` (median over
+    sessions of each one's decode time per token) and ``tokens``. Raises the first session's error.
+    """
+    import threading
+
+    timings: dict[int, tuple[float, float, int]] = {}
+    errors: list[BaseException] = []
+    ready = threading.Barrier(n_sessions)
+
+    def worker(i: int) -> None:
+        try:
+            with Chain(addresses, forwarding=mode != "relay", ring=mode == "ring", hop_addresses=hop_addresses,
+                       timeout_s=timeout_s) as c:
+                prompt = _prompt(prompt_len, c.stages[0].n_vocab)
+                prompt[0] = (prompt[0] + 97 * i) % c.stages[0].n_vocab  # a different prompt per session
+                with c.session(GREEDY, n_predict=n_decode + 1, ignore_eog=True) as sess:
+                    ready.wait(timeout=timeout_s)
+                    replies = sess.ring(prompt, n_decode + 1) if mode == "ring" else sess.relay(prompt, n_decode + 1)
+                    t_first = t_last = 0.0
+                    n = 0
+                    for _ in replies:
+                        t_last = time.perf_counter()
+                        if n == 0:
+                            t_first = t_last
+                        n += 1
+                    timings[i] = (t_first, t_last, n - 1)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n_sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout_s)
+    if errors:
+        raise errors[0]
+    if len(timings) != n_sessions:
+        raise StageError(f"{n_sessions - len(timings)} of {n_sessions} sessions did not finish in {timeout_s:.0f} s")
+    t0 = min(v[0] for v in timings.values())
+    t1 = max(v[1] for v in timings.values())
+    tokens = sum(v[2] for v in timings.values())
+    per = [(v[1] - v[0]) * 1e3 / v[2] for v in timings.values() if v[2] > 0]
+    return {"aggregate_tps": tokens / (t1 - t0) if t1 > t0 else 0.0,
+            "ms_per_token": statistics.median(per) if per else 0.0, "tokens": tokens}
+
+
+def bench_sessions(addresses: list[str], sessions: Sequence[int], n_decode: int, reps: int,
+                   mode: str = "ring", hop_addresses: dict[str, str] | None = None) -> dict[str, Any]:
+    """Aggregate decode tok/s for each session count (median over ``reps``, after one warm-up), and
+    the ratio of each to one session: ``{"1": {...}, "4": {...}, "ratio_4_over_1": x}``."""
+    out: dict[str, Any] = {}
+    decode_sessions(addresses, 1, 8, mode, hop_addresses=hop_addresses)  # warm-up
+    for n in sessions:
+        runs = [decode_sessions(addresses, n, n_decode, mode, hop_addresses=hop_addresses) for _ in range(reps)]
+        out[str(n)] = {"aggregate_tps": _stat([r["aggregate_tps"] for r in runs]),
+                       "ms_per_token": _stat([r["ms_per_token"] for r in runs])}
+    if "1" in out:
+        for n in sessions:
+            if n != 1:
+                out[f"ratio_{n}_over_1"] = out[str(n)]["aggregate_tps"]["median"] / out["1"]["aggregate_tps"]["median"]
+    return out
+
+
+def bench_links(slices: Sequence[Path], delay_ms: float, n_decode: int, reps: int, sessions: int,
+                stage_threads: int, compute_ms: float) -> dict[str, Any]:
+    """Stages on emulated slow links (a :class:`~nakshatra.linkdelay.LinkDelay` relay in front of
+    every stage; the client shares the first stage's host, so its link to the first stage is
+    direct). Per-token decode latency of the client-relayed path, forwarding and ring, and the
+    aggregate decode tok/s of ``sessions`` concurrent ring sessions against one.
+
+    Expected per-token latency with forwarding = hops x delay + compute, with hops = the number
+    of stages (first -> ... -> last -> back to the first stage's host); ``compute_ms`` is the
+    sum of the stages' compute per token measured on loopback.
+    """
+    from .linkdelay import LinkDelay
+    from .local import LocalStages
+
+    n = len(slices)
+    with LocalStages(slices, threads=stage_threads, ctx=1024, max_sessions=max(sessions, 1)) as ls, \
+            LinkDelay(delay_ms) as link:
+        delayed = {a: link.relay(a) for a in ls.addresses}
+        client = [ls.addresses[0]] + [delayed[a] for a in ls.addresses[1:]]
+        hop = {ls.addresses[0]: delayed[ls.addresses[0]], **{delayed[a]: delayed[a] for a in ls.addresses[1:]}}
+        out: dict[str, Any] = {"delay_ms": delay_ms, "stages": n, "compute_ms_per_token": compute_ms,
+                               "expected_ms_per_token": n * delay_ms + compute_ms}
+        for mode in ("relay", "forwarding", "ring"):
+            decode_sessions(client, 1, 4, mode, hop_addresses=hop)  # warm-up (connections, pages)
+            runs = [decode_sessions(client, 1, n_decode, mode, hop_addresses=hop) for _ in range(reps)]
+            out[f"{mode}_ms_per_token"] = _stat([r["ms_per_token"] for r in runs])
+        for mode in ("forwarding", "ring"):
+            out[f"{mode}_over_expected"] = out[f"{mode}_ms_per_token"]["median"] / out["expected_ms_per_token"]
+        out["relay_over_ring"] = out["relay_ms_per_token"]["median"] / out["ring_ms_per_token"]["median"]
+        out["sessions"] = bench_sessions(client, [1, sessions], n_decode, reps, "ring", hop)
+    return out
+
+
+def _decode_wire(data: bytes, dtype: int, n_embd: int) -> Any:
+    """Wire bytes (cpp/protocol/wire.h) -> ``[n_rows, n_embd] float32`` numpy array."""
+    import numpy as np
+
+    if dtype == 1:
+        return np.frombuffer(data, dtype="<f4").reshape(-1, n_embd)
+    if dtype == 2:
+        u = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
+        return u.view(np.float32).reshape(-1, n_embd)
+    rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, 4 + n_embd)
+    scale = rows[:, :4].copy().view("<f4")
+    return rows[:, 4:].view(np.int8).astype(np.float32) * scale
+
+
+WIRE_PROMPTS = ["The history of the Roman Empire", "def quicksort(arr):", "Photosynthesis is the process",
+                "My favourite recipe for pancakes", "The stock market today", "Once upon a time, in a village"]
+
+
+def bench_wire(slices: Sequence[Path], formats: Sequence[str], n_predict: int, stage_threads: int) -> dict[str, Any]:
+    """Each wire format against f32 on a fixed prompt set (greedy, client-relayed so the client sees
+    every hidden state): bytes of one token's hidden state as sent (framing aside), greedy agreement (generated tokens equal to the
+    f32 run's at the same position, over all prompts; and prompts whose whole output is equal), and
+    the largest absolute difference of the hidden states at each stage boundary (prefill rows),
+    also relative to the largest |value| there."""
+    import numpy as np
+
+    from .local import LocalStages
+
+    runs: dict[str, Any] = {}
+    for fmt in ["f32", *[f for f in formats if f != "f32"]]:
+        with LocalStages(slices, threads=stage_threads, ctx=512, max_sessions=1, extra_args=["--wire", fmt]) as ls, \
+                Chain(ls.addresses) as c:
+            n_embd = c.stages[0].n_embd
+            toks, states, wire = [], [], []
+            for p in WIRE_PROMPTS:
+                with c.session(GREEDY, capture=True) as sess:
+                    r = sess.feed(c.tokenize(p))
+                    seq = [r["token"]]
+                    for _ in range(n_predict - 1):
+                        r = sess.feed([r["token"]])
+                        seq.append(r["token"])
+                    wire.append(len(sess.hidden[0][-1]))  # one decode step's hidden state, as sent
+                    toks.append(seq)
+                    states.append([_decode_wire(h[0], {"f32": 1, "bf16": 2, "q8r": 3}[fmt], n_embd)
+                                   for h in sess.hidden[:-1]])
+            runs[fmt] = {"tokens": toks, "states": states, "wire": statistics.median(wire)}
+    base = runs["f32"]
+    out: dict[str, Any] = {}
+    for fmt, r in runs.items():
+        same = sum(a == b for ta, tb in zip(r["tokens"], base["tokens"]) for a, b in zip(ta, tb))
+        total = sum(len(t) for t in base["tokens"])
+        diffs, rels = [], []
+        for b in range(len(slices) - 1):
+            d = max(float(np.max(np.abs(s[b] - s0[b]))) for s, s0 in zip(r["states"], base["states"]))
+            m = max(float(np.max(np.abs(s0[b]))) for s0 in base["states"])
+            diffs.append(d)
+            rels.append(d / m if m else 0.0)
+        out[fmt] = {"state_bytes_per_token": r["wire"],
+                    "greedy_agreement": same / total,
+                    "prompts_identical": sum(ta == tb for ta, tb in zip(r["tokens"], base["tokens"])),
+                    "prompts": len(WIRE_PROMPTS),
+                    "max_abs_diff": diffs, "max_rel_diff": rels}
+    return out

@@ -161,7 +161,7 @@ class Session:
     """
 
     def __init__(self, chain: Chain, sampler: SamplerParams, capture: bool = False,
-                 stop_tokens: Sequence[int] = (), n_predict: int = -1) -> None:
+                 stop_tokens: Sequence[int] = (), n_predict: int = -1, ignore_eog: bool = False) -> None:
         sampler.check()
         if capture and chain.forwarding:
             raise ChainError("capturing hidden states needs the client-relayed path (forwarding=False)")
@@ -185,7 +185,7 @@ class Session:
                 n_ctx, seq = c.open(self.id, temp=sampler.temp, top_k=sampler.top_k, top_p=sampler.top_p,
                                     min_p=sampler.min_p, repeat_penalty=sampler.repeat_penalty,
                                     repeat_last_n=sampler.repeat_last_n, seed=seed, stop_tokens=list(stop_tokens),
-                                    n_predict=n_predict, seq=self.seq)
+                                    n_predict=n_predict, seq=self.seq, ignore_eog=ignore_eog)
                 self._opened.append(i)
                 self.seq = seq
                 self.n_ctx = min(self.n_ctx, n_ctx)
@@ -277,8 +277,8 @@ class Session:
         for i in range(0, len(head), self.chain.n_batch):
             self._forward_routed(head[i:i + self.chain.n_batch], False)
         pos = list(range(self.n_past, self.n_past + len(last)))
-        ring = ",".join(s.address for s in self.chain.stages)
-        self.chain.clients[0].send_forward(self.id, self.step, pos, last, True, self.chain.route, ring)
+        self.chain.clients[0].send_forward(self.id, self.step, pos, last, True, self.chain.route,
+                                           self.chain.ring_route)
         produced = 0
         while True:
             try:
@@ -346,7 +346,7 @@ class Chain:
 
     def __init__(self, stages: Sequence[str | tuple[str, int]], timeout_s: float = 60.0,
                  connect_timeout_s: float = 5.0, n_batch: int = DEFAULT_N_BATCH,
-                 forwarding: bool = False, ring: bool = False) -> None:
+                 forwarding: bool = False, ring: bool = False, hop_addresses: dict[str, str] | None = None) -> None:
         addrs = [parse_stage_address(s) if isinstance(s, str) else s for s in stages]
         if not addrs:
             raise ChainError("the chain is empty: give --chain host:port,host:port,...")
@@ -378,19 +378,22 @@ class Chain:
             raise
         self.clients = [clients[(s.host, s.port)] for s in self.stages]
         # the stages after the first, as the first stage will pass the hidden state on; the
-        # addresses must reach each stage from the previous one (on a LAN, use the hosts' addresses)
-        self.route = ",".join(s.address for s in self.stages[1:])
+        # addresses must reach each stage from the previous one (on a LAN, use the hosts' addresses).
+        # hop_addresses maps a stage's address as given to the one other stages should use.
+        hops = [(hop_addresses or {}).get(s.address, s.address) for s in self.stages]
+        self.route = ",".join(hops[1:])
+        self.ring_route = ",".join(hops)  # ring: the last stage starts the next step at the first
 
     @property
     def first(self):
         return self.clients[0]
 
     def session(self, sampler: SamplerParams | None = None, capture: bool = False,
-                stop_tokens: Sequence[int] = (), n_predict: int = -1) -> Session:
+                stop_tokens: Sequence[int] = (), n_predict: int = -1, ignore_eog: bool = False) -> Session:
         """Open a session on every stage (see :class:`Session`); the last stage ends the generation
-        (``is_eog``) at an end-of-generation token or one of ``stop_tokens``; ``n_predict`` bounds a
-        ring's generation."""
-        return Session(self, sampler or SamplerParams(), capture, stop_tokens, n_predict)
+        (``is_eog``) at an end-of-generation token (unless ``ignore_eog``, as llama.cpp's
+        ``--ignore-eos``) or one of ``stop_tokens``; ``n_predict`` bounds a ring's generation."""
+        return Session(self, sampler or SamplerParams(), capture, stop_tokens, n_predict, ignore_eog)
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Token ids of ``text`` by the first stage's vocabulary (llama_tokenize)."""
