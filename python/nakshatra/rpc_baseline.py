@@ -195,17 +195,24 @@ def parse_llama_bench(tests: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_rpc_baseline(model: Path, n_servers: int = 3, threads: int = 2, prompt_lens: Sequence[int] = (128, 512),
-                     n_decode: int = 128, reps: int = 3, server_threads: int = 0,
+def run_rpc_baseline(model: Path, n_servers: int = 3, threads: int = 2,
+                     prompt_lens: Sequence[int] = (128, 512), n_decode: int = 128, reps: int = 3,
+                     server_threads: int = 0,
                      start_timeout_s: float = 60.0, progress: bool = True) -> dict[str, Any]:
     """Run ``model`` split by layers over ``n_servers`` local ``ggml-rpc-server`` processes on
     127.0.0.1 with upstream's ``llama-bench`` (built first if needed, see :func:`ensure_tools`).
 
-    ``threads`` is llama-bench's (the host's) thread count; ``server_threads`` each server's, 0 for
-    ``threads``: the host drives the servers one after the other, so only one computes at a time
-    and it can use every core (an idle server's ggml threads do not spin). ``prompt_lens`` and
-    ``n_decode`` are tokens; each figure is over ``reps`` repetitions after llama-bench's warm-up.
-    Decode runs from an empty context (llama-bench's ``tg`` test), not after the prompt.
+    ``threads`` is llama-bench's (the host's) thread count, run with ``--poll 0`` like our stages'
+    thread pools: with llama-bench's default (50) the host's idle threads spin while a server
+    computes and take cores from it (on 2 cores decode 64 instead of 76 tok/s with 1 server
+    thread, 12 instead of 24 with 2). ``server_threads`` is each server's, 0 for
+    ``max(1, threads // n_servers)`` as our local stages decode (nakshatra.local.LocalStages). A
+    server has one count for prefill and decode: on the 2-core VM, SmolLM2 Q4_1 (p128, n64) over 3
+    servers gave prefill 180 and decode 78 tok/s with 1 thread each, prefill 350 and decode 26 tok/s
+    with 2 (the host drives the servers one after the other, so only one computes at a time);
+    llama-bench without RPC: 350 and 139. ``prompt_lens`` and ``n_decode`` are tokens; each figure
+    is over ``reps`` repetitions after llama-bench's warm-up. Decode runs from an empty context
+    (llama-bench's ``tg`` test), not after the prompt.
 
     Returns bench_single's shape: ``prefill_tps`` {str(n): {median, spread, n}} (tok/s),
     ``decode_tps`` {median, spread, n} (tok/s), ``ttft_ms`` {str(n): ...} (prompt time, ms), plus
@@ -220,7 +227,7 @@ def run_rpc_baseline(model: Path, n_servers: int = 3, threads: int = 2, prompt_l
     if not model.is_file():
         raise NakError(f"model {model} does not exist; pass a GGUF file (`nak pull` fetches one)")
     bins = ensure_tools(progress=progress)
-    server_threads = server_threads or threads
+    server_threads = server_threads or max(1, threads // n_servers)
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="nak-rpc-") as logdir:
         try:
@@ -230,13 +237,14 @@ def run_rpc_baseline(model: Path, n_servers: int = 3, threads: int = 2, prompt_l
                 log = Path(logdir) / f"server{i}.log"
                 with open(log, "w") as f:
                     procs.append(subprocess.Popen(
-                        [str(bins["rpc_server"]), "-H", "127.0.0.1", "-p", str(port), "-t", str(server_threads)],
+                        [str(bins["rpc_server"]), "-H", "127.0.0.1", "-p", str(port),
+                         "-t", str(server_threads)],
                         stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
                 _wait_listening(procs[-1], port, log, start_timeout_s)
                 addresses.append(f"127.0.0.1:{port}")
-            argv = [str(bins["llama_bench"]), "-m", str(model), "--rpc", ",".join(addresses), "-ngl", "99",
-                    "-t", str(threads), "-p", ",".join(map(str, prompt_lens)), "-n", str(n_decode),
-                    "-r", str(reps), "-o", "json"]
+            argv = [str(bins["llama_bench"]), "-m", str(model), "--rpc", ",".join(addresses),
+                    "-ngl", "99", "-t", str(threads), "--poll", "0", "-p", ",".join(map(str, prompt_lens)),
+                    "-n", str(n_decode), "-r", str(reps), "-o", "json"]
             r = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
             if r.returncode != 0:
                 tail = "\n".join(r.stderr.splitlines()[-20:])
