@@ -66,6 +66,9 @@ set(_nak_args
     # or sleeps each time (PASSIVE: 2.5x slower decode); ggml's barriers spin only inside a
     # graph, and a pool with poll = 0 sleeps as soon as a decode ends (see cpp/stage/stage.cpp)
     -DGGML_OPENMP=OFF
+    # ggml's RPC backend, so `nak bench --rpc-baseline` can build upstream's rpc-server and
+    # llama-bench in this same tree (python/nakshatra/rpc_baseline.py); unused by our extension
+    -DGGML_RPC=ON
     ${_nak_backend_args_${NAKSHATRA_BACKEND}}
     ${NAKSHATRA_LLAMA_CMAKE_ARGS})
 string(SHA256 _nak_key "${NAKSHATRA_LLAMA_SRC};${_nak_args}")
