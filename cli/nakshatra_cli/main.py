@@ -356,6 +356,10 @@ def print_bench(res: dict, cfg) -> None:
         for m in ("relay", "forwarding", "ring"):
             k.add_row(m, fmt(links[f"{m}_ms_per_token"]),
                       f"{links[f'{m}_ms_per_token']['median'] / links['expected_ms_per_token']:.2f}x")
+        if "rpc_ms_per_token" in links:
+            k.add_row("llama.cpp rpc", f"{links['rpc_ms_per_token']['median']:.1f}",
+                      f"{links['rpc_ms_per_token']['median'] / links['expected_ms_per_token']:.2f}x "
+                      f"(ring {links['ring_over_rpc_speed']:.1f}x faster)")
         ls = links["sessions"]
         n = [x for x in ls if x.isdigit() and x != "1"][0]
         k.add_row(f"ring, {n} sessions: aggregate tok/s", fmt(ls[n]["aggregate_tps"]),

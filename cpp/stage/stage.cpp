@@ -81,9 +81,19 @@ static std::string meta_str(const llama_model * model, const char * key) {
     return n >= 0 ? std::string(buf) : std::string();
 }
 
-static ggml_threadpool * new_sleeping_pool(int32_t n_threads) {
+// `poll`: llama.cpp's --poll (0: workers sleep as soon as a graph ends). `strict`: as its
+// --cpu-strict, thread i pinned to CPU i: the scheduler then never stacks two threads of one
+// graph on a core, where each spin barrier would wait for a time slice
+static ggml_threadpool * new_pool(int32_t n_threads, int32_t poll, bool strict) {
     ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
-    tpp.poll = 0;
+    tpp.poll = poll;
+    if (strict) {
+        tpp.strict_cpu = true;
+        const int32_t n_cpu = (int32_t) std::max(1u, std::thread::hardware_concurrency());
+        for (int32_t i = 0; i < n_cpu && i < GGML_MAX_N_THREADS; i++) {
+            tpp.cpumask[i] = true;
+        }
+    }
     return ggml_threadpool_new(&tpp);
 }
 
@@ -199,8 +209,8 @@ bool nak_stage::load(const nak_stage_params & params, std::string & err) {
     }
     // workers that sleep as soon as a decode ends (poll = 0): an idle stage costs no CPU, and
     // stages sharing a machine do not steal each other's cores; barriers inside a graph still spin
-    threadpool_       = new_sleeping_pool(n_threads);
-    threadpool_batch_ = n_threads_batch == n_threads ? nullptr : new_sleeping_pool(n_threads_batch);
+    threadpool_       = new_pool(n_threads, params.poll, params.cpu_strict);
+    threadpool_batch_ = n_threads_batch == n_threads ? nullptr : new_pool(n_threads_batch, params.poll, params.cpu_strict);
     if (!threadpool_ || (n_threads_batch != n_threads && !threadpool_batch_)) {
         err = "could not create a thread pool of " + std::to_string(n_threads) + " threads";
         return false;

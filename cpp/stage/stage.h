@@ -33,6 +33,8 @@ struct nak_stage_params {
     std::string cache_type_k  = "f16";
     std::string cache_type_v  = "f16";
     uint32_t    idle_timeout_s = 600; // sessions idle longer are freed
+    int32_t     poll          = 0;    // thread pool polling 0..100 (llama.cpp --poll); 0: idle stages sleep
+    bool        cpu_strict    = false; // pin thread i to CPU i (llama.cpp --cpu-strict)
     uint32_t    max_batch     = 8;    // first stage: session steps per llama_decode (1: one at a time)
     std::string wire          = "f32"; // hidden states sent as f32 | bf16 | q8r (see cpp/protocol/wire.h)
     std::string batch_log;            // file to append one JSON line per decoded batch (replay tests)

@@ -189,6 +189,8 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
         r["links_forwarding_over_expected"] = links["forwarding_over_expected"]
         r["links_ring_over_expected"] = links["ring_over_expected"]
         r["links_relay_over_ring"] = links["relay_over_ring"]
+        if "ring_over_rpc_speed" in links:
+            r["links_decode_chain_over_rpc"] = links["ring_over_rpc_speed"]
         for k, v in links["sessions"].items():
             if k.startswith("ratio_"):
                 r[f"links_sessions_{k[6:]}"] = v
@@ -241,7 +243,8 @@ def run_bench(cfg: BenchConfig, status: Any = None) -> dict[str, Any]:
         say(f"emulated {cfg.link_delay_ms:g} ms links")
         compute = sum(st["compute_ms_per_token"] for st in chain["stages"])
         res["links"] = bench_links(slices, cfg.link_delay_ms, min(cfg.n_decode, 64), cfg.reps,
-                                   max(cfg.sessions, 4), cfg.stage_threads, compute)
+                                   max(cfg.sessions, 4), cfg.stage_threads, compute,
+                                   rpc_model=cfg.model if cfg.rpc_baseline else None, rpc_threads=cfg.threads)
     res["ratios"] = ratios(res)
     return res
 
@@ -324,7 +327,8 @@ def bench_sessions(addresses: list[str], sessions: Sequence[int], n_decode: int,
 
 
 def bench_links(slices: Sequence[Path], delay_ms: float, n_decode: int, reps: int, sessions: int,
-                stage_threads: int, compute_ms: float) -> dict[str, Any]:
+                stage_threads: int, compute_ms: float, rpc_model: Path | None = None,
+                rpc_threads: int = 2) -> dict[str, Any]:
     """Stages on emulated slow links (a :class:`~nakshatra.linkdelay.LinkDelay` relay in front of
     every stage; the client shares the first stage's host, so its link to the first stage is
     direct). Per-token decode latency of the client-relayed path, forwarding and ring, and the
@@ -353,6 +357,18 @@ def bench_links(slices: Sequence[Path], delay_ms: float, n_decode: int, reps: in
             out[f"{mode}_over_expected"] = out[f"{mode}_ms_per_token"]["median"] / out["expected_ms_per_token"]
         out["relay_over_ring"] = out["relay_ms_per_token"]["median"] / out["ring_ms_per_token"]["median"]
         out["sessions"] = bench_sessions(client, [1, sessions], n_decode, reps, "ring", hop)
+    if rpc_model is not None:
+        # llama.cpp RPC on the same links: its host shares the first server's machine
+        from .linkdelay import LinkDelay
+        from .rpc_baseline import run_rpc_baseline
+
+        with LinkDelay(delay_ms) as link:
+            rpc = run_rpc_baseline(rpc_model, n_servers=n, threads=rpc_threads, prompt_lens=(16,),
+                                   n_decode=min(n_decode, 16), reps=1, progress=False,
+                                   address_map=lambda i, a: a if i == 0 else link.relay(a))
+        out["rpc_ms_per_token"] = {k: 1e3 / v for k, v in rpc["decode_tps"].items() if k == "median"}
+        out["rpc_ms_per_token"].update(spread=0.0, n=rpc["decode_tps"]["n"])
+        out["ring_over_rpc_speed"] = out["rpc_ms_per_token"]["median"] / out["ring_ms_per_token"]["median"]
     return out
 
 

@@ -340,8 +340,10 @@ class Chain:
     Stages may be given in any order; they are sorted by layer range and validated
     (:func:`validate_chain`). With ``forwarding`` each stage sends its hidden state straight to the
     next (the client talks to the first stage and hears from the last); without it the client
-    relays every hidden state. Both give the same tokens. Raises ChainError when a stage is
-    unreachable or the chain is malformed.
+    relays every hidden state. Both give the same tokens. ``hop_addresses`` maps a stage's
+    address as given here to the address the other stages should dial (``route`` and
+    ``ring_route``), e.g. a relay in front of it. Raises ChainError when a stage is unreachable or
+    the chain is malformed.
     """
 
     def __init__(self, stages: Sequence[str | tuple[str, int]], timeout_s: float = 60.0,

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +198,8 @@ def parse_llama_bench(tests: list[dict[str, Any]]) -> dict[str, Any]:
 def run_rpc_baseline(model: Path, n_servers: int = 3, threads: int = 2,
                      prompt_lens: Sequence[int] = (128, 512), n_decode: int = 128, reps: int = 3,
                      server_threads: int = 0,
-                     start_timeout_s: float = 60.0, progress: bool = True) -> dict[str, Any]:
+                     start_timeout_s: float = 60.0, progress: bool = True,
+                     address_map: Callable[[int, str], str] | None = None) -> dict[str, Any]:
     """Run ``model`` split by layers over ``n_servers`` local ``ggml-rpc-server`` processes on
     127.0.0.1 with upstream's ``llama-bench`` (built first if needed, see :func:`ensure_tools`).
 
@@ -220,7 +221,8 @@ def run_rpc_baseline(model: Path, n_servers: int = 3, threads: int = 2,
     ``command`` (the llama-bench command line). The servers are stopped on return, error or Ctrl-C.
 
     Raises NakError when the tools cannot be built, a server does not start, or llama-bench fails
-    (with the tail of its stderr)."""
+    (with the tail of its stderr). ``address_map(i, "127.0.0.1:PORT")`` may give llama-bench
+    another address for server ``i`` (e.g. a nakshatra.linkdelay relay in front of it)."""
     if n_servers < 1 or threads < 1 or not prompt_lens or n_decode < 1 or reps < 1:
         raise NakError("run_rpc_baseline needs n_servers, threads, n_decode, reps >= 1 and a prompt length")
     model = Path(model)
@@ -242,6 +244,8 @@ def run_rpc_baseline(model: Path, n_servers: int = 3, threads: int = 2,
                         stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
                 _wait_listening(procs[-1], port, log, start_timeout_s)
                 addresses.append(f"127.0.0.1:{port}")
+            if address_map:
+                addresses = [address_map(i, a) for i, a in enumerate(addresses)]
             argv = [str(bins["llama_bench"]), "-m", str(model), "--rpc", ",".join(addresses),
                     "-ngl", "99", "-t", str(threads), "--poll", "0", "-p", ",".join(map(str, prompt_lens)),
                     "-n", str(n_decode), "-r", str(reps), "-o", "json"]

@@ -47,6 +47,8 @@ class ServeOptions:
     max_batch: int = 8
     wire: str = "f32"
     batch_log: str = ""
+    poll: int = 0
+    cpu_strict: bool = False
 
 
 def _fmt_bytes(n: float) -> str:
@@ -123,6 +125,8 @@ def serve(opts: ServeOptions) -> int:
         raise NakError("--ctx and --max-sessions must be at least 1")
     if not 0 <= opts.port < 65536:
         raise NakError(f"--port {opts.port} must be in 0..65535 (0: any free port)")
+    if not 0 <= opts.poll <= 100:
+        raise NakError(f"--poll {opts.poll} must be in 0..100 (0: idle threads sleep)")
     if opts.max_batch < 1:
         raise NakError(f"--max-batch {opts.max_batch} must be at least 1 (1 turns batching off)")
     if opts.wire not in WIRE_FORMATS:
@@ -137,7 +141,8 @@ def serve(opts: ServeOptions) -> int:
                                  n_threads_batch=opts.threads_batch,
                                  n_gpu_layers=opts.n_gpu_layers, flash_attn=fa,
                                  cache_type_k=opts.cache_type_k, cache_type_v=opts.cache_type_v,
-                                 max_batch=opts.max_batch, wire=opts.wire, batch_log=opts.batch_log)
+                                 max_batch=opts.max_batch, wire=opts.wire, batch_log=opts.batch_log,
+                                 poll=opts.poll, cpu_strict=opts.cpu_strict)
     except StageError as e:
         raise NakError(f"cannot load {path}: {e}") from None
     info = stage.info()
@@ -188,13 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--wire", default="f32")
     ap.add_argument("--batch-log", default="")
+    ap.add_argument("--poll", type=int, default=0)
+    ap.add_argument("--cpu-strict", type=int, default=0)
     a = ap.parse_args(argv)
     opts = ServeOptions(model=a.model, layers=a.layers, host=a.host, port=a.port, insecure=a.insecure,
                         threads=a.threads, threads_batch=a.threads_batch, ctx=a.ctx, max_sessions=a.max_sessions,
                         n_gpu_layers=a.n_gpu_layers, flash_attn=a.flash_attn,
                         cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
                         verify=not a.no_verify, ready_json=a.ready_json, max_batch=a.max_batch,
-                        wire=a.wire, batch_log=a.batch_log)
+                        wire=a.wire, batch_log=a.batch_log, poll=a.poll, cpu_strict=bool(a.cpu_strict))
     try:
         return serve(opts)
     except (NakError, SliceError) as e:
