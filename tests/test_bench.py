@@ -14,7 +14,8 @@ import pytest
 @pytest.mark.parametrize("mode", ["relay", "forwarding", "ring"])
 def test_bench_writes_single_chain_and_ratios(smollm2_path: Path, tmp_path: Path, mode: str) -> None:
     out = tmp_path / "bench.json"
-    extra = ["--sessions", "2", "--wire", "bf16"] if mode == "ring" else ["--sessions", "0", "--wire", ""]
+    extra = (["--sessions", "2", "--wire", "bf16", "--link-delay-ms", "5"] if mode == "ring"
+             else ["--sessions", "0", "--wire", ""])
     r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "bench", "--model", str(smollm2_path),
                         "--stages", "2", "--threads", "1", "--stage-threads", "1", "--reps", "1", "--n-decode", "8",
                         "--prompt-lens", "16,32", "--json", str(out), "--mode", mode, *extra],
@@ -42,6 +43,11 @@ def test_bench_writes_single_chain_and_ratios(smollm2_path: Path, tmp_path: Path
         wire = res["wire"]
         assert wire["f32"]["greedy_agreement"] == 1.0 and wire["f32"]["max_abs_diff"] == [0.0]
         assert wire["bf16"]["state_bytes_per_token"] == 576 * 2 and wire["bf16"]["max_abs_diff"][0] > 0
+        links = res["links"]
+        # every path pays at least the link delay of its hops (2 stages: 2 one-way links)
+        assert links["ring_ms_per_token"]["median"] >= 2 * 5
+        assert links["relay_ms_per_token"]["median"] >= 2 * 5
+        assert "ratio_4_over_1" in links["sessions"] and "links_ring_over_expected" in res["ratios"]
 
 
 def test_bench_synthetic_model_of_a_given_size(smollm2_path: Path, tmp_path: Path) -> None:

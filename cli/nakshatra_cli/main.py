@@ -209,6 +209,10 @@ def serve(
     max_batch: Annotated[int, typer.Option("--max-batch", help="First stage: session steps decoded together (1: no batching).")] = 8,
     wire: Annotated[str, typer.Option("--wire", help="Hidden states sent as f32 (exact), bf16 or q8r (per-row int8).")] = "f32",
     batch_log: Annotated[str, typer.Option("--batch-log", help="Append one JSON line per decoded batch to this file.")] = "",
+    batch_hold_ms: Annotated[int, typer.Option("--batch-hold-ms", help="First stage, ring: hold a step up to this long for sessions due back, so they travel as one batch (0: never).")] = 0,
+    poll: Annotated[int, typer.Option("--poll", help="Thread-pool polling 0..100 as llama.cpp's --poll (0: idle threads sleep).")] = 0,
+    cpu_strict: Annotated[int, typer.Option("--cpu-strict", help="1: pin thread i to CPU i (llama.cpp's --cpu-strict).")] = 0,
+    cpu_lock: Annotated[str, typer.Option("--cpu-lock", help="A file that stages sharing this machine lock around each decode (they take turns).")] = "",
 ) -> None:
     """Serve one slice as a stage (C++ event loop; Ctrl-C stops it).
 
@@ -222,7 +226,9 @@ def serve(
                                  threads=threads, threads_batch=threads_batch, ctx=ctx, max_sessions=max_sessions,
                                  n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
                                  cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-                                 ready_json=ready_json, max_batch=max_batch, wire=wire, batch_log=batch_log))
+                                 ready_json=ready_json, max_batch=max_batch, wire=wire, batch_log=batch_log,
+                                 batch_hold_ms=batch_hold_ms, poll=poll, cpu_strict=bool(cpu_strict),
+                                 cpu_lock=cpu_lock))
     raise typer.Exit(code)
 
 

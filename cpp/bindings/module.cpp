@@ -416,7 +416,8 @@ struct py_stage {
     py_stage(const std::string & path, const std::string & model_sha256, uint32_t n_ctx, uint32_t max_sessions,
              int32_t n_threads, int32_t n_threads_batch, int32_t n_gpu_layers, int32_t flash_attn, const std::string & cache_type_k,
              const std::string & cache_type_v, uint32_t n_batch, uint32_t n_ubatch, uint32_t idle_timeout_s,
-             uint32_t max_batch, const std::string & wire, const std::string & batch_log, int32_t poll, bool cpu_strict) {
+             uint32_t max_batch, const std::string & wire, const std::string & batch_log, int32_t poll, bool cpu_strict,
+             const std::string & cpu_lock, uint32_t batch_hold_ms) {
         ensure_backend();
         nak_stage_params p;
         p.model_path     = path;
@@ -437,6 +438,8 @@ struct py_stage {
         p.batch_log      = batch_log;
         p.poll           = poll;
         p.cpu_strict     = cpu_strict;
+        p.cpu_lock       = cpu_lock;
+        p.batch_hold_ms  = batch_hold_ms;
         st = std::make_unique<nak_stage>();
         std::string err;
         bool ok;
@@ -606,12 +609,13 @@ PYBIND11_MODULE(_nakshatra, m) {
     py::class_<py_stage>(m, "Stage", "One loaded slice and its llama_context (see cpp/stage/stage.h).")
         .def(py::init<const std::string &, const std::string &, uint32_t, uint32_t, int32_t, int32_t, int32_t, int32_t,
                       const std::string &, const std::string &, uint32_t, uint32_t, uint32_t, uint32_t,
-                      const std::string &, const std::string &, int32_t, bool>(),
+                      const std::string &, const std::string &, int32_t, bool, const std::string &, uint32_t>(),
              py::arg("model_path"), py::arg("model_sha256") = "", py::arg("n_ctx") = 4096, py::arg("max_sessions") = 8,
              py::arg("n_threads") = 0, py::arg("n_threads_batch") = 0, py::arg("n_gpu_layers") = -1, py::arg("flash_attn") = -1,
              py::arg("cache_type_k") = "f16", py::arg("cache_type_v") = "f16", py::arg("n_batch") = 2048,
              py::arg("n_ubatch") = 512, py::arg("idle_timeout_s") = 600, py::arg("max_batch") = 8,
-             py::arg("wire") = "f32", py::arg("batch_log") = "", py::arg("poll") = 0, py::arg("cpu_strict") = false)
+             py::arg("wire") = "f32", py::arg("batch_log") = "", py::arg("poll") = 0, py::arg("cpu_strict") = false,
+             py::arg("cpu_lock") = "", py::arg("batch_hold_ms") = 0)
         .def("serve", &py_stage::serve, py::arg("host"), py::arg("port"), py::arg("on_ready"),
              py::arg("max_payload") = NAK_MAX_PAYLOAD_DEFAULT,
              "Run the event loop until SIGINT/SIGTERM raises or stop() is called; on_ready(port) once listening.")

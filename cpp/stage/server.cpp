@@ -32,6 +32,7 @@ struct conn_state {
 struct queued_request {
     int32_t   conn;
     nak_frame frame;
+    int64_t   t_arrival_us = 0;
 };
 
 void flush(conn_state & c) {
@@ -128,6 +129,7 @@ void read_frames(conn_state & c, std::deque<queued_request> & queue, int64_t now
             c.hello_seen = true;
         }
         q.conn = c.id;
+        q.t_arrival_us = nak_now_us();
         queue.push_back(std::move(q));
     }
 }
@@ -173,11 +175,12 @@ conn_state * outbound_conn(std::vector<conn_state> & conns, int32_t & next_id, c
 // FORWARDs of other sessions behind it that share its route, up to --max-batch steps and n_batch
 // rows. Scanning stops at the first frame that is not a FORWARD, so a CLOSE or TRUNCATE is never
 // overtaken, and a session contributes at most its earliest step.
-std::vector<queued_request> pick_batch(std::deque<queued_request> & queue, const nak_stage & stage) {
+std::vector<queued_request> pick_batch(std::deque<queued_request> & queue, const nak_stage & stage, int64_t & hold_us) {
     std::vector<queued_request> picked;
     std::string route;
     const uint32_t max_batch = stage.params().max_batch;
     if (!stage.is_first() || max_batch <= 1 || !nak_stage::batchable(queue.front().frame, route)) {
+        hold_us = 0;
         picked.push_back(std::move(queue.front()));
         queue.pop_front();
         return picked;
@@ -202,6 +205,25 @@ std::vector<queued_request> pick_batch(std::deque<queued_request> & queue, const
         rows += fw.n_tokens;
         picked.push_back(std::move(*it));
         it = queue.erase(it);
+    }
+    // hold the batch while other ring sessions are due back within one trip (bounded by
+    // max_hold_us from the first step's arrival): the sessions then travel together
+    const int64_t now = nak_now_us();
+    std::vector<uint64_t> ids;
+    for (const auto & q : picked) {
+        ids.push_back(q.frame.hdr.session_id);
+    }
+    hold_us = 0;
+    const int64_t max_hold_us = (int64_t) stage.params().batch_hold_ms * 1000;
+    if (max_hold_us > 0 && picked.size() < max_batch && stage.ring_due(now, ids) > 0) {
+        const int64_t waited = now - picked.front().t_arrival_us;
+        if (waited < max_hold_us) {
+            hold_us = std::min<int64_t>(1000, max_hold_us - waited);
+            for (auto it = picked.rbegin(); it != picked.rend(); ++it) {
+                queue.push_front(std::move(*it));
+            }
+            picked.clear();
+        }
     }
     return picked;
 }
@@ -247,6 +269,7 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
     int32_t next_id        = 1;
     int64_t t_stop_check   = 0;
     int64_t t_expire_check = 0;
+    int64_t hold_us        = 0; // the scheduler holds a batch for ring sessions due back
     std::vector<pollfd> pfds;
 
     for (;;) {
@@ -277,7 +300,8 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
             }
             pfds.push_back({ c.fd, ev, 0 });
         }
-        const int rc = poll(pfds.data(), pfds.size(), queue.empty() ? 50 : 0);
+        const int timeout_ms = queue.empty() ? 50 : hold_us > 0 ? (int) ((hold_us + 999) / 1000) : 0;
+        const int rc = poll(pfds.data(), pfds.size(), timeout_ms);
         if (rc < 0 && errno != EINTR) {
             err = "poll failed";
             break;
@@ -316,7 +340,11 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
         // scheduler: first come first served; at the first stage, forwarded steps of several
         // sessions waiting together are decoded as one batch (continuous batching)
         if (!queue.empty()) {
-            std::vector<queued_request> picked = pick_batch(queue, stage);
+            std::vector<queued_request> picked = pick_batch(queue, stage, hold_us);
+            if (picked.empty()) {
+                goto reap; // held for sessions due back: poll again shortly
+            }
+            {
             stage.queue_depth = (uint32_t) queue.size();
             bool close_conn = false;
             std::vector<nak_send> out;
@@ -339,7 +367,9 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
                     c.closing = c.closing || close_conn;
                 }
             }
+            }
         }
+    reap:
 
         // drop dead connections: free their sessions' KV and their queued requests
         for (size_t i = 0; i < conns.size();) {

@@ -4,6 +4,10 @@
 #include "wire.h"
 
 #include <algorithm>
+#include <cerrno>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
 #include <chrono>
 #include <cinttypes>
 #include <cstdio>
@@ -16,9 +20,13 @@ int64_t nak_now_ms() {
     return duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
 }
 
-static int64_t now_us() {
+int64_t nak_now_us() {
     using namespace std::chrono;
     return duration_cast<microseconds>(steady_clock::now().time_since_epoch()).count();
+}
+
+static int64_t now_us() {
+    return nak_now_us();
 }
 
 uint64_t nak_rss_bytes() {
@@ -98,6 +106,9 @@ static ggml_threadpool * new_pool(int32_t n_threads, int32_t poll, bool strict) 
 }
 
 nak_stage::~nak_stage() {
+    if (cpu_lock_fd_ >= 0) {
+        close(cpu_lock_fd_);
+    }
     if (batch_log_) {
         fclose(batch_log_);
     }
@@ -140,6 +151,13 @@ bool nak_stage::load(const nak_stage_params & params, std::string & err) {
     if (params.max_batch == 0) {
         err = "--max-batch must be at least 1 (1 turns batching off)";
         return false;
+    }
+    if (!params.cpu_lock.empty()) {
+        cpu_lock_fd_ = open(params.cpu_lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+        if (cpu_lock_fd_ < 0) {
+            err = "cannot open the CPU lock file " + params.cpu_lock;
+            return false;
+        }
     }
     if (!params.batch_log.empty()) {
         batch_log_ = fopen(params.batch_log.c_str(), "a");
@@ -289,7 +307,22 @@ nak_session * nak_stage::find_session(uint64_t id) {
     return it == sessions_.end() ? nullptr : &it->second;
 }
 
+size_t nak_stage::ring_due(int64_t now, const std::vector<uint64_t> & except) const {
+    size_t n = 0;
+    for (const auto & kv : ring_trips_) {
+        const ring_trip & t = kv.second;
+        if (!t.out || t.cycle_us == 0 || std::find(except.begin(), except.end(), kv.first) != except.end()) {
+            continue;
+        }
+        if (now < t.sent_us + t.cycle_us * 3 / 2 + 1000) {
+            n++;
+        }
+    }
+    return n;
+}
+
 void nak_stage::free_session(nak_session & s) {
+    ring_trips_.erase(s.id);
     llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, -1, -1);
     if (s.smpl) {
         llama_sampler_free(s.smpl);
@@ -584,6 +617,11 @@ void nak_stage::on_forwards(const std::vector<const nak_frame *> & reqs, const s
             next_hop = hop;
             check_step(st, next_hop);
             st.wire_in = NAK_HEADER_SIZE + reqs[i]->payload.size();
+            auto it = ring_trips_.find(st.e.session_id);
+            if (it != ring_trips_.end() && it->second.out) {
+                it->second.out      = false;
+                it->second.cycle_us = now_us() - it->second.sent_us;
+            }
             steps.push_back(std::move(st));
         } catch (const nak_reject & e) {
             reject_step(st, conns[i], e.code, e.message, out);
@@ -678,7 +716,16 @@ void nak_stage::run_steps(std::vector<nak_step> & steps, const std::string & nex
         }
     }
     const int64_t t0 = now_us();
+    // stages sharing a machine take turns (--cpu-lock): each decodes with every core, and none
+    // spins in ggml's barriers while another holds the cores
+    if (cpu_lock_fd_ >= 0) {
+        while (flock(cpu_lock_fd_, LOCK_EX) != 0 && errno == EINTR) {
+        }
+    }
     const int32_t rc = llama_decode(ctx_, batch);
+    if (cpu_lock_fd_ >= 0) {
+        flock(cpu_lock_fd_, LOCK_UN);
+    }
     llama_batch_free(batch);
     if (rc != 0) {
         for (const auto & st : steps) {
@@ -823,6 +870,15 @@ void nak_stage::pass_on(const std::vector<nak_step> & steps, const std::string &
     h.dtype      = wire_dtype_;
     nak_writer w;
     nak_encode(w, b);
+    if (is_first()) {
+        for (const auto & st : steps) {
+            if (st.e.flags & NAK_FWD_RING) {
+                ring_trip & t = ring_trips_[st.e.session_id];
+                t.sent_us = now_us();
+                t.out     = true;
+            }
+        }
+    }
     nak_send s;
     s.address = next_hop.substr(0, comma);
     for (const auto & st : steps) {

@@ -35,7 +35,9 @@ struct nak_stage_params {
     uint32_t    idle_timeout_s = 600; // sessions idle longer are freed
     int32_t     poll          = 0;    // thread pool polling 0..100 (llama.cpp --poll); 0: idle stages sleep
     bool        cpu_strict    = false; // pin thread i to CPU i (llama.cpp --cpu-strict)
-    uint32_t    max_batch     = 8;    // first stage: session steps per llama_decode (1: one at a time)
+    std::string cpu_lock;             // a file every stage on this machine locks around llama_decode
+    uint32_t    max_batch     = 8;
+    uint32_t    batch_hold_ms = 0;    // first stage: hold a ring step this long at most for sessions due back (0: never)    // first stage: session steps per llama_decode (1: one at a time)
     std::string wire          = "f32"; // hidden states sent as f32 | bf16 | q8r (see cpp/protocol/wire.h)
     std::string batch_log;            // file to append one JSON line per decoded batch (replay tests)
 };
@@ -117,6 +119,10 @@ class nak_stage {
     // whether a FORWARD may join a batch (it names a next hop: the batch travels on unchanged);
     // `route` receives that route
     static bool batchable(const nak_frame & req, std::string & route);
+    // first stage: ring sessions out on the chain now that are due back soon (their last trip
+    // took cycle_us; due = sent + 1.5 x cycle + 1 ms), not counting `except`. The event loop
+    // holds a batch for them, so sessions of a ring fall into step and travel as one batch.
+    size_t ring_due(int64_t now_us, const std::vector<uint64_t> & except) const;
     // the connection went away: free the KV of the sessions it opened
     void on_disconnect(int32_t conn);
     // free sessions idle for longer than idle_timeout_s
@@ -178,6 +184,9 @@ class nak_stage {
     std::vector<float>    embd_out_;
     uint8_t               wire_dtype_ = NAK_DTYPE_F32;
     FILE *                batch_log_  = nullptr;
+    int                   cpu_lock_fd_ = -1;
+    struct ring_trip { int64_t sent_us = 0; int64_t cycle_us = 0; bool out = false; };
+    std::map<uint64_t, ring_trip> ring_trips_; // first stage: ring sessions' trips around the chain
     uint64_t              n_batches_formed_  = 0; // batch ids of the first stage
     uint64_t              n_batch_entries_   = 0; // steps decoded, over all batches
     uint64_t              max_batch_entries_ = 0;
@@ -187,3 +196,4 @@ class nak_stage {
 std::vector<uint8_t> nak_error_frame(const nak_header & req, uint16_t code, const std::string & message);
 
 int64_t nak_now_ms();
+int64_t nak_now_us();

@@ -241,9 +241,8 @@ def run_bench(cfg: BenchConfig, status: Any = None) -> dict[str, Any]:
         res["wire"] = bench_wire(slices, cfg.wire, 16, cfg.stage_threads)
     if cfg.link_delay_ms > 0:
         say(f"emulated {cfg.link_delay_ms:g} ms links")
-        compute = sum(st["compute_ms_per_token"] for st in chain["stages"])
         res["links"] = bench_links(slices, cfg.link_delay_ms, min(cfg.n_decode, 64), cfg.reps,
-                                   max(cfg.sessions, 4), cfg.stage_threads, compute,
+                                   max(cfg.sessions, 4), cfg.stage_threads,
                                    rpc_model=cfg.model if cfg.rpc_baseline else None, rpc_threads=cfg.threads)
     res["ratios"] = ratios(res)
     return res
@@ -327,7 +326,7 @@ def bench_sessions(addresses: list[str], sessions: Sequence[int], n_decode: int,
 
 
 def bench_links(slices: Sequence[Path], delay_ms: float, n_decode: int, reps: int, sessions: int,
-                stage_threads: int, compute_ms: float, rpc_model: Path | None = None,
+                stage_threads: int, rpc_model: Path | None = None,
                 rpc_threads: int = 2) -> dict[str, Any]:
     """Stages on emulated slow links (a :class:`~nakshatra.linkdelay.LinkDelay` relay in front of
     every stage; the client shares the first stage's host, so its link to the first stage is
@@ -336,14 +335,24 @@ def bench_links(slices: Sequence[Path], delay_ms: float, n_decode: int, reps: in
 
     Expected per-token latency with forwarding = hops x delay + compute, with hops = the number
     of stages (first -> ... -> last -> back to the first stage's host); ``compute_ms`` is the
-    sum of the stages' compute per token measured on loopback.
+    sum of the stages' compute per token, measured here with one thread per stage. Each
+    emulated host gets one thread (``stage_threads`` overrides), as N hosts share these cores.
     """
     from .linkdelay import LinkDelay
     from .local import LocalStages
 
     n = len(slices)
-    with LocalStages(slices, threads=stage_threads, ctx=1024, max_sessions=max(sessions, 1)) as ls, \
+    # the emulated hosts share this machine's cores: one thread each, no turn-taking (a stage
+    # that idles for a link's delay and then wakes a second thread pays that wake-up on a VM)
+    with LocalStages(slices, threads=stage_threads or 1, ctx=1024, max_sessions=max(sessions, 1),
+                     cpu_lock=False) as ls, \
             LinkDelay(delay_ms) as link:
+        # the stages' compute per decoded token, from a ring session on direct connections
+        with Chain(ls.addresses, ring=True) as c, \
+                c.session(GREEDY, n_predict=n_decode + 1, ignore_eog=True) as sess:
+            for _ in sess.ring(_prompt(SESSION_PROMPT, c.stages[0].n_vocab), n_decode + 1):
+                pass
+            compute_ms = sum(x["decode_us"] / 1e3 / max(1, x["decode_steps"]) for x in _session_stats(c, sess.id))
         delayed = {a: link.relay(a) for a in ls.addresses}
         client = [ls.addresses[0]] + [delayed[a] for a in ls.addresses[1:]]
         hop = {ls.addresses[0]: delayed[ls.addresses[0]], **{delayed[a]: delayed[a] for a in ls.addresses[1:]}}

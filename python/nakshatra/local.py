@@ -23,25 +23,32 @@ from .errors import ChainError
 class LocalStages:
     """A context manager running one stage process per slice; ``addresses`` lists ``host:port``.
 
-    ``threads`` is llama.cpp threads per stage; 0 gives decode ``max(1, cores // stages)`` threads
-    and prefill all cores: stages on one machine take turns, and on this 2-core VM one thread per
-    stage decodes faster than two that must be woken for every token, while a prefill ubatch is
-    long enough to pay for waking them (``nak bench``).
+    ``threads`` is llama.cpp threads per stage (decode and prefill); 0 gives every stage all the
+    cores, and with ``cpu_lock`` the stages take turns around each llama_decode (``--cpu-lock``)
+    so that no two spin in ggml's barriers on the same cores. One session keeps one stage busy at
+    a time, so turn-taking costs it nothing (2-core VM, SmolLM2, 3 stages: ~100 tok/s decode with
+    2 threads each and the lock, ~62 with 1 thread each, 13 for 4 sessions with 2 threads and no
+    lock).
     Raises ChainError, with the stage's log tail, when a stage exits or is not ready within
     ``start_timeout_s``.
     """
 
     def __init__(self, slices: Sequence[Path], threads: int = 0, ctx: int = 4096,
                  max_sessions: int = 8, extra_args: Sequence[str] = (), start_timeout_s: float = 120.0,
-                 env: dict[str, str] | None = None, stage_args: Sequence[Sequence[str]] = ()) -> None:
+                 env: dict[str, str] | None = None, stage_args: Sequence[Sequence[str]] = (),
+                 cpu_lock: bool = True) -> None:
         self.slices = [Path(s) for s in slices]
-        self.threads = threads or max(1, (os.cpu_count() or 1) // max(1, len(self.slices)))
-        # prefill is one long graph per ubatch: worth every core even when stages share them
-        self.threads_batch = threads or (os.cpu_count() or 1)
+        # every stage decodes with every core, and the stages take turns (--cpu-lock): one
+        # session keeps one stage busy at a time, and stages that spin in ggml's barriers at the
+        # same time on shared cores collapse (2-core VM, 3 stages x 2 threads, 4 sessions: 13
+        # tok/s without the lock)
+        self.threads = threads or (os.cpu_count() or 1)
+        self.threads_batch = self.threads
         self.ctx = ctx
         self.max_sessions = max_sessions
         self.extra_args = list(extra_args)
         self.stage_args = [list(a) for a in stage_args]  # per stage, after extra_args
+        self.cpu_lock = cpu_lock
         self.start_timeout_s = start_timeout_s
         self.env = env
         self.procs: list[subprocess.Popen] = []
@@ -70,7 +77,9 @@ class LocalStages:
             cmd = [sys.executable, "-m", "nakshatra.serve", str(path), "--host", "127.0.0.1",
                    "--port", "0", "--ready-json", "--threads", str(self.threads),
                    "--threads-batch", str(self.threads_batch), "--ctx", str(self.ctx),
-                   "--max-sessions", str(self.max_sessions), *self.extra_args,
+                   "--max-sessions", str(self.max_sessions),
+                   *(["--cpu-lock", str(Path(self._logdir.name) / "cpu.lock")] if self.cpu_lock else []),
+                   *self.extra_args,
                    *(self.stage_args[i] if i < len(self.stage_args) else [])]
             with open(log, "wb") as lf:
                 p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=lf, stdin=subprocess.DEVNULL, env=env)

@@ -27,7 +27,9 @@ class ServeOptions:
     """Options of one stage. ``ctx`` is the KV positions per session; the stage's n_ctx is
     ``ctx * max_sessions``. ``max_batch``: session steps the first stage decodes together (1:
     batching off). ``wire``: format of the hidden states this stage sends (WIRE_FORMATS).
-    ``batch_log``: a file that gets one JSON line per decoded batch (for replays)."""
+    ``batch_log``: a file that gets one JSON line per decoded batch (for replays). ``cpu_lock``: a
+    file that stages sharing one machine lock around each llama_decode, so they take turns with
+    every core instead of spinning against each other (nakshatra.local sets it)."""
 
     model: Path
     layers: str | None = None
@@ -49,6 +51,8 @@ class ServeOptions:
     batch_log: str = ""
     poll: int = 0
     cpu_strict: bool = False
+    cpu_lock: str = ""
+    batch_hold_ms: int = 0
 
 
 def _fmt_bytes(n: float) -> str:
@@ -142,7 +146,8 @@ def serve(opts: ServeOptions) -> int:
                                  n_gpu_layers=opts.n_gpu_layers, flash_attn=fa,
                                  cache_type_k=opts.cache_type_k, cache_type_v=opts.cache_type_v,
                                  max_batch=opts.max_batch, wire=opts.wire, batch_log=opts.batch_log,
-                                 poll=opts.poll, cpu_strict=opts.cpu_strict)
+                                 poll=opts.poll, cpu_strict=opts.cpu_strict, cpu_lock=opts.cpu_lock,
+                                 batch_hold_ms=opts.batch_hold_ms)
     except StageError as e:
         raise NakError(f"cannot load {path}: {e}") from None
     info = stage.info()
@@ -195,13 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-log", default="")
     ap.add_argument("--poll", type=int, default=0)
     ap.add_argument("--cpu-strict", type=int, default=0)
+    ap.add_argument("--cpu-lock", default="")
+    ap.add_argument("--batch-hold-ms", type=int, default=0)
     a = ap.parse_args(argv)
     opts = ServeOptions(model=a.model, layers=a.layers, host=a.host, port=a.port, insecure=a.insecure,
                         threads=a.threads, threads_batch=a.threads_batch, ctx=a.ctx, max_sessions=a.max_sessions,
                         n_gpu_layers=a.n_gpu_layers, flash_attn=a.flash_attn,
                         cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
                         verify=not a.no_verify, ready_json=a.ready_json, max_batch=a.max_batch,
-                        wire=a.wire, batch_log=a.batch_log, poll=a.poll, cpu_strict=bool(a.cpu_strict))
+                        wire=a.wire, batch_log=a.batch_log, poll=a.poll, cpu_strict=bool(a.cpu_strict),
+                        cpu_lock=a.cpu_lock, batch_hold_ms=a.batch_hold_ms)
     try:
         return serve(opts)
     except (NakError, SliceError) as e:
