@@ -32,7 +32,7 @@ def test_any_order_is_sorted() -> None:
     ([stage(1, 0, 10), stage(2, 10, 30, sha="x" * 64)], r"127.0.0.1:2 serves another model"),
     ([stage(1, 0, 10), stage(2, 10, 30, n_full=32)], r"127.0.0.1:2 serves another model"),
     ([stage(1, 0, 10), stage(2, 10, 30, n_embd=640)], r"127.0.0.1:2 has n_embd 640"),
-    ([stage(1, 0, 10), stage(2, 0, 10), stage(3, 10, 30)], r"replicas are not supported yet"),
+    ([stage(1, 0, 10), stage(2, 0, 10), stage(3, 10, 30)], r"a path takes one stage per range"),
     ([], r"empty"),
 ])
 def test_malformed_chains_are_refused(stages, match: str) -> None:

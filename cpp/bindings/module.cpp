@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <chrono>
 #include <optional>
 #include <random>
 
@@ -232,7 +233,8 @@ struct py_stage_client {
         nak_header h;
         h.type       = NAK_MSG_FORWARD;
         h.session_id = session;
-        h.request_id = c.next_request_id++;
+        h.request_id = nak_client::new_request_id();
+        last_request_id = h.request_id;
         const std::vector<uint8_t> frame = nak_frame_bytes(h, payload);
         std::string err;
         bool ok;
@@ -265,14 +267,17 @@ struct py_stage_client {
         return d;
     }
 
-    py::tuple truncate(uint64_t session, int32_t pos) {
+    py::tuple truncate(uint64_t session, int32_t pos, int64_t next_step) {
         nak_writer w;
         w.i32(pos);
+        if (next_step >= 0) {
+            w.u64((uint64_t) next_step);
+        }
         nak_frame r = call(NAK_MSG_TRUNCATE, session, NAK_DTYPE_NONE, w.buf, NAK_MSG_TRUNCATE_OK);
         nak_reader rd(r.payload);
         const uint32_t n_past = rd.u32();
-        const uint64_t next_step = rd.u64();
-        return py::make_tuple(n_past, next_step);
+        const uint64_t step = rd.u64();
+        return py::make_tuple(n_past, step);
     }
 
     bool close_session(uint64_t session) {
@@ -353,12 +358,16 @@ struct py_stage_client {
     }
 
     void close() { c.close(); }
+
+    uint64_t last_request_id = 0; // of the last send_forward
 };
 
 // Wait for the reply to a forwarded step: FORWARD_OK from the last stage, or an ERROR from any
 // stage (each answers errors to the session's owner, i.e. this client). Raises StageError naming
 // the stage, or on timeout.
-py::dict wait_forward_ok(const std::vector<py_stage_client *> & clients, int timeout_ms) {
+py::dict wait_forward_ok(const std::vector<py_stage_client *> & clients, int timeout_ms, uint64_t min_request_id) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  again:
     std::vector<pollfd> pfds;
     for (auto * c : clients) {
         pfds.push_back({ c->c.fd, POLLIN, 0 });
@@ -367,11 +376,13 @@ py::dict wait_forward_ok(const std::vector<py_stage_client *> & clients, int tim
     {
         py::gil_scoped_release nogil;
         do {
-            rc = poll(pfds.data(), pfds.size(), timeout_ms);
+            const int left = (int) std::chrono::duration_cast<std::chrono::milliseconds>(
+                deadline - std::chrono::steady_clock::now()).count();
+            rc = poll(pfds.data(), pfds.size(), std::max(0, left));
         } while (rc < 0 && errno == EINTR);
     }
     if (rc <= 0) {
-        raise_stage_error("no reply from the chain within " + std::to_string(timeout_ms) + " ms", "transport");
+        raise_stage_error("no reply from the chain within " + std::to_string(timeout_ms) + " ms", "timeout");
     }
     for (size_t i = 0; i < pfds.size(); i++) {
         if (!(pfds[i].revents & (POLLIN | POLLHUP | POLLERR))) {
@@ -394,6 +405,9 @@ py::dict wait_forward_ok(const std::vector<py_stage_client *> & clients, int tim
         if (!ok) {
             c->c.close();
             raise_stage_error(c->where() + ": " + (err.empty() ? "bad frame" : err), "transport");
+        }
+        if (r.hdr.request_id != 0 && r.hdr.request_id < min_request_id) {
+            goto again; // the reply or error of an earlier step that failed half-way
         }
         if (r.hdr.type == NAK_MSG_ERROR) {
             nak_error e;
@@ -603,7 +617,7 @@ PYBIND11_MODULE(_nakshatra, m) {
     m.def("set_log_level", [](int level) { g_log_level = level; },
           "llama.cpp log threshold: 1 debug, 2 info, 3 warn (default), 4 error.");
     m.def("is_loopback", &nak_is_loopback, "Whether a host name or address is loopback.");
-    m.def("wait_forward_ok", &wait_forward_ok, py::arg("clients"), py::arg("timeout_ms"),
+    m.def("wait_forward_ok", &wait_forward_ok, py::arg("clients"), py::arg("timeout_ms"), py::arg("min_request_id") = 0,
           "Wait for a forwarded step's FORWARD_OK (last stage) or an ERROR (any stage).");
 
     py::class_<py_stage>(m, "Stage", "One loaded slice and its llama_context (see cpp/stage/stage.h).")
@@ -646,7 +660,9 @@ PYBIND11_MODULE(_nakshatra, m) {
              py::arg("tokens"), py::arg("sample"), py::arg("route"), py::arg("ring") = "",
              "Forwarding: send a step whose hidden state travels stage to stage along route; see wait_forward_ok. "
              "With ring (every stage's address, first first) the last stage starts each next step itself.")
-        .def("truncate", &py_stage_client::truncate, py::arg("session"), py::arg("pos"))
+        .def("truncate", &py_stage_client::truncate, py::arg("session"), py::arg("pos"), py::arg("next_step") = -1,
+             "Drop cached positions >= pos; next_step >= 0 also sets the session's step counter. "
+             "Returns (n_past, next_step).")
         .def("close_session", &py_stage_client::close_session, py::arg("session"))
         .def("stats", &py_stage_client::stats)
         .def("tokenize", &py_stage_client::tokenize, py::arg("text"), py::arg("add_special") = true,
@@ -654,7 +670,9 @@ PYBIND11_MODULE(_nakshatra, m) {
         .def("detokenize", &py_stage_client::detokenize, py::arg("tokens"), py::arg("special") = false)
         .def("apply_template", &py_stage_client::apply_template, py::arg("messages"), py::arg("add_assistant") = true)
         .def("raw", &py_stage_client::raw, py::arg("data"), py::arg("expect_reply") = true)
-        .def("close", &py_stage_client::close);
+        .def("close", &py_stage_client::close)
+        .def_readonly("last_request_id", &py_stage_client::last_request_id,
+                      "Request id of the last send_forward (replies to older steps are skipped).");
 
     py::class_<py_reference>(m, "Reference", "The unsplit model on llama.cpp's stock path (see cpp/stage/reference.h).")
         .def(py::init<const std::string &, uint32_t, uint32_t, uint32_t, int32_t, const std::vector<int> &, uint32_t>(),

@@ -1,5 +1,7 @@
 #include "net.h"
 
+#include <atomic>
+
 #include <arpa/inet.h>
 #include <cerrno>
 #include <chrono>
@@ -233,11 +235,37 @@ bool nak_client::call(uint8_t type, uint64_t session_id, uint8_t dtype, const st
     h.type       = type;
     h.session_id = session_id;
     h.dtype      = dtype;
-    h.request_id = next_request_id++;
+    h.request_id = new_request_id();
     const std::vector<uint8_t> frame = nak_frame_bytes(h, payload);
+    if (!nak_send_all(fd, frame.data(), frame.size(), timeout_ms, err)) {
+        close();
+        return false;
+    }
+    // a FORWARD_OK or ERROR of an earlier forwarded step (one that failed half-way) may still be
+    // in the stream: skip it
+    do {
+        if (!recv_frame(reply, err)) {
+            return false;
+        }
+    } while (reply.hdr.request_id != h.request_id && reply.hdr.request_id != 0 &&
+             (reply.hdr.type == NAK_MSG_FORWARD_OK || reply.hdr.type == NAK_MSG_ERROR));
+    if (reply.hdr.request_id != h.request_id && reply.hdr.type != NAK_MSG_ERROR) {
+        err = "reply to request " + std::to_string(reply.hdr.request_id) + " while waiting for " +
+              std::to_string(h.request_id);
+        close();
+        return false;
+    }
+    return true;
+}
+
+uint64_t nak_client::new_request_id() {
+    static std::atomic<uint64_t> next{ 1 };
+    return next++;
+}
+
+bool nak_client::recv_frame(nak_frame & reply, std::string & err) {
     uint8_t hdr[NAK_HEADER_SIZE];
-    if (!nak_send_all(fd, frame.data(), frame.size(), timeout_ms, err) ||
-        !nak_recv_exact(fd, hdr, NAK_HEADER_SIZE, timeout_ms, err)) {
+    if (!nak_recv_exact(fd, hdr, NAK_HEADER_SIZE, timeout_ms, err)) {
         close();
         return false;
     }
@@ -253,12 +281,6 @@ bool nak_client::call(uint8_t type, uint64_t session_id, uint8_t dtype, const st
     }
     reply.payload.resize(reply.hdr.payload_len);
     if (!nak_recv_exact(fd, reply.payload.data(), reply.payload.size(), timeout_ms, err)) {
-        close();
-        return false;
-    }
-    if (reply.hdr.request_id != h.request_id && reply.hdr.type != NAK_MSG_ERROR) {
-        err = "reply to request " + std::to_string(reply.hdr.request_id) + " while waiting for " +
-              std::to_string(h.request_id);
         close();
         return false;
     }

@@ -28,7 +28,10 @@ struct nak_client {
     int         fd          = -1;
     int         timeout_ms  = 30000;
     uint32_t    max_payload = NAK_MAX_PAYLOAD_DEFAULT;
-    uint64_t    next_request_id = 1;
+    // request ids come from one counter for the whole process: a forwarded step's reply (or
+    // error) reaches the client on another stage's connection, and must not be taken for the
+    // reply to a request on that connection
+    static uint64_t new_request_id();
     std::string peer;
 
     ~nak_client() { close(); }
@@ -39,4 +42,6 @@ struct nak_client {
     // send (type, session, dtype, payload) and read the reply frame; false on transport failure
     bool call(uint8_t type, uint64_t session_id, uint8_t dtype, const std::vector<uint8_t> & payload,
               nak_frame & reply, std::string & err);
+    // read one whole frame (bounded by timeout_ms and max_payload); false and closed on failure
+    bool recv_frame(nak_frame & reply, std::string & err);
 };

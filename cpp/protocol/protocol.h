@@ -199,10 +199,10 @@ struct nak_open {
     nak_sampler_params   sampler;
     int32_t              n_predict = -1;
     std::vector<int32_t> stop_tokens; // sampled tokens that end the generation like an EOG token
-    // KV sequence id to use (-1: the stage picks the lowest free one). The client opens the first
-    // stage first and asks every other stage for the same id: llama.cpp cuts a multi-session
-    // batch into ubatches by runs of consecutive sequence ids, so every stage must number the
-    // sessions alike to cut a batch the same way (and the unsplit model replay with it).
+    // KV sequence id wanted (-1: the stage picks the lowest free one; a busy one is not an error).
+    // The client opens the first stage first and asks every other stage for the same id:
+    // llama.cpp cuts a multi-session batch into ubatches by runs of consecutive sequence ids, so
+    // stages that number the sessions alike cut a batch the same way (and a replay with it).
     int32_t              seq = -1;
     uint8_t              ignore_eog = 0; // as llama.cpp's --ignore-eos: only n_predict and stop tokens end it (benchmarks)
 };

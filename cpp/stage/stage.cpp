@@ -282,10 +282,10 @@ std::string nak_stage::stats_json() const {
              "\"tokens_in\": %" PRIu64 ", \"n_decode\": %" PRIu64 ", \"compute_us\": %" PRIu64 ", "
              "\"bytes_in\": %" PRIu64 ", \"bytes_out\": %" PRIu64 ", \"rss_bytes\": %" PRIu64 ", "
              "\"kv_tokens_used\": %" PRIu64 ", \"uptime_ms\": %" PRIu64 ", \"batch_entries\": %" PRIu64 ", "
-             "\"max_batch_entries\": %" PRIu64 ", \"wire\": \"%s\", \"sessions\": {",
+             "\"max_batch_entries\": %" PRIu64 ", \"seq_mismatches\": %" PRIu64 ", \"wire\": \"%s\", \"sessions\": {",
              layer_start_, layer_end_, h.sessions_active, h.max_sessions, tokens_in_, n_decode_, compute_us_,
              bytes_in_, bytes_out_, h.rss_bytes, h.kv_tokens_used, h.uptime_ms, n_batch_entries_, max_batch_entries_,
-             nak_wire_name(wire_dtype_));
+             seq_mismatches_, nak_wire_name(wire_dtype_));
     out += buf;
     bool first = true;
     for (const auto & kv : sessions_) {
@@ -449,15 +449,9 @@ void nak_stage::on_open(const nak_frame & req, int32_t conn, nak_writer & w, nak
         throw nak_reject{ NAK_ERR_BAD_REQUEST, "sampler parameters out of range (temp >= 0, top_p and min_p in [0, 1], repeat_penalty > 0)" };
     }
     int32_t slot = -1;
-    if (m.seq >= 0) {
-        if ((uint32_t) m.seq >= slot_used_.size()) {
-            throw nak_reject{ NAK_ERR_OVERLOADED, "KV sequence " + std::to_string(m.seq) + " asked for, but this stage has " +
-                              std::to_string(params_.max_sessions) + " (--max-sessions); give every stage the same --max-sessions" };
-        }
-        if (slot_used_[m.seq]) {
-            throw nak_reject{ NAK_ERR_OVERLOADED, "KV sequence " + std::to_string(m.seq) +
-                              " is in use on this stage by another session" };
-        }
+    // the sequence id the first stage gave this session, when free here: then every stage cuts a
+    // batch into the same ubatches (a busy or missing one only costs that, not correctness)
+    if (m.seq >= 0 && (uint32_t) m.seq < slot_used_.size() && !slot_used_[m.seq]) {
         slot = m.seq;
     }
     for (uint32_t i = 0; slot < 0 && i < slot_used_.size(); i++) {
@@ -660,10 +654,8 @@ void nak_stage::on_batch(const nak_frame & req, int32_t conn, std::vector<nak_se
         try {
             check_step(st, b.next_hop);
             if (st.e.seq != st.s->seq) {
-                // another KV sequence would cut the batch into other ubatches than the first stage did
-                throw nak_reject{ NAK_ERR_BAD_REQUEST, "session " + std::to_string(st.e.session_id) + " has KV sequence " +
-                                  std::to_string(st.s->seq) + " here but " + std::to_string(st.e.seq) +
-                                  " on the first stage; open sessions through nakshatra's client" };
+                // decoded all the same, but the batch may be cut into other ubatches than upstream
+                seq_mismatches_++;
             }
             st.wire_in = (NAK_HEADER_SIZE + req.payload.size()) / std::max<size_t>(1, b.entries.size());
             steps.push_back(std::move(st));
@@ -950,6 +942,10 @@ void nak_stage::on_truncate(const nak_frame & req, nak_writer & w, nak_header & 
     }
     nak_reader r(req.payload);
     const int32_t pos = r.i32();
+    // optional: the step number the session continues with (a client that replayed a session
+    // onto a replica aligns every stage's step counter with it)
+    const bool set_step = r.ok && r.n - r.off == 8;
+    const uint64_t next_step = set_step ? r.u64() : 0;
     if (!r.done()) {
         throw nak_reject{ NAK_ERR_BAD_REQUEST, "malformed TRUNCATE payload" };
     }
@@ -961,6 +957,9 @@ void nak_stage::on_truncate(const nak_frame & req, nak_writer & w, nak_header & 
         throw nak_reject{ NAK_ERR_BAD_REQUEST, "this model's memory cannot roll back to a position (recurrent state)" };
     }
     s->n_past = (uint32_t) pos;
+    if (set_step) {
+        s->next_step = next_step;
+    }
     if (s->history.size() > (size_t) pos) {
         s->history.resize(pos);
     }

@@ -190,6 +190,7 @@ class nak_stage {
     uint64_t              n_batches_formed_  = 0; // batch ids of the first stage
     uint64_t              n_batch_entries_   = 0; // steps decoded, over all batches
     uint64_t              max_batch_entries_ = 0;
+    uint64_t              seq_mismatches_    = 0; // BATCH entries whose sequence id differs here
 };
 
 // error reply helper (also used by the event loop for transport-level errors)

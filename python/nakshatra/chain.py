@@ -114,8 +114,8 @@ def validate_chain(infos: Sequence[StageInfo]) -> list[StageInfo]:
 
     Returns the stages sorted by ``layer_start``. Raises ChainError naming the stage at fault for:
     mixed models (sha256 or n_layer_full differ), mismatched n_embd, a gap, a partial overlap,
-    a chain that does not start at layer 0 or end at the last layer, and replicas (two stages
-    with the same range: not supported yet).
+    a chain that does not start at layer 0 or end at the last layer, and two stages with the same
+    range (replicas: group them first with :func:`group_replicas`, as Chain does).
     """
     if not infos:
         raise ChainError("the chain is empty: give --chain host:port,host:port,...")
@@ -135,8 +135,8 @@ def validate_chain(infos: Sequence[StageInfo]) -> list[StageInfo]:
     for s in ordered:
         if prev is not None and s.layers == prev.layers:
             raise ChainError(
-                f"stages {prev.address} and {s.address} both serve layers {s.layers}: replicas "
-                "are not supported yet; list one of them")
+                f"stages {prev.address} and {s.address} both serve layers {s.layers}: a path takes one "
+                "stage per range (Chain groups replicas with group_replicas)")
         if s.layers.start > expect:
             missing = LayerRange(expect, s.layers.start)
             raise ChainError(f"no stage serves layers {missing}: the chain has a gap before "
@@ -150,6 +150,47 @@ def validate_chain(infos: Sequence[StageInfo]) -> list[StageInfo]:
         missing = LayerRange(expect, ref.n_layer_full)
         raise ChainError(f"no stage serves layers {missing}: the chain ends at {prev.address}")
     return ordered
+
+
+def health_score(health: dict) -> float:
+    """How loaded a stage is, from its HELLO_OK health; lower is healthier. The score is
+    ``sessions_active / max_sessions + kv_tokens_used / (n_ctx_session * max_sessions) +
+    queue_depth``: the share of session slots taken, plus the share of KV positions in use, plus
+    the requests waiting in its queue (each counts as a full stage's worth of load)."""
+    slots = health.get("sessions_active", 0) / max(1, health.get("max_sessions", 1))
+    kv = health.get("kv_tokens_used", 0) / max(1, health.get("n_ctx_session", 1) * health.get("max_sessions", 1))
+    return slots + kv + health.get("queue_depth", 0)
+
+
+def group_replicas(infos: Sequence[StageInfo]) -> list[list[StageInfo]]:
+    """Group stages that serve the same layer range (replicas), each group healthiest first
+    (:func:`health_score`, then address), groups in layer order, and check that one stage of each
+    group forms a valid chain (:func:`validate_chain`). Raises ChainError as validate_chain does,
+    and when a replica serves another model than the rest of its group."""
+    groups: dict[tuple[int, int], list[StageInfo]] = {}
+    for st in infos:
+        groups.setdefault((st.layers.start, st.layers.end), []).append(st)
+    reps = [sorted(g, key=lambda x: (health_score(x.health), x.address)) for g in groups.values()]
+    for g in reps:
+        for st in g[1:]:
+            if st.model_sha256 != g[0].model_sha256 or st.n_embd != g[0].n_embd:
+                raise ChainError(f"replicas {g[0].address} and {st.address} of layers {st.layers} serve different "
+                                 "models; slice one model for the whole chain")
+    validate_chain([g[0] for g in reps])
+    return sorted(reps, key=lambda g: g[0].layers.start)
+
+
+class FailoverError(StageError):
+    """A stage died (or stopped answering) and no replica of its layer range could take over.
+
+    ``tokens`` holds the tokens generated before the failure (the text is already streamed);
+    ``stage`` the dead stage's address and ``layers`` its range."""
+
+    def __init__(self, message: str, stage: str, layers: LayerRange, tokens: list[int] | None = None) -> None:
+        super().__init__(message, "unavailable")
+        self.stage = stage
+        self.layers = layers
+        self.tokens = list(tokens or [])
 
 
 class Session:
@@ -175,23 +216,38 @@ class Session:
         self.rtt_us = [0] * len(chain.stages)
         self.wire_bytes = [0] * len(chain.stages)
         seed = sampler.seed if sampler.seed is not None else random.getrandbits(32) % (2**32 - 1)
+        self._open_args = dict(temp=sampler.temp, top_k=sampler.top_k, top_p=sampler.top_p, min_p=sampler.min_p,
+                               repeat_penalty=sampler.repeat_penalty, repeat_last_n=sampler.repeat_last_n,
+                               seed=seed, stop_tokens=list(stop_tokens), n_predict=n_predict,
+                               ignore_eog=ignore_eog)
         self._opened: list[int] = []
+        # the token chunks fed so far, in order (the batch boundaries): a replica that takes over
+        # a layer range is rebuilt by replaying exactly these
+        self.log: list[list[int]] = []
         self.n_ctx = 2**31 - 1  # positions each stage holds for this session (the smallest wins)
         # the first stage picks the KV sequence id and every other stage is asked for the same one,
         # so a batch of several sessions is cut into the same ubatches on every stage
         self.seq = -1
         try:
-            for i, c in enumerate(chain.clients):
-                n_ctx, seq = c.open(self.id, temp=sampler.temp, top_k=sampler.top_k, top_p=sampler.top_p,
-                                    min_p=sampler.min_p, repeat_penalty=sampler.repeat_penalty,
-                                    repeat_last_n=sampler.repeat_last_n, seed=seed, stop_tokens=list(stop_tokens),
-                                    n_predict=n_predict, seq=self.seq, ignore_eog=ignore_eog)
-                self._opened.append(i)
-                self.seq = seq
-                self.n_ctx = min(self.n_ctx, n_ctx)
+            for i in range(len(chain.clients)):
+                self._open_on(i)
         except StageError:
             self.close()
             raise
+
+    def _open_on(self, i: int) -> None:
+        """Open this session on range ``i``'s stage; a stage over its limits ("overloaded") hands
+        the range to the next replica, if the chain has one."""
+        while True:
+            try:
+                n_ctx, seq = self.chain.clients[i].open(self.id, seq=self.seq, **self._open_args)
+                break
+            except StageError as e:
+                if e.code != "overloaded" or not self.chain.next_replica(i):
+                    raise
+        self._opened.append(i)
+        self.seq = seq
+        self.n_ctx = min(self.n_ctx, n_ctx)
 
     def feed(self, tokens: Sequence[int], sample: bool = True) -> dict | None:
         """Run ``tokens`` (at the next positions) through every stage, cut in chunks of n_batch.
@@ -212,6 +268,71 @@ class Session:
         return result
 
     def _forward(self, chunk: list[int], sample: bool) -> dict:
+        """One step through the chain; when a stage has died or stopped answering, its range goes
+        to a replica rebuilt by replaying this session's chunks, and the step is retried."""
+        while True:
+            try:
+                reply = self._forward_once(chunk, sample)
+                self.log.append(list(chunk))
+                return reply
+            except StageError as e:
+                if e.code not in ("transport", "timeout") or isinstance(e, FailoverError):
+                    raise
+                self.recover(e)
+
+    def recover(self, error: StageError) -> None:
+        """Move every layer range whose stage no longer answers to a live replica, rebuild that
+        replica's KV by replaying the session's chunks (same batch boundaries, so greedy output is
+        identical), and roll every other stage back to the last committed position. Raises
+        FailoverError naming the dead stage and its layers when no replica answers, and ``error``
+        itself when every stage still answers (not a dead stage)."""
+        dead = [i for i in range(len(self.chain.stages)) if not self.chain.alive(i)]
+        if not dead:
+            raise error
+        for i in dead:
+            gone = self.chain.stages[i]
+            if not self.chain.next_replica(i):
+                raise FailoverError(
+                    f"stage {gone.address} (layers {gone.layers}) stopped answering ({error}) and no replica of "
+                    f"layers {gone.layers} is left; start one (nak serve SLICE --layers ...) and run again",
+                    gone.address, gone.layers) from None
+            self._opened = [j for j in self._opened if j != i]
+            self._open_on(i)
+            self._replay(i)
+        for c in self.chain.clients:
+            c.truncate(self.id, self.n_past, self.step)
+
+    def _replay(self, i: int) -> None:
+        """Rebuild range ``i``'s KV on its (new) stage: the logged chunks go through stages
+        0..i-1 under a temporary session (their own KV for this session stays untouched) and
+        their hidden states into stage ``i``, without sampling."""
+        clients = self.chain.clients
+        tmp = random.getrandbits(63) or 2
+        opened = []
+        last = i == len(clients) - 1
+        try:
+            for j in range(i):
+                clients[j].open(tmp, temp=0.0)
+                opened.append(j)
+            pos = 0
+            for step, chunk in enumerate(self.log):
+                positions = list(range(pos, pos + len(chunk)))
+                embd, dtype = None, 1
+                for j in range(i):
+                    r = clients[j].forward(tmp, step, positions, tokens=chunk if j == 0 else None, embd=embd,
+                                           sample=False, dtype=dtype)
+                    embd, dtype = r["embd"], r["dtype"] or 1
+                clients[i].forward(self.id, step, positions, tokens=chunk if (i == 0 or last) else None,
+                                   embd=embd, sample=False, dtype=dtype)
+                pos += len(chunk)
+        finally:
+            for j in opened:
+                try:
+                    clients[j].close_session(tmp)
+                except StageError:
+                    pass
+
+    def _forward_once(self, chunk: list[int], sample: bool) -> dict:
         if self.chain.forwarding and len(self.chain.clients) > 1:
             return self._forward_routed(chunk, sample)
         pos = list(range(self.n_past, self.n_past + len(chunk)))
@@ -282,7 +403,8 @@ class Session:
         produced = 0
         while True:
             try:
-                reply = _nakshatra.wait_forward_ok(self.chain.clients, int(self.chain.timeout_s * 1000))
+                reply = _nakshatra.wait_forward_ok(self.chain.clients, int(self.chain.timeout_s * 1000),
+                                                    self.chain.clients[0].last_request_id)
             except StageError as e:
                 raise StageError(f"ring step {self.step}: {e}", e.code) from None
             self.n_past = reply["n_past"]
@@ -299,7 +421,8 @@ class Session:
         t0 = time.perf_counter_ns()
         sent = self.chain.clients[0].send_forward(self.id, self.step, pos, chunk, sample, self.chain.route)
         try:
-            reply = _nakshatra.wait_forward_ok(self.chain.clients, int(self.chain.timeout_s * 1000))
+            reply = _nakshatra.wait_forward_ok(self.chain.clients, int(self.chain.timeout_s * 1000),
+                                                    self.chain.clients[0].last_request_id)
         except StageError as e:
             raise StageError(f"forwarded step {self.step}: {e}", e.code) from None
         self.rtt_us[-1] += (time.perf_counter_ns() - t0) // 1000
@@ -317,6 +440,13 @@ class Session:
         for c in self.chain.clients:
             c.truncate(self.id, pos)
         self.n_past = pos
+        kept, n = [], 0
+        for chunk in self.log:
+            if n >= pos:
+                break
+            kept.append(chunk[:pos - n])
+            n += len(kept[-1])
+        self.log = kept
 
     def close(self) -> None:
         """Free this session's KV on every stage (errors ignored: a dead stage has freed it)."""
@@ -373,18 +503,79 @@ class Chain:
                 infos.append(StageInfo(host, port, LayerRange(h["layer_start"], h["layer_end"]),
                                        h["n_layer_full"], h["n_embd"], h["n_vocab"],
                                        h["model_sha256"], h["arch"], h["backend"], h["health"]))
-            self.stages = validate_chain(infos)
+            # replicas (stages with the same range): the healthiest of each serves, the rest wait
+            self.replicas = group_replicas(infos)
+            self.stages = [g[0] for g in self.replicas]
         except Exception:
             for c in clients.values():
                 c.close()
             raise
         self.clients = [clients[(s.host, s.port)] for s in self.stages]
+        for c in clients.values():
+            if not any(c is x for x in self.clients):
+                c.close()
+        self.connect_timeout_s = connect_timeout_s
+        self.hop_addresses = dict(hop_addresses or {})
+        self._routes()
+
+    def _routes(self) -> None:
         # the stages after the first, as the first stage will pass the hidden state on; the
         # addresses must reach each stage from the previous one (on a LAN, use the hosts' addresses).
         # hop_addresses maps a stage's address as given to the one other stages should use.
-        hops = [(hop_addresses or {}).get(s.address, s.address) for s in self.stages]
+        hops = [self.hop_addresses.get(s.address, s.address) for s in self.stages]
         self.route = ",".join(hops[1:])
         self.ring_route = ",".join(hops)  # ring: the last stage starts the next step at the first
+
+    def _client(self, st: StageInfo, timeout_s: float):
+        return _nakshatra.StageClient(st.host, st.port, timeout_ms=int(timeout_s * 1000),
+                                      connect_timeout_ms=int(self.connect_timeout_s * 1000))
+
+    @staticmethod
+    def _same_stage(h: dict, st: StageInfo) -> bool:
+        # a port freed by a dead stage may be taken by another process: check what answers
+        return (h["model_sha256"], h["layer_start"], h["layer_end"]) == (st.model_sha256, st.layers.start, st.layers.end)
+
+    def alive(self, i: int, timeout_s: float = 2.0) -> bool:
+        """Whether range ``i``'s serving stage answers a fresh HELLO within ``timeout_s`` (as the
+        same model and layer range)."""
+        try:
+            c = self._client(self.stages[i], timeout_s)
+            try:
+                return self._same_stage(c.hello(), self.stages[i])
+            finally:
+                c.close()
+        except StageError:
+            return False
+
+    def next_replica(self, i: int) -> bool:
+        """Hand range ``i`` to the healthiest other replica that answers (the current stage is
+        dropped from the replicas). False when none is left."""
+        current = self.stages[i]
+        self.replicas[i] = [r for r in self.replicas[i] if r.address != current.address]
+        probed = []
+        for r in self.replicas[i]:
+            try:
+                c = self._client(r, self.timeout_s)
+                h = c.hello(want_model_sha256=current.model_sha256)
+            except StageError:
+                continue
+            if not self._same_stage(h, current):
+                c.close()
+                continue
+            probed.append((health_score(h["health"]), r.address, r, c))
+        if not probed:
+            return False
+        probed.sort(key=lambda p: (p[0], p[1]))
+        for _, _, _, c in probed[1:]:
+            c.close()
+        _, _, r, c = probed[0]
+        try:
+            self.clients[i].close()
+        except StageError:
+            pass
+        self.stages[i], self.clients[i] = r, c
+        self._routes()
+        return True
 
     @property
     def first(self):
@@ -417,6 +608,7 @@ class Chain:
         sess = session or self.session(sampler, stop_tokens=stop_tokens, n_predict=n_predict)
         ring = self.ring_mode and len(self.clients) > 1
         replies = sess.ring(prompt_tokens, n_predict) if ring else sess.relay(prompt_tokens, n_predict)
+        out_tokens: list[int] = []
         try:
             t0 = time.perf_counter()
             t1 = None
@@ -430,6 +622,7 @@ class Chain:
                 if reply["is_eog"]:
                     break
                 produced += 1
+                out_tokens.append(reply["token"])
                 if stats is not None:
                     stats.n_generated = produced
                     stats.decode_ms = (time.perf_counter() - t1) * 1e3
@@ -438,6 +631,9 @@ class Chain:
                 stats.stage_compute_ms = [u / 1e3 for u in sess.compute_us]
                 stats.stage_rtt_ms = [u / 1e3 for u in sess.rtt_us]
                 stats.wire_bytes = list(sess.wire_bytes)
+        except FailoverError as e:
+            e.tokens = out_tokens  # what was generated (and streamed) before the chain broke
+            raise
         finally:
             replies.close()
             if own:

@@ -1,0 +1,143 @@
+"""Replicas and failover with replay: a stage killed at a random step (SIGKILL, before or during
+the step) hands its layer range to a replica, which is rebuilt by replaying the session's chunks
+with the same batch boundaries; greedy output is identical to an uninterrupted run. With no replica
+left the error names the dead stage and its layers, and the tokens made so far are kept."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from nakshatra.chain import Chain, FailoverError, SamplerParams
+from nakshatra.local import LocalStages
+from nakshatra.ranges import LayerRange
+from nakshatra.slicer import slice_model
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplerParams(temp=0.0)
+PROMPT = "The history of the Roman Empire"
+N_PREDICT = 16
+RANGES = [LayerRange(0, 9), LayerRange(9, 21), LayerRange(21, 30)]
+TRIALS = 20
+
+
+@pytest.fixture(scope="module")
+def slices(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    out = tmp_path_factory.mktemp("smol-failover")
+    m = slice_model(smollm2_path, RANGES, out_dir=out, progress=False)
+    return [out / s.file for s in m.slices]
+
+
+class Pool:
+    """Stage processes by address; ``spawn(i)`` starts one more stage for range ``i``."""
+
+    def __init__(self, slices: list[Path]) -> None:
+        self.slices = slices
+        self.groups: list[LocalStages] = []
+        self.pid: dict[str, int] = {}
+        self.range_of: dict[str, int] = {}
+
+    def spawn(self, *ranges: int, max_sessions: int = 4) -> None:
+        ls = LocalStages([self.slices[i] for i in ranges], threads=1, ctx=256, max_sessions=max_sessions,
+                         cpu_lock=False)
+        ls.start()
+        self.groups.append(ls)
+        for i, addr, pid in zip(ranges, ls.addresses, ls.pids):
+            self.pid[addr] = pid
+            self.range_of[addr] = i
+
+    def kill(self, addr: str) -> None:
+        os.kill(self.pid.pop(addr), signal.SIGKILL)
+        del self.range_of[addr]
+
+    @property
+    def addresses(self) -> list[str]:
+        return list(self.pid)
+
+    def close(self) -> None:
+        for ls in self.groups:
+            ls.stop()
+
+
+@pytest.fixture
+def pool(slices: list[Path]):
+    p = Pool(slices)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def _greedy(chain: Chain, prompt: list[int], kill_at: int = -1, kill=None, delay_s: float = 0.0) -> list[int]:
+    """N_PREDICT greedy tokens, one feed per token; ``kill()`` runs before step ``kill_at`` (or
+    ``delay_s`` after that step started, from another thread, so it lands during the step)."""
+    with chain.session(GREEDY, ignore_eog=True) as sess:
+        out = [sess.feed(prompt)["token"]]
+        for step in range(1, N_PREDICT):
+            timer = None
+            if step == kill_at:
+                if delay_s > 0:
+                    timer = threading.Timer(delay_s, kill)
+                    timer.start()
+                else:
+                    kill()
+            out.append(sess.feed([out[-1]])["token"])
+            if timer:
+                timer.join()
+        return out
+
+
+def test_a_killed_stage_fails_over_to_a_replica_with_identical_output(pool: Pool) -> None:
+    pool.spawn(0, 0, 1, 1, 2, 2)
+    with Chain(pool.addresses) as c:
+        prompt = c.tokenize(PROMPT)
+        want = _greedy(c, prompt)
+    rnd = random.Random(1234)
+    for trial in range(TRIALS):
+        forwarding = trial % 2 == 1
+        with Chain(pool.addresses, forwarding=forwarding, timeout_s=20) as c:
+            assert [len(g) for g in c.replicas] == [2, 2, 2]
+            r = rnd.randrange(len(RANGES))
+            victim = c.stages[r].address
+            step = rnd.randrange(1, N_PREDICT - 1)  # a kill that lands late still meets a later step
+            delay = rnd.choice([0.0, 0.001, 0.004])
+            got = _greedy(c, prompt, step, lambda: pool.kill(victim), delay)
+            assert got == want, f"trial {trial}: killed {victim} (layers {RANGES[r]}) at step {step}"
+            assert c.stages[r].address != victim  # the range moved to the replica
+        pool.spawn(r)  # back to two stages per range
+
+
+def test_no_replica_left_names_the_stage_and_keeps_the_tokens(pool: Pool) -> None:
+    pool.spawn(0, 1, 2)
+    with Chain(pool.addresses, timeout_s=20) as c:
+        prompt = c.tokenize(PROMPT)
+        want = [t for t, _ in c.generate_tokens(prompt, N_PREDICT, GREEDY)]
+        victim = c.stages[1].address
+        got: list[int] = []
+        with pytest.raises(FailoverError, match=re.escape(f"stage {victim} (layers {RANGES[1]})") + ".*no replica") as ei:
+            for i, (tok, _) in enumerate(c.generate_tokens(prompt, N_PREDICT, GREEDY)):
+                got.append(tok)
+                if i == 5:
+                    pool.kill(victim)
+    assert ei.value.stage == victim and ei.value.layers == RANGES[1]
+    assert ei.value.tokens == got == want[:len(got)] and len(got) == 6
+
+
+def test_an_overloaded_stage_sends_the_session_to_a_replica(pool: Pool) -> None:
+    pool.spawn(0, 0, max_sessions=1)
+    pool.spawn(1, 2)
+    with Chain(pool.addresses) as c:
+        chosen = c.stages[0]
+        # fill the chosen stage's only session slot from another client: it answers "overloaded"
+        with Chain([chosen.address, *[a for a in pool.addresses if pool.range_of[a] != 0]]) as hog:
+            with hog.session(GREEDY):
+                with c.session(GREEDY) as sess:
+                    r = sess.feed(c.tokenize(PROMPT))
+                    assert r["token"] >= 0
+                assert c.stages[0].address != chosen.address
