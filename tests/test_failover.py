@@ -141,3 +141,23 @@ def test_an_overloaded_stage_sends_the_session_to_a_replica(pool: Pool) -> None:
                     r = sess.feed(c.tokenize(PROMPT))
                     assert r["token"] >= 0
                 assert c.stages[0].address != chosen.address
+
+
+def test_nak_status_shows_serving_replica_and_down_stages(pool: Pool) -> None:
+    import json
+    import subprocess
+    import sys
+
+    pool.spawn(0, 0, 1, 2)
+    gone = pool.addresses[1]
+    pool.kill(gone)
+    addrs = [*pool.addresses, gone]
+    r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "status", "--chain", ",".join(addrs), "--json"],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    rows = {row["address"]: row for row in json.loads(r.stdout)}
+    assert rows[gone]["role"] == "down"
+    assert sorted(row["role"] for a, row in rows.items() if a != gone) == ["serving"] * 3
+    table = subprocess.run([sys.executable, "-m", "nakshatra_cli", "status", "--chain", ",".join(addrs)],
+                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert table.returncode == 0 and "serving" in table.stdout and "down" in table.stdout

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from nakshatra.errors import NakError
+from nakshatra.errors import NakError, StageError
 
 err_console = Console(stderr=True)
 app = typer.Typer(
@@ -76,6 +76,7 @@ def run(
     ring: Annotated[bool, typer.Option("--ring", help="Forwarding, and the last stage hands each token straight back to the first.")] = False,
     threads: Threads = 0,
     ctx: Ctx = 4096,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds a stage may take to answer before its range fails over to a replica.")] = 60.0,
 ) -> None:
     """Generate text through a chain of stages; only the text goes to stdout.
 
@@ -89,7 +90,9 @@ def run(
     st = GenerationStats()
 
     def generate(addresses: list[str]) -> None:
-        with Chain(addresses, forwarding=forwarding, ring=ring) as c:
+        if timeout <= 0:
+            raise NakError(f"--timeout {timeout} must be > 0 seconds")
+        with Chain(addresses, forwarding=forwarding, ring=ring, timeout_s=timeout) as c:
             if stats:
                 err_console.print(" → ".join(f"{s.address} ({s.layers})" for s in c.stages), markup=False)
             for text in c.generate(prompt, n_predict, sampler, chat=chat, stats=st):
@@ -404,6 +407,59 @@ def _project_dir() -> Path:
         if (p / "pyproject.toml").exists() and (p / "patches" / "llama.cpp.pin").exists():
             return p
     raise NakError("run nak build from a Nakshatra checkout, or pass --source DIR")
+
+
+@app.command()
+def status(
+    chain: Annotated[str, typer.Option("--chain", "-c", help="Stages host:port,host:port,... (replicas included).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
+) -> None:
+    """Health of every stage of a chain: serving or replica (per layer range, the healthiest
+    serves), sessions, queue, KV in use, memory, uptime and the health score (lower is healthier).
+
+    Example: [b]nak status --chain 127.0.0.1:7071,127.0.0.1:7072,127.0.0.1:7081[/b]
+    """
+    from nakshatra import _nakshatra
+    from nakshatra.chain import health_score, parse_stage_address
+    from nakshatra.ranges import LayerRange
+
+    rows = []
+    for text in [a for a in chain.split(",") if a.strip()]:
+        host, port = parse_stage_address(text)
+        row = {"address": f"{host}:{port}", "up": False}
+        try:
+            c = _nakshatra.StageClient(host, port, timeout_ms=3000, connect_timeout_ms=2000)
+            try:
+                h = c.hello(client_name="nak-status")
+            finally:
+                c.close()
+            row.update(up=True, layers=str(LayerRange(h["layer_start"], h["layer_end"])),
+                       range=(h["layer_start"], h["layer_end"]), model=h["model_sha256"][:12],
+                       health=h["health"], score=health_score(h["health"]))
+        except StageError as e:
+            row["error"] = str(e)
+        rows.append(row)
+    best: dict[tuple[int, int], str] = {}
+    for r in sorted((r for r in rows if r["up"]), key=lambda r: (r["score"], r["address"])):
+        best.setdefault(r["range"], r["address"])
+    for r in rows:
+        r["role"] = ("serving" if best.get(r.get("range")) == r["address"] else "replica") if r["up"] else "down"
+    if json_out:
+        print(json.dumps([{k: v for k, v in r.items() if k != "range"} for r in rows], indent=1))
+        return
+    t = Table(title="nak status", title_justify="left")
+    for col in ("stage", "layers", "role", "sessions", "queue", "KV used", "RSS MiB", "up s", "score"):
+        t.add_column(col, justify="left" if col in ("stage", "layers", "role") else "right")
+    for r in sorted(rows, key=lambda r: (r.get("range", (1 << 30, 0)), r["address"])):
+        if not r["up"]:
+            t.add_row(r["address"], "", "[red]down[/red]", "", "", "", "", "", r.get("error", "")[:40])
+            continue
+        h = r["health"]
+        t.add_row(r["address"], r["layers"], r["role"], f"{h['sessions_active']}/{h['max_sessions']}",
+                  str(h["queue_depth"]), f"{h['kv_tokens_used']}/{h['n_ctx_session'] * h['max_sessions']}",
+                  f"{h['rss_bytes'] / 2**20:.0f}", f"{h['uptime_ms'] / 1e3:.0f}", f"{r['score']:.2f}")
+    # piped output is not cut to 80 columns: one line per stage
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
 
 
 @app.command()
