@@ -216,6 +216,8 @@ def serve(
     poll: Annotated[int, typer.Option("--poll", help="Thread-pool polling 0..100 as llama.cpp's --poll (0: idle threads sleep).")] = 0,
     cpu_strict: Annotated[int, typer.Option("--cpu-strict", help="1: pin thread i to CPU i (llama.cpp's --cpu-strict).")] = 0,
     cpu_lock: Annotated[str, typer.Option("--cpu-lock", help="A file that stages sharing this machine lock around each decode (they take turns).")] = "",
+    idle_timeout: Annotated[int, typer.Option("--idle-timeout", help="Free a session idle this many seconds.")] = 600,
+    max_frame_mb: Annotated[int, typer.Option("--max-frame-mb", help="Largest frame accepted, MiB.")] = 64,
 ) -> None:
     """Serve one slice as a stage (C++ event loop; Ctrl-C stops it).
 
@@ -231,7 +233,7 @@ def serve(
                                  cache_type_k=cache_type_k, cache_type_v=cache_type_v,
                                  ready_json=ready_json, max_batch=max_batch, wire=wire, batch_log=batch_log,
                                  batch_hold_ms=batch_hold_ms, poll=poll, cpu_strict=bool(cpu_strict),
-                                 cpu_lock=cpu_lock))
+                                 cpu_lock=cpu_lock, idle_timeout_s=idle_timeout, max_frame_mb=max_frame_mb))
     raise typer.Exit(code)
 
 
@@ -460,6 +462,39 @@ def status(
                   f"{h['rss_bytes'] / 2**20:.0f}", f"{h['uptime_ms'] / 1e3:.0f}", f"{r['score']:.2f}")
     # piped output is not cut to 80 columns: one line per stage
     Console(width=None if sys.stdout.isatty() else 160).print(t)
+
+
+@app.command()
+def soak(
+    model: Annotated[str, typer.Option("--model", "-m", help="A GGUF file or a built-in name.")] = "smollm2",
+    parts: Annotated[int, typer.Option("--parts", help="Local stages.")] = 3,
+    sessions: Annotated[int, typer.Option("--sessions", help="Concurrent sessions per round.")] = 16,
+    tokens: Annotated[int, typer.Option("--tokens", help="Tokens each session generates.")] = 256,
+    minutes: Annotated[float, typer.Option("--minutes", help="How long to keep starting rounds.")] = 10.0,
+    batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Batch sessions (outputs then need not equal their runs alone).")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON to this file.")] = None,
+) -> None:
+    """Load test: rounds of concurrent sessions through a local chain; every session must finish,
+    equal its run alone (batching off), and no stage may grow in memory (>5%) or file descriptors.
+
+    Example: [b]nak soak --sessions 16 --tokens 256 --minutes 10[/b]
+    """
+    from nakshatra.models import resolve_model
+    from nakshatra.soak import run_soak
+
+    with err_console.status("soak ...") as st:
+        res = run_soak(resolve_model(model), parts=parts, sessions=sessions, n_tokens=tokens,
+                       duration_s=minutes * 60, batching=batching, status=lambda t: st.update(f"soak: {t} ..."))
+    err_console.print(f"{res['rounds']} rounds, {res['sessions_completed']} sessions completed, "
+                      f"{len(res['errors'])} errors, {res['mismatches']} outputs unlike their run alone; "
+                      f"RSS growth {', '.join(f'{g:+.1%}' for g in res['rss_growth'])}; "
+                      f"fd growth {', '.join(f'{g:+d}' for g in res['fd_growth'])}", markup=False)
+    for e in res["errors"][:5]:
+        err_console.print(f"  {e}", markup=False)
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=1) + "\n")
+    if not res["ok"]:
+        raise NakError("soak failed (see above)")
 
 
 @app.command()

@@ -53,6 +53,8 @@ class ServeOptions:
     cpu_strict: bool = False
     cpu_lock: str = ""
     batch_hold_ms: int = 0
+    idle_timeout_s: int = 600
+    max_frame_mb: int = 64
 
 
 def _fmt_bytes(n: float) -> str:
@@ -129,6 +131,8 @@ def serve(opts: ServeOptions) -> int:
         raise NakError("--ctx and --max-sessions must be at least 1")
     if not 0 <= opts.port < 65536:
         raise NakError(f"--port {opts.port} must be in 0..65535 (0: any free port)")
+    if opts.idle_timeout_s < 1 or not 1 <= opts.max_frame_mb <= 4095:
+        raise NakError("--idle-timeout must be >= 1 s and --max-frame-mb in 1..4095")
     if not 0 <= opts.poll <= 100:
         raise NakError(f"--poll {opts.poll} must be in 0..100 (0: idle threads sleep)")
     if opts.max_batch < 1:
@@ -147,7 +151,7 @@ def serve(opts: ServeOptions) -> int:
                                  cache_type_k=opts.cache_type_k, cache_type_v=opts.cache_type_v,
                                  max_batch=opts.max_batch, wire=opts.wire, batch_log=opts.batch_log,
                                  poll=opts.poll, cpu_strict=opts.cpu_strict, cpu_lock=opts.cpu_lock,
-                                 batch_hold_ms=opts.batch_hold_ms)
+                                 batch_hold_ms=opts.batch_hold_ms, idle_timeout_s=opts.idle_timeout_s)
     except StageError as e:
         raise NakError(f"cannot load {path}: {e}") from None
     info = stage.info()
@@ -168,7 +172,7 @@ def serve(opts: ServeOptions) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        stage.serve(opts.host, opts.port, on_ready)
+        stage.serve(opts.host, opts.port, on_ready, max_payload=opts.max_frame_mb << 20)
     except KeyboardInterrupt:
         print("nak serve: stopped", file=sys.stderr)
         return 0
@@ -202,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-strict", type=int, default=0)
     ap.add_argument("--cpu-lock", default="")
     ap.add_argument("--batch-hold-ms", type=int, default=0)
+    ap.add_argument("--idle-timeout", type=int, default=600)
+    ap.add_argument("--max-frame-mb", type=int, default=64)
     a = ap.parse_args(argv)
     opts = ServeOptions(model=a.model, layers=a.layers, host=a.host, port=a.port, insecure=a.insecure,
                         threads=a.threads, threads_batch=a.threads_batch, ctx=a.ctx, max_sessions=a.max_sessions,
@@ -209,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                         cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
                         verify=not a.no_verify, ready_json=a.ready_json, max_batch=a.max_batch,
                         wire=a.wire, batch_log=a.batch_log, poll=a.poll, cpu_strict=bool(a.cpu_strict),
-                        cpu_lock=a.cpu_lock, batch_hold_ms=a.batch_hold_ms)
+                        cpu_lock=a.cpu_lock, batch_hold_ms=a.batch_hold_ms, idle_timeout_s=a.idle_timeout,
+                        max_frame_mb=a.max_frame_mb)
     try:
         return serve(opts)
     except (NakError, SliceError) as e:

@@ -1,0 +1,120 @@
+"""``nak soak``: many concurrent sessions through a local chain, round after round, for a while.
+
+Each round starts ``sessions`` sessions at once (one thread and one client connection set each,
+ring mode), each generating ``n_tokens`` greedy tokens (end-of-generation ignored). It checks:
+
+* every session completes with its ``n_tokens`` tokens and no error;
+* with batching off (``--max-batch 1`` on the stages) every output equals the same prompt's run
+  alone, token for token;
+* no stage's resident memory grows more than 5% after the first round (warm-up), and no stage
+  holds more open file descriptors at the end than after the first round (no leak).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .chain import Chain, SamplerParams
+from .errors import NakError
+
+GREEDY = SamplerParams(temp=0.0)
+
+
+def _rss_bytes(pid: int) -> int:
+    """VmRSS of a process, bytes (0 if gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _fds(pid: int) -> int:
+    """Open file descriptors of a process (0 if gone)."""
+    try:
+        return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+    except OSError:
+        return 0
+
+
+def _round(addresses: list[str], prompts: list[list[int]], n_tokens: int, timeout_s: float) -> tuple[list, list]:
+    """All prompts at once, one session each; (tokens per prompt or None, errors)."""
+    out: list[list[int] | None] = [None] * len(prompts)
+    errors: list[str] = []
+    start = threading.Barrier(len(prompts))
+
+    def worker(i: int) -> None:
+        try:
+            with Chain(addresses, ring=True, timeout_s=timeout_s) as c:
+                with c.session(GREEDY, n_predict=n_tokens, ignore_eog=True) as sess:
+                    start.wait(timeout=timeout_s)
+                    out[i] = [r["token"] for r in sess.ring(prompts[i], n_tokens)]
+        except BaseException as e:  # counted, not raised: the soak reports every failure
+            errors.append(f"session {i}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout_s * 2)
+    return out, errors
+
+
+def run_soak(model: Path, parts: int = 3, sessions: int = 16, n_tokens: int = 256, duration_s: float = 600.0,
+             batching: bool = False, threads: int = 0, timeout_s: float = 120.0,
+             status: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the soak on ``model`` cut into ``parts`` local stages for ``duration_s`` seconds (at
+    least two rounds). Returns ``rounds``, ``sessions_completed``, ``errors`` (messages),
+    ``mismatches`` (outputs unlike their run alone; only checked with batching off),
+    ``rss_growth`` and ``fd_growth`` per stage (last round against the first), and ``ok``.
+    Raises NakError for bad arguments."""
+    from .local import LocalStages, cached_parts
+
+    if sessions < 1 or n_tokens < 1 or duration_s <= 0 or parts < 1:
+        raise NakError("soak: --sessions, --tokens, --parts and the duration must be positive")
+    say = status or (lambda text: None)
+    slices = cached_parts(model, parts, progress=False)
+    extra = [] if batching else ["--max-batch", "1"]
+    with LocalStages(slices, threads=threads, ctx=n_tokens + 64, max_sessions=sessions, extra_args=extra) as ls:
+        with Chain(ls.addresses) as c:
+            prompts = [c.tokenize(f"Story {i}: once upon a time, in a land of {i * 7 % 13} rivers,")
+                       for i in range(sessions)]
+        alone: list[list[int] | None] = []
+        if not batching:
+            say("each prompt alone")
+            for p in prompts:
+                got, errs = _round(ls.addresses, [p], n_tokens, timeout_s)
+                if errs:
+                    raise NakError(f"soak: a session alone failed: {errs[0]}")
+                alone.append(got[0])
+        res: dict[str, Any] = {"sessions": sessions, "n_tokens": n_tokens, "batching": batching, "rounds": 0,
+                               "sessions_completed": 0, "errors": [], "mismatches": 0}
+        t_end = time.monotonic() + duration_s
+        rss0 = fds0 = None
+        while res["rounds"] < 2 or time.monotonic() < t_end:
+            say(f"round {res['rounds'] + 1}")
+            got, errs = _round(ls.addresses, prompts, n_tokens, timeout_s)
+            res["rounds"] += 1
+            res["errors"] += errs
+            for i, toks in enumerate(got):
+                if toks is not None and len(toks) == n_tokens:
+                    res["sessions_completed"] += 1
+                    if alone and toks != alone[i]:
+                        res["mismatches"] += 1
+            if rss0 is None:
+                rss0 = [_rss_bytes(p) for p in ls.pids]
+                fds0 = [_fds(p) for p in ls.pids]
+        rss1 = [_rss_bytes(p) for p in ls.pids]
+        fds1 = [_fds(p) for p in ls.pids]
+    res["rss_growth"] = [b / a - 1 if a else 0.0 for a, b in zip(rss0, rss1)]
+    res["fd_growth"] = [b - a for a, b in zip(fds0, fds1)]
+    res["ok"] = (not res["errors"] and res["mismatches"] == 0
+                 and res["sessions_completed"] == res["rounds"] * sessions
+                 and all(g <= 0.05 for g in res["rss_growth"]) and all(g <= 0 for g in res["fd_growth"]))
+    return res
