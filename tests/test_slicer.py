@@ -802,3 +802,19 @@ def test_truncated_anywhere_is_refused_as_gguf_reader_does(tmp_path):
                 assert "is not a GGUF file" in str(e)
                 outcomes.append("refused")
         assert outcomes[0] == outcomes[1], (n, len(full), outcomes)
+
+
+def test_a_stage_refuses_a_slice_its_manifest_does_not_record(smollm2_path, tmp_path):
+    import shutil
+
+    from nakshatra.errors import NakError
+    from nakshatra.serve import resolve_slice
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    ma = slice_model(smollm2_path, [LayerRange(0, 10), LayerRange(10, 30)], out_dir=a, progress=False)
+    mb = slice_model(smollm2_path, [LayerRange(0, 15), LayerRange(15, 30)], out_dir=b, progress=False)
+    first = a / ma.slices[0].file
+    assert resolve_slice(first, None)[0] == first  # as recorded: served
+    shutil.copyfile(b / mb.slices[0].file, first)  # another (valid) slice under the recorded name
+    with pytest.raises(NakError, match=r"not the slice .*manifest.*re-run nak slice"):
+        resolve_slice(first, None)

@@ -85,6 +85,7 @@ def resolve_slice(model: Path, layers: str | None, verify: bool = True) -> tuple
                            "slice for that range")
         if verify:
             verify_slice(model)
+            check_against_manifest(model, meta)
         return model, str(meta.get("nakshatra.model_sha256") or "")
     layout = model_layout(model)
     if want is None:
@@ -93,6 +94,28 @@ def resolve_slice(model: Path, layers: str | None, verify: bool = True) -> tuple
         raise NakError(f"--layers {want.inclusive()} is beyond the model's {layout.n_layer} "
                        f"layers (0-{layout.n_layer - 1})")
     return cached_slice(model, want, layout.n_layer), layout.sha256
+
+
+def check_against_manifest(path: Path, meta: dict) -> None:
+    """If a ``*.manifest.json`` beside the slice lists it, the slice must be the one the manifest
+    recorded (same layer range, model and tensor-data sha256). Raises NakError naming the file,
+    the manifest and the fix; a slice with no manifest beside it passes."""
+    from .manifest import Manifest
+
+    for mpath in sorted(path.parent.glob("*.manifest.json")):
+        try:
+            m = Manifest.load(mpath)
+        except Exception:  # an unreadable manifest is not this slice's; the slice carries its own hash
+            continue
+        for info in m.slices:
+            if info.file != path.name:
+                continue
+            want = (info.layer_start, info.layer_end, m.model.get("sha256"), info.tensor_data_sha256)
+            have = (int(meta["nakshatra.layer_range_start"]), int(meta["nakshatra.layer_range_end"]),
+                    meta.get("nakshatra.model_sha256"), meta.get("nakshatra.tensor_data_sha256"))
+            if want != have:
+                raise NakError(f"{path} is not the slice {mpath.name} recorded (layers, model or data sha256 "
+                               "differ): the file was replaced or the manifest is stale; re-run nak slice")
 
 
 def kv_bytes_estimate(path: Path, ctx: int) -> int | None:
