@@ -417,7 +417,8 @@ def status(
     json_out: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
 ) -> None:
     """Health of every stage of a chain: serving or replica (per layer range, the healthiest
-    serves), sessions, queue, KV in use, memory, uptime and the health score (lower is healthier).
+    serves), sessions, queue, KV in use, memory, CPU (average since start, % of one core), uptime
+    and the health score (lower is healthier).
 
     Example: [b]nak status --chain 127.0.0.1:7071,127.0.0.1:7072,127.0.0.1:7081[/b]
     """
@@ -450,16 +451,17 @@ def status(
         print(json.dumps([{k: v for k, v in r.items() if k != "range"} for r in rows], indent=1))
         return
     t = Table(title="nak status", title_justify="left")
-    for col in ("stage", "layers", "role", "sessions", "queue", "KV used", "RSS MiB", "up s", "score"):
+    for col in ("stage", "layers", "role", "sessions", "queue", "KV used", "RSS MiB", "CPU %", "up s", "score"):
         t.add_column(col, justify="left" if col in ("stage", "layers", "role") else "right")
     for r in sorted(rows, key=lambda r: (r.get("range", (1 << 30, 0)), r["address"])):
         if not r["up"]:
-            t.add_row(r["address"], "", "[red]down[/red]", "", "", "", "", "", r.get("error", "")[:40])
+            t.add_row(r["address"], "", "[red]down[/red]", "", "", "", "", "", "", r.get("error", "")[:40])
             continue
         h = r["health"]
         t.add_row(r["address"], r["layers"], r["role"], f"{h['sessions_active']}/{h['max_sessions']}",
                   str(h["queue_depth"]), f"{h['kv_tokens_used']}/{h['n_ctx_session'] * h['max_sessions']}",
-                  f"{h['rss_bytes'] / 2**20:.0f}", f"{h['uptime_ms'] / 1e3:.0f}", f"{r['score']:.2f}")
+                  f"{h['rss_bytes'] / 2**20:.0f}", f"{100 * h['cpu_ms'] / max(1, h['uptime_ms']):.0f}",
+                  f"{h['uptime_ms'] / 1e3:.0f}", f"{r['score']:.2f}")
     # piped output is not cut to 80 columns: one line per stage
     Console(width=None if sys.stdout.isatty() else 160).print(t)
 

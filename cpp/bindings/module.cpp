@@ -87,6 +87,7 @@ py::dict hello_dict(const nak_hello_ok & ok) {
     hd["rss_bytes"]       = ok.health.rss_bytes;
     hd["uptime_ms"]       = ok.health.uptime_ms;
     hd["tokens_in"]       = ok.health.tokens_in;
+    hd["cpu_ms"]          = ok.health.cpu_ms;
     d["health"] = hd;
     d["rss_bytes"] = ok.health.rss_bytes;
     return d;

@@ -122,6 +122,7 @@ void nak_encode(nak_writer & w, const nak_health & m) {
     w.u64(m.rss_bytes);
     w.u64(m.uptime_ms);
     w.u64(m.tokens_in);
+    w.u64(m.cpu_ms);
 }
 
 bool nak_decode(nak_reader & r, nak_health & m) {
@@ -133,6 +134,7 @@ bool nak_decode(nak_reader & r, nak_health & m) {
     m.rss_bytes       = r.u64();
     m.uptime_ms       = r.u64();
     m.tokens_in       = r.u64();
+    m.cpu_ms          = r.u64();
     return r.ok;
 }
 

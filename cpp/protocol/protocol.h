@@ -161,6 +161,7 @@ struct nak_health {
     uint64_t rss_bytes       = 0;
     uint64_t uptime_ms       = 0;
     uint64_t tokens_in       = 0;  // token rows decoded since start
+    uint64_t cpu_ms          = 0;  // CPU time the stage process used since start (all threads)
 };
 
 struct nak_hello {

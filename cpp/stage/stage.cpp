@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/resource.h>
 #include <unistd.h>
 #include <chrono>
 #include <cinttypes>
@@ -251,6 +252,11 @@ nak_health nak_stage::health() const {
     h.rss_bytes = nak_rss_bytes();
     h.uptime_ms = (uint64_t) (nak_now_ms() - t_start_ms_);
     h.tokens_in = tokens_in_;
+    rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) == 0) {
+        h.cpu_ms = (uint64_t) (ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000 +
+                   (uint64_t) (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1000;
+    }
     return h;
 }
 
