@@ -268,11 +268,14 @@ struct py_stage_client {
         return d;
     }
 
-    py::tuple truncate(uint64_t session, int32_t pos, int64_t next_step) {
+    py::tuple truncate(uint64_t session, int32_t pos, int64_t next_step, int32_t n_generated) {
         nak_writer w;
         w.i32(pos);
         if (next_step >= 0) {
             w.u64((uint64_t) next_step);
+            if (n_generated >= 0) {
+                w.i32(n_generated);
+            }
         }
         nak_frame r = call(NAK_MSG_TRUNCATE, session, NAK_DTYPE_NONE, w.buf, NAK_MSG_TRUNCATE_OK);
         nak_reader rd(r.payload);
@@ -662,7 +665,9 @@ PYBIND11_MODULE(_nakshatra, m) {
              "Forwarding: send a step whose hidden state travels stage to stage along route; see wait_forward_ok. "
              "With ring (every stage's address, first first) the last stage starts each next step itself.")
         .def("truncate", &py_stage_client::truncate, py::arg("session"), py::arg("pos"), py::arg("next_step") = -1,
-             "Drop cached positions >= pos; next_step >= 0 also sets the session's step counter. "
+             py::arg("n_generated") = -1,
+             "Drop cached positions >= pos; next_step >= 0 also sets the session's step counter (and "
+             "n_generated >= 0 the count of generated tokens a ring's n_predict is checked against). "
              "Returns (n_past, next_step).")
         .def("close_session", &py_stage_client::close_session, py::arg("session"))
         .def("stats", &py_stage_client::stats)

@@ -950,8 +950,12 @@ void nak_stage::on_truncate(const nak_frame & req, nak_writer & w, nak_header & 
     const int32_t pos = r.i32();
     // optional: the step number the session continues with (a client that replayed a session
     // onto a replica aligns every stage's step counter with it)
-    const bool set_step = r.ok && r.n - r.off == 8;
+    const size_t rest = r.ok ? r.n - r.off : 0;
+    const bool set_step = rest == 8 || rest == 12;
     const uint64_t next_step = set_step ? r.u64() : 0;
+    // and the tokens the session has generated (a ring stops after n_predict of them)
+    const bool set_generated = rest == 12;
+    const int32_t n_generated = set_generated ? r.i32() : 0;
     if (!r.done()) {
         throw nak_reject{ NAK_ERR_BAD_REQUEST, "malformed TRUNCATE payload" };
     }
@@ -965,6 +969,9 @@ void nak_stage::on_truncate(const nak_frame & req, nak_writer & w, nak_header & 
     s->n_past = (uint32_t) pos;
     if (set_step) {
         s->next_step = next_step;
+    }
+    if (set_generated) {
+        s->n_generated = std::max(0, n_generated);
     }
     if (s->history.size() > (size_t) pos) {
         s->history.resize(pos);

@@ -224,6 +224,7 @@ class Session:
         # the token chunks fed so far, in order (the batch boundaries): a replica that takes over
         # a layer range is rebuilt by replaying exactly these
         self.log: list[list[int]] = []
+        self.n_generated = 0  # tokens a ring has delivered (the last stage counts them for n_predict)
         self.n_ctx = 2**31 - 1  # positions each stage holds for this session (the smallest wins)
         # the first stage picks the KV sequence id and every other stage is asked for the same one,
         # so a batch of several sessions is cut into the same ubatches on every stage
@@ -300,7 +301,7 @@ class Session:
             self._open_on(i)
             self._replay(i)
         for c in self.chain.clients:
-            c.truncate(self.id, self.n_past, self.step)
+            c.truncate(self.id, self.n_past, self.step, self.n_generated)
 
     def _replay(self, i: int) -> None:
         """Rebuild range ``i``'s KV on its (new) stage: the logged chunks go through stages
@@ -385,6 +386,8 @@ class Session:
         token straight to the first stage; this client only receives the stream. Yields the last
         stage's replies (``token``, ``is_eog``, ``piece``, ``n_past``), the final one included; the
         stages and this loop stop by the same rule (end of generation, ``n_predict``, full context).
+        A stage that dies fails over as in :meth:`recover`, and the ring starts again from the
+        last token received.
         """
         tokens = list(prompt_tokens)
         if self.n_past + len(tokens) > self.n_ctx:
@@ -394,25 +397,33 @@ class Session:
             raise ChainError("nothing to feed: the prompt is empty")
         # the same n_batch chunks as feed(): the last one starts the ring
         cut = len(tokens) - ((len(tokens) - 1) % self.chain.n_batch + 1)
-        head, last = tokens[:cut], tokens[cut:]
+        head, feed = tokens[:cut], tokens[cut:]
         for i in range(0, len(head), self.chain.n_batch):
-            self._forward_routed(head[i:i + self.chain.n_batch], False)
-        pos = list(range(self.n_past, self.n_past + len(last)))
-        self.chain.clients[0].send_forward(self.id, self.step, pos, last, True, self.chain.route,
-                                           self.chain.ring_route)
-        produced = 0
+            self._forward(head[i:i + self.chain.n_batch], False)
+        self.n_generated = 0
         while True:
+            pos = list(range(self.n_past, self.n_past + len(feed)))
             try:
-                reply = _nakshatra.wait_forward_ok(self.chain.clients, int(self.chain.timeout_s * 1000),
-                                                    self.chain.clients[0].last_request_id)
+                self.chain.clients[0].send_forward(self.id, self.step, pos, feed, True, self.chain.route,
+                                                   self.chain.ring_route)
+                while True:
+                    try:
+                        reply = _nakshatra.wait_forward_ok(self.chain.clients, int(self.chain.timeout_s * 1000),
+                                                           self.chain.clients[0].last_request_id)
+                    except StageError as e:
+                        raise StageError(f"ring step {self.step}: {e}", e.code) from None
+                    self.log.append(feed)  # what the stages consumed to produce this reply
+                    feed = [reply["token"]]
+                    self.n_past = reply["n_past"]
+                    self.step = reply["step"] + 1
+                    self.n_generated += 1
+                    yield reply
+                    if self._last(reply, self.n_generated, n_predict):
+                        return
             except StageError as e:
-                raise StageError(f"ring step {self.step}: {e}", e.code) from None
-            self.n_past = reply["n_past"]
-            self.step = reply["step"] + 1
-            yield reply
-            produced += 1
-            if self._last(reply, produced, n_predict):
-                return
+                if e.code not in ("transport", "timeout") or isinstance(e, FailoverError):
+                    raise
+                self.recover(e)  # then start the ring again with the token not yet consumed
 
     def _forward_routed(self, chunk: list[int], sample: bool) -> dict:
         """Forwarding: the first stage sends its hidden state straight to the next and so on; the
