@@ -310,6 +310,7 @@ def test_byte_flipped_in_flight_closes_the_connection(keyed, key_file, way: str)
         host, port = proxy.address.rsplit(":", 1)
         c = _nakshatra.StageClient(host, int(port), timeout_ms=5000, key=key)
         c.hello()
+        assert c.hello()["layer_start"] == 0  # HELLO again: an ordinary MACed request
         c.stats()
         proxy.tamper[way] = True
         with pytest.raises(StageError) as e:

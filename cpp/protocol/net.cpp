@@ -283,7 +283,6 @@ bool nak_client::call(uint8_t type, uint64_t session_id, uint8_t dtype, const st
 bool nak_client::hello(nak_hello & m, nak_frame & reply, bool & unauthorized, std::string & err) {
     unauthorized = false;
     const bool keyed = auth.enabled;
-    auth.reset();
     if (keyed) {
         m.caps |= NAK_CAP_AUTH;
     }
@@ -292,6 +291,9 @@ bool nak_client::hello(nak_hello & m, nak_frame & reply, bool & unauthorized, st
     nak_header h;
     h.type       = NAK_MSG_HELLO;
     h.request_id = next_request_id++;
+    if (auth.ready) { // HELLO again on an authenticated connection: an ordinary (MACed) request
+        return send_frame(h, w.buf, err) && recv_frame(reply, err);
+    }
     const std::vector<uint8_t> hello_bytes = nak_frame_bytes(h, w.buf);
     if (!send_frame(h, w.buf, err) || !recv_frame(reply, err)) {
         return false;
