@@ -321,3 +321,13 @@ def test_byte_flipped_in_flight_closes_the_connection(keyed, key_file, way: str)
     finally:
         proxy.close()
     assert len(greedy(keyed.addresses, key)) == 8
+
+
+def test_a_stage_refuses_to_forward_to_a_stage_without_the_key(keyed, plain, key_file) -> None:
+    key = load_key(key_file)
+    hops = {keyed.addresses[1]: plain.addresses[1]}  # the first stage is sent to an unkeyed stage
+    with Chain(keyed.addresses, key=key, forwarding=True, timeout_s=20, hop_addresses=hops) as c:
+        with pytest.raises(StageError) as e:
+            list(c.generate_tokens(c.tokenize(PROMPT), 4, SamplerParams(temp=0)))
+        assert e.value.code == "unauthorized" and "cluster key" in str(e.value)
+    assert len(greedy(keyed.addresses, key, forwarding=True)) == 8

@@ -32,6 +32,7 @@ struct conn_state {
     nak_auth             auth;
     enum { AUTH_NONE, AUTH_WAIT_HELLO_OK, AUTH_WAIT_AUTH, AUTH_WAIT_AUTH_OK, AUTH_DONE } astate = AUTH_NONE;
     std::vector<std::vector<uint8_t>> pending; // outbound frames held until the next stage proved the key
+    std::vector<std::pair<int32_t, nak_header>> pending_owners; // whom to tell when it never does
 };
 
 struct queued_request {
@@ -140,6 +141,7 @@ bool outbound_handshake(conn_state & c, const nak_frame & f) {
             send_raw(c, p);
         }
         c.pending.clear();
+        c.pending_owners.clear();
         return true;
     }
     std::string msg = std::string("unexpected ") + nak_msg_type_name(f.hdr.type);
@@ -382,6 +384,9 @@ void deliver(std::vector<conn_state> & conns, int32_t & next_id, const nak_stage
     if (!s.address.empty()) {
         std::string ferr;
         if (conn_state * dst = outbound_conn(conns, next_id, s.address, stage, key, ferr)) {
+            if (dst->auth.enabled && !dst->auth.ready) {
+                dst->pending_owners.insert(dst->pending_owners.end(), s.fail_to.begin(), s.fail_to.end());
+            }
             send_frame(*dst, s.frame);
             return;
         }
@@ -526,10 +531,19 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
     reap:
 
         // drop dead connections: free their sessions' KV and their queued requests
+        {
+        std::vector<nak_send> refused; // steps held for a next stage that never authenticated
         for (size_t i = 0; i < conns.size();) {
             if (!conns[i].dead) {
                 i++;
                 continue;
+            }
+            for (const auto & f : conns[i].pending_owners) {
+                nak_send e;
+                e.conn  = f.first;
+                e.frame = nak_error_frame(f.second, NAK_ERR_UNAUTHORIZED, "next stage " + conns[i].address +
+                                          " did not authenticate with this stage's cluster key (none, or another key)");
+                refused.push_back(std::move(e));
             }
             const int32_t id = conns[i].id;
             stage.on_disconnect(id);
@@ -538,6 +552,10 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
                 it = it->conn == id ? queue.erase(it) : it + 1;
             }
             conns.erase(conns.begin() + i);
+        }
+        for (auto & e : refused) {
+            deliver(conns, next_id, stage, params.key, e);
+        }
         }
     }
     for (auto & c : conns) {
