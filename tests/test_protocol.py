@@ -171,7 +171,7 @@ def test_chain_validation_names_the_stage(two_stage, gemma3_path: Path, tmp_path
         Chain([a])
     with pytest.raises(ChainError, match="no stage serves layers 0-14"):
         Chain([b])
-    with pytest.raises(ChainError, match="replicas"):
+    with pytest.raises(ChainError, match="listed twice"):
         Chain([a, a, b])
     with pytest.raises(ChainError, match="is not usable"):
         Chain([a, "127.0.0.1:1"])

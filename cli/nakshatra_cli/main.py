@@ -36,6 +36,7 @@ _state = {"debug": False}
 Threads = Annotated[int, typer.Option("--threads", "-t", help="llama.cpp threads per stage (0: all cores for nak serve; cores shared between local stages for nak run).",
                                       envvar="NAK_THREADS")]
 Ctx = Annotated[int, typer.Option("--ctx", "-c", help="KV positions per session (the stage's n_ctx is ctx x max-sessions).")]
+KeyFile = Annotated[str, typer.Option("--key-file", help="Cluster key from `nak keygen` (default: $NAK_KEY, hex, if set): both ends authenticate, every frame is MACed.")]
 
 
 @app.callback()
@@ -77,14 +78,17 @@ def run(
     threads: Threads = 0,
     ctx: Ctx = 4096,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds a stage may take to answer before its range fails over to a replica.")] = 60.0,
+    key_file: KeyFile = "",
 ) -> None:
     """Generate text through a chain of stages; only the text goes to stdout.
 
     Examples: [b]nak run "Tell me about the stars"[/b] (SmolLM2 cut in 3, 3 local stages);
     [b]nak run --chain hostA:7071,hostB:7072 -n 128 --temp 0.7 --seed 1 "prompt"[/b]
     """
+    from nakshatra.auth import load_key
     from nakshatra.chain import Chain, GenerationStats, SamplerParams
 
+    key = load_key(key_file)
     sampler = SamplerParams(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
     sampler.check()
     st = GenerationStats()
@@ -92,7 +96,7 @@ def run(
     def generate(addresses: list[str]) -> None:
         if timeout <= 0:
             raise NakError(f"--timeout {timeout} must be > 0 seconds")
-        with Chain(addresses, forwarding=forwarding, ring=ring, timeout_s=timeout) as c:
+        with Chain(addresses, forwarding=forwarding, ring=ring, timeout_s=timeout, key=key) as c:
             if stats:
                 err_console.print(" → ".join(f"{s.address} ({s.layers})" for s in c.stages), markup=False)
             for text in c.generate(prompt, n_predict, sampler, chat=chat, stats=st):
@@ -111,7 +115,7 @@ def run(
 
     path = resolve_model(model)
     slices = cached_parts(path, parts, progress=sys.stderr.isatty())
-    with LocalStages(slices, threads=threads, ctx=ctx, max_sessions=1) as ls:
+    with LocalStages(slices, threads=threads, ctx=ctx, max_sessions=1, key_file=key_file or None) as ls:
         generate(ls.addresses)
 
 
@@ -191,6 +195,25 @@ def pull(name: Annotated[str, typer.Argument(help="smollm2 or gemma3-270m.")]) -
     print(do_pull(name, progress=True))
 
 
+# ---- keygen ---------------------------------------------------------------------------------
+
+@app.command()
+def keygen(
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write (mode 0600).")] = Path("nakshatra.key"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a fresh random cluster key (32 bytes, hex) to a file only you can read.
+
+    Give the same file to every stage and client: [b]nak serve ... --key-file nakshatra.key[/b],
+    [b]nak run --chain ... --key-file nakshatra.key[/b] (or export NAK_KEY=$(cat nakshatra.key)).
+    """
+    from nakshatra.auth import generate_key_file
+
+    generate_key_file(output, overwrite=force)
+    err_console.print(f"wrote a cluster key to {output} (mode 0600); copy it to every host over a secure channel",
+                      markup=False)
+
+
 # ---- serve ----------------------------------------------------------------------------------
 
 @app.command()
@@ -199,7 +222,8 @@ def serve(
     layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Inclusive layer range, e.g. 0-15.")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port).")] = 7071,
-    insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback address without authentication.")] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback address without a cluster key (warns).")] = False,
+    key_file: KeyFile = "",
     threads: Threads = 0,
     ctx: Ctx = 4096,
     threads_batch: Annotated[int, typer.Option("--threads-batch", "-tb", help="Threads for prefill (0: as --threads).")] = 0,
@@ -227,7 +251,7 @@ def serve(
     from nakshatra.serve import ServeOptions
     from nakshatra.serve import serve as do_serve
 
-    code = do_serve(ServeOptions(model=model, layers=layers, host=host, port=port, insecure=insecure,
+    code = do_serve(ServeOptions(model=model, layers=layers, host=host, port=port, insecure=insecure, key_file=key_file,
                                  threads=threads, threads_batch=threads_batch, ctx=ctx, max_sessions=max_sessions,
                                  n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
                                  cache_type_k=cache_type_k, cache_type_v=cache_type_v,
@@ -255,6 +279,7 @@ def bench(
     wire: Annotated[str, typer.Option("--wire", help="Wire formats to compare with f32, e.g. bf16,q8r ('' to skip).")] = "bf16,q8r",
     link_delay_ms: Annotated[float, typer.Option("--link-delay-ms", help="Also measure over emulated links of this one-way delay, ms (0: skip).")] = 0.0,
     rpc_baseline: Annotated[bool, typer.Option("--rpc-baseline", help="Also run llama.cpp's RPC (rpc-server + llama-bench, built once from the same source).")] = False,
+    key: Annotated[bool, typer.Option("--key", help="Run the chain with a fresh cluster key (authenticated handshake, a MAC on every frame): compare with a run without it.")] = False,
 ) -> None:
     """Measure the unsplit model (one process) and a chain of local stages side by side, and as
     asked llama.cpp RPC, concurrent sessions, wire formats and emulated slow links.
@@ -292,6 +317,17 @@ def bench(
     cfg = BenchConfig(model=model_path, stages=stages, prompt_lens=lens, n_decode=n_decode,
                       reps=reps, threads=threads, stage_threads=stage_threads, mode=mode,
                       sessions=sessions, wire=wires, link_delay_ms=link_delay_ms, rpc_baseline=rpc_baseline)
+    if key:
+        # every stage reads $NAK_KEY; every Chain of the bench gets the key
+        import functools
+        import secrets
+
+        import nakshatra.bench as bench_mod
+
+        k = secrets.token_bytes(32)
+        os.environ["NAK_KEY"] = k.hex()
+        bench_mod.Chain = functools.partial(bench_mod.Chain, key=k)
+        err_console.print("chain authenticated with a fresh cluster key (--key)", markup=False)
     with err_console.status("measuring ...") as st:
         res = run_bench(cfg, status=lambda text: st.update(f"measuring: {text} ..."))
     print_bench(res, cfg)

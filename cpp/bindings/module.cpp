@@ -99,9 +99,14 @@ struct py_stage_client {
     std::string host;
     int         port = 0;
 
-    py_stage_client(const std::string & host_, int port_, int timeout_ms, int connect_timeout_ms)
+    py_stage_client(const std::string & host_, int port_, int timeout_ms, int connect_timeout_ms, const py::bytes & key)
         : host(host_), port(port_) {
         c.timeout_ms = timeout_ms;
+        const std::string k = key;
+        if (!k.empty() && k.size() != NAK_KEY_SIZE) {
+            throw py::value_error("a cluster key is " + std::to_string(NAK_KEY_SIZE) + " bytes");
+        }
+        c.auth.set_key(std::vector<uint8_t>(k.begin(), k.end()));
         std::string err;
         bool ok;
         {
@@ -150,9 +155,21 @@ struct py_stage_client {
         for (int i = 0; i < NAK_NONCE_SIZE; i++) {
             m.nonce[i] = (uint8_t) rd();
         }
-        nak_writer w;
-        nak_encode(w, m);
-        nak_frame r = call(NAK_MSG_HELLO, 0, NAK_DTYPE_NONE, w.buf, NAK_MSG_HELLO_OK);
+        nak_frame r;
+        std::string err;
+        bool ok_io, unauthorized = false;
+        {
+            py::gil_scoped_release nogil;
+            ok_io = c.hello(m, r, unauthorized, err);
+        }
+        if (!ok_io) {
+            raise_stage_error(where() + ": " + err, unauthorized ? "unauthorized" : "transport");
+        }
+        if (r.hdr.type == NAK_MSG_ERROR) {
+            nak_error e;
+            nak_decode(r.payload, e);
+            raise_stage_error(where() + ": " + e.message, nak_error_code_name(e.code));
+        }
         nak_hello_ok ok;
         if (!nak_decode(r.payload, ok)) {
             raise_stage_error(where() + ": malformed HELLO_OK", "transport");
@@ -236,7 +253,8 @@ struct py_stage_client {
         h.session_id = session;
         h.request_id = nak_client::new_request_id();
         last_request_id = h.request_id;
-        const std::vector<uint8_t> frame = nak_frame_bytes(h, payload);
+        std::vector<uint8_t> frame = nak_frame_bytes(h, payload);
+        c.auth.seal(frame);
         std::string err;
         bool ok;
         {
@@ -400,10 +418,11 @@ py::dict wait_forward_ok(const std::vector<py_stage_client *> & clients, int tim
             py::gil_scoped_release nogil;
             uint8_t hdr[NAK_HEADER_SIZE];
             ok = nak_recv_exact(c->c.fd, hdr, NAK_HEADER_SIZE, c->c.timeout_ms, err) && nak_header_decode(hdr, r.hdr) &&
-                 r.hdr.payload_len <= c->c.max_payload;
+                 r.hdr.payload_len <= c->c.max_payload + NAK_MAC_SIZE;
             if (ok) {
                 r.payload.resize(r.hdr.payload_len);
-                ok = nak_recv_exact(c->c.fd, r.payload.data(), r.payload.size(), c->c.timeout_ms, err);
+                ok = nak_recv_exact(c->c.fd, r.payload.data(), r.payload.size(), c->c.timeout_ms, err) &&
+                     c->c.auth.open(r, err); // MAC checked and stripped once authenticated
             }
         }
         if (!ok) {
@@ -471,8 +490,14 @@ struct py_stage {
     }
 
     // serve until a signal handler raises (SIGINT -> KeyboardInterrupt) or stop() is called
-    void serve(const std::string & host, int port, const std::function<void(int)> & on_ready, uint32_t max_payload) {
+    void serve(const std::string & host, int port, const std::function<void(int)> & on_ready, uint32_t max_payload,
+               const py::bytes & key) {
         nak_server_params sp;
+        const std::string k = key;
+        if (!k.empty() && k.size() != NAK_KEY_SIZE) {
+            throw py::value_error("a cluster key is " + std::to_string(NAK_KEY_SIZE) + " bytes");
+        }
+        sp.key.assign(k.begin(), k.end());
         sp.host        = host;
         sp.port        = port;
         sp.max_payload = max_payload;
@@ -621,6 +646,12 @@ PYBIND11_MODULE(_nakshatra, m) {
     m.def("set_log_level", [](int level) { g_log_level = level; },
           "llama.cpp log threshold: 1 debug, 2 info, 3 warn (default), 4 error.");
     m.def("is_loopback", &nak_is_loopback, "Whether a host name or address is loopback.");
+    m.def("hmac_sha256", [](const py::bytes & key, const py::bytes & data) {
+              const std::string k = key, d = data;
+              uint8_t out[32];
+              nak_hmac_sha256((const uint8_t *) k.data(), k.size(), (const uint8_t *) d.data(), d.size(), out);
+              return py::bytes((const char *) out, 32);
+          }, py::arg("key"), py::arg("data"), "HMAC-SHA256 as the handshake computes it (tests).");
     m.def("wait_forward_ok", &wait_forward_ok, py::arg("clients"), py::arg("timeout_ms"), py::arg("min_request_id") = 0,
           "Wait for a forwarded step's FORWARD_OK (last stage) or an ERROR (any stage).");
 
@@ -635,7 +666,7 @@ PYBIND11_MODULE(_nakshatra, m) {
              py::arg("wire") = "f32", py::arg("batch_log") = "", py::arg("poll") = 0, py::arg("cpu_strict") = false,
              py::arg("cpu_lock") = "", py::arg("batch_hold_ms") = 0)
         .def("serve", &py_stage::serve, py::arg("host"), py::arg("port"), py::arg("on_ready"),
-             py::arg("max_payload") = NAK_MAX_PAYLOAD_DEFAULT,
+             py::arg("max_payload") = NAK_MAX_PAYLOAD_DEFAULT, py::arg("key") = py::bytes(),
              "Run the event loop until SIGINT/SIGTERM raises or stop() is called; on_ready(port) once listening.")
         .def("stop", [](py_stage & s) { s.stop_flag = true; })
         .def_property_readonly("layer_start", [](const py_stage & s) { return s.st->layer_start(); })
@@ -647,8 +678,10 @@ PYBIND11_MODULE(_nakshatra, m) {
              "What this stage answers to HELLO (layer range, model, health).");
 
     py::class_<py_stage_client>(m, "StageClient", "A blocking connection to one stage; every wait is bounded by timeout_ms.")
-        .def(py::init<const std::string &, int, int, int>(), py::arg("host"), py::arg("port"),
-             py::arg("timeout_ms") = 60000, py::arg("connect_timeout_ms") = 5000)
+        .def(py::init<const std::string &, int, int, int, const py::bytes &>(), py::arg("host"), py::arg("port"),
+             py::arg("timeout_ms") = 60000, py::arg("connect_timeout_ms") = 5000, py::arg("key") = py::bytes(),
+             "key: the 32-byte cluster key (empty: none); hello() then authenticates both ends and every "
+             "later frame carries a MAC.")
         .def("hello", &py_stage_client::hello, py::arg("client_name") = "nakshatra-py",
              py::arg("want_model_sha256") = "")
         .def("open", &py_stage_client::open, py::arg("session"), py::arg("temp") = 0.8f, py::arg("top_k") = 40,

@@ -1,8 +1,7 @@
 #include "net.h"
 
-#include <atomic>
-
 #include <arpa/inet.h>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -225,20 +224,57 @@ void nak_client::close() {
     }
 }
 
-bool nak_client::call(uint8_t type, uint64_t session_id, uint8_t dtype, const std::vector<uint8_t> & payload,
-                      nak_frame & reply, std::string & err) {
+bool nak_client::send_frame(const nak_header & h, const std::vector<uint8_t> & payload, std::string & err) {
     if (fd < 0) {
         err = "not connected";
         return false;
     }
+    std::vector<uint8_t> frame = nak_frame_bytes(h, payload);
+    auth.seal(frame);
+    if (!nak_send_all(fd, frame.data(), frame.size(), timeout_ms, err)) {
+        close();
+        return false;
+    }
+    return true;
+}
+
+bool nak_client::recv_frame(nak_frame & reply, std::string & err) {
+    uint8_t hdr[NAK_HEADER_SIZE];
+    if (!nak_recv_exact(fd, hdr, NAK_HEADER_SIZE, timeout_ms, err)) {
+        close();
+        return false;
+    }
+    if (!nak_header_decode(hdr, reply.hdr) || reply.hdr.version != NAK_PROTO_VERSION) {
+        err = "the peer does not speak the nakshatra protocol v" + std::to_string(NAK_PROTO_VERSION);
+        close();
+        return false;
+    }
+    if (reply.hdr.payload_len > max_payload + (auth.ready ? NAK_MAC_SIZE : 0)) {
+        err = "reply of " + std::to_string(reply.hdr.payload_len) + " bytes exceeds the frame limit";
+        close();
+        return false;
+    }
+    reply.payload.resize(reply.hdr.payload_len);
+    if (!nak_recv_exact(fd, reply.payload.data(), reply.payload.size(), timeout_ms, err) || !auth.open(reply, err)) {
+        close();
+        return false;
+    }
+    return true;
+}
+
+uint64_t nak_client::new_request_id() {
+    static std::atomic<uint64_t> next{ 1 };
+    return next++;
+}
+
+bool nak_client::call(uint8_t type, uint64_t session_id, uint8_t dtype, const std::vector<uint8_t> & payload,
+                      nak_frame & reply, std::string & err) {
     nak_header h;
     h.type       = type;
     h.session_id = session_id;
     h.dtype      = dtype;
     h.request_id = new_request_id();
-    const std::vector<uint8_t> frame = nak_frame_bytes(h, payload);
-    if (!nak_send_all(fd, frame.data(), frame.size(), timeout_ms, err)) {
-        close();
+    if (!send_frame(h, payload, err)) {
         return false;
     }
     // a FORWARD_OK or ERROR of an earlier forwarded step (one that failed half-way) may still be
@@ -258,31 +294,64 @@ bool nak_client::call(uint8_t type, uint64_t session_id, uint8_t dtype, const st
     return true;
 }
 
-uint64_t nak_client::new_request_id() {
-    static std::atomic<uint64_t> next{ 1 };
-    return next++;
-}
-
-bool nak_client::recv_frame(nak_frame & reply, std::string & err) {
-    uint8_t hdr[NAK_HEADER_SIZE];
-    if (!nak_recv_exact(fd, hdr, NAK_HEADER_SIZE, timeout_ms, err)) {
+bool nak_client::hello(nak_hello & m, nak_frame & reply, bool & unauthorized, std::string & err) {
+    unauthorized = false;
+    const bool keyed = auth.enabled;
+    if (keyed) {
+        m.caps |= NAK_CAP_AUTH;
+    }
+    nak_writer w;
+    nak_encode(w, m);
+    nak_header h;
+    h.type       = NAK_MSG_HELLO;
+    h.request_id = new_request_id();
+    if (auth.ready) { // HELLO again on an authenticated connection: an ordinary (MACed) request
+        return send_frame(h, w.buf, err) && recv_frame(reply, err);
+    }
+    const std::vector<uint8_t> hello_bytes = nak_frame_bytes(h, w.buf);
+    if (!send_frame(h, w.buf, err) || !recv_frame(reply, err)) {
+        return false;
+    }
+    if (!keyed || reply.hdr.type != NAK_MSG_HELLO_OK) {
+        return true; // no key, or an ERROR for the caller to raise
+    }
+    nak_hello_ok ok;
+    if (!nak_decode(reply.payload, ok)) {
+        err = "malformed HELLO_OK";
         close();
         return false;
     }
-    if (!nak_header_decode(hdr, reply.hdr) || reply.hdr.version != NAK_PROTO_VERSION) {
-        err = "the peer does not speak the nakshatra protocol v" + std::to_string(NAK_PROTO_VERSION);
+    if (!(ok.caps & NAK_CAP_AUTH)) {
+        err = "the stage has no cluster key but this client has one: refusing an unauthenticated stage "
+              "(start it with the same --key-file / NAK_KEY)";
+        unauthorized = true;
         close();
         return false;
     }
-    if (reply.hdr.payload_len > max_payload) {
-        err = "reply of " + std::to_string(reply.hdr.payload_len) + " bytes exceeds the frame limit";
+    auth.on_hello(hello_bytes, m.nonce);
+    auth.on_hello_ok(nak_frame_bytes(reply.hdr, reply.payload), ok.nonce);
+    uint8_t proof[NAK_PROOF_SIZE];
+    auth.client_proof(proof);
+    const std::vector<uint8_t> a = nak_auth_frame(NAK_MSG_AUTH, proof);
+    nak_frame r2;
+    if (!nak_send_all(fd, a.data(), a.size(), timeout_ms, err) || !recv_frame(r2, err)) {
         close();
         return false;
     }
-    reply.payload.resize(reply.hdr.payload_len);
-    if (!nak_recv_exact(fd, reply.payload.data(), reply.payload.size(), timeout_ms, err)) {
+    if (r2.hdr.type == NAK_MSG_ERROR) {
+        reply = std::move(r2); // the stage refused our proof: unauthorized, for the caller to raise
+        close();
+        return true;
+    }
+    uint8_t want[NAK_PROOF_SIZE];
+    auth.stage_proof(want);
+    if (r2.hdr.type != NAK_MSG_AUTH_OK || r2.payload.size() != NAK_PROOF_SIZE ||
+        !nak_ct_equal(want, r2.payload.data(), NAK_PROOF_SIZE)) {
+        err = "the stage failed to prove it holds the cluster key (another key, or something in between)";
+        unauthorized = true;
         close();
         return false;
     }
+    auth.establish();
     return true;
 }

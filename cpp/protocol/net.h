@@ -2,6 +2,7 @@
 // timeouts (every wait is bounded: a dead peer gives an error, never a hang).
 #pragma once
 
+#include "auth.h"
 #include "protocol.h"
 
 #include <cstdint>
@@ -33,6 +34,7 @@ struct nak_client {
     // reply to a request on that connection
     static uint64_t new_request_id();
     std::string peer;
+    nak_auth    auth;      // set_key() before hello() to authenticate (auth.h)
 
     ~nak_client() { close(); }
 
@@ -42,6 +44,12 @@ struct nak_client {
     // send (type, session, dtype, payload) and read the reply frame; false on transport failure
     bool call(uint8_t type, uint64_t session_id, uint8_t dtype, const std::vector<uint8_t> & payload,
               nak_frame & reply, std::string & err);
-    // read one whole frame (bounded by timeout_ms and max_payload); false and closed on failure
+    // HELLO, and with a key the AUTH / AUTH_OK exchange (auth.h). reply: HELLO_OK, or the stage's
+    // ERROR. false on transport failure, or with unauthorized set when the stage has no key or
+    // another key (err says which)
+    bool hello(nak_hello & m, nak_frame & reply, bool & unauthorized, std::string & err);
+    // one frame out (MACed once authenticated) / one frame in (MAC checked and stripped); on
+    // failure the connection is closed
+    bool send_frame(const nak_header & h, const std::vector<uint8_t> & payload, std::string & err);
     bool recv_frame(nak_frame & reply, std::string & err);
 };

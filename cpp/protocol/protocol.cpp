@@ -11,7 +11,7 @@ void nak_header_encode(const nak_header & h, uint8_t out[NAK_HEADER_SIZE]) {
     w.u64(h.request_id);
     w.u64(h.session_id);
     w.u8(h.dtype);
-    w.u8(0); w.u8(0); w.u8(0);
+    w.u8(h.reserved[0]); w.u8(h.reserved[1]); w.u8(h.reserved[2]);
     w.u32(h.payload_len);
     memcpy(out, w.buf.data(), NAK_HEADER_SIZE);
 }
@@ -25,7 +25,7 @@ bool nak_header_decode(const uint8_t in[NAK_HEADER_SIZE], nak_header & h) {
     h.request_id = r.u64();
     h.session_id = r.u64();
     h.dtype      = r.u8();
-    r.u8(); r.u8(); r.u8();
+    h.reserved[0] = r.u8(); h.reserved[1] = r.u8(); h.reserved[2] = r.u8();
     h.payload_len = r.u32();
     return r.ok && h.magic == NAK_PROTO_MAGIC;
 }
@@ -51,6 +51,8 @@ const char * nak_msg_type_name(uint8_t type) {
         case NAK_MSG_TEMPLATE:      return "TEMPLATE";
         case NAK_MSG_TEMPLATE_OK:   return "TEMPLATE_OK";
         case NAK_MSG_BATCH:         return "BATCH";
+        case NAK_MSG_AUTH:          return "AUTH";
+        case NAK_MSG_AUTH_OK:       return "AUTH_OK";
         case NAK_MSG_ERROR:         return "ERROR";
         default:                    return "UNKNOWN";
     }

@@ -8,6 +8,13 @@
 //   | magic u32 "NAKS" | version u16 | type u8 | flags u8 | request_id u64 | session_id u64 |
 //   | dtype u8 | reserved u8[3] | payload_len u32 | payload ... |
 //
+// With a cluster key (auth.h), every frame after the AUTH / AUTH_OK handshake has NAK_FLAG_MAC set
+// in `flags` and ends in a 16-byte MAC trailer that payload_len counts:
+//
+//   | header (flags |= NAK_FLAG_MAC, payload_len = n + 16) | payload (n bytes) | mac u8[16] |
+//
+// Without a key nothing changes: flags stay 0 and there is no trailer.
+//
 // Payloads are sequences of little-endian scalars; strings and arrays carry a u32 length first.
 // A decoder never reads past the payload: every read is bounds-checked and a short or malformed
 // payload makes decode return false (the stage answers NAK_MSG_ERROR / bad_request).
@@ -29,6 +36,10 @@
 #define NAK_CAP_F32_WIRE (1ull << 0)
 #define NAK_CAP_SAMPLING (1ull << 1)
 #define NAK_CAP_VOCAB    (1ull << 2)
+#define NAK_CAP_AUTH     (1ull << 3) // this end has a cluster key: AUTH / AUTH_OK follow (auth.h)
+
+// header flags
+#define NAK_FLAG_MAC 0x01u // a 16-byte MAC trailer ends the payload (auth.h)
 
 enum nak_msg_type : uint8_t {
     NAK_MSG_HELLO         = 1,
@@ -50,6 +61,8 @@ enum nak_msg_type : uint8_t {
     NAK_MSG_TEMPLATE      = 17,
     NAK_MSG_TEMPLATE_OK   = 18,
     NAK_MSG_BATCH         = 19, // stage to stage: the first stage's batch of session steps, unchanged
+    NAK_MSG_AUTH          = 20, // client's proof of the cluster key (auth.h)
+    NAK_MSG_AUTH_OK       = 21, // stage's proof
     NAK_MSG_ERROR         = 255,
 };
 
@@ -87,6 +100,7 @@ struct nak_header {
     uint64_t request_id  = 0;
     uint64_t session_id  = 0;
     uint8_t  dtype       = NAK_DTYPE_NONE;
+    uint8_t  reserved[3] = {}; // kept as received, so a MAC over a re-encoded header covers them
     uint32_t payload_len = 0;
 };
 

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <deque>
 #include <poll.h>
+#include <random>
 #include <sys/socket.h>
 #include <unistd.h>
 #include <vector>
@@ -27,6 +28,11 @@ struct conn_state {
     std::string          address;
     int64_t              t_open_ms  = 0;
     int64_t              t_last_ms  = 0;
+    // authentication (auth.h), when the stage has a key
+    nak_auth             auth;
+    enum { AUTH_NONE, AUTH_WAIT_HELLO_OK, AUTH_WAIT_AUTH, AUTH_WAIT_AUTH_OK, AUTH_DONE } astate = AUTH_NONE;
+    std::vector<std::vector<uint8_t>> pending; // outbound frames held until the next stage proved the key
+    std::vector<std::pair<int32_t, nak_header>> pending_owners; // whom to tell when it never does
 };
 
 struct queued_request {
@@ -55,9 +61,46 @@ void flush(conn_state & c) {
     }
 }
 
-void send_frame(conn_state & c, const std::vector<uint8_t> & frame) {
+// bytes as they are, no MAC (the handshake frames)
+void send_raw(conn_state & c, const std::vector<uint8_t> & frame) {
     c.out.insert(c.out.end(), frame.begin(), frame.end());
     flush(c);
+}
+
+// the stage's HELLO_OK on an authenticating connection: say CAP_AUTH, and record it and its nonce
+// for the proofs
+void capture_hello_ok(conn_state & c, std::vector<uint8_t> & frame) {
+    nak_header h;
+    nak_hello_ok ok;
+    if (frame.size() < NAK_HEADER_SIZE || !nak_header_decode(frame.data(), h) || h.type != NAK_MSG_HELLO_OK ||
+        !nak_decode(std::vector<uint8_t>(frame.begin() + NAK_HEADER_SIZE, frame.end()), ok)) {
+        return; // an ERROR (wrong model, ...): the handshake stops here
+    }
+    ok.caps |= NAK_CAP_AUTH;
+    nak_writer w;
+    nak_encode(w, ok);
+    frame = nak_frame_bytes(h, w.buf);
+    c.auth.on_hello_ok(frame, ok.nonce);
+    c.astate = conn_state::AUTH_WAIT_AUTH;
+}
+
+// a frame to the peer: MACed once the connection is authenticated; on an outbound connection
+// still authenticating, held until the next stage has proved the key
+void send_frame(conn_state & c, const std::vector<uint8_t> & frame) {
+    if (!c.auth.enabled) {
+        send_raw(c, frame);
+        return;
+    }
+    if (c.outbound && !c.auth.ready) {
+        c.pending.push_back(frame);
+        return;
+    }
+    std::vector<uint8_t> f = frame;
+    if (c.astate == conn_state::AUTH_WAIT_HELLO_OK) {
+        capture_hello_ok(c, f);
+    }
+    c.auth.seal(f);
+    send_raw(c, f);
 }
 
 // a transport-level error: answer once, then close the connection (the stream cannot be resynced)
@@ -68,11 +111,65 @@ void reject(conn_state & c, uint16_t code, const std::string & msg) {
     flush(c);
 }
 
-// frames the next stage sends back on our outbound connection: HELLO_OK, or an error it could not
-// deliver to the session's owner; nothing to answer
+// the next stage's side of the handshake on our outbound connection (auth.h); false: give up on it
+bool outbound_handshake(conn_state & c, const nak_frame & f) {
+    if (f.hdr.type == NAK_MSG_HELLO_OK && c.astate == conn_state::AUTH_WAIT_HELLO_OK) {
+        nak_hello_ok ok;
+        if (!nak_decode(f.payload, ok) || !(ok.caps & NAK_CAP_AUTH)) {
+            fprintf(stderr, "nak stage: next stage %s has no cluster key: refusing to forward to it\n", c.address.c_str());
+            return false;
+        }
+        c.auth.on_hello_ok(nak_frame_bytes(f.hdr, f.payload), ok.nonce);
+        uint8_t proof[NAK_PROOF_SIZE];
+        c.auth.client_proof(proof);
+        send_raw(c, nak_auth_frame(NAK_MSG_AUTH, proof));
+        c.astate = conn_state::AUTH_WAIT_AUTH_OK;
+        return true;
+    }
+    if (f.hdr.type == NAK_MSG_AUTH_OK && c.astate == conn_state::AUTH_WAIT_AUTH_OK) {
+        uint8_t want[NAK_PROOF_SIZE];
+        c.auth.stage_proof(want);
+        if (f.payload.size() != NAK_PROOF_SIZE || !nak_ct_equal(want, f.payload.data(), NAK_PROOF_SIZE)) {
+            fprintf(stderr, "nak stage: next stage %s failed to prove the cluster key: refusing to forward to it\n",
+                    c.address.c_str());
+            return false;
+        }
+        c.auth.establish();
+        c.astate = conn_state::AUTH_DONE;
+        for (auto & p : c.pending) {
+            c.auth.seal(p);
+            send_raw(c, p);
+        }
+        c.pending.clear();
+        c.pending_owners.clear();
+        return true;
+    }
+    std::string msg = std::string("unexpected ") + nak_msg_type_name(f.hdr.type);
+    nak_error e;
+    if (f.hdr.type == NAK_MSG_ERROR && nak_decode(f.payload, e)) {
+        msg = e.message;
+    }
+    fprintf(stderr, "nak stage: next stage %s refused the handshake: %s\n", c.address.c_str(), msg.c_str());
+    return false;
+}
+
+// frames the next stage sends back on our outbound connection: HELLO_OK (AUTH_OK), or an error it
+// could not deliver to the session's owner; nothing to answer
 void drain_outbound(conn_state & c) {
     nak_frame f;
-    while (c.parser.next(f) == NAK_PARSE_FRAME) {
+    while (!c.dead && c.parser.next(f) == NAK_PARSE_FRAME) {
+        if (c.auth.enabled && !c.auth.ready) {
+            if (!outbound_handshake(c, f)) {
+                c.dead = true;
+            }
+            continue;
+        }
+        std::string aerr;
+        if (!c.auth.open(f, aerr)) {
+            fprintf(stderr, "nak stage: next stage %s: %s; closing\n", c.address.c_str(), aerr.c_str());
+            c.dead = true;
+            break;
+        }
         if (f.hdr.type == NAK_MSG_ERROR) {
             nak_error e;
             if (nak_decode(f.payload, e)) {
@@ -126,7 +223,47 @@ void read_frames(conn_state & c, std::deque<queued_request> & queue, int64_t now
                 reject(c, NAK_ERR_BAD_REQUEST, "the first frame on a connection must be HELLO");
                 break;
             }
+            if (c.auth.enabled) {
+                nak_hello m;
+                if (!nak_decode(q.frame.payload, m)) {
+                    reject(c, NAK_ERR_BAD_REQUEST, "malformed HELLO payload");
+                    break;
+                }
+                if (!(m.caps & NAK_CAP_AUTH)) {
+                    reject(c, NAK_ERR_UNAUTHORIZED, "this stage requires the cluster key: give the client the same key "
+                           "(--key-file FILE or NAK_KEY; `nak keygen` makes one)");
+                    break;
+                }
+                c.auth.on_hello(nak_frame_bytes(q.frame.hdr, q.frame.payload), m.nonce);
+                c.astate = conn_state::AUTH_WAIT_HELLO_OK;
+            }
             c.hello_seen = true;
+        } else if (c.auth.enabled && !c.auth.ready) {
+            // the client's proof: HMAC(K, "client" | nc | ns | transcript), answered by ours
+            uint8_t want[NAK_PROOF_SIZE];
+            c.auth.client_proof(want);
+            if (q.frame.hdr.type != NAK_MSG_AUTH || c.astate != conn_state::AUTH_WAIT_AUTH) {
+                reject(c, NAK_ERR_UNAUTHORIZED, "this stage requires the cluster key: AUTH must follow HELLO_OK");
+                break;
+            }
+            if (q.frame.payload.size() != NAK_PROOF_SIZE || !nak_ct_equal(want, q.frame.payload.data(), NAK_PROOF_SIZE)) {
+                fprintf(stderr, "nak stage: refused a client: wrong cluster key\n");
+                reject(c, NAK_ERR_UNAUTHORIZED, "wrong cluster key: this stage holds another key (or the handshake was replayed)");
+                break;
+            }
+            uint8_t proof[NAK_PROOF_SIZE];
+            c.auth.stage_proof(proof);
+            send_raw(c, nak_auth_frame(NAK_MSG_AUTH_OK, proof));
+            c.auth.establish();
+            c.astate = conn_state::AUTH_DONE;
+            continue;
+        } else if (c.auth.ready) {
+            std::string aerr;
+            if (!c.auth.open(q.frame, aerr)) {
+                fprintf(stderr, "nak stage: closing a connection: %s\n", aerr.c_str());
+                reject(c, NAK_ERR_UNAUTHORIZED, aerr);
+                break;
+            }
         }
         q.conn = c.id;
         q.t_arrival_us = nak_now_us();
@@ -136,7 +273,7 @@ void read_frames(conn_state & c, std::deque<queued_request> & queue, int64_t now
 
 // the connection to the next stage at "host:port", opened (with a HELLO) on first use
 conn_state * outbound_conn(std::vector<conn_state> & conns, int32_t & next_id, const std::string & address,
-                           const nak_stage & stage, std::string & err) {
+                           const nak_stage & stage, const std::vector<uint8_t> & key, std::string & err) {
     for (auto & c : conns) {
         if (c.outbound && c.address == address && !c.dead) {
             return &c;
@@ -159,15 +296,27 @@ conn_state * outbound_conn(std::vector<conn_state> & conns, int32_t & next_id, c
     c.address    = address;
     c.hello_seen = true;
     c.t_open_ms  = c.t_last_ms = nak_now_ms();
+    c.auth.set_key(key);
     nak_hello hello;
     hello.client_name       = "nakshatra-stage";
     hello.want_model_sha256 = stage.info().model_sha256;
+    hello.caps              = c.auth.enabled ? NAK_CAP_AUTH : 0;
+    std::random_device rd;
+    for (int i = 0; i < NAK_NONCE_SIZE; i++) {
+        hello.nonce[i] = (uint8_t) rd();
+    }
     nak_writer w;
     nak_encode(w, hello);
     nak_header h;
     h.type = NAK_MSG_HELLO;
+    const std::vector<uint8_t> hello_bytes = nak_frame_bytes(h, w.buf);
+    if (c.auth.enabled) {
+        c.parser.max_payload += NAK_MAC_SIZE;
+        c.auth.on_hello(hello_bytes, hello.nonce);
+        c.astate = conn_state::AUTH_WAIT_HELLO_OK;
+    }
     conns.push_back(std::move(c));
-    send_frame(conns.back(), nak_frame_bytes(h, w.buf));
+    send_raw(conns.back(), hello_bytes);
     return &conns.back();
 }
 
@@ -230,10 +379,14 @@ std::vector<queued_request> pick_batch(std::deque<queued_request> & queue, const
 
 // send one frame the stage produced: to an accepted connection, or to the next stage by address;
 // a frame that cannot reach its address turns into an error for each session it carried
-void deliver(std::vector<conn_state> & conns, int32_t & next_id, const nak_stage & stage, nak_send & s) {
+void deliver(std::vector<conn_state> & conns, int32_t & next_id, const nak_stage & stage,
+             const std::vector<uint8_t> & key, nak_send & s) {
     if (!s.address.empty()) {
         std::string ferr;
-        if (conn_state * dst = outbound_conn(conns, next_id, s.address, stage, ferr)) {
+        if (conn_state * dst = outbound_conn(conns, next_id, s.address, stage, key, ferr)) {
+            if (dst->auth.enabled && !dst->auth.ready) {
+                dst->pending_owners.insert(dst->pending_owners.end(), s.fail_to.begin(), s.fail_to.end());
+            }
             send_frame(*dst, s.frame);
             return;
         }
@@ -241,7 +394,7 @@ void deliver(std::vector<conn_state> & conns, int32_t & next_id, const nak_stage
             nak_send e;
             e.conn  = f.first;
             e.frame = nak_error_frame(f.second, NAK_ERR_INTERNAL, "next stage " + s.address + " unreachable: " + ferr);
-            deliver(conns, next_id, stage, e);
+            deliver(conns, next_id, stage, key, e);
         }
         return;
     }
@@ -284,7 +437,8 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
             t_expire_check = now;
             stage.expire_idle(now);
             for (auto & c : conns) {
-                if ((!c.hello_seen && now - c.t_open_ms > params.handshake_timeout_ms) ||
+                const bool handshaking = !c.hello_seen || (c.auth.enabled && !c.auth.ready);
+                if ((handshaking && now - c.t_open_ms > params.handshake_timeout_ms) ||
                     now - c.t_last_ms > (int64_t) params.conn_idle_timeout_s * 1000) {
                     c.dead = true;
                 }
@@ -318,6 +472,11 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
                 c.fd = fd;
                 c.id = next_id++;
                 c.parser.max_payload = params.max_payload;
+                c.auth.set_key(params.key);
+                c.auth.is_stage = true;
+                if (c.auth.enabled) {
+                    c.parser.max_payload += NAK_MAC_SIZE; // the trailer counts in payload_len
+                }
                 c.t_open_ms = c.t_last_ms = nak_now_ms();
                 if ((int) conns.size() >= params.max_conns) {
                     reject(c, NAK_ERR_OVERLOADED, "too many connections to this stage");
@@ -360,7 +519,7 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
                 stage.on_forwards(frames, from, out);
             }
             for (auto & s : out) {
-                deliver(conns, next_id, stage, s);
+                deliver(conns, next_id, stage, params.key, s);
             }
             for (auto & c : conns) {
                 if (c.id == picked[0].conn) {
@@ -372,10 +531,19 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
     reap:
 
         // drop dead connections: free their sessions' KV and their queued requests
+        {
+        std::vector<nak_send> refused; // steps held for a next stage that never authenticated
         for (size_t i = 0; i < conns.size();) {
             if (!conns[i].dead) {
                 i++;
                 continue;
+            }
+            for (const auto & f : conns[i].pending_owners) {
+                nak_send e;
+                e.conn  = f.first;
+                e.frame = nak_error_frame(f.second, NAK_ERR_UNAUTHORIZED, "next stage " + conns[i].address +
+                                          " did not authenticate with this stage's cluster key (none, or another key)");
+                refused.push_back(std::move(e));
             }
             const int32_t id = conns[i].id;
             stage.on_disconnect(id);
@@ -384,6 +552,10 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
                 it = it->conn == id ? queue.erase(it) : it + 1;
             }
             conns.erase(conns.begin() + i);
+        }
+        for (auto & e : refused) {
+            deliver(conns, next_id, stage, params.key, e);
+        }
         }
     }
     for (auto & c : conns) {

@@ -7,6 +7,7 @@
 
 #include <functional>
 #include <string>
+#include <vector>
 
 struct nak_server_params {
     std::string host = "127.0.0.1";
@@ -15,6 +16,7 @@ struct nak_server_params {
     int         max_conns = 256;
     int         handshake_timeout_ms = 10000; // a connection must say HELLO within this time
     int         conn_idle_timeout_s  = 3600;  // a connection silent for longer is closed
+    std::vector<uint8_t> key;                 // cluster key (auth.h): empty = no authentication
 };
 
 // Serve until should_stop() returns true (checked about every 50 ms). on_ready(port) is called

@@ -483,16 +483,22 @@ class Chain:
     next (the client talks to the first stage and hears from the last); without it the client
     relays every hidden state. Both give the same tokens. ``hop_addresses`` maps a stage's
     address as given here to the address the other stages should dial (``route`` and
-    ``ring_route``), e.g. a relay in front of it. Raises ChainError when a stage is unreachable or
-    the chain is malformed.
+    ``ring_route``), e.g. a relay in front of it. ``key``: the 32-byte cluster key
+    (:func:`nakshatra.auth.load_key`) when the stages have one. Raises ChainError when a stage is
+    unreachable, refuses the key (``unauthorized``) or the chain is malformed.
     """
 
     def __init__(self, stages: Sequence[str | tuple[str, int]], timeout_s: float = 60.0,
                  connect_timeout_s: float = 5.0, n_batch: int = DEFAULT_N_BATCH,
-                 forwarding: bool = False, ring: bool = False, hop_addresses: dict[str, str] | None = None) -> None:
+                 forwarding: bool = False, ring: bool = False, hop_addresses: dict[str, str] | None = None,
+                 key: bytes | None = None) -> None:
         addrs = [parse_stage_address(s) if isinstance(s, str) else s for s in stages]
         if not addrs:
             raise ChainError("the chain is empty: give --chain host:port,host:port,...")
+        for a in addrs:
+            if addrs.count(a) > 1:
+                raise ChainError(f"stage {a[0]}:{a[1]} is listed twice; list each stage once (a replica is "
+                                 "another stage serving the same layers)")
         self.n_batch = n_batch
         self.timeout_s = timeout_s
         self.forwarding = forwarding or ring
@@ -503,7 +509,8 @@ class Chain:
             for host, port in addrs:
                 try:
                     c = _nakshatra.StageClient(host, port, timeout_ms=int(timeout_s * 1000),
-                                               connect_timeout_ms=int(connect_timeout_s * 1000))
+                                               connect_timeout_ms=int(connect_timeout_s * 1000),
+                                               key=key or b"")
                     h = c.hello()
                 except StageError as e:
                     raise ChainError(f"stage {host}:{port} is not usable: {e}") from None

@@ -30,13 +30,14 @@ class LocalStages:
     2 threads each and the lock, ~62 with 1 thread each, 13 for 4 sessions with 2 threads and no
     lock).
     Raises ChainError, with the stage's log tail, when a stage exits or is not ready within
-    ``start_timeout_s``.
+    ``start_timeout_s``. ``key_file``: a cluster key (``nak keygen``) every stage is started with;
+    clients then need ``Chain(..., key=load_key(key_file))``.
     """
 
     def __init__(self, slices: Sequence[Path], threads: int = 0, ctx: int = 4096,
                  max_sessions: int = 8, extra_args: Sequence[str] = (), start_timeout_s: float = 120.0,
                  env: dict[str, str] | None = None, stage_args: Sequence[Sequence[str]] = (),
-                 cpu_lock: bool = True) -> None:
+                 cpu_lock: bool = True, key_file: str | Path | None = None) -> None:
         self.slices = [Path(s) for s in slices]
         # every stage decodes with every core, and the stages take turns (--cpu-lock): one
         # session keeps one stage busy at a time, and stages that spin in ggml's barriers at the
@@ -49,6 +50,7 @@ class LocalStages:
         self.extra_args = list(extra_args)
         self.stage_args = [list(a) for a in stage_args]  # per stage, after extra_args
         self.cpu_lock = cpu_lock
+        self.key_file = str(key_file) if key_file else ""  # cluster key every stage holds
         self.start_timeout_s = start_timeout_s
         self.env = env
         self.procs: list[subprocess.Popen] = []
@@ -79,6 +81,7 @@ class LocalStages:
                    "--threads-batch", str(self.threads_batch), "--ctx", str(self.ctx),
                    "--max-sessions", str(self.max_sessions),
                    *(["--cpu-lock", str(Path(self._logdir.name) / "cpu.lock")] if self.cpu_lock else []),
+                   *(["--key-file", self.key_file] if self.key_file else []),
                    *self.extra_args,
                    *(self.stage_args[i] if i < len(self.stage_args) else [])]
             with open(log, "wb") as lf:

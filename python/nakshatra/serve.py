@@ -36,6 +36,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 7071
     insecure: bool = False
+    key_file: str = ""  # cluster key (``nak keygen``); empty: $NAK_KEY, else none
     threads: int = 0
     threads_batch: int = 0
     ctx: int = 4096
@@ -128,17 +129,21 @@ def kv_bytes_estimate(path: Path, ctx: int) -> int | None:
         return None
 
 
-def check_host(host: str, insecure: bool) -> None:
-    """A stage listens on loopback unless ``--insecure`` (no authentication yet)."""
+def check_host(host: str, insecure: bool, key: bytes | None = None) -> None:
+    """A stage listens on a non-loopback address only with a cluster key, or with ``--insecure``
+    (then it warns loudly)."""
     from . import _nakshatra
 
-    if _nakshatra.is_loopback(host):
+    if _nakshatra.is_loopback(host) or key:
         return
     if not insecure:
-        raise NakError(f"--host {host} is not loopback and stages have no authentication yet: "
-                       "anyone who reaches the port can use it; add --insecure to accept that")
-    print(f"nak serve: WARNING: listening on {host} without authentication; anyone who reaches "
-          "this port can run the model and read what it computes", file=sys.stderr)
+        raise NakError(f"--host {host} is not loopback and this stage has no cluster key: anyone who "
+                       "reaches the port could use it. Make a key with `nak keygen -o cluster.key` and "
+                       "pass --key-file cluster.key (or set NAK_KEY) on every stage and client, or add "
+                       "--insecure to accept that")
+    print(f"nak serve: WARNING: listening on {host} WITHOUT AUTHENTICATION (--insecure); anyone who "
+          "reaches this port can run the model and read what it computes. Use --key-file.",
+          file=sys.stderr)
 
 
 def serve(opts: ServeOptions) -> int:
@@ -147,9 +152,11 @@ def serve(opts: ServeOptions) -> int:
     Raises NakError for bad input (file, range, host, options) before anything is loaded.
     """
     from . import _nakshatra
+    from .auth import load_key
     from .errors import StageError
 
-    check_host(opts.host, opts.insecure)
+    key = load_key(opts.key_file)
+    check_host(opts.host, opts.insecure, key)
     if opts.ctx < 1 or opts.max_sessions < 1:
         raise NakError("--ctx and --max-sessions must be at least 1")
     if not 0 <= opts.port < 65536:
@@ -195,7 +202,7 @@ def serve(opts: ServeOptions) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        stage.serve(opts.host, opts.port, on_ready, max_payload=opts.max_frame_mb << 20)
+        stage.serve(opts.host, opts.port, on_ready, max_payload=opts.max_frame_mb << 20, key=key or b"")
     except KeyboardInterrupt:
         print("nak serve: stopped", file=sys.stderr)
         return 0
@@ -212,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=7071)
     ap.add_argument("--insecure", action="store_true")
+    ap.add_argument("--key-file", default="")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--threads-batch", type=int, default=0)
     ap.add_argument("--ctx", type=int, default=4096)
@@ -233,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-frame-mb", type=int, default=64)
     a = ap.parse_args(argv)
     opts = ServeOptions(model=a.model, layers=a.layers, host=a.host, port=a.port, insecure=a.insecure,
+                        key_file=a.key_file,
                         threads=a.threads, threads_batch=a.threads_batch, ctx=a.ctx, max_sessions=a.max_sessions,
                         n_gpu_layers=a.n_gpu_layers, flash_attn=a.flash_attn,
                         cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
