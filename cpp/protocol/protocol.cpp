@@ -76,6 +76,11 @@ const char * nak_error_code_name(uint16_t code) {
 // ---- reader ----
 
 void nak_reader::get(void * dst, size_t len) {
+    // an empty array's dst may be null, and memcpy/memset with a null pointer is undefined even
+    // for 0 bytes (UBSan, found by cpp/fuzz)
+    if (len == 0) {
+        return;
+    }
     if (!ok || len > n - off) {
         ok = false;
         memset(dst, 0, len);
@@ -248,7 +253,9 @@ static bool read_i32_array(nak_reader & r, uint32_t n, std::vector<int32_t> & ou
         return false;
     }
     out.resize(n);
-    memcpy(out.data(), v, (size_t) n * 4);
+    if (n > 0) { // out.data() may be null for n == 0: memcpy must not see it (UBSan, cpp/fuzz)
+        memcpy(out.data(), v, (size_t) n * 4);
+    }
     return true;
 }
 
