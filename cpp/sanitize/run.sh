@@ -16,10 +16,11 @@ fi
 # a build dir of its own: the normal build's objects must not be reused without the flags
 NAKSHATRA_SANITIZE=ON "$venv/bin/pip" install -q ".[test]" -C "build-dir=build/sanitize/{wheel_tag}"
 
-# the protocol tests, and the pipeline in relay, batching, forwarding and ring modes on short
-# prompts (the long-prompt equality tests take minutes each on 2 cores)
+# the protocol and authentication tests, and the pipeline in relay, forwarding and ring modes and
+# with batched sessions, on short prompts (the long-prompt equality tests take minutes on 2 cores)
 if [ $# -eq 0 ]; then
-    set -- tests/test_protocol.py tests/test_chain.py -k "test_protocol or (exact_smollm2 and 3-stage) or concurrent_sessions or forwarding_reports or ring_stops"
+    set -- tests/test_protocol.py tests/test_chain.py tests/test_batching.py tests/test_auth.py \
+        -k "test_protocol or (exact_smollm2 and 3-stage) or concurrent_sessions or forwarding_reports or ring_stops or batch or auth or key or mac"
 fi
 
 # Python itself is not built with ASan: the runtimes must be loaded before it, and its own
