@@ -64,15 +64,20 @@ def _prompt(n: int, n_vocab: int) -> list[int]:
     return [1 + (i * 7919) % (min(n_vocab, 32000) - 1) for i in range(n)]
 
 
-def peak_rss_bytes(pid: int) -> int:
-    """VmHWM of a process (its peak resident set), bytes; 0 if unknown."""
+def proc_status_bytes(pid: int, field: str) -> int:
+    """A kB field of /proc/PID/status (``VmHWM``, ``VmRSS``, ...) in bytes; 0 if unknown."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """VmHWM of a process (its peak resident set), bytes; 0 if unknown."""
+    return proc_status_bytes(pid, "VmHWM")
 
 
 def bench_single(cfg: BenchConfig, n_vocab: int) -> dict[str, Any]:

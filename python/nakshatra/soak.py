@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .bench import proc_status_bytes
 from .chain import Chain, SamplerParams
 from .errors import NakError
 
@@ -26,13 +27,7 @@ GREEDY = SamplerParams(temp=0.0)
 
 def _rss_bytes(pid: int) -> int:
     """VmRSS of a process, bytes (0 if gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_status_bytes(pid, "VmRSS")
 
 
 def _fds(pid: int) -> int:
