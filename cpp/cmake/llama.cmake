@@ -86,6 +86,8 @@ message(STATUS "nakshatra: configuring llama.cpp (${NAKSHATRA_BACKEND}) in ${NAK
 execute_process(
     COMMAND ${CMAKE_COMMAND} -S ${NAKSHATRA_LLAMA_SRC} -B ${NAKSHATRA_LLAMA_BUILD}
             -DCMAKE_INSTALL_PREFIX=${NAKSHATRA_LLAMA_PREFIX}
+            # this build's ninja: the cache may name one from a deleted environment
+            -DCMAKE_MAKE_PROGRAM=${CMAKE_MAKE_PROGRAM}
             ${_nak_args}
     OUTPUT_VARIABLE _nak_out ERROR_VARIABLE _nak_out
     RESULT_VARIABLE _nak_rc)
