@@ -192,3 +192,60 @@ std::vector<uint8_t> nak_auth_frame(uint8_t type, const uint8_t proof[NAK_PROOF_
     h.type = type;
     return nak_frame_bytes(h, std::vector<uint8_t>(proof, proof + NAK_PROOF_SIZE));
 }
+
+void nak_auth_gate::set_key(const std::vector<uint8_t> & k) {
+    auth.set_key(k);
+    auth.is_stage = true;
+    state         = WAIT_HELLO;
+}
+
+nak_gate_result nak_auth_gate::check(nak_frame & f, std::vector<uint8_t> & reply, uint16_t & code, std::string & err) {
+    code = NAK_ERR_UNAUTHORIZED;
+    switch (state) {
+        case WAIT_HELLO: {
+            nak_hello m;
+            if (f.hdr.type != NAK_MSG_HELLO || !nak_decode(f.payload, m)) {
+                code = NAK_ERR_BAD_REQUEST;
+                err  = "the first frame on a connection must be a well-formed HELLO";
+                return NAK_GATE_REJECT;
+            }
+            if (!(m.caps & NAK_CAP_AUTH)) {
+                err = "this stage requires the cluster key: give the client the same key "
+                      "(--key-file FILE or NAK_KEY; `nak keygen` makes one)";
+                return NAK_GATE_REJECT;
+            }
+            auth.on_hello(nak_frame_bytes(f.hdr, f.payload), m.nonce);
+            state = WAIT_HELLO_OK;
+            return NAK_GATE_PASS;
+        }
+        case WAIT_HELLO_OK:
+        case WAIT_AUTH: {
+            if (f.hdr.type != NAK_MSG_AUTH || state != WAIT_AUTH) {
+                err = "this stage requires the cluster key: AUTH must follow HELLO_OK";
+                return NAK_GATE_REJECT;
+            }
+            // the client's proof: HMAC(K, "client" | nc | ns | transcript), answered by ours
+            uint8_t want[NAK_PROOF_SIZE];
+            auth.client_proof(want);
+            if (f.payload.size() != NAK_PROOF_SIZE || !nak_ct_equal(want, f.payload.data(), NAK_PROOF_SIZE)) {
+                err = "wrong cluster key: this stage holds another key (or the handshake was replayed)";
+                return NAK_GATE_REJECT;
+            }
+            uint8_t proof[NAK_PROOF_SIZE];
+            auth.stage_proof(proof);
+            reply = nak_auth_frame(NAK_MSG_AUTH_OK, proof);
+            auth.establish();
+            state = DONE;
+            return NAK_GATE_REPLY;
+        }
+        case DONE:
+            return auth.open(f, err) ? NAK_GATE_PASS : NAK_GATE_REJECT;
+    }
+    err = "unreachable";
+    return NAK_GATE_REJECT;
+}
+
+void nak_auth_gate::on_hello_ok_sent(const std::vector<uint8_t> & frame_bytes, const uint8_t nonce_s[NAK_NONCE_SIZE]) {
+    auth.on_hello_ok(frame_bytes, nonce_s);
+    state = WAIT_AUTH;
+}

@@ -93,5 +93,27 @@ struct nak_auth {
     bool open(nak_frame & f, std::string & err);
 };
 
+// What the accepting end does with one received frame (nak_auth_gate::check).
+enum nak_gate_result {
+    NAK_GATE_PASS,   // hand the frame on (its MAC trailer, if any, stripped)
+    NAK_GATE_REPLY,  // a handshake frame, consumed: send `reply` as it is (no MAC)
+    NAK_GATE_REJECT, // answer ERROR `code` / `err`, then close the connection
+};
+
+// The accepting end's side of the handshake and of the MACs after it, one received frame at a
+// time, with no socket in sight: cpp/stage/server.cpp feeds it, and cpp/fuzz/fuzz_auth.cpp drives
+// it with hostile and tampered streams. Call only when a key is set (auth.enabled).
+struct nak_auth_gate {
+    enum state_t { WAIT_HELLO, WAIT_HELLO_OK, WAIT_AUTH, DONE } state = WAIT_HELLO;
+    nak_auth auth; // is_stage = true
+
+    void set_key(const std::vector<uint8_t> & k);
+    // the first frame must be a HELLO with CAP_AUTH and a nonce; then only AUTH (right proof); then
+    // only frames with a good MAC
+    nak_gate_result check(nak_frame & f, std::vector<uint8_t> & reply, uint16_t & code, std::string & err);
+    // the stage answered the HELLO with this HELLO_OK frame (bytes as sent, CAP_AUTH set, nonce ns)
+    void on_hello_ok_sent(const std::vector<uint8_t> & frame_bytes, const uint8_t nonce_s[NAK_NONCE_SIZE]);
+};
+
 // a frame of type AUTH / AUTH_OK carrying a proof
 std::vector<uint8_t> nak_auth_frame(uint8_t type, const uint8_t proof[NAK_PROOF_SIZE]);

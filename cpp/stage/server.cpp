@@ -29,7 +29,8 @@ struct conn_state {
     int64_t              t_open_ms  = 0;
     int64_t              t_last_ms  = 0;
     // authentication (auth.h), when the stage has a key
-    nak_auth             auth;
+    nak_auth_gate        gate; // gate.auth: this end of the MACs; gate.state: an accepted connection's handshake
+    // our outbound connection's handshake (we are the client there)
     enum { AUTH_NONE, AUTH_WAIT_HELLO_OK, AUTH_WAIT_AUTH, AUTH_WAIT_AUTH_OK, AUTH_DONE } astate = AUTH_NONE;
     std::vector<std::vector<uint8_t>> pending; // outbound frames held until the next stage proved the key
     std::vector<std::pair<int32_t, nak_header>> pending_owners; // whom to tell when it never does
@@ -80,26 +81,25 @@ void capture_hello_ok(conn_state & c, std::vector<uint8_t> & frame) {
     nak_writer w;
     nak_encode(w, ok);
     frame = nak_frame_bytes(h, w.buf);
-    c.auth.on_hello_ok(frame, ok.nonce);
-    c.astate = conn_state::AUTH_WAIT_AUTH;
+    c.gate.on_hello_ok_sent(frame, ok.nonce);
 }
 
 // a frame to the peer: MACed once the connection is authenticated; on an outbound connection
 // still authenticating, held until the next stage has proved the key
 void send_frame(conn_state & c, const std::vector<uint8_t> & frame) {
-    if (!c.auth.enabled) {
+    if (!c.gate.auth.enabled) {
         send_raw(c, frame);
         return;
     }
-    if (c.outbound && !c.auth.ready) {
+    if (c.outbound && !c.gate.auth.ready) {
         c.pending.push_back(frame);
         return;
     }
     std::vector<uint8_t> f = frame;
-    if (c.astate == conn_state::AUTH_WAIT_HELLO_OK) {
+    if (!c.outbound && c.gate.state == nak_auth_gate::WAIT_HELLO_OK) {
         capture_hello_ok(c, f);
     }
-    c.auth.seal(f);
+    c.gate.auth.seal(f);
     send_raw(c, f);
 }
 
@@ -119,25 +119,25 @@ bool outbound_handshake(conn_state & c, const nak_frame & f) {
             fprintf(stderr, "nak stage: next stage %s has no cluster key: refusing to forward to it\n", c.address.c_str());
             return false;
         }
-        c.auth.on_hello_ok(nak_frame_bytes(f.hdr, f.payload), ok.nonce);
+        c.gate.auth.on_hello_ok(nak_frame_bytes(f.hdr, f.payload), ok.nonce);
         uint8_t proof[NAK_PROOF_SIZE];
-        c.auth.client_proof(proof);
+        c.gate.auth.client_proof(proof);
         send_raw(c, nak_auth_frame(NAK_MSG_AUTH, proof));
         c.astate = conn_state::AUTH_WAIT_AUTH_OK;
         return true;
     }
     if (f.hdr.type == NAK_MSG_AUTH_OK && c.astate == conn_state::AUTH_WAIT_AUTH_OK) {
         uint8_t want[NAK_PROOF_SIZE];
-        c.auth.stage_proof(want);
+        c.gate.auth.stage_proof(want);
         if (f.payload.size() != NAK_PROOF_SIZE || !nak_ct_equal(want, f.payload.data(), NAK_PROOF_SIZE)) {
             fprintf(stderr, "nak stage: next stage %s failed to prove the cluster key: refusing to forward to it\n",
                     c.address.c_str());
             return false;
         }
-        c.auth.establish();
+        c.gate.auth.establish();
         c.astate = conn_state::AUTH_DONE;
         for (auto & p : c.pending) {
-            c.auth.seal(p);
+            c.gate.auth.seal(p);
             send_raw(c, p);
         }
         c.pending.clear();
@@ -158,14 +158,14 @@ bool outbound_handshake(conn_state & c, const nak_frame & f) {
 void drain_outbound(conn_state & c) {
     nak_frame f;
     while (!c.dead && c.parser.next(f) == NAK_PARSE_FRAME) {
-        if (c.auth.enabled && !c.auth.ready) {
+        if (c.gate.auth.enabled && !c.gate.auth.ready) {
             if (!outbound_handshake(c, f)) {
                 c.dead = true;
             }
             continue;
         }
         std::string aerr;
-        if (!c.auth.open(f, aerr)) {
+        if (!c.gate.auth.open(f, aerr)) {
             fprintf(stderr, "nak stage: next stage %s: %s; closing\n", c.address.c_str(), aerr.c_str());
             c.dead = true;
             break;
@@ -218,51 +218,24 @@ void read_frames(conn_state & c, std::deque<queued_request> & queue, int64_t now
             reject(c, NAK_ERR_TOO_LARGE, "frame larger than the limit of " + std::to_string(c.parser.max_payload) + " bytes");
             break;
         }
-        if (!c.hello_seen) {
-            if (q.frame.hdr.type != NAK_MSG_HELLO) {
-                reject(c, NAK_ERR_BAD_REQUEST, "the first frame on a connection must be HELLO");
+        if (!c.hello_seen && q.frame.hdr.type != NAK_MSG_HELLO) {
+            reject(c, NAK_ERR_BAD_REQUEST, "the first frame on a connection must be HELLO");
+            break;
+        }
+        c.hello_seen = true;
+        if (c.gate.auth.enabled) {
+            std::vector<uint8_t> reply;
+            uint16_t             code = 0;
+            std::string          aerr;
+            const nak_gate_result g = c.gate.check(q.frame, reply, code, aerr);
+            if (g == NAK_GATE_REJECT) {
+                fprintf(stderr, "nak stage: refused a connection: %s\n", aerr.c_str());
+                reject(c, code, aerr);
                 break;
             }
-            if (c.auth.enabled) {
-                nak_hello m;
-                if (!nak_decode(q.frame.payload, m)) {
-                    reject(c, NAK_ERR_BAD_REQUEST, "malformed HELLO payload");
-                    break;
-                }
-                if (!(m.caps & NAK_CAP_AUTH)) {
-                    reject(c, NAK_ERR_UNAUTHORIZED, "this stage requires the cluster key: give the client the same key "
-                           "(--key-file FILE or NAK_KEY; `nak keygen` makes one)");
-                    break;
-                }
-                c.auth.on_hello(nak_frame_bytes(q.frame.hdr, q.frame.payload), m.nonce);
-                c.astate = conn_state::AUTH_WAIT_HELLO_OK;
-            }
-            c.hello_seen = true;
-        } else if (c.auth.enabled && !c.auth.ready) {
-            // the client's proof: HMAC(K, "client" | nc | ns | transcript), answered by ours
-            uint8_t want[NAK_PROOF_SIZE];
-            c.auth.client_proof(want);
-            if (q.frame.hdr.type != NAK_MSG_AUTH || c.astate != conn_state::AUTH_WAIT_AUTH) {
-                reject(c, NAK_ERR_UNAUTHORIZED, "this stage requires the cluster key: AUTH must follow HELLO_OK");
-                break;
-            }
-            if (q.frame.payload.size() != NAK_PROOF_SIZE || !nak_ct_equal(want, q.frame.payload.data(), NAK_PROOF_SIZE)) {
-                fprintf(stderr, "nak stage: refused a client: wrong cluster key\n");
-                reject(c, NAK_ERR_UNAUTHORIZED, "wrong cluster key: this stage holds another key (or the handshake was replayed)");
-                break;
-            }
-            uint8_t proof[NAK_PROOF_SIZE];
-            c.auth.stage_proof(proof);
-            send_raw(c, nak_auth_frame(NAK_MSG_AUTH_OK, proof));
-            c.auth.establish();
-            c.astate = conn_state::AUTH_DONE;
-            continue;
-        } else if (c.auth.ready) {
-            std::string aerr;
-            if (!c.auth.open(q.frame, aerr)) {
-                fprintf(stderr, "nak stage: closing a connection: %s\n", aerr.c_str());
-                reject(c, NAK_ERR_UNAUTHORIZED, aerr);
-                break;
+            if (g == NAK_GATE_REPLY) {
+                send_raw(c, reply);
+                continue;
             }
         }
         q.conn = c.id;
@@ -296,11 +269,11 @@ conn_state * outbound_conn(std::vector<conn_state> & conns, int32_t & next_id, c
     c.address    = address;
     c.hello_seen = true;
     c.t_open_ms  = c.t_last_ms = nak_now_ms();
-    c.auth.set_key(key);
+    c.gate.auth.set_key(key);
     nak_hello hello;
     hello.client_name       = "nakshatra-stage";
     hello.want_model_sha256 = stage.info().model_sha256;
-    hello.caps              = c.auth.enabled ? NAK_CAP_AUTH : 0;
+    hello.caps              = c.gate.auth.enabled ? NAK_CAP_AUTH : 0;
     std::random_device rd;
     for (int i = 0; i < NAK_NONCE_SIZE; i++) {
         hello.nonce[i] = (uint8_t) rd();
@@ -310,9 +283,9 @@ conn_state * outbound_conn(std::vector<conn_state> & conns, int32_t & next_id, c
     nak_header h;
     h.type = NAK_MSG_HELLO;
     const std::vector<uint8_t> hello_bytes = nak_frame_bytes(h, w.buf);
-    if (c.auth.enabled) {
+    if (c.gate.auth.enabled) {
         c.parser.max_payload += NAK_MAC_SIZE;
-        c.auth.on_hello(hello_bytes, hello.nonce);
+        c.gate.auth.on_hello(hello_bytes, hello.nonce);
         c.astate = conn_state::AUTH_WAIT_HELLO_OK;
     }
     conns.push_back(std::move(c));
@@ -384,7 +357,7 @@ void deliver(std::vector<conn_state> & conns, int32_t & next_id, const nak_stage
     if (!s.address.empty()) {
         std::string ferr;
         if (conn_state * dst = outbound_conn(conns, next_id, s.address, stage, key, ferr)) {
-            if (dst->auth.enabled && !dst->auth.ready) {
+            if (dst->gate.auth.enabled && !dst->gate.auth.ready) {
                 dst->pending_owners.insert(dst->pending_owners.end(), s.fail_to.begin(), s.fail_to.end());
             }
             send_frame(*dst, s.frame);
@@ -437,7 +410,7 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
             t_expire_check = now;
             stage.expire_idle(now);
             for (auto & c : conns) {
-                const bool handshaking = !c.hello_seen || (c.auth.enabled && !c.auth.ready);
+                const bool handshaking = !c.hello_seen || (c.gate.auth.enabled && !c.gate.auth.ready);
                 if ((handshaking && now - c.t_open_ms > params.handshake_timeout_ms) ||
                     now - c.t_last_ms > (int64_t) params.conn_idle_timeout_s * 1000) {
                     c.dead = true;
@@ -472,9 +445,8 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
                 c.fd = fd;
                 c.id = next_id++;
                 c.parser.max_payload = params.max_payload;
-                c.auth.set_key(params.key);
-                c.auth.is_stage = true;
-                if (c.auth.enabled) {
+                c.gate.set_key(params.key);
+                if (c.gate.auth.enabled) {
                     c.parser.max_payload += NAK_MAC_SIZE; // the trailer counts in payload_len
                 }
                 c.t_open_ms = c.t_last_ms = nak_now_ms();
