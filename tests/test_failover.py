@@ -74,11 +74,13 @@ def pool(slices: list[Path]):
         p.close()
 
 
-def _greedy(chain: Chain, prompt: list[int], kill_at: int = -1, kill=None, delay_s: float = 0.0) -> list[int]:
-    """N_PREDICT greedy tokens, one feed per token; ``kill()`` runs before step ``kill_at`` (or
-    ``delay_s`` after that step started, from another thread, so it lands during the step)."""
+def _greedy(chain: Chain, prompt: list[int], kill_at: int = -1, kill=None, delay_s: float = 0.0,
+            sampler: SamplerParams = GREEDY) -> list[int]:
+    """N_PREDICT tokens (greedy unless ``sampler``), one feed per token; ``kill()`` runs before step
+    ``kill_at`` (or ``delay_s`` after that step started, from another thread, so it lands during
+    the step)."""
     if chain.ring_mode:
-        with chain.session(GREEDY, n_predict=N_PREDICT, ignore_eog=True) as sess:
+        with chain.session(sampler, n_predict=N_PREDICT, ignore_eog=True) as sess:
             out, timer = [], None
             for i, r in enumerate(sess.ring(prompt, N_PREDICT)):
                 out.append(r["token"])
@@ -88,7 +90,7 @@ def _greedy(chain: Chain, prompt: list[int], kill_at: int = -1, kill=None, delay
             if timer:
                 timer.join()
             return out
-    with chain.session(GREEDY, ignore_eog=True) as sess:
+    with chain.session(sampler, ignore_eog=True) as sess:
         out = [sess.feed(prompt)["token"]]
         for step in range(1, N_PREDICT):
             timer = None
@@ -123,6 +125,28 @@ def test_a_killed_stage_fails_over_to_a_replica_with_identical_output(pool: Pool
             if mode != "ring":  # a ring may finish before a late kill lands
                 assert c.stages[r].address != victim  # the range moved to the replica
         pool.spawn(r)  # back to two stages per range
+
+
+def test_seeded_sampling_survives_failover_unchanged(pool: Pool) -> None:
+    """The draw is keyed to (seed, position) (cpp/stage/stage.h, nak_sampler_seed_at): a replica
+    rebuilt by replay, and a surviving last stage that samples a step again after a ring restart,
+    continue the uninterrupted run's seeded output token for token."""
+    seeded = SamplerParams(temp=0.9, top_k=100, top_p=0.95, seed=4242)
+    pool.spawn(0, 0, 1, 1, 2, 2)
+    with Chain(pool.addresses) as c:
+        prompt = c.tokenize(PROMPT)
+        want = _greedy(c, prompt, sampler=seeded)
+        other = _greedy(c, prompt, sampler=SamplerParams(temp=0.9, top_k=100, top_p=0.95, seed=4243))
+    assert want != other, "the seed must matter for this test to mean anything"
+    rnd = random.Random(99)
+    for trial, (mode, r) in enumerate([("relay", 2), ("forwarding", 2), ("ring", 2), ("ring", 1), ("ring", 0),
+                                       ("forwarding", 1)]):
+        with Chain(pool.addresses, forwarding=mode != "relay", ring=mode == "ring", timeout_s=20) as c:
+            victim = c.stages[r].address
+            step = rnd.randrange(1, N_PREDICT - 2)
+            got = _greedy(c, prompt, step, lambda: pool.kill(victim), rnd.choice([0.0, 0.002]), sampler=seeded)
+            assert got == want, f"trial {trial} ({mode}): killed {victim} (layers {RANGES[r]}) at step {step}"
+        pool.spawn(r)
 
 
 def test_no_replica_left_names_the_stage_and_keeps_the_tokens(pool: Pool) -> None:

@@ -154,6 +154,7 @@ std::vector<llama_token> nak_reference::generate(const std::vector<llama_token> 
         pos += n;
     }
     for (int32_t k = 0; n_predict < 0 || k < n_predict; k++) {
+        nak_sampler_seed_at(smpl, sp, pos); // as the last stage does (stage.h)
         const llama_token tok = llama_sampler_sample(smpl, ctx, -1);
         if (llama_vocab_is_eog(vocab, tok)) {
             break;

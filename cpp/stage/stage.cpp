@@ -74,6 +74,27 @@ llama_sampler * nak_sampler_build(const llama_vocab * vocab, const nak_sampler_p
     return chain;
 }
 
+// splitmix64 finaliser (Steele, Lea, Flood 2014) of seed and position
+static uint32_t nak_seed_mix(uint32_t seed, int32_t pos) {
+    uint64_t z = ((uint64_t) seed << 32 | (uint32_t) pos) + 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    // LLAMA_DEFAULT_SEED (0xFFFFFFFF) would ask llama.cpp for a random seed
+    const uint32_t out = (uint32_t) z;
+    return out == LLAMA_DEFAULT_SEED ? 0 : out;
+}
+
+void nak_sampler_seed_at(llama_sampler * chain, const nak_sampler_params & sp, int32_t pos) {
+    if (sp.temp <= 0.0f) {
+        return;
+    }
+    // nak_sampler_build puts the dist sampler last
+    const int n = llama_sampler_chain_n(chain);
+    llama_sampler_free(llama_sampler_chain_remove(chain, n - 1));
+    llama_sampler_chain_add(chain, llama_sampler_init_dist(nak_seed_mix(sp.seed, pos)));
+}
+
 std::vector<uint8_t> nak_error_frame(const nak_header & req, uint16_t code, const std::string & message) {
     nak_header h;
     h.type       = NAK_MSG_ERROR;
@@ -803,6 +824,7 @@ void nak_stage::reply_step(nak_step & st, uint64_t compute_us, std::vector<nak_s
     std::vector<uint8_t> wire;
     if (is_last()) {
         if (st.e.flags & NAK_FWD_SAMPLE) {
+            nak_sampler_seed_at(s->smpl, s->sp, s->n_past);
             const llama_token tok = llama_sampler_sample(s->smpl, ctx_, st.row0 + (int32_t) st.e.n_tokens - 1);
             ok.token = tok;
             const bool stop = std::find(s->stop_tokens.begin(), s->stop_tokens.end(), tok) != s->stop_tokens.end();

@@ -45,6 +45,11 @@ struct nak_stage_params {
 // the sampler chain in llama.cpp's default order (common/sampling): penalties, top-k, top-p,
 // min-p, temperature, dist; greedy when temp <= 0
 llama_sampler * nak_sampler_build(const llama_vocab * vocab, const nak_sampler_params & sp);
+// Key the sampler's random draw to the position the sampled token will take: the dist sampler is
+// replaced by one seeded with mix(seed, pos). Sampling is then a function of (seed, token history),
+// so a step sampled again after a failover, a ring restart or a truncation draws the same token,
+// and a replica rebuilt by replay continues an uninterrupted run's seeded output. No-op when greedy.
+void nak_sampler_seed_at(llama_sampler * chain, const nak_sampler_params & sp, int32_t pos);
 
 // ggml type from a --cache-type name (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1); false if unknown
 bool nak_parse_cache_type(const std::string & name, ggml_type & out);
