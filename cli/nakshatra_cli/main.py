@@ -559,6 +559,13 @@ def doctor() -> None:
     Console().print(t)
 
 
+# commands kept in their own modules; each module's register(app) adds them
+from . import cmd_api, cmd_cluster, cmd_discover, cmd_plan  # noqa: E402
+
+for _mod in (cmd_api, cmd_cluster, cmd_discover, cmd_plan):
+    _mod.register(app)
+
+
 def main() -> None:
     """Entry point: run the app, turning NakError into one red line and exit code 1."""
     try:

@@ -180,9 +180,10 @@ struct py_stage_client {
     // (positions the stage holds for the session, its KV sequence id)
     py::tuple open(uint64_t session, float temp, int32_t top_k, float top_p, float min_p, float repeat_penalty,
                    int32_t repeat_last_n, uint32_t seed, int32_t n_predict, const std::vector<int32_t> & stop_tokens,
-                   int32_t seq, bool ignore_eog) {
+                   int32_t seq, bool ignore_eog, bool reuse) {
         nak_open m;
         m.ignore_eog = ignore_eog ? 1 : 0;
+        m.reuse      = reuse ? 1 : 0;
         m.sampler = { temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed };
         m.n_predict = n_predict;
         m.stop_tokens = stop_tokens;
@@ -688,8 +689,9 @@ PYBIND11_MODULE(_nakshatra, m) {
              py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
              py::arg("repeat_last_n") = 64, py::arg("seed") = 0xFFFFFFFFu, py::arg("n_predict") = -1,
              py::arg("stop_tokens") = std::vector<int32_t>{}, py::arg("seq") = -1,
-             py::arg("ignore_eog") = false,
-             "Open a session: returns (n_ctx positions it may hold, its KV sequence id); seq -1 lets the stage pick.")
+             py::arg("ignore_eog") = false, py::arg("reuse") = false,
+             "Open a session: returns (n_ctx positions it may hold, its KV sequence id); seq -1 lets the stage pick. "
+             "reuse: the session is open already; give it these settings and keep its KV cache.")
         .def("forward", &py_stage_client::forward, py::arg("session"), py::arg("step"), py::arg("pos"),
              py::arg("tokens") = py::none(), py::arg("embd") = py::none(), py::arg("sample") = false,
              py::arg("dtype") = (uint8_t) NAK_DTYPE_F32)

@@ -211,6 +211,9 @@ void nak_encode(nak_writer & w, const nak_open & m) {
     w.i32s(m.stop_tokens);
     w.i32(m.seq);
     w.u8(m.ignore_eog);
+    if (m.reuse) {
+        w.u8(1);
+    }
 }
 
 bool nak_decode(const std::vector<uint8_t> & p, nak_open & m) {
@@ -226,6 +229,13 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_open & m) {
     m.stop_tokens            = r.i32s();
     m.seq                    = r.i32();
     m.ignore_eog             = r.u8();
+    m.reuse                  = 0;
+    if (r.ok && !r.done()) {
+        m.reuse = r.u8();
+        if (m.reuse != 1) {
+            return false;
+        }
+    }
     return r.done();
 }
 

@@ -220,6 +220,10 @@ struct nak_open {
     // stages that number the sessions alike cut a batch the same way (and a replay with it).
     int32_t              seq = -1;
     uint8_t              ignore_eog = 0; // as llama.cpp's --ignore-eos: only n_predict and stop tokens end it (benchmarks)
+    // 1: the session is already open here; give it these sampling settings and stop rule and keep
+    // its KV cache and token history (a server reusing a cached prompt prefix for a new request).
+    // On the wire only when set (a trailing byte 1).
+    uint8_t              reuse = 0;
 };
 
 struct nak_forward {

@@ -382,6 +382,17 @@ void nak_stage::expire_idle(int64_t now) {
     }
 }
 
+// a session's sampling settings and stop rule; its KV and token history stay
+void nak_stage::reconfigure(nak_session & s, const nak_open & m) {
+    s.sp           = m.sampler;
+    s.stop_tokens  = m.stop_tokens;
+    s.n_predict    = m.n_predict;
+    s.ignore_eog   = m.ignore_eog != 0;
+    s.n_generated  = 0; // n_predict counts from this generation
+    s.last_used_ms = nak_now_ms();
+    rebuild_sampler(s);
+}
+
 void nak_stage::rebuild_sampler(nak_session & s) {
     if (!is_last()) {
         return;
@@ -468,12 +479,23 @@ void nak_stage::on_open(const nak_frame & req, int32_t conn, nak_writer & w, nak
     if (req.hdr.session_id == 0) {
         throw nak_reject{ NAK_ERR_BAD_REQUEST, "session id 0 is reserved" };
     }
-    if (sessions_.count(req.hdr.session_id)) {
-        throw nak_reject{ NAK_ERR_BAD_REQUEST, "session " + std::to_string(req.hdr.session_id) + " is already open" };
-    }
     if (!(m.sampler.temp == m.sampler.temp) || !(m.sampler.repeat_penalty > 0.0f) ||
         m.sampler.top_p < 0.0f || m.sampler.top_p > 1.0f || m.sampler.min_p < 0.0f || m.sampler.min_p > 1.0f) {
         throw nak_reject{ NAK_ERR_BAD_REQUEST, "sampler parameters out of range (temp >= 0, top_p and min_p in [0, 1], repeat_penalty > 0)" };
+    }
+    auto it = sessions_.find(req.hdr.session_id);
+    if (m.reuse) {
+        if (it == sessions_.end()) {
+            throw nak_reject{ NAK_ERR_NO_SESSION, "session " + std::to_string(req.hdr.session_id) + " is not open here (expired?): open it anew" };
+        }
+        reconfigure(it->second, m);
+        h.type = NAK_MSG_OPEN_OK;
+        w.u32(params_.n_ctx_session);
+        w.i32(it->second.seq);
+        return;
+    }
+    if (it != sessions_.end()) {
+        throw nak_reject{ NAK_ERR_BAD_REQUEST, "session " + std::to_string(req.hdr.session_id) + " is already open" };
     }
     int32_t slot = -1;
     // the sequence id the first stage gave this session, when free here: then every stage cuts a
@@ -496,12 +518,7 @@ void nak_stage::on_open(const nak_frame & req, int32_t conn, nak_writer & w, nak
     s.id   = req.hdr.session_id;
     s.seq  = slot;
     s.conn = conn;
-    s.sp   = m.sampler;
-    s.stop_tokens = m.stop_tokens;
-    s.n_predict   = m.n_predict;
-    s.ignore_eog  = m.ignore_eog != 0;
-    s.last_used_ms = nak_now_ms();
-    rebuild_sampler(s);
+    reconfigure(s, m);
     h.type = NAK_MSG_OPEN_OK;
     w.u32(params_.n_ctx_session);
     w.i32(slot);

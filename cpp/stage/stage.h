@@ -166,6 +166,7 @@ class nak_stage {
     nak_session * find_session(uint64_t id);
     void free_session(nak_session & s);
     void rebuild_sampler(nak_session & s);
+    void reconfigure(nak_session & s, const nak_open & m);
 
     nak_stage_params      params_;
     llama_model *         model_ = nullptr;

@@ -236,6 +236,27 @@ class Session:
             self.close()
             raise
 
+    @property
+    def tokens(self) -> list[int]:
+        """Every token the stages hold for this session, in position order (``n_past`` of them)."""
+        return [t for chunk in self.log for t in chunk]
+
+    def reconfigure(self, sampler: SamplerParams, stop_tokens: Sequence[int] = (), n_predict: int = -1,
+                    ignore_eog: bool = False) -> None:
+        """New sampling settings and stop rule for the next generation, keeping every stage's KV
+        cache (OPEN with ``reuse``): a server continuing a conversation uses this with
+        :meth:`truncate` to the common prompt prefix. Raises StageError when a stage dropped the
+        session (e.g. it expired): open a new one then."""
+        sampler.check()
+        seed = sampler.seed if sampler.seed is not None else random.getrandbits(32) % (2**32 - 1)
+        self._open_args = dict(temp=sampler.temp, top_k=sampler.top_k, top_p=sampler.top_p, min_p=sampler.min_p,
+                               repeat_penalty=sampler.repeat_penalty, repeat_last_n=sampler.repeat_last_n,
+                               seed=seed, stop_tokens=list(stop_tokens), n_predict=n_predict,
+                               ignore_eog=ignore_eog)
+        for i in self._opened:
+            self.chain.clients[i].open(self.id, seq=self.seq, reuse=True, **self._open_args)
+        self.n_generated = 0
+
     def _open_on(self, i: int) -> None:
         """Open this session on range ``i``'s stage; a stage over its limits ("overloaded") hands
         the range to the next replica, if the chain has one."""
