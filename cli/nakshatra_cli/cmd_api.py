@@ -1,9 +1,153 @@
-"""`nak` commands of this module are added to the app by register() (cli/nakshatra_cli/main.py)."""
+"""``nak api`` (OpenAI-compatible server + dashboard) and ``nak chat`` (a conversation in the
+terminal); added to the app by register() (cli/nakshatra_cli/main.py)."""
 
-from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
+from nakshatra.errors import NakError
+
+
+@contextlib.contextmanager
+def chain_addresses(model: str, parts: int, chain: Optional[str], cluster: Optional[Path], discover: bool,
+                    discover_timeout: float, threads: int, ctx: int, max_sessions: int,
+                    key_file: str) -> Iterator[tuple[list[str], str]]:
+    """The stage addresses to use and a model id: ``--chain``, a cluster file, ``--discover``, or
+    local stages of ``model`` cut in ``parts`` (started here, stopped on exit)."""
+    chosen = sum(bool(x) for x in (chain, cluster, discover))
+    if chosen > 1:
+        raise NakError("give only one of --chain, --cluster and --discover")
+    if chain:
+        yield [a for a in chain.split(",") if a.strip()], ""
+        return
+    if cluster:
+        from nakshatra.cluster import load_cluster
+
+        cf = load_cluster(cluster)
+        yield cf.addresses(), Path(cf.model).stem if cf.model.endswith(".gguf") else cf.model
+        return
+    if discover:
+        from nakshatra.discovery import discover_chain
+
+        yield discover_chain(timeout_s=discover_timeout), ""
+        return
+    from nakshatra.local import LocalStages, cached_parts
+    from nakshatra.models import resolve_model
+
+    path = resolve_model(model)
+    slices = cached_parts(path, parts, progress=sys.stderr.isatty())
+    model_id = model if not model.endswith(".gguf") else Path(model).stem
+    with LocalStages(slices, threads=threads, ctx=ctx, max_sessions=max_sessions, key_file=key_file or None) as ls:
+        yield ls.addresses, model_id
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``api`` and ``chat`` to ``app``."""
+    from .main import Ctx, KeyFile, Threads, err_console
+
+    @app.command()
+    def api(
+        model: Annotated[str, typer.Option("--model", "-m", help="A GGUF file or a built-in name (without --chain/--cluster/--discover: local stages).")] = "smollm2",
+        parts: Annotated[int, typer.Option("--parts", "-p", help="Local stages to cut the model into.")] = 3,
+        chain: Annotated[Optional[str], typer.Option("--chain", help="Running stages host:port,... (replicas allowed).")] = None,
+        cluster: Annotated[Optional[Path], typer.Option("--cluster", help="A cluster file (`nak plan`, `nak up`): its stages.")] = None,
+        discover: Annotated[bool, typer.Option("--discover", help="Build the chain from stages announcing themselves on the LAN (mDNS).")] = False,
+        discover_timeout: Annotated[float, typer.Option("--discover-timeout", help="Seconds to listen for stages.")] = 3.0,
+        host: Annotated[str, typer.Option("--host", help="Address the HTTP server listens on.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option("--port", help="HTTP port (0: any free one).")] = 8080,
+        model_id: Annotated[str, typer.Option("--model-id", help="The model name clients send (default: the --model name, or the cluster file's).")] = "",
+        parallel: Annotated[int, typer.Option("--parallel", "-np", help="Requests served at once (each a session on every stage, kept between requests as a prompt cache).")] = 4,
+        threads: Threads = 0,
+        ctx: Ctx = 4096,
+        timeout: Annotated[float, typer.Option("--timeout", help="Seconds a stage may take to answer before its range fails over.")] = 60.0,
+        key_file: KeyFile = "",
+    ) -> None:
+        """OpenAI-compatible HTTP API and live dashboard over a chain (local stages by default).
+
+        Serves /v1/models, /v1/completions, /v1/chat/completions (stream: true for server-sent
+        events), /health, /metrics (Prometheus) and the dashboard at /. A conversation resent in
+        full each turn reuses the stages' KV cache for the common prefix.
+
+        Examples: [b]nak api[/b] (SmolLM2 in 3 local stages at http://127.0.0.1:8080);
+        [b]nak api --chain hostA:7071,hostB:7072 --host 0.0.0.0 --model-id my-model[/b];
+        then [b]curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}'[/b]
+        """
+        from nakshatra.api import Engine, serve_api
+        from nakshatra.auth import load_key
+
+        key = load_key(key_file)
+        with chain_addresses(model, parts, chain, cluster, discover, discover_timeout, threads, ctx, parallel,
+                             key_file) as (addresses, default_id):
+            engine = Engine(addresses, model_id="", parallel=parallel, key=key, timeout_s=timeout)
+            engine.model_id = model_id or default_id or f"{engine.arch}-{engine.model_sha256[:8]}"
+            try:
+                def ready(url: str) -> None:
+                    err_console.print(f"nak api: model [b]{engine.model_id}[/b] on {len(addresses)} stages; "
+                                      f"listening on {url} (dashboard: {url}/)", highlight=False)
+                    print(url, flush=True)
+
+                serve_api(engine, host=host, port=port, ready=ready)
+            finally:
+                engine.close()
+
+    @app.command()
+    def chat(
+        model: Annotated[str, typer.Option("--model", "-m", help="A GGUF file or a built-in name (local stages).")] = "smollm2",
+        parts: Annotated[int, typer.Option("--parts", "-p", help="Local stages to cut the model into.")] = 3,
+        chain: Annotated[Optional[str], typer.Option("--chain", help="Running stages host:port,...")] = None,
+        cluster: Annotated[Optional[Path], typer.Option("--cluster", help="A cluster file: its stages.")] = None,
+        discover: Annotated[bool, typer.Option("--discover", help="Find the stages on the LAN (mDNS).")] = False,
+        system: Annotated[str, typer.Option("--system", help="A system message.")] = "",
+        n_predict: Annotated[int, typer.Option("--n-predict", "-n", help="Most tokens per answer.")] = 512,
+        temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.")] = 0.7,
+        seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Sampling seed (default: random).")] = None,
+        threads: Threads = 0,
+        ctx: Ctx = 4096,
+        key_file: KeyFile = "",
+    ) -> None:
+        """An interactive conversation in the terminal; each turn reuses the KV cache of the
+        conversation so far (only the new turn is prefilled). Empty line or Ctrl-D ends it.
+
+        Examples: [b]nak chat[/b]; [b]nak chat --chain hostA:7071,hostB:7072 --system "Be brief."[/b]
+        """
+        from rich.console import Console
+
+        from nakshatra.api import ApiError, Engine, GenRequest
+        from nakshatra.auth import load_key
+        from nakshatra.chain import SamplerParams
+
+        key = load_key(key_file)
+        out = Console()
+        with chain_addresses(model, parts, chain, cluster, discover, 3.0, threads, ctx, 1, key_file) as (addresses, _):
+            engine = Engine(addresses, model_id="chat", parallel=1, key=key)
+            turns: list[tuple[str, str]] = [("system", system)] if system else []
+            try:
+                while True:
+                    try:
+                        line = out.input("[bold green]you>[/bold green] ")
+                    except EOFError:
+                        break
+                    if not line.strip():
+                        break
+                    turns.append(("user", line))
+                    tokens = engine.tokenize(engine.chat_prompt(turns), special=True)
+                    room = engine.n_ctx - len(tokens)
+                    if room < 1:
+                        raise NakError(f"the conversation ({len(tokens)} tokens) no longer fits --ctx {engine.n_ctx}")
+                    req = GenRequest(tokens, min(n_predict, room), SamplerParams(temp=temp, seed=seed))
+                    out.print("[bold cyan]model>[/bold cyan] ", end="")
+                    try:
+                        res = engine.generate(req, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+                    except ApiError as e:
+                        raise NakError(e.message) from None
+                    sys.stdout.write("\n")
+                    turns.append(("assistant", res.text))
+                    err_console.print(f"[dim]{res.n_completion} tokens, {res.n_reused} of {res.n_prompt} prompt "
+                                      f"tokens from the cache[/dim]")
+            finally:
+                engine.close()
