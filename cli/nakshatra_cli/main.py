@@ -79,11 +79,15 @@ def run(
     ctx: Ctx = 4096,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds a stage may take to answer before its range fails over to a replica.")] = 60.0,
     key_file: KeyFile = "",
+    discover: Annotated[bool, typer.Option("--discover", help="Build the chain from the stages announcing on the LAN (mDNS, _nakshatra._tcp); refuses an incomplete one.")] = False,
+    discover_timeout: Annotated[float, typer.Option("--discover-timeout", help="Seconds to listen for stages with --discover.")] = 2.0,
+    model_sha: Annotated[Optional[str], typer.Option("--model-sha", help="With --discover: the model's sha256 (a prefix will do) when stages of several models answer.")] = None,
 ) -> None:
     """Generate text through a chain of stages; only the text goes to stdout.
 
     Examples: [b]nak run "Tell me about the stars"[/b] (SmolLM2 cut in 3, 3 local stages);
-    [b]nak run --chain hostA:7071,hostB:7072 -n 128 --temp 0.7 --seed 1 "prompt"[/b]
+    [b]nak run --chain hostA:7071,hostB:7072 -n 128 --temp 0.7 --seed 1 "prompt"[/b];
+    [b]nak run --discover "prompt"[/b] (the stages that answer on the LAN)
     """
     from nakshatra.auth import load_key
     from nakshatra.chain import Chain, GenerationStats, SamplerParams
@@ -107,6 +111,16 @@ def run(
             if stats:
                 _print_stats(st, c.stages)
 
+    if discover:
+        from nakshatra.discovery import discover_chain
+
+        if chain:
+            raise NakError("give --chain or --discover, not both")
+        found = discover_chain(discover_timeout, model_sha)
+        err_console.print(f"discovered {len(found)} stages: {','.join(found)}", markup=False)
+        chain = ",".join(found)
+    elif model_sha:
+        raise NakError("--model-sha picks the model of discovered stages: add --discover")
     if chain:
         generate([a for a in chain.split(",") if a.strip()])
         return
@@ -242,6 +256,9 @@ def serve(
     cpu_lock: Annotated[str, typer.Option("--cpu-lock", help="A file that stages sharing this machine lock around each decode (they take turns).")] = "",
     idle_timeout: Annotated[int, typer.Option("--idle-timeout", help="Free a session idle this many seconds.")] = 600,
     max_frame_mb: Annotated[int, typer.Option("--max-frame-mb", help="Largest frame accepted, MiB.")] = 64,
+    fetch: Annotated[Optional[list[str]], typer.Option("--fetch", help="If the slice is missing, download it from this URL (nak up prints it; repeat for mirrors) and check it before serving.")] = None,
+    sha256: Annotated[str, typer.Option("--sha256", help="The slice file's sha256 (hex): required with --fetch, checked before serving.")] = "",
+    announce: Annotated[Optional[bool], typer.Option("--announce/--no-announce", help="Announce this stage on the LAN (mDNS, _nakshatra._tcp) for nak run --discover (default: only when --host is not loopback).")] = None,
 ) -> None:
     """Serve one slice as a stage (C++ event loop; Ctrl-C stops it).
 
@@ -257,7 +274,8 @@ def serve(
                                  cache_type_k=cache_type_k, cache_type_v=cache_type_v,
                                  ready_json=ready_json, max_batch=max_batch, wire=wire, batch_log=batch_log,
                                  batch_hold_ms=batch_hold_ms, poll=poll, cpu_strict=bool(cpu_strict),
-                                 cpu_lock=cpu_lock, idle_timeout_s=idle_timeout, max_frame_mb=max_frame_mb))
+                                 cpu_lock=cpu_lock, idle_timeout_s=idle_timeout, max_frame_mb=max_frame_mb,
+                                 announce=announce, fetch=tuple(fetch or ()), sha256=sha256))
     raise typer.Exit(code)
 
 
@@ -449,25 +467,40 @@ def _project_dir() -> Path:
 
 @app.command()
 def status(
-    chain: Annotated[str, typer.Option("--chain", "-c", help="Stages host:port,host:port,... (replicas included).")],
+    cluster: Annotated[Optional[Path], typer.Argument(help="A cluster file (nak up): its stages and replicas.", show_default=False)] = None,
+    chain: Annotated[Optional[str], typer.Option("--chain", "-c", help="Stages host:port,host:port,... (replicas included).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
+    key_file: KeyFile = "",
 ) -> None:
     """Health of every stage of a chain: serving or replica (per layer range, the healthiest
     serves), sessions, queue, KV in use, memory, CPU (average since start, % of one core), uptime
     and the health score (lower is healthier).
 
-    Example: [b]nak status --chain 127.0.0.1:7071,127.0.0.1:7072,127.0.0.1:7081[/b]
+    Examples: [b]nak status --chain 127.0.0.1:7071,127.0.0.1:7072,127.0.0.1:7081[/b];
+    [b]nak status cluster.toml[/b]
     """
     from nakshatra import _nakshatra
+    from nakshatra.auth import load_key
     from nakshatra.chain import health_score, parse_stage_address
     from nakshatra.ranges import LayerRange
 
+    if (cluster is None) == (chain is None):
+        raise NakError("give a cluster file (nak status cluster.toml) or --chain host:port,host:port,...")
+    if cluster is not None:
+        from nakshatra.cluster import load_cluster
+
+        cf = load_cluster(cluster)
+        addresses = cf.addresses()
+        key_file = key_file or (str(cf.resolve(cf.key_file)) if cf.key_file else "")
+    else:
+        addresses = [a for a in chain.split(",") if a.strip()]
+    key = load_key(key_file)
     rows = []
-    for text in [a for a in chain.split(",") if a.strip()]:
+    for text in addresses:
         host, port = parse_stage_address(text)
         row = {"address": f"{host}:{port}", "up": False}
         try:
-            c = _nakshatra.StageClient(host, port, timeout_ms=3000, connect_timeout_ms=2000)
+            c = _nakshatra.StageClient(host, port, timeout_ms=3000, connect_timeout_ms=2000, key=key or b"")
             try:
                 h = c.hello(client_name="nak-status")
             finally:

@@ -56,6 +56,9 @@ class ServeOptions:
     batch_hold_ms: int = 0
     idle_timeout_s: int = 600
     max_frame_mb: int = 64
+    fetch: tuple[str, ...] = ()  # URLs (mirrors) to fetch a missing slice from (nak up's file server)
+    sha256: str = ""  # hex sha256 of the whole slice file: checked before serving (and after fetching)
+    announce: bool | None = None  # LAN discovery (nakshatra.discovery); None: unless host is loopback
 
 
 def _fmt_bytes(n: float) -> str:
@@ -172,6 +175,10 @@ def serve(opts: ServeOptions) -> int:
     fa = {"auto": -1, "off": 0, "on": 1}.get(opts.flash_attn)
     if fa is None:
         raise NakError(f"--flash-attn {opts.flash_attn!r}: use auto, on or off")
+    if opts.fetch or opts.sha256:  # fetch the slice if missing (nakshatra.up), check its sha256
+        from .up import fetch_slice
+
+        fetch_slice(opts.fetch, Path(opts.model), opts.sha256, key=key)
     path, model_sha = resolve_slice(Path(opts.model), opts.layers, opts.verify)
     try:
         stage = _nakshatra.Stage(str(path), model_sha256=model_sha, n_ctx=opts.ctx,
@@ -187,6 +194,10 @@ def serve(opts: ServeOptions) -> int:
     info = stage.info()
     rng = LayerRange(info["layer_start"], info["layer_end"])
     kv = kv_bytes_estimate(path, opts.ctx * opts.max_sessions)
+    # announce on the LAN (DNS-SD over mDNS) by default only off loopback: a loopback stage is
+    # reachable from this machine alone, so it announces only when asked (--announce)
+    announce = opts.announce if opts.announce is not None else not _nakshatra.is_loopback(opts.host)
+    announcers = []
 
     def on_ready(port: int) -> None:
         kv_txt = f", KV {_fmt_bytes(kv)} for {opts.max_sessions} x {opts.ctx} tokens" if kv else ""
@@ -196,6 +207,11 @@ def serve(opts: ServeOptions) -> int:
         if opts.ready_json:
             print(json.dumps({"host": opts.host, "port": port, "layer_start": rng.start,
                               "layer_end": rng.end, "pid": os.getpid()}), flush=True)
+        if announce:
+            from .discovery import announce_stage
+
+            announcers.append(announce_stage(opts.host, port, model_sha, rng, info["n_layer_full"], info["arch"],
+                                             bool(key), Path(opts.model).name))
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -208,6 +224,10 @@ def serve(opts: ServeOptions) -> int:
         return 0
     except StageError as e:
         raise NakError(f"cannot serve on {opts.host}:{opts.port}: {e} (is the port in use?)") from None
+    finally:
+        for a in announcers:  # an mDNS goodbye: browsers drop this stage at once
+            if a is not None:
+                a.close()
     return 0
 
 
@@ -239,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-hold-ms", type=int, default=0)
     ap.add_argument("--idle-timeout", type=int, default=600)
     ap.add_argument("--max-frame-mb", type=int, default=64)
+    ap.add_argument("--fetch", action="append", default=[])
+    ap.add_argument("--sha256", default="")
+    ap.add_argument("--announce", action=argparse.BooleanOptionalAction, default=None)
     a = ap.parse_args(argv)
     opts = ServeOptions(model=a.model, layers=a.layers, host=a.host, port=a.port, insecure=a.insecure,
                         key_file=a.key_file,
@@ -248,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                         verify=not a.no_verify, ready_json=a.ready_json, max_batch=a.max_batch,
                         wire=a.wire, batch_log=a.batch_log, poll=a.poll, cpu_strict=bool(a.cpu_strict),
                         cpu_lock=a.cpu_lock, batch_hold_ms=a.batch_hold_ms, idle_timeout_s=a.idle_timeout,
-                        max_frame_mb=a.max_frame_mb)
+                        max_frame_mb=a.max_frame_mb, announce=a.announce, fetch=tuple(a.fetch), sha256=a.sha256)
     try:
         return serve(opts)
     except (NakError, SliceError) as e:
