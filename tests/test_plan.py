@@ -371,3 +371,36 @@ def test_cli_probe(smollm2_path: Path) -> None:
     assert h == HostSpec(**entry)
     assert h.layers_per_s > 0 and h.memory_mb > 0
     assert took < 30  # about 5 s of work; generous for a busy machine
+
+
+@pytest.mark.slow
+def test_plan_from_running_stages_uses_their_self_benchmark(smollm2_path: Path, tmp_path: Path) -> None:
+    """Stages measure their speed at start and report it with their free memory in the handshake;
+    `nak plan --stages` plans with those figures."""
+    from nakshatra import _nakshatra
+    from nakshatra.local import LocalStages
+    from nakshatra.plan import hosts_from_stages
+    from nakshatra.ranges import LayerRange
+    from nakshatra.slicer import slice_model
+
+    m = slice_model(smollm2_path, [LayerRange(0, 15), LayerRange(15, 30)], out_dir=tmp_path / "s", progress=False)
+    with LocalStages([tmp_path / "s" / s.file for s in m.slices], threads=1, ctx=128, max_sessions=1) as ls:
+        healths = []
+        for a in ls.addresses:
+            c = _nakshatra.StageClient("127.0.0.1", int(a.split(":")[1]))
+            healths.append(c.hello()["health"])
+            c.close()
+        assert all(h["layers_per_s"] > 0 and h["mem_available_bytes"] > 0 for h in healths)
+        [host] = hosts_from_stages(ls.addresses, link_ms=0.25)
+        assert host.address == "127.0.0.1" and host.link_ms == 0.25
+        assert host.layers_per_s == pytest.approx(max(h["layers_per_s"] for h in healths))
+        assert host.memory_mb * 2**20 >= sum(h["rss_bytes"] for h in healths)
+        out = tmp_path / "cluster.toml"
+        r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "plan", str(smollm2_path), "--stages",
+                            ",".join(ls.addresses), "--ctx", "256", "--max-sessions", "2", "-o", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    cf = load_cluster(out)
+    assert [(s.host, s.layers) for s in cf.stages] == [("127.0.0.1", LayerRange(0, 30))]
+    with pytest.raises(NakError, match="does not answer"):
+        hosts_from_stages(ls.addresses)  # the stages are gone now

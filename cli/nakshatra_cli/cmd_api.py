@@ -3,6 +3,7 @@ terminal); added to the app by register() (cli/nakshatra_cli/main.py)."""
 
 
 import contextlib
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +81,10 @@ def register(app: typer.Typer) -> None:
         from nakshatra.api import Engine, serve_api
         from nakshatra.auth import load_key
 
+        def on_term(signum, frame) -> None:
+            raise KeyboardInterrupt  # uvicorn re-raises SIGTERM after its shutdown: stop local stages too
+
+        signal.signal(signal.SIGTERM, on_term)
         key = load_key(key_file)
         with chain_addresses(model, parts, chain, cluster, discover, discover_timeout, threads, ctx, parallel,
                              key_file) as (addresses, default_id):

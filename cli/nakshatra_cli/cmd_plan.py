@@ -39,6 +39,8 @@ def register(app: typer.Typer) -> None:
         output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the cluster file here (else it goes to stdout).")] = None,
         force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --output file.")] = False,
         port: Annotated[Optional[int], typer.Option("--port", help="Port of each stage; a second stage on the same address gets port+1, and so on.", show_default="the cluster file's lowest stage port, else 7071")] = None,
+        stages: Annotated[Optional[str], typer.Option("--stages", help="Running stages host:port,... whose hosts to plan with: each reports its free memory and its speed from a self-benchmark at start.")] = None,
+        stages_link: Annotated[float, typer.Option("--stages-link", help="One-way link latency (ms) to assume for the --stages hosts.")] = 0.5,
         probe: Annotated[bool, typer.Option("--probe", help="Measure THIS machine for MODEL (free memory, layers/s; about 5 s) and print it as a --host value and a \\[\\[hosts]] entry.")] = False,
     ) -> None:
         """Plan a cluster: assign contiguous layer ranges to hosts so a token takes the least time, within each host's memory; write the cluster file and print the [b]nak slice[/b] command.
@@ -50,6 +52,7 @@ def register(app: typer.Typer) -> None:
         [b]Choice[/b]: the exact minimum over every ordered subset of the hosts and every split of the layers (a dynamic program, checked against brute force in the tests); a host given no layers is left out and the table says why; equal latencies go to fewer stages.
 
         Example: [b]nak plan model.gguf --host pc=10.0.0.5,mem=16000,speed=950,link=0.5 --host mac=10.0.0.6,mem=12G,speed=600,link=0.5 -o cluster.toml[/b] after [b]nak plan model.gguf --probe[/b] on each host (it prints that host's --host value).
+        Or from running stages (each measures itself at start): [b]nak plan model.gguf --stages 10.0.0.5:7071,10.0.0.6:7071 -o cluster.toml[/b].
         """
         from nakshatra.cluster import dump_cluster, load_cluster
         from nakshatra.errors import NakError
@@ -95,6 +98,13 @@ def register(app: typer.Typer) -> None:
         if port is None:
             port = min((st.port for st in cf.stages), default=7071) if cf is not None else 7071
         hosts = (list(cf.hosts) if cf is not None else []) + [parse_host(h) for h in host or []]
+        if stages:
+            from nakshatra.auth import load_key
+            from nakshatra.plan import hosts_from_stages
+
+            key_path = str(cf.resolve(cf.key_file)) if cf is not None and cf.key_file else ""
+            hosts += hosts_from_stages([a for a in stages.split(",") if a.strip()], key=load_key(key_path),
+                                       link_ms=stages_link)
         if output is not None and output.exists() and not force:
             raise NakError(f"{output} exists; give --force to overwrite it, or another -o")
 

@@ -103,7 +103,10 @@ def run(
         with Chain(addresses, forwarding=forwarding, ring=ring, timeout_s=timeout, key=key) as c:
             if stats:
                 err_console.print(" → ".join(f"{s.address} ({s.layers})" for s in c.stages), markup=False)
-            for text in c.generate(prompt, n_predict, sampler, chat=chat, stats=st):
+            bar = _PrefillBar() if sys.stderr.isatty() else None
+            for text in c.generate(prompt, n_predict, sampler, chat=chat, stats=st, on_prefill=bar):
+                if bar is not None:
+                    bar.close()
                 sys.stdout.write(text)
                 sys.stdout.flush()
             sys.stdout.write("\n")
@@ -131,6 +134,30 @@ def run(
     slices = cached_parts(path, parts, progress=sys.stderr.isatty())
     with LocalStages(slices, threads=threads, ctx=ctx, max_sessions=1, key_file=key_file or None) as ls:
         generate(ls.addresses)
+
+
+class _PrefillBar:
+    """A Rich progress bar on stderr for a prompt prefilled in several n_batch chunks; gone once
+    the first token arrives."""
+
+    def __init__(self) -> None:
+        self.progress = None
+        self.task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.progress is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("prefill"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                                     TimeElapsedColumn(), console=err_console, transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("prefill", total=total)
+        self.progress.update(self.task, completed=done)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
 
 def _print_stats(st, stages) -> None:

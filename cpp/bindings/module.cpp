@@ -88,6 +88,8 @@ py::dict hello_dict(const nak_hello_ok & ok) {
     hd["uptime_ms"]       = ok.health.uptime_ms;
     hd["tokens_in"]       = ok.health.tokens_in;
     hd["cpu_ms"]          = ok.health.cpu_ms;
+    hd["mem_available_bytes"] = ok.health.mem_available_bytes;
+    hd["layers_per_s"]    = ok.health.layers_per_s;
     d["health"] = hd;
     d["rss_bytes"] = ok.health.rss_bytes;
     return d;

@@ -130,6 +130,8 @@ void nak_encode(nak_writer & w, const nak_health & m) {
     w.u64(m.uptime_ms);
     w.u64(m.tokens_in);
     w.u64(m.cpu_ms);
+    w.u64(m.mem_available_bytes);
+    w.f32(m.layers_per_s);
 }
 
 bool nak_decode(nak_reader & r, nak_health & m) {
@@ -142,6 +144,8 @@ bool nak_decode(nak_reader & r, nak_health & m) {
     m.uptime_ms       = r.u64();
     m.tokens_in       = r.u64();
     m.cpu_ms          = r.u64();
+    m.mem_available_bytes = r.u64();
+    m.layers_per_s    = r.f32();
     return r.ok;
 }
 

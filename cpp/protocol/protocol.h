@@ -176,6 +176,9 @@ struct nak_health {
     uint64_t uptime_ms       = 0;
     uint64_t tokens_in       = 0;  // token rows decoded since start
     uint64_t cpu_ms          = 0;  // CPU time the stage process used since start (all threads)
+    uint64_t mem_available_bytes = 0; // memory the host could still give (Linux MemAvailable), bytes
+    float    layers_per_s    = 0.0f; // decode speed of this stage from its self-benchmark at start:
+                                     // layers x tokens per second (for `nak plan`); 0: not measured
 };
 
 struct nak_hello {

@@ -257,8 +257,64 @@ bool nak_stage::load(const nak_stage_params & params, std::string & err) {
     }
     llama_attach_threadpool(ctx_, threadpool_, threadpool_batch_ ? threadpool_batch_ : threadpool_);
     slot_used_.assign(params.max_sessions, false);
+    if (params.self_bench_steps > 0) {
+        self_bench(params.self_bench_steps);
+    }
     t_start_ms_ = nak_now_ms();
     return true;
+}
+
+// Linux MemAvailable (what the kernel could give without swapping), else free physical pages
+uint64_t nak_stage::mem_available_bytes() {
+    FILE * f = fopen("/proc/meminfo", "r");
+    if (f) {
+        char line[256];
+        unsigned long long kb = 0;
+        while (fgets(line, sizeof(line), f)) {
+            if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) {
+                break;
+            }
+        }
+        fclose(f);
+        if (kb > 0) {
+            return (uint64_t) kb * 1024;
+        }
+    }
+    const long pages = sysconf(_SC_AVPHYS_PAGES);
+    const long page  = sysconf(_SC_PAGESIZE);
+    return pages > 0 && page > 0 ? (uint64_t) pages * (uint64_t) page : 0;
+}
+
+// A short decode benchmark at start, so `nak plan` can weigh this host by measured speed: one
+// warm-up step, then `steps` one-token steps on sequence 0 (zeros as hidden-state input past the
+// first stage), cleared afterwards. layers_per_s_ = layers of this slice x steps / seconds.
+void nak_stage::self_bench(int32_t steps) {
+    const int32_t n_embd_in = is_first() ? 0 : (int32_t) n_embd_;
+    llama_batch batch = llama_batch_init(1, n_embd_in, 1);
+    int64_t t0 = 0;
+    bool ok = true;
+    for (int32_t i = 0; i <= steps && ok; i++) {
+        if (i == 1) {
+            t0 = now_us(); // step 0 warms up (first touch of the weights, graph allocation)
+        }
+        batch.n_tokens = 1;
+        if (is_first()) {
+            batch.token[0] = 0;
+        } else {
+            std::fill(batch.embd, batch.embd + n_embd_, 0.0f);
+        }
+        batch.pos[0]       = i;
+        batch.n_seq_id[0]  = 1;
+        batch.seq_id[0][0] = 0;
+        batch.logits[0]    = 1;
+        ok = llama_decode(ctx_, batch) == 0;
+    }
+    const int64_t dt = now_us() - t0;
+    llama_batch_free(batch);
+    llama_memory_seq_rm(llama_get_memory(ctx_), 0, -1, -1);
+    if (ok && dt > 0) {
+        layers_per_s_ = (float) ((double) (layer_end_ - layer_start_) * steps * 1e6 / (double) dt);
+    }
 }
 
 nak_health nak_stage::health() const {
@@ -273,6 +329,8 @@ nak_health nak_stage::health() const {
     h.rss_bytes = nak_rss_bytes();
     h.uptime_ms = (uint64_t) (nak_now_ms() - t_start_ms_);
     h.tokens_in = tokens_in_;
+    h.mem_available_bytes = mem_available_bytes();
+    h.layers_per_s        = layers_per_s_;
     rusage ru;
     if (getrusage(RUSAGE_SELF, &ru) == 0) {
         h.cpu_ms = (uint64_t) (ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000 +

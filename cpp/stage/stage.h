@@ -36,6 +36,7 @@ struct nak_stage_params {
     int32_t     poll          = 0;    // thread pool polling 0..100 (llama.cpp --poll); 0: idle stages sleep
     bool        cpu_strict    = false; // pin thread i to CPU i (llama.cpp --cpu-strict)
     std::string cpu_lock;             // a file every stage on this machine locks around llama_decode
+    int32_t     self_bench_steps = 4; // decode steps timed at start for health.layers_per_s (0: none)
     uint32_t    max_batch     = 8;
     uint32_t    batch_hold_ms = 0;    // first stage: hold a ring step this long at most for sessions due back (0: never)    // first stage: session steps per llama_decode (1: one at a time)
     std::string wire          = "f32"; // hidden states sent as f32 | bf16 | q8r (see cpp/protocol/wire.h)
@@ -166,6 +167,8 @@ class nak_stage {
     nak_session * find_session(uint64_t id);
     void free_session(nak_session & s);
     void rebuild_sampler(nak_session & s);
+    void self_bench(int32_t steps);
+    static uint64_t mem_available_bytes();
     void reconfigure(nak_session & s, const nak_open & m);
 
     nak_stage_params      params_;
@@ -181,6 +184,7 @@ class nak_stage {
     uint32_t              n_embd_       = 0;
     int64_t               t_start_ms_   = 0;
     uint64_t              tokens_in_    = 0;
+    float                 layers_per_s_ = 0.0f; // from self_bench
     uint64_t              n_decode_     = 0;
     uint64_t              compute_us_   = 0;
     uint64_t              bytes_in_     = 0;

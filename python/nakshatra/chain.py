@@ -13,7 +13,7 @@ from __future__ import annotations
 import codecs
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from . import _nakshatra
@@ -225,6 +225,8 @@ class Session:
         # a layer range is rebuilt by replaying exactly these
         self.log: list[list[int]] = []
         self.n_generated = 0  # tokens a ring has delivered (the last stage counts them for n_predict)
+        # called as on_prefill(done, total) tokens after each n_batch chunk of a multi-chunk feed
+        self.on_prefill: Callable[[int, int], None] | None = None
         self.n_ctx = 2**31 - 1  # positions each stage holds for this session (the smallest wins)
         # the first stage picks the KV sequence id and every other stage is asked for the same one,
         # so a batch of several sessions is cut into the same ubatches on every stage
@@ -287,6 +289,8 @@ class Session:
             chunk = list(tokens[i:i + self.chain.n_batch])
             last_chunk = i + self.chain.n_batch >= len(tokens)
             result = self._forward(chunk, sample and last_chunk)
+            if self.on_prefill is not None and len(tokens) > self.chain.n_batch:
+                self.on_prefill(min(i + self.chain.n_batch, len(tokens)), len(tokens))
         return result
 
     def _forward(self, chunk: list[int], sample: bool) -> dict:
@@ -421,6 +425,8 @@ class Session:
         head, feed = tokens[:cut], tokens[cut:]
         for i in range(0, len(head), self.chain.n_batch):
             self._forward(head[i:i + self.chain.n_batch], False)
+            if self.on_prefill is not None:
+                self.on_prefill(min(i + self.chain.n_batch, len(head)), len(tokens))
         self.n_generated = 0
         while True:
             pos = list(range(self.n_past, self.n_past + len(feed)))
@@ -640,11 +646,14 @@ class Chain:
 
     def generate_tokens(self, prompt_tokens: Sequence[int], n_predict: int = 128,
                         sampler: SamplerParams | None = None, stats: GenerationStats | None = None,
-                        session: Session | None = None, stop_tokens: Sequence[int] = ()) -> Iterator[tuple[int, bytes]]:
+                        session: Session | None = None, stop_tokens: Sequence[int] = (),
+                        on_prefill: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, bytes]]:
         """Yield ``(token, piece_bytes)`` for each generated token; stops at an end-of-generation
-        token (not yielded) or after ``n_predict`` tokens (``-1``: until the context is full)."""
+        token (not yielded) or after ``n_predict`` tokens (``-1``: until the context is full).
+        ``on_prefill(done, total)`` reports a prompt longer than n_batch chunk by chunk."""
         own = session is None
         sess = session or self.session(sampler, stop_tokens=stop_tokens, n_predict=n_predict)
+        sess.on_prefill = on_prefill
         ring = self.ring_mode and len(self.clients) > 1
         replies = sess.ring(prompt_tokens, n_predict) if ring else sess.relay(prompt_tokens, n_predict)
         out_tokens: list[int] = []
@@ -679,13 +688,15 @@ class Chain:
                 sess.close()
 
     def generate(self, prompt: str, n_predict: int = 128, sampler: SamplerParams | None = None,
-                 chat: bool = False, stats: GenerationStats | None = None) -> Iterator[str]:
+                 chat: bool = False, stats: GenerationStats | None = None,
+                 on_prefill: Callable[[int, int], None] | None = None) -> Iterator[str]:
         """Yield generated text as it comes (UTF-8 safe: a character split across tokens is held
-        until complete). ``chat`` applies the model's chat template to ``prompt`` as one user turn."""
+        until complete). ``chat`` applies the model's chat template to ``prompt`` as one user turn;
+        ``on_prefill(done, total)`` reports a long prompt's prefill chunk by chunk."""
         text = self.apply_chat_template([("user", prompt)]) if chat else prompt
         tokens = self.tokenize(text, add_special=True, parse_special=chat)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for _, piece in self.generate_tokens(tokens, n_predict, sampler, stats):
+        for _, piece in self.generate_tokens(tokens, n_predict, sampler, stats, on_prefill=on_prefill):
             out = decoder.decode(piece)
             if out:
                 yield out

@@ -13,11 +13,28 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ChainError
+
+
+def _die_with_parent():
+    """A preexec_fn that makes a stage get SIGTERM when the process that started it dies, even by
+    SIGKILL (Linux prctl PR_SET_PDEATHSIG), so no stage outlives its `nak run` / `nak api`. The
+    signal follows the starting *thread*, so only stages started from the main thread get it."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def arm() -> None:
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return arm
 
 
 class LocalStages:
@@ -85,7 +102,8 @@ class LocalStages:
                    *self.extra_args,
                    *(self.stage_args[i] if i < len(self.stage_args) else [])]
             with open(log, "wb") as lf:
-                p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=lf, stdin=subprocess.DEVNULL, env=env)
+                p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=lf, stdin=subprocess.DEVNULL, env=env,
+                                     preexec_fn=_die_with_parent())
             self.procs.append(p)
         for i, p in enumerate(self.procs):
             info = self._wait_ready(i, p)

@@ -582,3 +582,37 @@ def parse_host(text: str) -> HostSpec:
                        "(`nak plan MODEL --probe` on that host measures mem and speed)")
     return HostSpec(name=name, address=address, memory_mb=vals["mem"], layers_per_s=vals["speed"],
                     link_ms=vals.get("link", 0.0))
+
+
+def hosts_from_stages(addresses: Sequence[str], key: bytes | None = None, link_ms: float = 0.0,
+                      timeout_s: float = 3.0) -> list[HostSpec]:
+    """Hosts as running stages report them in their handshake (``nak serve`` measures itself at
+    start): one HostSpec per distinct host, with ``memory_mb`` = the host's MemAvailable plus the
+    RSS of its stages (a new plan replaces them), in MiB, and ``layers_per_s`` = the fastest of its
+    stages' self-benchmarks (layers x tokens per second; a last stage's also pays the LM head, so
+    the fastest is the closest to pure layer speed). ``link_ms`` is given (stages do not measure
+    it). Raises NakError naming a stage that does not answer or reported no speed."""
+    from . import _nakshatra
+    from .chain import parse_stage_address
+    from .errors import StageError
+
+    by_host: dict[str, dict] = {}
+    for a in addresses:
+        host, port = parse_stage_address(a)
+        try:
+            c = _nakshatra.StageClient(host, port, timeout_ms=int(timeout_s * 1000), connect_timeout_ms=2000,
+                                       key=key or b"")
+            try:
+                h = c.hello(client_name="nak-plan")["health"]
+            finally:
+                c.close()
+        except StageError as e:
+            raise NakError(f"stage {host}:{port} does not answer ({e}); start it or leave it out of --stages") from None
+        if not h.get("layers_per_s"):
+            raise NakError(f"stage {host}:{port} reported no speed (an older nak serve?); give that host with --host")
+        e = by_host.setdefault(host, {"avail": 0, "rss": 0, "speed": 0.0})
+        e["avail"] = max(e["avail"], int(h["mem_available_bytes"]))
+        e["rss"] += int(h["rss_bytes"])
+        e["speed"] = max(e["speed"], float(h["layers_per_s"]))
+    return [HostSpec(name=host, address=host, memory_mb=(e["avail"] + e["rss"]) / 2**20, layers_per_s=e["speed"],
+                     link_ms=link_ms) for host, e in by_host.items()]

@@ -69,7 +69,7 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def resolve_slice(model: Path, layers: str | None, verify: bool = True) -> tuple[Path, str]:
+def resolve_slice(model: Path, layers: str | None, verify: bool = True, progress: bool = False) -> tuple[Path, str]:
     """The file a stage loads and the whole model's sha256.
 
     A slice is served as is (``layers``, if given, must match it; its tensor data is verified
@@ -88,7 +88,7 @@ def resolve_slice(model: Path, layers: str | None, verify: bool = True) -> tuple
             raise NakError(f"{model} holds layers {have}, not {want}; drop --layers or pick the "
                            "slice for that range")
         if verify:
-            verify_slice(model)
+            verify_slice(model, progress=progress)
             check_against_manifest(model, meta)
         return model, str(meta.get("nakshatra.model_sha256") or "")
     layout = model_layout(model)
@@ -179,16 +179,23 @@ def serve(opts: ServeOptions) -> int:
         from .up import fetch_slice
 
         fetch_slice(opts.fetch, Path(opts.model), opts.sha256, key=key)
-    path, model_sha = resolve_slice(Path(opts.model), opts.layers, opts.verify)
+    tty = sys.stderr.isatty()
+    path, model_sha = resolve_slice(Path(opts.model), opts.layers, opts.verify, progress=tty)
+    from contextlib import nullcontext
+
+    from rich.console import Console
+
+    loading = Console(stderr=True).status(f"loading {path.name} into llama.cpp ...") if tty else nullcontext()
     try:
-        stage = _nakshatra.Stage(str(path), model_sha256=model_sha, n_ctx=opts.ctx,
-                                 max_sessions=opts.max_sessions, n_threads=opts.threads,
-                                 n_threads_batch=opts.threads_batch,
-                                 n_gpu_layers=opts.n_gpu_layers, flash_attn=fa,
-                                 cache_type_k=opts.cache_type_k, cache_type_v=opts.cache_type_v,
-                                 max_batch=opts.max_batch, wire=opts.wire, batch_log=opts.batch_log,
-                                 poll=opts.poll, cpu_strict=opts.cpu_strict, cpu_lock=opts.cpu_lock,
-                                 batch_hold_ms=opts.batch_hold_ms, idle_timeout_s=opts.idle_timeout_s)
+        with loading:
+            stage = _nakshatra.Stage(str(path), model_sha256=model_sha, n_ctx=opts.ctx,
+                                     max_sessions=opts.max_sessions, n_threads=opts.threads,
+                                     n_threads_batch=opts.threads_batch,
+                                     n_gpu_layers=opts.n_gpu_layers, flash_attn=fa,
+                                     cache_type_k=opts.cache_type_k, cache_type_v=opts.cache_type_v,
+                                     max_batch=opts.max_batch, wire=opts.wire, batch_log=opts.batch_log,
+                                     poll=opts.poll, cpu_strict=opts.cpu_strict, cpu_lock=opts.cpu_lock,
+                                     batch_hold_ms=opts.batch_hold_ms, idle_timeout_s=opts.idle_timeout_s)
     except StageError as e:
         raise NakError(f"cannot load {path}: {e}") from None
     info = stage.info()

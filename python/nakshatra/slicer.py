@@ -322,14 +322,17 @@ def _stream(fd: int, offset: int, n: int, sinks: list[Callable[[bytes], Any]]) -
         offset += len(chunk)
 
 
-def tensor_data_sha256(tensors: list[Any], fd: int) -> str:
+def tensor_data_sha256(tensors: list[Any], fd: int, on_bytes: Any = None) -> str:
     """sha256 over the data bytes of ``tensors`` (tensor infos from :func:`scan_gguf`, or GGUFReader
     tensors, of the file open as ``fd``), in the order given, each tensor's ``n_bytes`` bytes from
     its ``data_offset``: alignment padding is not hashed. For a slice, the order is the file's tensor-info order, which is also the order
-    of the data; this is ``nakshatra.tensor_data_sha256``."""
+    of the data; this is ``nakshatra.tensor_data_sha256``. ``on_bytes(n)``, if given, is called
+    after each tensor with its byte count (progress)."""
     h = hashlib.sha256()
     for t in tensors:
         _stream(fd, int(t.data_offset), int(t.n_bytes), [h.update])
+        if on_bytes is not None:
+            on_bytes(int(t.n_bytes))
     return h.hexdigest()
 
 
@@ -507,26 +510,29 @@ def read_slice_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _meta(scan_gguf(path))
 
 
-def _checked_meta(path: Path) -> dict[str, Any]:
+def _checked_meta(path: Path, progress: bool = False) -> dict[str, Any]:
     scanned = scan_gguf(path)
     meta = _meta(scanned)
     want = meta["nakshatra.tensor_data_sha256"]
     if want is None:
         raise SliceError(f"{path} is not a Nakshatra slice (no nakshatra.tensor_data_sha256); "
                          "re-run nak slice")
-    with open(path, "rb") as f:
-        got = tensor_data_sha256(scanned.tensors, f.fileno())
+    with _progress(progress) as bar, open(path, "rb") as f:
+        task = bar.add_task(f"checking {path.name}", total=sum(int(t.n_bytes) for t in scanned.tensors)) if bar else None
+        got = tensor_data_sha256(scanned.tensors, f.fileno(),
+                                 (lambda n: bar.advance(task, n)) if bar else None)
     if got != want:
         raise SliceError(f"{path} is corrupt: its tensor data does not match its sha256; "
                          "re-run nak slice")
     return meta
 
 
-def verify_slice(path: str | os.PathLike[str]) -> bool:
+def verify_slice(path: str | os.PathLike[str], progress: bool = False) -> bool:
     """Recompute a slice's tensor-data hash (see :func:`tensor_data_sha256`) and compare it with
-    its ``nakshatra.tensor_data_sha256``. Returns True; raises SliceError naming the file and
-    "re-run nak slice" if it is not a slice, truncated, or its data changed."""
-    _checked_meta(Path(path))
+    its ``nakshatra.tensor_data_sha256`` (a byte progress bar on stderr when ``progress``). Returns
+    True; raises SliceError naming the file and "re-run nak slice" if it is not a slice,
+    truncated, or its data changed."""
+    _checked_meta(Path(path), progress)
     return True
 
 
