@@ -247,6 +247,8 @@ def keygen(
 
     Give the same file to every stage and client: [b]nak serve ... --key-file nakshatra.key[/b],
     [b]nak run --chain ... --key-file nakshatra.key[/b] (or export NAK_KEY=$(cat nakshatra.key)).
+
+    Example: [b]nak keygen -o cluster.key[/b]
     """
     from nakshatra.auth import generate_key_file
 
