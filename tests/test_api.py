@@ -6,6 +6,7 @@ unsplit model fed the same batches), and bad requests get OpenAI-style errors.""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -230,3 +231,14 @@ def test_metrics_count_requests_and_tokens(server, client) -> None:
     c = httpx.get(server + "/api/cluster").json()
     assert [s["layers"] for s in c["stages"]] == [r.inclusive() for r in RANGES]
     assert c["decode_tps"] > 0 and json.dumps(c)
+
+
+def test_nak_chat_keeps_the_conversation_and_reuses_its_kv(stages) -> None:
+    r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "chat", "--chain", ",".join(stages.addresses),
+                        "--temp", "0", "-n", "16", "--system", "Answer in one short sentence."],
+                       input="What is the capital of France?\nAnd of Italy?\n\n", capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout and "Rome" in r.stdout, r.stdout
+    cached = [int(m.group(1)) for m in re.finditer(r"(\d+) of \d+ prompt tokens from the cache", r.stderr)]
+    assert len(cached) == 2 and cached[0] == 0 and cached[1] > 0, r.stderr
