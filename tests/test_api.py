@@ -242,3 +242,37 @@ def test_nak_chat_keeps_the_conversation_and_reuses_its_kv(stages) -> None:
     assert "Paris" in r.stdout and "Rome" in r.stdout, r.stdout
     cached = [int(m.group(1)) for m in re.finditer(r"(\d+) of \d+ prompt tokens from the cache", r.stderr)]
     assert len(cached) == 2 and cached[0] == 0 and cached[1] > 0, r.stderr
+
+
+def test_a_dead_stage_ends_the_stream_with_the_text_so_far(smollm2_path: Path, tmp_path: Path) -> None:
+    """No replica left: the stream ends with an OpenAI-style error naming the dead stage and its
+    layers, carrying the text produced before it (as streamed)."""
+    m = slice_model(smollm2_path, RANGES, out_dir=tmp_path / "s", progress=False)
+    with LocalStages([tmp_path / "s" / s.file for s in m.slices], threads=1, ctx=CTX, max_sessions=2,
+                     cpu_lock=False) as ls:
+        p = subprocess.Popen([sys.executable, "-m", "nakshatra_cli", "api", "--chain", ",".join(ls.addresses),
+                              "--port", "0", "--parallel", "1", "--model-id", MODEL_ID, "--timeout", "10"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        try:
+            url = p.stdout.readline().strip()
+            body = {"model": MODEL_ID, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 400, "temperature": 0, "stream": True}
+            texts, error = [], None
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    d = json.loads(line[6:])
+                    if "error" in d:
+                        error = d["error"]
+                        continue
+                    texts.extend(c["text"] for c in d["choices"])
+                    if len(texts) == 8:
+                        os.kill(ls.pids[1], signal.SIGKILL)
+        finally:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=20)
+            p.stdout.close()
+    assert error is not None, "the stream ended without an error"
+    assert ls.addresses[1] in error["message"] and RANGES[1].inclusive() in error["message"], error
+    assert error["code"] == "stage_unavailable" and len(texts) >= 8
+    assert error["text_so_far"] == "".join(texts)

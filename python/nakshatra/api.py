@@ -49,12 +49,16 @@ class ApiError(Exception):
     """An error answered to the HTTP client in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, text_so_far: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.text_so_far = text_so_far  # a generation cut by a dead stage: what it had produced
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        err = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        if self.text_so_far is not None:
+            err["text_so_far"] = self.text_so_far
+        return {"error": err}
 
 
 @dataclass
@@ -297,6 +301,7 @@ class Engine:
         """Run one generation (blocking); ``on_text`` receives the text as it comes, cut at the
         first stop string. Raises ApiError (503) when the chain breaks beyond its replicas."""
         res = GenResult(n_prompt=len(req.prompt_tokens))
+        parts: list[str] = []
         w = self._acquire(req.prompt_tokens)
         broken = False
         with self._cv:
@@ -312,7 +317,6 @@ class Engine:
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             st = GenerationStats()
             t0 = time.perf_counter()
-            parts: list[str] = []
             hit = False
             for _, piece in w.chain.generate_tokens(req.prompt_tokens[sess_keep:], req.max_tokens,
                                                     session=sess, stats=st):
@@ -358,11 +362,13 @@ class Engine:
         except FailoverError as e:
             broken = True
             self.metrics.errors.labels(e.stage).inc()
-            raise ApiError(503, f"the chain broke: {e}", "server_error", code="stage_unavailable") from None
+            raise ApiError(503, f"the chain broke: {e}", "server_error", code="stage_unavailable",
+                           text_so_far="".join(parts)) from None
         except (StageError, ChainError) as e:
             broken = True
             self.metrics.errors.labels("chain").inc()
-            raise ApiError(503, f"the chain failed: {e}", "server_error", code="stage_unavailable") from None
+            raise ApiError(503, f"the chain failed: {e}", "server_error", code="stage_unavailable",
+                           text_so_far="".join(parts)) from None
         finally:
             self.metrics.sessions.dec()
             with self._cv:
