@@ -47,17 +47,25 @@ def chain_addresses(model: str, parts: int, chain: Optional[str], cluster: Optio
         yield ls.addresses, model_id
 
 
+# where the chain comes from, shared by api and chat
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="A GGUF file or a built-in name (without --chain/--cluster/--discover: local stages).")]
+PartsOpt = Annotated[int, typer.Option("--parts", "-p", help="Local stages to cut the model into.")]
+ChainOpt = Annotated[Optional[str], typer.Option("--chain", help="Running stages host:port,... (replicas allowed).")]
+ClusterOpt = Annotated[Optional[Path], typer.Option("--cluster", help="A cluster file (`nak plan`, `nak up`): its stages.")]
+DiscoverOpt = Annotated[bool, typer.Option("--discover", help="Build the chain from stages announcing themselves on the LAN (mDNS).")]
+
+
 def register(app: typer.Typer) -> None:
     """Add ``api`` and ``chat`` to ``app``."""
     from .main import Ctx, KeyFile, Threads, err_console
 
     @app.command()
     def api(
-        model: Annotated[str, typer.Option("--model", "-m", help="A GGUF file or a built-in name (without --chain/--cluster/--discover: local stages).")] = "smollm2",
-        parts: Annotated[int, typer.Option("--parts", "-p", help="Local stages to cut the model into.")] = 3,
-        chain: Annotated[Optional[str], typer.Option("--chain", help="Running stages host:port,... (replicas allowed).")] = None,
-        cluster: Annotated[Optional[Path], typer.Option("--cluster", help="A cluster file (`nak plan`, `nak up`): its stages.")] = None,
-        discover: Annotated[bool, typer.Option("--discover", help="Build the chain from stages announcing themselves on the LAN (mDNS).")] = False,
+        model: ModelOpt = "smollm2",
+        parts: PartsOpt = 3,
+        chain: ChainOpt = None,
+        cluster: ClusterOpt = None,
+        discover: DiscoverOpt = False,
         discover_timeout: Annotated[float, typer.Option("--discover-timeout", help="Seconds to listen for stages.")] = 3.0,
         host: Annotated[str, typer.Option("--host", help="Address the HTTP server listens on.")] = "127.0.0.1",
         port: Annotated[int, typer.Option("--port", help="HTTP port (0: any free one).")] = 8080,
@@ -102,11 +110,11 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def chat(
-        model: Annotated[str, typer.Option("--model", "-m", help="A GGUF file or a built-in name (local stages).")] = "smollm2",
-        parts: Annotated[int, typer.Option("--parts", "-p", help="Local stages to cut the model into.")] = 3,
-        chain: Annotated[Optional[str], typer.Option("--chain", help="Running stages host:port,...")] = None,
-        cluster: Annotated[Optional[Path], typer.Option("--cluster", help="A cluster file: its stages.")] = None,
-        discover: Annotated[bool, typer.Option("--discover", help="Find the stages on the LAN (mDNS).")] = False,
+        model: ModelOpt = "smollm2",
+        parts: PartsOpt = 3,
+        chain: ChainOpt = None,
+        cluster: ClusterOpt = None,
+        discover: DiscoverOpt = False,
         system: Annotated[str, typer.Option("--system", help="A system message.")] = "",
         n_predict: Annotated[int, typer.Option("--n-predict", "-n", help="Most tokens per answer.")] = 512,
         temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.")] = 0.7,

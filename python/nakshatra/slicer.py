@@ -416,7 +416,9 @@ def _prepare_out_dir(out_dir: Path) -> None:
         raise SliceError(f"output directory {out_dir} is not writable; choose a writable directory")
 
 
-def _progress(enabled: bool) -> Any:
+def byte_progress(enabled: bool) -> Any:
+    """A Rich byte progress bar on stderr (description, bar, bytes, speed, time left), or a null
+    context when ``enabled`` is false."""
     if not enabled:
         return nullcontext(None)
     from rich.console import Console
@@ -444,7 +446,7 @@ def _cut(scan: GGUFScan, layout: ModelLayout, plan: list[tuple[LayerRange, int, 
         raise SliceError(f"disk full writing {out_dir}: the slices need about {sum(sizes)} bytes, "
                          f"free {free} bytes; free some space or choose another output directory")
     infos = []
-    with _progress(progress) as bar, open(layout.path, "rb") as src:
+    with byte_progress(progress) as bar, open(layout.path, "rb") as src:
         task = bar.add_task("slicing", total=sum(sizes)) if bar is not None else None
         for rng, index, count, path in plan:
             if bar is not None:
@@ -517,7 +519,7 @@ def _checked_meta(path: Path, progress: bool = False) -> dict[str, Any]:
     if want is None:
         raise SliceError(f"{path} is not a Nakshatra slice (no nakshatra.tensor_data_sha256); "
                          "re-run nak slice")
-    with _progress(progress) as bar, open(path, "rb") as f:
+    with byte_progress(progress) as bar, open(path, "rb") as f:
         task = bar.add_task(f"checking {path.name}", total=sum(int(t.n_bytes) for t in scanned.tensors)) if bar else None
         got = tensor_data_sha256(scanned.tensors, f.fileno(),
                                  (lambda n: bar.advance(task, n)) if bar else None)

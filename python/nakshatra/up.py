@@ -714,20 +714,10 @@ class _FetchFailed(Exception):
 
 
 def _progress_bar(enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    """The slicer's byte progress bar (stderr), or None when ``enabled`` is false."""
+    from .slicer import byte_progress
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=Console(stderr=True))
+    return byte_progress(enabled) if enabled else None
 
 
 def _download(url: str, dest: Path, want: str, key: bytes | None, progress: bool) -> None:
