@@ -15,7 +15,7 @@ import pytest
 def test_bench_writes_single_chain_and_ratios(smollm2_path: Path, tmp_path: Path, mode: str) -> None:
     out = tmp_path / "bench.json"
     extra = (["--sessions", "2", "--wire", "bf16", "--link-delay-ms", "5"] if mode == "ring"
-             else ["--sessions", "0", "--wire", ""])
+             else ["--sessions", "0", "--wire", ""] + (["--key"] if mode == "forwarding" else []))
     r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "bench", "--model", str(smollm2_path),
                         "--stages", "2", "--threads", "1", "--stage-threads", "1", "--reps", "1", "--n-decode", "8",
                         "--prompt-lens", "16,32", "--json", str(out), "--mode", mode, *extra],
@@ -38,6 +38,14 @@ def test_bench_writes_single_chain_and_ratios(smollm2_path: Path, tmp_path: Path
     assert ratios["decode_chain_over_single"] > 0
     assert ratios["prefill_chain_over_single"] == ratios["prefill16_chain_over_single"]
     assert "decode tok/s" in r.stdout and "chain / single" in r.stdout
+    if mode == "forwarding":  # --key: the same chain with a cluster key, side by side
+        keyed = res["chain_key"]
+        assert keyed["decode_tps"]["median"] > 0 and "per_hop_us_key_minus_plain" in ratios
+        # every frame carries a 16-byte MAC trailer
+        assert keyed["wire_bytes_per_token_per_hop"]["median"] > chain["wire_bytes_per_token_per_hop"]["median"]
+        assert "cluster key" in r.stdout
+    else:
+        assert "chain_key" not in res
     if mode == "ring":
         assert res["chain"]["sessions"]["2"]["aggregate_tps"]["median"] > 0 and "ratio_2_over_1" in res["chain"]["sessions"]
         wire = res["wire"]

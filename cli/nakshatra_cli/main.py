@@ -326,7 +326,7 @@ def bench(
     wire: Annotated[str, typer.Option("--wire", help="Wire formats to compare with f32, e.g. bf16,q8r ('' to skip).")] = "bf16,q8r",
     link_delay_ms: Annotated[float, typer.Option("--link-delay-ms", help="Also measure over emulated links of this one-way delay, ms (0: skip).")] = 0.0,
     rpc_baseline: Annotated[bool, typer.Option("--rpc-baseline", help="Also run llama.cpp's RPC (rpc-server + llama-bench, built once from the same source).")] = False,
-    key: Annotated[bool, typer.Option("--key", help="Run the chain with a fresh cluster key (authenticated handshake, a MAC on every frame): compare with a run without it.")] = False,
+    key: Annotated[bool, typer.Option("--key", help="Also measure the chain with a fresh cluster key (authenticated handshake, a MAC on every frame), side by side with the chain without one.")] = False,
 ) -> None:
     """Measure the unsplit model (one process) and a chain of local stages side by side, and as
     asked llama.cpp RPC, concurrent sessions, wire formats and emulated slow links.
@@ -363,18 +363,8 @@ def bench(
         model_path = resolve_model(model)
     cfg = BenchConfig(model=model_path, stages=stages, prompt_lens=lens, n_decode=n_decode,
                       reps=reps, threads=threads, stage_threads=stage_threads, mode=mode,
-                      sessions=sessions, wire=wires, link_delay_ms=link_delay_ms, rpc_baseline=rpc_baseline)
-    if key:
-        # every stage reads $NAK_KEY; every Chain of the bench gets the key
-        import functools
-        import secrets
-
-        import nakshatra.bench as bench_mod
-
-        k = secrets.token_bytes(32)
-        os.environ["NAK_KEY"] = k.hex()
-        bench_mod.Chain = functools.partial(bench_mod.Chain, key=k)
-        err_console.print("chain authenticated with a fresh cluster key (--key)", markup=False)
+                      sessions=sessions, wire=wires, link_delay_ms=link_delay_ms, rpc_baseline=rpc_baseline,
+                      key=key)
     with err_console.status("measuring ...") as st:
         res = run_bench(cfg, status=lambda text: st.update(f"measuring: {text} ..."))
     print_bench(res, cfg)
@@ -422,6 +412,18 @@ def print_bench(res: dict, cfg) -> None:
         t.add_row(f"aggregate decode tok/s, {n} sessions", "", fmt(ses[n]["aggregate_tps"]),
                   f"{ses[f'ratio_{n}_over_1']:.2f}x one session")
     Console().print(t)
+    ck = res.get("chain_key")
+    if ck:
+        k = Table(title="cluster key: the same chain with an authenticated handshake and a MAC on every frame",
+                  title_justify="left")
+        for col in ("metric", "without key", "with key", "difference"):
+            k.add_column(col, justify="right" if col != "metric" else "left")
+        k.add_row("decode tok/s", fmt(chain["decode_tps"]), fmt(ck["decode_tps"]), f"{r['decode_key_over_plain']:.2f}x")
+        k.add_row("per-hop overhead us", fmt(chain["per_hop_overhead_us"]), fmt(ck["per_hop_overhead_us"]),
+                  f"{r['per_hop_us_key_minus_plain']:+.1f} us")
+        first = str(cfg.prompt_lens[0])
+        k.add_row(f"prefill {first} tok/s", fmt(chain["prefill_tps"][first]), fmt(ck["prefill_tps"][first]), "")
+        Console().print(k)
     s = Table(title="stages", title_justify="left")
     for col in ("stage", "layers", "compute ms/token", "peak RSS MiB", "slice + KV MiB"):
         s.add_column(col, justify="right" if col != "stage" else "left")

@@ -53,6 +53,7 @@ class BenchConfig:
     wire: Sequence[str] = ()   # wire formats to compare with f32 (bf16, q8r)
     link_delay_ms: float = 0.0  # > 0: also measure over emulated links of this one-way delay
     rpc_baseline: bool = False
+    key: bool = False           # also a chain with a cluster key (authenticated, every frame MACed)
 
 
 def _stat(values: list[float]) -> dict[str, float]:
@@ -104,15 +105,16 @@ def bench_single(cfg: BenchConfig, n_vocab: int) -> dict[str, Any]:
     return out
 
 
-def bench_chain(cfg: BenchConfig, addresses: list[str], pids: list[int]) -> dict[str, Any]:
+def bench_chain(cfg: BenchConfig, addresses: list[str], pids: list[int], key: bytes | None = None) -> dict[str, Any]:
     """A chain of local stage processes through the client (nakshatra.chain.Chain), in
     ``cfg.mode``: relay, forwarding or ring. Decode ignores end-of-generation tokens (as
-    llama-bench does); stage compute and bytes per decode step come from each stage's STATS."""
+    llama-bench does); stage compute and bytes per decode step come from each stage's STATS.
+    ``key``: the stages' cluster key (then every connection authenticates and MACs its frames)."""
     mode = cfg.mode
     out: dict[str, Any] = {"prefill_tps": {}, "ttft_ms": {}, "mode": mode}
     decode, hop_us, wire = [], [], []
     compute_ms: list[list[float]] = []
-    with Chain(addresses, forwarding=mode != "relay", ring=mode == "ring") as chain:
+    with Chain(addresses, forwarding=mode != "relay", ring=mode == "ring", key=key) as chain:
         n_st = len(chain.stages)
         hops = {"relay": 2 * n_st, "forwarding": n_st + 1, "ring": n_st}[mode]
         n_vocab = chain.stages[0].n_vocab
@@ -189,6 +191,10 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
     for k, v in chain.get("sessions", {}).items():
         if k.startswith("ratio_"):
             r[f"sessions_{k[6:]}"] = v
+    if "chain_key" in res:
+        k = res["chain_key"]
+        r["decode_key_over_plain"] = k["decode_tps"]["median"] / chain["decode_tps"]["median"]
+        r["per_hop_us_key_minus_plain"] = k["per_hop_overhead_us"]["median"] - chain["per_hop_overhead_us"]["median"]
     links = res.get("links")
     if links:
         r["links_forwarding_over_expected"] = links["forwarding_over_expected"]
@@ -227,6 +233,18 @@ def run_bench(cfg: BenchConfig, status: Any = None) -> dict[str, Any]:
         # peak RSS is read once every measurement on these stages is done
         for st, pid in zip(chain["stages"], ls.pids):
             st["peak_rss_bytes"] = peak_rss_bytes(pid)
+    chain_key = None
+    if cfg.key:
+        import tempfile
+
+        from .auth import generate_key_file
+
+        with tempfile.TemporaryDirectory(prefix="nak-bench-key-") as d:
+            key = generate_key_file(Path(d) / "cluster.key")
+            with LocalStages(slices, threads=cfg.stage_threads, ctx=n_ctx, max_sessions=max_sessions,
+                             key_file=Path(d) / "cluster.key") as ls_key:
+                say(f"chain of {len(slices)} stages ({cfg.mode}) with a cluster key")
+                chain_key = bench_chain(cfg, ls_key.addresses, ls_key.pids, key=key)
     say("single process")
     single = bench_single(cfg, n_vocab)
     res: dict[str, Any] = {
@@ -235,6 +253,8 @@ def run_bench(cfg: BenchConfig, status: Any = None) -> dict[str, Any]:
                    "stage_threads": ls.threads, "mode": cfg.mode, "sessions": cfg.sessions,
                    "link_delay_ms": cfg.link_delay_ms, "wire": list(cfg.wire)},
         "single": single, "chain": chain}
+    if chain_key is not None:
+        res["chain_key"] = chain_key
     if cfg.rpc_baseline:
         from .rpc_baseline import run_rpc_baseline
 
