@@ -304,6 +304,31 @@ class TestReplicatedStages:
         assert {s["address"] for s in doc["stages"]} >= set(replicated.addresses[:4]) and doc["error"] is None
         assert _nak("run", "--discover", "--chain", "a:1", "hi").returncode == 1
 
+    def test_nak_api_discover(self, replicated: LocalStages, slices: tuple[list[Path], str]) -> None:
+        """`nak api --discover` serves the chain that answers: the same stages, the same text."""
+        import httpx
+
+        _, sha = slices
+        with Browser(LO) as b:
+            _wait_found(b, replicated.addresses, 4)
+        p = subprocess.Popen([sys.executable, "-m", "nakshatra_cli", "api", "--discover", "--discover-timeout", "2",
+                              "--model-sha", sha[:12], "--port", "0", "--model-id", "smol"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        try:
+            url = p.stdout.readline().strip()
+            assert url.startswith("http://"), "nak api --discover did not start"
+            cluster = httpx.get(url + "/api/cluster", timeout=30).json()
+            assert {s["address"] for s in cluster["stages"]} == set(replicated.addresses[:4])
+            r = httpx.post(url + "/v1/completions", json={"model": "smol", "prompt": PROMPT, "max_tokens": N_PREDICT,
+                                                          "temperature": 0}, timeout=120).json()
+        finally:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=20)
+            p.stdout.close()
+        k = _nak("run", "--chain", ",".join(replicated.addresses[i] for i in (0, 1, 4)), "--temp", "0",
+                 "-n", str(N_PREDICT), PROMPT)
+        assert r["choices"][0]["text"] == k.stdout.rstrip("\n")
+
 
 @pytest.mark.slow
 def test_stopped_and_killed_stages_are_no_longer_discovered(slices: tuple[list[Path], str],

@@ -17,7 +17,7 @@ from nakshatra.errors import NakError
 @contextlib.contextmanager
 def chain_addresses(model: str, parts: int, chain: Optional[str], cluster: Optional[Path], discover: bool,
                     discover_timeout: float, threads: int, ctx: int, max_sessions: int,
-                    key_file: str) -> Iterator[tuple[list[str], str]]:
+                    key_file: str, model_sha: Optional[str] = None) -> Iterator[tuple[list[str], str]]:
     """The stage addresses to use and a model id: ``--chain``, a cluster file, ``--discover``, or
     local stages of ``model`` cut in ``parts`` (started here, stopped on exit)."""
     chosen = sum(bool(x) for x in (chain, cluster, discover))
@@ -35,7 +35,7 @@ def chain_addresses(model: str, parts: int, chain: Optional[str], cluster: Optio
     if discover:
         from nakshatra.discovery import discover_chain
 
-        yield discover_chain(timeout_s=discover_timeout), ""
+        yield discover_chain(timeout_s=discover_timeout, model_sha256=model_sha), ""
         return
     from nakshatra.local import LocalStages, cached_parts
     from nakshatra.models import resolve_model
@@ -67,6 +67,7 @@ def register(app: typer.Typer) -> None:
         cluster: ClusterOpt = None,
         discover: DiscoverOpt = False,
         discover_timeout: Annotated[float, typer.Option("--discover-timeout", help="Seconds to listen for stages.")] = 3.0,
+        model_sha: Annotated[Optional[str], typer.Option("--model-sha", help="With --discover: the model's sha256 (a prefix will do) when stages of several models answer.")] = None,
         host: Annotated[str, typer.Option("--host", help="Address the HTTP server listens on.")] = "127.0.0.1",
         port: Annotated[int, typer.Option("--port", help="HTTP port (0: any free one).")] = 8080,
         model_id: Annotated[str, typer.Option("--model-id", help="The model name clients send (default: the --model name, or the cluster file's).")] = "",
@@ -94,8 +95,10 @@ def register(app: typer.Typer) -> None:
 
         signal.signal(signal.SIGTERM, on_term)
         key = load_key(key_file)
+        if model_sha and not discover:
+            raise NakError("--model-sha picks the model of discovered stages: add --discover")
         with chain_addresses(model, parts, chain, cluster, discover, discover_timeout, threads, ctx, parallel,
-                             key_file) as (addresses, default_id):
+                             key_file, model_sha) as (addresses, default_id):
             engine = Engine(addresses, model_id="", parallel=parallel, key=key, timeout_s=timeout)
             engine.model_id = model_id or default_id or f"{engine.arch}-{engine.model_sha256[:8]}"
             try:
