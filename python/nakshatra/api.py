@@ -223,15 +223,32 @@ class Engine:
 
     # ---- the model's text side, through the first stage ----
 
-    def tokenize(self, text: str, special: bool) -> list[int]:
+    def _on_meta(self, fn: Callable[[Chain], Any]) -> Any:
+        """``fn(chain)`` on the tokenizer chain, reconnected once if its first stage went away (a
+        restart, a failover); raises ApiError 503 when no chain can be built."""
         with self._meta_lock:
-            return self._meta.tokenize(text, add_special=True, parse_special=special)
+            for attempt in (0, 1):
+                try:
+                    return fn(self._meta)
+                except (StageError, ChainError) as e:
+                    if attempt == 1:
+                        raise ApiError(503, f"the chain does not answer: {e}", "server_error",
+                                       code="stage_unavailable") from None
+                    try:
+                        self._meta.close()
+                        self._meta = self._new_chain()
+                    except (StageError, ChainError) as e2:
+                        raise ApiError(503, f"the chain does not answer: {e2}", "server_error",
+                                       code="stage_unavailable") from None
+
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        """Token ids by the model's vocabulary (on the first stage); raises ApiError 503."""
+        return self._on_meta(lambda c: c.tokenize(text, add_special=True, parse_special=special))
 
     def chat_prompt(self, messages: Sequence[tuple[str, str]]) -> str:
         """The prompt for the messages by the model's chat template (llama.cpp's
         ``llama_chat_apply_template`` on the first stage), ending with the assistant's turn."""
-        with self._meta_lock:
-            return self._meta.apply_chat_template(messages)
+        return self._on_meta(lambda c: c.apply_chat_template(messages))
 
     # ---- workers ----
 
@@ -302,7 +319,10 @@ class Engine:
         first stop string. Raises ApiError (503) when the chain breaks beyond its replicas."""
         res = GenResult(n_prompt=len(req.prompt_tokens))
         parts: list[str] = []
-        w = self._acquire(req.prompt_tokens)
+        try:
+            w = self._acquire(req.prompt_tokens)
+        except (StageError, ChainError) as e:
+            raise ApiError(503, f"the chain does not answer: {e}", "server_error", code="stage_unavailable") from None
         broken = False
         with self._cv:
             self.active += 1
