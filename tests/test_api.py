@@ -231,6 +231,9 @@ def test_metrics_count_requests_and_tokens(server, client) -> None:
     c = httpx.get(server + "/api/cluster").json()
     assert [s["layers"] for s in c["stages"]] == [r.inclusive() for r in RANGES]
     assert c["decode_tps"] > 0 and json.dumps(c)
+    # every stage's compute per token from its own counters, and the rest spread over the legs
+    assert len(c["stage_compute_ms"]) == 3 and all(ms > 0 for ms in c["stage_compute_ms"])
+    assert c["hop_ms"] is not None and c["hop_ms"] >= 0
 
 
 def test_nak_chat_keeps_the_conversation_and_reuses_its_kv(stages) -> None:

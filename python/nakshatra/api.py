@@ -98,6 +98,15 @@ class Worker:
         return self.session.tokens if self.session is not None else []
 
 
+def _decode_counters(chain: Chain, session_id: int) -> list[tuple[int, int]]:
+    """Each stage's (decode_us, decode_steps) so far for one session (its STATS counters)."""
+    out = []
+    for c in chain.clients:
+        s = json.loads(c.stats()).get("sessions", {}).get(str(session_id), {})
+        out.append((int(s.get("decode_us", 0)), int(s.get("decode_steps", 0))))
+    return out
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token lists."""
     n = min(len(a), len(b))
@@ -332,7 +341,7 @@ class Engine:
             sess = w.session
             assert sess is not None
             res.n_reused = sess_keep
-            compute0 = list(sess.compute_us)
+            compute0 = _decode_counters(w.chain, sess.id)
             matcher = StopMatcher(req.stop)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             st = GenerationStats()
@@ -363,14 +372,19 @@ class Engine:
             res.text = "".join(parts)
             res.decode_ms = st.decode_ms
             n = len(w.chain.stages)
+            compute1 = _decode_counters(w.chain, sess.id)
+            # per decode step, from each stage's own counters (STATS): compute of one token there, ms
+            stage_ms = [(b[0] - a[0]) / 1e3 / (b[1] - a[1]) if b[1] > a[1] else 0.0
+                        for a, b in zip(compute0, compute1)]
             fig = {"t": time.time(), "n_prompt": res.n_prompt, "n_reused": res.n_reused,
                    "n_completion": res.n_completion, "ttft_ms": res.ttft_ms,
-                   "decode_tps": st.decode_tps,
-                   "stage_compute_ms": [(b - a) / 1e3 / max(1, res.n_completion) for a, b in zip(compute0, sess.compute_us)]}
-            if st.decode_tps > 0 and n > 1:
+                   "decode_tps": st.decode_tps, "stage_compute_ms": stage_ms}
+            if st.decode_tps > 0 and all(stage_ms):
                 per_token_ms = 1e3 / st.decode_tps
-                # what a token costs beyond the stages' compute, per network leg (n-1 hops + the reply)
-                fig["hop_ms"] = max(0.0, per_token_ms - sum(fig["stage_compute_ms"])) / n
+                # what a token costs beyond the stages' compute, per network leg: forwarding has the
+                # client's leg to the first stage, n-1 stage-to-stage legs and the reply; relay 2n
+                legs = n + 1 if w.chain.forwarding else 2 * n
+                fig["hop_ms"] = max(0.0, per_token_ms - sum(stage_ms)) / legs
             self.recent.append(fig)
             self.metrics.prompt_tokens.inc(res.n_prompt)
             self.metrics.reused_tokens.inc(res.n_reused)
