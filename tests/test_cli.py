@@ -144,7 +144,12 @@ def test_serve_cuts_a_range_on_the_fly_and_stops_cleanly(smollm2_path: Path, sig
         for p in (a, b):
             p.send_signal(getattr(signal, sig))
     for p in (a, b):
-        _, err = p.communicate(timeout=30)
+        try:
+            _, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise AssertionError(f"nak serve did not stop on {sig} within 30 s") from None
         assert p.returncode == 0, err
         assert "ready on 127.0.0.1" in err and "layers 0-14 (15 layers)" in err + "layers 0-14 (15 layers)"
         assert "stopped" in err

@@ -246,18 +246,19 @@ def _nak(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+@pytest.fixture(scope="class")
+def replicated(slices: tuple[list[Path], str], loopback_mdns: None) -> Iterator[LocalStages]:
+    """Stages 0-9, 10-19 twice, 20-29 announcing on loopback, and one more 20-29 that does not
+    (loopback without --announce: the default is not to); up for the tests of one class."""
+    paths, _ = slices
+    with _stages([paths[0], paths[1], paths[1], paths[2], paths[2]], [True, True, True, True, False]) as ls:
+        yield ls
+
+
 @pytest.mark.slow
 class TestReplicatedStages:
-    """Stages that stay up for both tests of the class (torn down before the next test, whose
+    """Stages that stay up for the tests of the class (torn down before the next test, whose
     stages would otherwise meet these in discovery)."""
-
-    @pytest.fixture(scope="class")
-    def replicated(self, slices: tuple[list[Path], str], loopback_mdns: None) -> Iterator[LocalStages]:
-        """Stages 0-9, 10-19 twice, 20-29 announcing on loopback, and one more 20-29 that does not
-        (loopback without --announce: the default is not to)."""
-        paths, _ = slices
-        with _stages([paths[0], paths[1], paths[1], paths[2], paths[2]], [True, True, True, True, False]) as ls:
-            yield ls
 
     def test_discovered_chain_generates_what_the_known_chain_does(self, replicated: LocalStages,
                                                                    slices: tuple[list[Path], str]) -> None:

@@ -224,6 +224,9 @@ def serve(opts: ServeOptions) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    # as llama-server: Ctrl-C stops a stage even when it was started from a shell that ignores
+    # SIGINT for background jobs (POSIX sh does, for `nak serve ... &`)
+    signal.signal(signal.SIGINT, on_term)
     try:
         stage.serve(opts.host, opts.port, on_ready, max_payload=opts.max_frame_mb << 20, key=key or b"")
     except KeyboardInterrupt:
