@@ -279,3 +279,23 @@ def test_a_dead_stage_ends_the_stream_with_the_text_so_far(smollm2_path: Path, t
     assert ls.addresses[1] in error["message"] and RANGES[1].inclusive() in error["message"], error
     assert error["code"] == "stage_unavailable" and len(texts) >= 8
     assert error["text_so_far"] == "".join(texts)
+
+
+def test_cluster_view_shows_live_speed_during_a_stream(server) -> None:
+    """While a stream runs, /api/cluster counts it as active and gives the tokens per second of
+    the last seconds (the dashboard's live figure)."""
+    body = {"model": MODEL_ID, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 300, "temperature": 0, "stream": True}
+    seen = None
+    with httpx.stream("POST", server + "/v1/completions", json=body, timeout=120) as r:
+        n = 0
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                n += 1
+            if n == 20:
+                import time
+
+                time.sleep(1.1)  # past the 1 s cache of the cluster view
+                seen = httpx.get(server + "/api/cluster", timeout=30).json()
+                break
+    assert seen is not None, "the stream ended before 20 chunks"
+    assert seen["sessions_active"] >= 1 and seen["live_tps"] > 0

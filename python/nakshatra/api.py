@@ -215,6 +215,7 @@ class Engine:
         self._cv = threading.Condition()
         self.active = 0
         self.recent: deque[dict] = deque(maxlen=32)  # last generations' figures (dashboard)
+        self._token_times: deque[float] = deque(maxlen=65536)  # monotonic time of every token made lately
         self.metrics = Metrics(self)
         self._cluster_cache: tuple[float, dict] | None = None
 
@@ -350,6 +351,7 @@ class Engine:
             for _, piece in w.chain.generate_tokens(req.prompt_tokens[sess_keep:], req.max_tokens,
                                                     session=sess, stats=st):
                 res.n_completion += 1
+                self._token_times.append(time.monotonic())
                 if res.n_completion == 1:
                     res.ttft_ms = (time.perf_counter() - t0) * 1e3
                 text, hit = matcher.feed(decoder.decode(piece))
@@ -447,9 +449,12 @@ class Engine:
         rows.sort(key=lambda r: (r.get("layer_start", 1 << 30), r["address"]))
         recent = list(self.recent)
         last = recent[-1] if recent else {}
+        window_s = 2.0
+        live = sum(1 for t in list(self._token_times) if t > now - window_s) / window_s
         out = {"model": self.model_id, "model_sha256": self.model_sha256, "arch": self.arch, "n_layer": self.n_layer,
                "n_ctx": self.n_ctx, "stages": rows, "sessions_active": self.active, "parallel": self.parallel,
                "decode_tps": last.get("decode_tps", 0.0), "ttft_ms": last.get("ttft_ms", 0.0),
+               "live_tps": live,  # tokens of every session over the last 2 s, per second
                "hop_ms": last.get("hop_ms"), "stage_compute_ms": last.get("stage_compute_ms", []),
                "history": [{"t": f["t"], "decode_tps": f["decode_tps"]} for f in recent]}
         self._cluster_cache = (now, out)
