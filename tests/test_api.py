@@ -135,6 +135,12 @@ def test_stop_strings_and_seeded_sampling(client, chain, reference) -> None:
     b = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=16, temperature=0.9, top_p=0.9, seed=11)
     want = reference.generate(chain.tokenize(prompt), 16, temp=0.9, top_k=0, top_p=0.9, min_p=0.0, seed=11)
     assert a.choices[0].text == b.choices[0].text == chain.detokenize(want)
+    # llama-server's extra fields (top_k, min_p, repeat_penalty) reach the sampler as well
+    c = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=16, temperature=0.9, top_p=0.9, seed=11,
+                                  extra_body={"top_k": 20, "min_p": 0.05, "repeat_penalty": 1.3})
+    want = reference.generate(chain.tokenize(prompt), 16, temp=0.9, top_k=20, top_p=0.9, min_p=0.05,
+                              repeat_penalty=1.3, seed=11)
+    assert c.choices[0].text == chain.detokenize(want)
 
 
 def test_concurrent_requests_each_equal_their_run_alone(client, chain, reference) -> None:

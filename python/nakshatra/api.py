@@ -554,7 +554,11 @@ def build_request(engine: Engine, body: dict, chat: bool) -> GenRequest:
     seed = body.get("seed")
     if seed is not None:
         seed = _num(body, "seed", int, None) % (2**32 - 1)
-    sampler = SamplerParams(temp=temp, top_k=0, top_p=top_p, min_p=0.0, seed=seed)
+    # llama-server's extra sampling fields are taken too; OpenAI's own leave top-k and min-p off
+    sampler = SamplerParams(temp=temp, top_k=_num(body, "top_k", int, 0, 0), top_p=top_p,
+                            min_p=_num(body, "min_p", float, 0.0, 0.0, 1.0),
+                            repeat_penalty=_num(body, "repeat_penalty", float, 1.0, 0.01, 10.0),
+                            repeat_last_n=_num(body, "repeat_last_n", int, 64, 0), seed=seed)
     return GenRequest(tokens, max_tokens, sampler, _stops(body))
 
 
