@@ -160,6 +160,9 @@ def check_chain(cf: ClusterFile) -> None:
     """The stages must cover layers 0..n-1 once each, in order, with no gap or overlap."""
     nxt = 0
     for s in cf.stages:
+        if nxt == 0 and s.layers.start != 0:
+            raise _fail(cf.path, f"the first stage ({s.address}) starts at layer {s.layers.start}: the stages must "
+                                 "start at layer 0 and be listed in layer order")
         if s.layers.start != nxt:
             what = "a gap" if s.layers.start > nxt else "an overlap"
             raise _fail(cf.path, f"stage {s.address} starts at layer {s.layers.start} but the previous one ends at "
