@@ -193,6 +193,14 @@ class FailoverError(StageError):
         self.tokens = list(tokens or [])
 
 
+def _open_args(sampler: SamplerParams, stop_tokens: Sequence[int], n_predict: int, ignore_eog: bool) -> dict:
+    """The keyword arguments of StageClient.open for these settings; ``seed=None`` draws one."""
+    seed = sampler.seed if sampler.seed is not None else random.getrandbits(32) % (2**32 - 1)
+    return dict(temp=sampler.temp, top_k=sampler.top_k, top_p=sampler.top_p, min_p=sampler.min_p,
+                repeat_penalty=sampler.repeat_penalty, repeat_last_n=sampler.repeat_last_n, seed=seed,
+                stop_tokens=list(stop_tokens), n_predict=n_predict, ignore_eog=ignore_eog)
+
+
 class Session:
     """One generation's state on every stage: a KV sequence per stage, positions, step numbers.
 
@@ -215,11 +223,7 @@ class Session:
         self.compute_us = [0] * len(chain.stages)
         self.rtt_us = [0] * len(chain.stages)
         self.wire_bytes = [0] * len(chain.stages)
-        seed = sampler.seed if sampler.seed is not None else random.getrandbits(32) % (2**32 - 1)
-        self._open_args = dict(temp=sampler.temp, top_k=sampler.top_k, top_p=sampler.top_p, min_p=sampler.min_p,
-                               repeat_penalty=sampler.repeat_penalty, repeat_last_n=sampler.repeat_last_n,
-                               seed=seed, stop_tokens=list(stop_tokens), n_predict=n_predict,
-                               ignore_eog=ignore_eog)
+        self._open_args = _open_args(sampler, stop_tokens, n_predict, ignore_eog)
         self._opened: list[int] = []
         # the token chunks fed so far, in order (the batch boundaries): a replica that takes over
         # a layer range is rebuilt by replaying exactly these
@@ -250,11 +254,7 @@ class Session:
         :meth:`truncate` to the common prompt prefix. Raises StageError when a stage dropped the
         session (e.g. it expired): open a new one then."""
         sampler.check()
-        seed = sampler.seed if sampler.seed is not None else random.getrandbits(32) % (2**32 - 1)
-        self._open_args = dict(temp=sampler.temp, top_k=sampler.top_k, top_p=sampler.top_p, min_p=sampler.min_p,
-                               repeat_penalty=sampler.repeat_penalty, repeat_last_n=sampler.repeat_last_n,
-                               seed=seed, stop_tokens=list(stop_tokens), n_predict=n_predict,
-                               ignore_eog=ignore_eog)
+        self._open_args = _open_args(sampler, stop_tokens, n_predict, ignore_eog)
         for i in self._opened:
             self.chain.clients[i].open(self.id, seq=self.seq, reuse=True, **self._open_args)
         self.n_generated = 0
