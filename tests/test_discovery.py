@@ -27,7 +27,16 @@ from pathlib import Path
 import pytest
 from nakshatra import _nakshatra
 from nakshatra.chain import Chain, SamplerParams
-from nakshatra.discovery import Announcer, Browser, Found, announce_plan, chain_from, discover, discover_chain
+from nakshatra.discovery import (
+    MIN_TIMEOUT_S,
+    Announcer,
+    Browser,
+    Found,
+    announce_plan,
+    chain_from,
+    discover,
+    discover_chain,
+)
 from nakshatra.errors import NakError
 from nakshatra.local import LocalStages
 from nakshatra.manifest import Manifest
@@ -198,8 +207,11 @@ def test_announcement_is_found_and_withdrawn_by_goodbye(loopback_mdns: None) -> 
                 ("127.0.0.1:45678", 45678, LayerRange(3, 7), 12, "llama", PROTO, True, "toy")
             # an incomplete model: the refusal names the layers nobody serves
             with pytest.raises(NakError, match=re.escape("layers 0-2 and 7-11 are served by no stage that answered")):
-                discover_chain(1.0, model_sha256=sha[:10], interfaces=LO)
-            assert [x.address for x in discover(1.0, model_sha256=sha, interfaces=LO)] == ["127.0.0.1:45678"]
+                discover_chain(MIN_TIMEOUT_S, model_sha256=sha[:10], interfaces=LO)
+            assert [x.address for x in discover(MIN_TIMEOUT_S, model_sha256=sha, interfaces=LO)] == ["127.0.0.1:45678"]
+            # shorter than RFC 6762 lets a responder answer a second client: refused, not a silent miss
+            with pytest.raises(NakError, match=r"discovery timeout 1\.0 s is too short.*at least 1\.5 s"):
+                discover(1.0, model_sha256=sha, interfaces=LO)
         # closed: the goodbye withdraws it at once (its records would otherwise live 120 s / 75 min)
         _until(lambda: not [f for f in b.found() if f.model_sha256 == sha], 3, "no goodbye after close()")
 

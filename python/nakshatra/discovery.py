@@ -46,6 +46,12 @@ from .ranges import LayerRange
 SERVICE_TYPE = "_nakshatra._tcp.local."
 TXT_VERSION = 1
 DEFAULT_TIMEOUT_S = 2.0
+# The shortest listen that hears every stage: a responder that multicast its records within the
+# last second (to another client's question) must wait until that second is over before it
+# multicasts them again (RFC 6762 section 6), after a random 20-120 ms response delay; the
+# browser's first question itself goes out after 20-120 ms (python-zeroconf). Worst case about
+# 1.25 s plus 200 ms of aggregation: 1.5 s.
+MIN_TIMEOUT_S = 1.5
 
 _WILDCARD = ("", "0.0.0.0", "::", "*")
 
@@ -303,7 +309,7 @@ class Browser:
         self._browser = None
 
     def __enter__(self) -> Browser:
-        from zeroconf import InterfaceChoice, IPVersion, ServiceBrowser, Zeroconf
+        from zeroconf import DNSQuestionType, InterfaceChoice, IPVersion, ServiceBrowser, Zeroconf
 
         try:
             self._zc = Zeroconf(interfaces=self.interfaces or InterfaceChoice.All,
@@ -311,7 +317,13 @@ class Browser:
         except (OSError, ValueError, RuntimeError) as e:
             raise NakError(f"cannot open multicast DNS (UDP 5353) on {self.interfaces or 'all interfaces'}: {e}; "
                            "give the stages with --chain instead") from None
-        self._browser = ServiceBrowser(self._zc, SERVICE_TYPE, handlers=[self._on_change])
+        # QM questions only. A first question with the QU bit (python-zeroconf's default) asks for a
+        # unicast answer to port 5353, and a host where several mDNS sockets share that port (this
+        # process's announcer, another stage, avahi, mDNSResponder) hands a unicast datagram to
+        # just one of them: the answer then reaches another socket and this browser hears nothing
+        # until its next question, a second later. Multicast answers reach every socket.
+        self._browser = ServiceBrowser(self._zc, SERVICE_TYPE, handlers=[self._on_change],
+                                       question_type=DNSQuestionType.QM)
         return self
 
     def _on_change(self, zeroconf, service_type: str, name: str, state_change) -> None:
@@ -327,7 +339,7 @@ class Browser:
         """The stages announced now, sorted by model, layer range and address. Resolves each
         announcement (usually from cache; at most ``resolve_timeout_s`` seconds for one that is
         not complete yet)."""
-        from zeroconf import ServiceInfo
+        from zeroconf import DNSQuestionType, ServiceInfo
 
         with self._lock:
             names = sorted(self._names)
@@ -336,7 +348,8 @@ class Browser:
         out, skipped = [], []
         for name in names:
             info = ServiceInfo(SERVICE_TYPE, name)
-            if not info.request(self._zc, resolve_timeout_s * 1000):
+            # QM for the reason given in __enter__
+            if not info.request(self._zc, resolve_timeout_s * 1000, question_type=DNSQuestionType.QM):
                 skipped.append((name, f"did not resolve within {resolve_timeout_s:g} s"))
                 continue
             try:
@@ -365,10 +378,13 @@ def discover(timeout_s: float = DEFAULT_TIMEOUT_S, model_sha256: str | None = No
     ``model_sha256``: keep only stages of that model (a hex prefix is enough, any case).
     ``interfaces``: IPv4 addresses of the interfaces to ask on (None: all, loopback included).
     From async code call it in a thread (``await asyncio.to_thread(discover, ...)``).
-    Raises NakError when ``timeout_s`` is not positive or mDNS cannot be opened.
+    Raises NakError when ``timeout_s`` is under ``MIN_TIMEOUT_S`` (1.5 s: shorter can miss a stage
+    that answered someone else within the last second) or mDNS cannot be opened.
     """
-    if not timeout_s > 0:
-        raise NakError(f"discovery timeout {timeout_s} must be > 0 seconds")
+    if not timeout_s >= MIN_TIMEOUT_S:
+        raise NakError(f"discovery timeout {timeout_s} s is too short: a stage that answered another client "
+                       f"within the last second waits a second before answering again (RFC 6762), so listen "
+                       f"at least {MIN_TIMEOUT_S:g} s")
     with Browser(interfaces) as b:
         time.sleep(timeout_s)
         found = b.found()
