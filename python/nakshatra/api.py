@@ -217,7 +217,7 @@ class Engine:
         self.recent: deque[dict] = deque(maxlen=32)  # last generations' figures (dashboard)
         self._token_times: deque[float] = deque(maxlen=65536)  # monotonic time of every token made lately
         self.metrics = Metrics(self)
-        self._cluster_cache: tuple[float, dict] | None = None
+        self._cluster_cache: tuple[float, list[dict]] | None = None
 
     def _new_chain(self) -> Chain:
         return Chain(self.addresses, timeout_s=self.timeout_s, forwarding=self.forwarding, key=self.key)
@@ -414,9 +414,28 @@ class Engine:
     # ---- the dashboard's view ----
 
     def cluster(self, max_age_s: float = 1.0) -> dict:
-        """Every stage's health (one HELLO each, cached ``max_age_s``), the serving stage per
-        range, active sessions and recent speed: what ``/api/cluster`` returns."""
+        """What ``/api/cluster`` returns: every stage's health and role (one HELLO each, cached
+        ``max_age_s`` seconds), and this server's own figures, always current: active sessions,
+        the last finished generation's decode tok/s, time to first token (ms; None before the
+        first generation), per-hop and per-stage ms, and the live tok/s over the last 2 s."""
         now = time.monotonic()
+        rows = self._stage_rows(now, max_age_s)
+        recent = list(self.recent)
+        last = recent[-1] if recent else {}
+        window_s = 2.0
+        live = sum(1 for t in list(self._token_times) if t > now - window_s) / window_s
+        return {"model": self.model_id, "model_sha256": self.model_sha256, "arch": self.arch,
+                "n_layer": self.n_layer, "n_ctx": self.n_ctx, "stages": rows, "sessions_active": self.active,
+                "parallel": self.parallel, "decode_tps": last.get("decode_tps", 0.0),
+                "ttft_ms": last.get("ttft_ms"),
+                "live_tps": live,  # tokens of every session over the last 2 s, per second
+                "hop_ms": last.get("hop_ms"), "stage_compute_ms": last.get("stage_compute_ms", []),
+                "history": [{"t": f["t"], "decode_tps": f["decode_tps"]} for f in recent]}
+
+    def _stage_rows(self, now: float, max_age_s: float) -> list[dict]:
+        """One row per stage address (health, role serving/replica/down), cached ``max_age_s``
+        seconds: the HELLOs are the expensive part of a dashboard poll. Only the rows are cached,
+        so a poll right after a generation ends still shows that generation's figures."""
         if self._cluster_cache and now - self._cluster_cache[0] < max_age_s:
             return self._cluster_cache[1]
         from . import _nakshatra
@@ -447,18 +466,8 @@ class Engine:
             r["role"] = ("serving" if best.get((r.get("layer_start"), r.get("layer_end"))) == r["address"]
                          else "replica") if r["up"] else "down"
         rows.sort(key=lambda r: (r.get("layer_start", 1 << 30), r["address"]))
-        recent = list(self.recent)
-        last = recent[-1] if recent else {}
-        window_s = 2.0
-        live = sum(1 for t in list(self._token_times) if t > now - window_s) / window_s
-        out = {"model": self.model_id, "model_sha256": self.model_sha256, "arch": self.arch, "n_layer": self.n_layer,
-               "n_ctx": self.n_ctx, "stages": rows, "sessions_active": self.active, "parallel": self.parallel,
-               "decode_tps": last.get("decode_tps", 0.0), "ttft_ms": last.get("ttft_ms", 0.0),
-               "live_tps": live,  # tokens of every session over the last 2 s, per second
-               "hop_ms": last.get("hop_ms"), "stage_compute_ms": last.get("stage_compute_ms", []),
-               "history": [{"t": f["t"], "decode_tps": f["decode_tps"]} for f in recent]}
-        self._cluster_cache = (now, out)
-        return out
+        self._cluster_cache = (now, rows)
+        return rows
 
 
 # ---- request parsing -----------------------------------------------------------------------
