@@ -7,11 +7,13 @@ ring mode), each generating ``n_tokens`` greedy tokens (end-of-generation ignore
 * with batching off (``--max-batch 1`` on the stages) every output equals the same prompt's run
   alone, token for token;
 * no stage's resident memory grows more than 5% after the first round (warm-up), and no stage
-  holds more open file descriptors at the end than after the first round (no leak).
+  holds more open file descriptors at the end than after the first round (no leak), both counts
+  taken once the stage has closed the connections its clients closed (``_settled_fds``).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +38,48 @@ def _fds(pid: int) -> int:
         return len(list(Path(f"/proc/{pid}/fd").iterdir()))
     except OSError:
         return 0
+
+
+_TCP_CLOSE_WAIT = "08"  # include/net/tcp_states.h, as /proc/net/tcp prints it (hex)
+
+
+def _close_wait_sockets(pid: int) -> int:
+    """Sockets of a process whose peer has closed and which the process has not closed yet
+    (TCP CLOSE_WAIT, from /proc/PID/fd and /proc/net/tcp{,6}); 0 if the process is gone."""
+    waiting: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[3] == _TCP_CLOSE_WAIT:
+                waiting.add(f"socket:[{cols[9]}]")
+    n = 0
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                n += os.readlink(fd) in waiting
+            except OSError:
+                pass
+    except OSError:
+        return 0
+    return n
+
+
+def _settled_fds(pid: int, deadline_s: float = 10.0) -> int:
+    """Open file descriptors of a stage once it has closed every connection its clients closed.
+
+    A client's close reaches the stage's event loop on its next poll, so a count taken the
+    moment a round ends can include a few connections the stage is about to close (the stage is
+    not leaking them). Waits until none of its sockets is in CLOSE_WAIT, at most ``deadline_s``
+    seconds: one that stays there that long is a connection the stage never closes, a real
+    leak, and is counted."""
+    end = time.monotonic() + deadline_s
+    while _close_wait_sockets(pid) and time.monotonic() < end:
+        time.sleep(0.01)
+    return _fds(pid)
 
 
 def _round(addresses: list[str], prompts: list[list[int]], n_tokens: int, timeout_s: float) -> tuple[list, list]:
@@ -104,9 +148,9 @@ def run_soak(model: Path, parts: int = 3, sessions: int = 16, n_tokens: int = 25
                         res["mismatches"] += 1
             if rss0 is None:
                 rss0 = [_rss_bytes(p) for p in ls.pids]
-                fds0 = [_fds(p) for p in ls.pids]
+                fds0 = [_settled_fds(p) for p in ls.pids]
         rss1 = [_rss_bytes(p) for p in ls.pids]
-        fds1 = [_fds(p) for p in ls.pids]
+        fds1 = [_settled_fds(p) for p in ls.pids]
     res["rss_growth"] = [b / a - 1 if a else 0.0 for a, b in zip(rss0, rss1)]
     res["fd_growth"] = [b - a for a, b in zip(fds0, fds1)]
     res["ok"] = (not res["errors"] and res["mismatches"] == 0
