@@ -220,19 +220,30 @@ def test_run_build_passes_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen["env"]["PATH"]  # the rest of the environment is kept
 
 
-def test_compiled_info(monkeypatch: pytest.MonkeyPatch) -> None:
-    import types
+def test_compiled_info_matches_the_pin_and_the_patches() -> None:
+    """The installed extension was built from the pinned llama.cpp with exactly the patches in
+    patches/ (a stale build after a patch edit, or a build from another tree, fails here)."""
+    import hashlib
 
-    info = {"backend": "cpu", "llama_commit": "abc", "patch_hash": "def", "protocol_version": 1,
-            "ggml_backends": ["CPU"]}
-    fake = types.ModuleType("nakshatra._nakshatra")
-    fake.build_info = lambda: info
-    monkeypatch.setitem(sys.modules, "nakshatra._nakshatra", fake)
+    pin = {k.strip(): v.strip() for k, v in (line.split("=", 1) for line in
+           (PROJECT / "patches" / "llama.cpp.pin").read_text().splitlines()
+           if "=" in line and not line.lstrip().startswith("#"))}
+    patches = sorted((PROJECT / "patches").glob("*.patch"))
+    assert patches, "no patches found"
+    info = compiled_info()
+    assert info["llama_commit"] == pin["commit"], \
+        "the extension was not built from the pinned llama.cpp (patches/llama.cpp.pin): rebuild with `pip install .`"
+    # fetch_llama.py: sha256 of the patch files' bytes in name order, first 12 hex digits
+    want = hashlib.sha256(b"".join(p.read_bytes() for p in patches)).hexdigest()[:12]
+    assert info["patch_hash"] == want, "the extension was built with other patches than patches/: rebuild it"
+    assert info["patches"].split(",") == [p.name for p in patches]
+    assert info["backend"] in BACKENDS and "CPU" in info["ggml_backends"]
+
+
+def test_compiled_info_without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:
     import nakshatra
-    monkeypatch.setattr(nakshatra, "_nakshatra", fake, raising=False)
-    assert compiled_info() == info
 
     monkeypatch.setitem(sys.modules, "nakshatra._nakshatra", None)  # import fails
-    monkeypatch.delattr(nakshatra, "_nakshatra")
+    monkeypatch.delattr(nakshatra, "_nakshatra", raising=False)
     with pytest.raises(BuildError, match=r"not importable.*pip install \.` .*`nak build`"):
         compiled_info()

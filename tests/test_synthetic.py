@@ -1,8 +1,12 @@
-"""Synthetic random-weight GGUFs: metadata, tensor names and shapes as the pinned llama.cpp
-loaders expect them (read back with gguf.GGUFReader), determinism, size picking and errors.
+"""Synthetic random-weight GGUFs: metadata (read back with gguf.GGUFReader), tensor names and
+shapes as the pinned llama.cpp loaders expect them, determinism, size picking and errors.
 
-That llama.cpp really loads and decodes every architecture was checked by hand with a small C++
-program against the pinned build; split-vs-unsplit tests on these models live elsewhere.
+The oracle for names and shapes is llama.cpp itself, not ``tensor_specs``: its loader
+(``llama_model_loader``) refuses a file whose tensor is missing, has other dimensions than the
+architecture's loader asks for (``check_tensor_dims``), or is left unused
+(``done_getting_tensors``); each architecture's file is loaded and decoded, and files with one
+tensor dropped, added or reshaped are shown to be refused. Split-vs-unsplit tests on these models
+live elsewhere.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import gguf
 import numpy as np
 import pytest
 
-from nakshatra.errors import ModelError
+from nakshatra import _nakshatra
+from nakshatra.errors import ModelError, StageError
 from nakshatra.synthetic import (
     ARCHS,
     llama_dims_for_params,
@@ -62,13 +67,53 @@ def test_metadata_and_tensors(arch: str, smollm2_path: Path, source: gguf.GGUFRe
             assert len(r.fields[key].data) == len(f.data), key
 
     got = _tensors(r)
-    want = tensor_specs(arch, n_layer=3, n_embd=64, n_head=4, n_head_kv=2, n_ff=128,
-                        n_vocab=n_vocab, n_expert=4 if arch == "qwen3moe" else 0)
-    assert {name: ne for name, (ne, _) in got.items()} == {s.name: s.ne for s in want}
     assert all(t == F32 for _, t in got.values())
     assert got["token_embd.weight"][0] == (64, n_vocab)
     assert got["output.weight"][0] == (64, n_vocab)
     assert got["blk.2.attn_output.weight"][0] == (64, 64)
+    # llama.cpp's loader takes every tensor, with the shapes its loader for this arch asks for,
+    # and the model decodes (its greedy tokens are real vocabulary ids)
+    toks = _load_and_generate(path)
+    assert len(toks) <= 4 and all(0 <= t < n_vocab for t in toks)
+
+
+def _load_and_generate(path: Path) -> list[int]:
+    """Load ``path`` with the pinned llama.cpp (raises StageError when its loader refuses the
+    file), prefill a prompt and decode greedily: up to 4 tokens (fewer if a random model picks
+    an end-of-generation token)."""
+    ref = _nakshatra.Reference(str(path), n_ctx=64, n_threads=1)
+    return ref.generate(ref.tokenize("The sea is"), 4, temp=0.0)
+
+
+@pytest.mark.parametrize("change", ["drop", "extra", "reshape"])
+def test_llama_cpp_refuses_a_file_unlike_its_loader(change: str, smollm2_path: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    """The oracle above can fail: the same writer with one tensor dropped, one added or one
+    reshaped produces a file llama.cpp refuses, naming the tensor."""
+    import nakshatra.synthetic as synthetic
+    from nakshatra.synthetic import TensorSpec
+
+    real = synthetic.tensor_specs
+
+    def altered(*a, **kw):
+        specs = real(*a, **kw)
+        if change == "drop":
+            return [s for s in specs if s.name != "blk.1.ffn_up.weight"]
+        if change == "extra":
+            return [*specs, TensorSpec("blk.1.ffn_up_extra.weight", (64, 128))]
+        return [TensorSpec(s.name, (64, 96), s.kind) if s.name == "blk.1.ffn_up.weight" else s for s in specs]
+
+    monkeypatch.setattr(synthetic, "tensor_specs", altered)
+    path = write_synthetic(tmp_path / f"{change}.gguf", "llama", n_layer=2, tokenizer_from=smollm2_path)
+    capfd.readouterr()
+    with pytest.raises(StageError, match="could not load"):
+        _nakshatra.Reference(str(path), n_ctx=64, n_threads=1)
+    log = capfd.readouterr().err  # llama.cpp's own reason, from its log
+    want = {"drop": "tensor 'blk.1.ffn_up.weight' not found",
+            "extra": "wrong number of tensors; expected 22, got 21",
+            "reshape": "tensor 'blk.1.ffn_up.weight' has wrong shape"}[change]
+    assert want in log, log
 
 
 def test_arch_specific_tensors(smollm2_path: Path, tmp_path: Path) -> None:
