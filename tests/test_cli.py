@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nakshatra import _nakshatra
+from nakshatra.chain import Chain
 from nakshatra.local import LocalStages
 from nakshatra.ranges import LayerRange
 from nakshatra.slicer import slice_model
@@ -21,26 +22,49 @@ def nak(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def test_run_default_model_streams_only_text(smollm2_path: Path) -> None:
-    r = nak("run", "--temp", "0", "-n", "24", "--threads", "2", "--ctx", "512", "The capital of France is")
+def test_run_default_model_answers_as_a_chat(smollm2_path: Path) -> None:
+    r = nak("run", "--temp", "0", "-n", "24", "--threads", "2", "--ctx", "512", "What is the capital of France?")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "nak serve" not in r.stdout and "llama" not in r.stdout.lower()
 
 
+# SmolLM2's chat template is ChatML (its tokenizer.chat_template): one user turn, then the
+# assistant's turn opened
+CHATML = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_run_chain_equals_default_parts(smollm2_path: Path, tmp_path: Path) -> None:
+    question, n = "What is the capital of France?", 24
+    ref = _nakshatra.Reference(str(smollm2_path), n_ctx=512, n_threads=2)
     m = slice_model(smollm2_path, n_parts=2, out_dir=tmp_path, progress=False)
     with LocalStages([tmp_path / s.file for s in reversed(m.slices)], threads=2, ctx=512, max_sessions=2) as st:
-        chained = nak("run", "--chain", ",".join(st.addresses), "--temp", "0", "-n", "24", "--stats",
-                      "The capital of France is")
-        ringed = nak("run", "--chain", ",".join(st.addresses), "--temp", "0", "-n", "24", "--ring",
-                     "The capital of France is")
-    local = nak("run", "--model", str(smollm2_path), "--parts", "3", "--temp", "0", "-n", "24", "--threads", "2",
-                "--ctx", "512", "The capital of France is")
+        chained = nak("run", "--chain", ",".join(st.addresses), "--temp", "0", "-n", str(n), "--stats", question)
+        ringed = nak("run", "--chain", ",".join(st.addresses), "--temp", "0", "-n", str(n), "--ring", question)
+        raw = nak("run", "--chain", ",".join(st.addresses), "--temp", "0", "-n", str(n), "--raw",
+                  "The capital of France is")
+        # what the unsplit model answers: the chat-templated prompt, and the raw one
+        with Chain(st.addresses) as c:
+            want_chat = c.detokenize(ref.generate(c.tokenize(CHATML.format(question), parse_special=True), n))
+            want_raw = c.detokenize(ref.generate(c.tokenize("The capital of France is"), n))
+    local = nak("run", "--model", str(smollm2_path), "--parts", "3", "--temp", "0", "-n", str(n), "--threads", "2",
+                "--ctx", "512", question)
     assert chained.returncode == 0, chained.stderr
     assert local.returncode == 0, local.stderr
-    assert chained.stdout == local.stdout == ringed.stdout
+    assert chained.stdout == local.stdout == ringed.stdout == want_chat + "\n"
+    assert raw.returncode == 0 and raw.stdout == want_raw + "\n" != chained.stdout
     assert "decode" in chained.stderr and "tok/s" in chained.stderr
+
+
+def test_run_says_why_nothing_was_generated(smollm2_path: Path) -> None:
+    """A raw prompt that reads as finished: SmolLM2's greedy first token is end-of-generation.
+    stdout stays empty (only the answer goes there); stderr says why and what to do."""
+    r = nak("run", "--raw", "--temp", "0", "-n", "24", "--threads", "2", "--ctx", "512",
+            "What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+    assert "nothing generated: the first token sampled was end-of-generation" in r.stderr
+    assert "drop --raw" in r.stderr
 
 
 def test_seeded_run_is_repeatable(smollm2_path: Path) -> None:
@@ -55,6 +79,7 @@ def test_seeded_run_is_repeatable(smollm2_path: Path) -> None:
     (("run", "--chain", "127.0.0.1:1", "hi"), "127.0.0.1:1"),
     (("run", "--chain", "nonsense", "hi"), "host:port"),
     (("run", "--temp", "-1", "hi"), "--temp"),
+    (("run", "-n", "0", "hi"), "-n 0"),
     (("serve", "/no/such/file.gguf"), "no such file"),
     (("slice", "/no/such/file.gguf", "--parts", "2"), "file.gguf"),
     (("run", "--model", "no-such-model", "hi"), "no-such-model"),

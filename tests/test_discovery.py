@@ -338,7 +338,7 @@ class TestReplicatedStages:
             os.killpg(p.pid, signal.SIGTERM)
             p.wait(timeout=20)
             p.stdout.close()
-        k = _nak("run", "--chain", ",".join(replicated.addresses[i] for i in (0, 1, 4)), "--temp", "0",
+        k = _nak("run", "--chain", ",".join(replicated.addresses[i] for i in (0, 1, 4)), "--raw", "--temp", "0",
                  "-n", str(N_PREDICT), PROMPT)
         assert r["choices"][0]["text"] == k.stdout.rstrip("\n")
 

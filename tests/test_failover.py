@@ -1,7 +1,13 @@
 """Replicas and failover with replay: a stage killed at a random step (SIGKILL, before or during
 the step) hands its layer range to a replica, which is rebuilt by replaying the session's chunks
 with the same batch boundaries; greedy output is identical to an uninterrupted run. With no replica
-left the error names the dead stage and its layers, and the tokens made so far are kept."""
+left the error names the dead stage and its layers, and the tokens made so far are kept.
+
+Every trial checks that the stage died before the run ended and that its range moved. Relay and
+forwarding kill from outside, before the step or during it (a timer the step waits for). A ring
+runs ahead of its client, so a kill sent from outside may land after the ring has finished;
+there the stage kills itself at the chosen step through the stages' testing hook
+(``NAK_DEBUG_KILL_DIR``, cpp/stage/stage.cpp), before or after its llama_decode."""
 
 from __future__ import annotations
 
@@ -37,24 +43,41 @@ def slices(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> list
 class Pool:
     """Stage processes by address; ``spawn(i)`` starts one more stage for range ``i``."""
 
-    def __init__(self, slices: list[Path]) -> None:
+    def __init__(self, slices: list[Path], kill_dir: Path) -> None:
         self.slices = slices
+        self.kill_dir = kill_dir
         self.groups: list[LocalStages] = []
         self.pid: dict[str, int] = {}
         self.range_of: dict[str, int] = {}
+        self.proc: dict[str, object] = {}
 
     def spawn(self, *ranges: int, max_sessions: int = 4) -> None:
         ls = LocalStages([self.slices[i] for i in ranges], threads=1, ctx=256, max_sessions=max_sessions,
-                         cpu_lock=False)
+                         cpu_lock=False, env={"NAK_DEBUG_KILL_DIR": str(self.kill_dir)})
         ls.start()
         self.groups.append(ls)
-        for i, addr, pid in zip(ranges, ls.addresses, ls.pids):
+        for i, addr, pid, proc in zip(ranges, ls.addresses, ls.pids, ls.procs):
             self.pid[addr] = pid
             self.range_of[addr] = i
+            self.proc[addr] = proc
 
     def kill(self, addr: str) -> None:
         os.kill(self.pid.pop(addr), signal.SIGKILL)
         del self.range_of[addr]
+
+    def arm(self, addr: str, step: int, when: str) -> None:
+        """Make the stage at ``addr`` SIGKILL itself at the first step >= ``step``, ``when`` =
+        "before" or "after" its llama_decode (the stages' NAK_DEBUG_KILL_DIR hook)."""
+        (self.kill_dir / str(self.pid[addr])).write_text(f"{step} {when}\n")
+
+    def died_of_sigkill(self, addr: str) -> bool:
+        """Whether the stage at ``addr`` has exited, killed by SIGKILL (it is then forgotten)."""
+        proc = self.proc[addr]
+        if proc.poll() != -signal.SIGKILL:
+            return False
+        self.pid.pop(addr, None)
+        self.range_of.pop(addr, None)
+        return True
 
     @property
     def addresses(self) -> list[str]:
@@ -66,8 +89,8 @@ class Pool:
 
 
 @pytest.fixture
-def pool(slices: list[Path]):
-    p = Pool(slices)
+def pool(slices: list[Path], tmp_path: Path):
+    p = Pool(slices, tmp_path)
     try:
         yield p
     finally:
@@ -78,18 +101,11 @@ def _greedy(chain: Chain, prompt: list[int], kill_at: int = -1, kill=None, delay
             sampler: SamplerParams = GREEDY) -> list[int]:
     """N_PREDICT tokens (greedy unless ``sampler``), one feed per token; ``kill()`` runs before step
     ``kill_at`` (or ``delay_s`` after that step started, from another thread, so it lands during
-    the step)."""
+    the step). A ring takes no ``kill``: arm the victim's hook (Pool.arm) instead."""
     if chain.ring_mode:
+        assert kill is None, "a kill from outside may miss a ring: use Pool.arm"
         with chain.session(sampler, n_predict=N_PREDICT, ignore_eog=True) as sess:
-            out, timer = [], None
-            for i, r in enumerate(sess.ring(prompt, N_PREDICT)):
-                out.append(r["token"])
-                if i + 1 == kill_at:
-                    timer = threading.Timer(delay_s, kill)
-                    timer.start()
-            if timer:
-                timer.join()
-            return out
+            return [r["token"] for r in sess.ring(prompt, N_PREDICT)]
     with chain.session(sampler, ignore_eog=True) as sess:
         out = [sess.feed(prompt)["token"]]
         for step in range(1, N_PREDICT):
@@ -120,10 +136,16 @@ def test_a_killed_stage_fails_over_to_a_replica_with_identical_output(pool: Pool
             victim = c.stages[r].address
             step = rnd.randrange(1, N_PREDICT - 1)  # a kill that lands late still meets a later step
             delay = rnd.choice([0.0, 0.001, 0.004])
-            got = _greedy(c, prompt, step, lambda: pool.kill(victim), delay)
-            assert got == want, f"trial {trial} ({mode}): killed {victim} (layers {RANGES[r]}) at step {step}"
-            if mode != "ring":  # a ring may finish before a late kill lands
-                assert c.stages[r].address != victim  # the range moved to the replica
+            what = f"trial {trial} ({mode}): killed {victim} (layers {RANGES[r]}) at step {step}"
+            if mode == "ring":
+                pool.arm(victim, step, "before" if delay == 0 else "after")
+                got = _greedy(c, prompt)
+                assert pool.died_of_sigkill(victim), f"{what}: the stage did not die"
+            else:
+                got = _greedy(c, prompt, step, lambda: pool.kill(victim), delay)
+            assert got == want, what
+            # the victim died before the run ended: its range moved to the replica mid-run
+            assert c.stages[r].address != victim, f"{what}: no failover happened"
         pool.spawn(r)  # back to two stages per range
 
 
@@ -144,8 +166,16 @@ def test_seeded_sampling_survives_failover_unchanged(pool: Pool) -> None:
         with Chain(pool.addresses, forwarding=mode != "relay", ring=mode == "ring", timeout_s=20) as c:
             victim = c.stages[r].address
             step = rnd.randrange(1, N_PREDICT - 2)
-            got = _greedy(c, prompt, step, lambda: pool.kill(victim), rnd.choice([0.0, 0.002]), sampler=seeded)
-            assert got == want, f"trial {trial} ({mode}): killed {victim} (layers {RANGES[r]}) at step {step}"
+            delay = rnd.choice([0.0, 0.002])
+            what = f"trial {trial} ({mode}): killed {victim} (layers {RANGES[r]}) at step {step}"
+            if mode == "ring":
+                pool.arm(victim, step, "before" if delay == 0 else "after")
+                got = _greedy(c, prompt, sampler=seeded)
+                assert pool.died_of_sigkill(victim), f"{what}: the stage did not die"
+            else:
+                got = _greedy(c, prompt, step, lambda: pool.kill(victim), delay, sampler=seeded)
+            assert got == want, what
+            assert c.stages[r].address != victim, f"{what}: no failover happened"
         pool.spawn(r)
 
 

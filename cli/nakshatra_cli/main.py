@@ -71,7 +71,7 @@ def run(
     repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", help="1 disables it.")] = 1.0,
     repeat_last_n: Annotated[int, typer.Option("--repeat-last-n")] = 64,
     seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Sampling seed (default: random).")] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template.")] = False,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--raw", help="--chat (the default when the model has a chat template): the prompt is one user turn in the model's chat template, as ollama run and llama-cli do. --raw: continue the prompt as plain text (llama-completion -no-cnv).", show_default=False)] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings per stage to stderr.")] = False,
     forwarding: Annotated[bool, typer.Option("--forwarding/--relay", help="Stages pass hidden states to each other (forwarding) or through the client (relay).")] = False,
     ring: Annotated[bool, typer.Option("--ring", help="Forwarding, and the last stage hands each token straight back to the first.")] = False,
@@ -83,9 +83,11 @@ def run(
     discover_timeout: Annotated[float, typer.Option("--discover-timeout", help="Seconds to listen for stages with --discover.")] = 2.0,
     model_sha: Annotated[Optional[str], typer.Option("--model-sha", help="With --discover: the model's sha256 (a prefix will do) when stages of several models answer.")] = None,
 ) -> None:
-    """Generate text through a chain of stages; only the text goes to stdout.
+    """Answer a prompt through a chain of stages; only the answer goes to stdout.
 
-    Examples: [b]nak run "Tell me about the stars"[/b] (SmolLM2 cut in 3, 3 local stages);
+    The prompt is a user turn in the model's chat template when it has one (--raw: plain text
+    continuation). Examples: [b]nak run "Tell me about the stars"[/b] (SmolLM2 cut in 3, 3 local
+    stages); [b]nak run --raw "Once upon a time"[/b];
     [b]nak run --chain hostA:7071,hostB:7072 -n 128 --temp 0.7 --seed 1 "prompt"[/b];
     [b]nak run --discover "prompt"[/b] (the stages that answer on the LAN)
     """
@@ -93,6 +95,9 @@ def run(
     from nakshatra.chain import Chain, GenerationStats, SamplerParams
 
     key = load_key(key_file)
+    if n_predict == 0 or n_predict < -1:
+        raise NakError(f"-n {n_predict}: give the number of tokens to generate (1 or more), or -1 for "
+                       "until end of generation")
     sampler = SamplerParams(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
     sampler.check()
     st = GenerationStats()
@@ -103,14 +108,20 @@ def run(
         with Chain(addresses, forwarding=forwarding, ring=ring, timeout_s=timeout, key=key) as c:
             if stats:
                 err_console.print(" → ".join(f"{s.address} ({s.layers})" for s in c.stages), markup=False)
+            use_chat = _use_chat_template(c, prompt, chat)
             bar = _PrefillBar() if sys.stderr.isatty() else None
-            for text in c.generate(prompt, n_predict, sampler, chat=chat, stats=st, on_prefill=bar):
+            wrote = False
+            for text in c.generate(prompt, n_predict, sampler, chat=use_chat, stats=st, on_prefill=bar):
                 if bar is not None:
                     bar.close()
                 sys.stdout.write(text)
                 sys.stdout.flush()
-            sys.stdout.write("\n")
-            sys.stdout.flush()
+                wrote = wrote or bool(text)
+            if wrote:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            else:
+                err_console.print(_why_nothing(st, use_chat, sampler), markup=False)
             if stats:
                 _print_stats(st, c.stages)
 
@@ -134,6 +145,42 @@ def run(
     slices = cached_parts(path, parts, progress=sys.stderr.isatty())
     with LocalStages(slices, threads=threads, ctx=ctx, max_sessions=1, key_file=key_file or None) as ls:
         generate(ls.addresses)
+
+
+def _use_chat_template(c, prompt: str, chat: bool | None) -> bool:
+    """Whether ``nak run`` wraps the prompt in the model's chat template: as asked (--chat,
+    --raw), else when the model has a template llama.cpp knows (a note on stderr when not)."""
+    if chat is not None:
+        return chat
+    from nakshatra.errors import StageError
+
+    try:
+        c.apply_chat_template([("user", prompt)])
+        return True
+    except StageError as e:
+        if e.code != "bad_request":
+            raise
+        err_console.print(f"nak run: {str(e).split(';')[0]}: continuing the prompt as plain text (as --raw)",
+                          markup=False)
+        return False
+
+
+def _why_nothing(st, chat: bool, sampler) -> str:
+    """The stderr line for a generation that produced no text, saying why."""
+    if st.n_generated > 0:
+        return f"nak run: the {st.n_generated} generated tokens decode to no text"
+    if st.stop_reason == "eog":
+        why = "the first token sampled was end-of-generation"
+        if chat:
+            hint = "rephrase the prompt"
+        else:
+            hint = "a raw prompt that reads as finished often ends at once: drop --raw to ask it as a chat turn"
+        if sampler.temp > 0:
+            hint += ", or try another --seed or a lower --temp"
+        return f"nak run: nothing generated: {why}; {hint}"
+    if st.stop_reason == "context":
+        return "nak run: nothing generated: the prompt fills the context; start the stages with a larger --ctx"
+    return "nak run: nothing generated"
 
 
 class _PrefillBar:

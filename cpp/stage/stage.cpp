@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <signal.h>
 #include <thread>
 
 int64_t nak_now_ms() {
@@ -777,6 +778,38 @@ void nak_stage::on_batch(const nak_frame & req, int32_t conn, std::vector<nak_se
 }
 
 // one llama_decode over every step's rows, in order; then each step's reply, or the batch onward
+// Testing hook for the failover tests: with NAK_DEBUG_KILL_DIR set, a stage whose file
+// <dir>/<pid> holds "STEP before" or "STEP after" removes that file and SIGKILLs itself at the
+// first step >= STEP of any session, before its llama_decode or after it (the result computed,
+// not sent). A signal from outside cannot do this deterministically in ring mode, where the
+// stages run ahead of the client that would send it. Unset (always, outside tests): one branch.
+static void nak_debug_kill_point(const std::vector<nak_step> & steps, const char * when) {
+    static const char * dir = getenv("NAK_DEBUG_KILL_DIR");
+    if (dir == nullptr || *dir == '\0') {
+        return;
+    }
+    const std::string path = std::string(dir) + "/" + std::to_string((long) getpid());
+    FILE * f = fopen(path.c_str(), "r");
+    if (f == nullptr) {
+        return;
+    }
+    unsigned long long step = 0;
+    char at[16] = {};
+    const bool ok = fscanf(f, "%llu %15s", &step, at) == 2;
+    fclose(f);
+    if (!ok || strcmp(at, when) != 0) {
+        return;
+    }
+    for (const auto & st : steps) {
+        if (st.e.step >= step) {
+            unlink(path.c_str()); // a replica started from the same environment lives on
+            fprintf(stderr, "nak stage: NAK_DEBUG_KILL_DIR: killed at step %llu (%s)\n",
+                    (unsigned long long) st.e.step, when);
+            raise(SIGKILL);
+        }
+    }
+}
+
 void nak_stage::run_steps(std::vector<nak_step> & steps, const std::string & next_hop, uint64_t batch_id,
                           std::vector<nak_send> & out) {
     uint32_t n_rows = 0;
@@ -809,6 +842,7 @@ void nak_stage::run_steps(std::vector<nak_step> & steps, const std::string & nex
             batch.logits[row]    = is_last() ? (sample && i == st.e.n_tokens - 1) : 1;
         }
     }
+    nak_debug_kill_point(steps, "before");
     const int64_t t0 = now_us();
     // stages sharing a machine take turns (--cpu-lock): each decodes with every core, and none
     // spins in ggml's barriers while another holds the cores
@@ -830,6 +864,7 @@ void nak_stage::run_steps(std::vector<nak_step> & steps, const std::string & nex
         }
         return;
     }
+    nak_debug_kill_point(steps, "after");
     log_batch(steps, batch_id);
     n_decode_++;
     n_batch_entries_ += steps.size();

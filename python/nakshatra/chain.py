@@ -94,6 +94,10 @@ class GenerationStats:
     stage_compute_ms: list[float] = field(default_factory=list)
     stage_rtt_ms: list[float] = field(default_factory=list)  # client-measured round trips
     wire_bytes: list[int] = field(default_factory=list)
+    # why generation ended: "eog" (an end-of-generation token was sampled; it is not part of the
+    # output), "n_predict" (the token budget), "context" (the session's context is full), or ""
+    # (not ended: the caller stopped reading, or an error)
+    stop_reason: str = ""
 
     @property
     def prefill_tps(self) -> float:
@@ -668,8 +672,12 @@ class Chain:
                         stats.n_prompt = len(prompt_tokens)
                         stats.prefill_ms = stats.ttft_ms = (t1 - t0) * 1e3
                 if reply["is_eog"]:
+                    if stats is not None:
+                        stats.stop_reason = "eog"
                     break
                 produced += 1
+                if stats is not None and sess._last(reply, produced, n_predict):
+                    stats.stop_reason = "n_predict" if produced == n_predict else "context"
                 out_tokens.append(reply["token"])
                 if stats is not None:
                     stats.n_generated = produced
