@@ -10,6 +10,7 @@
 #include "llama.h"
 
 #include <pybind11/functional.h>
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -583,6 +584,28 @@ struct py_reference {
         return out;
     }
 
+    py::array_t<float> step_logits(const std::vector<int32_t> & prompt, const std::vector<int32_t> & continuation) {
+        auto * rows = new std::vector<float>();
+        // owns the rows once the array exists; frees them on every error path before that
+        py::capsule owner(rows, [](void * p) { delete (std::vector<float> *) p; });
+        std::string err;
+        bool bad_input = false;
+        bool ok;
+        {
+            py::gil_scoped_release nogil;
+            ok = ref.step_logits(prompt, continuation, *rows, bad_input, err);
+        }
+        if (!ok) {
+            if (bad_input) {
+                throw py::value_error(err);
+            }
+            raise_stage_error(err, "internal");
+        }
+        const py::ssize_t n_vocab = llama_vocab_n_tokens(ref.vocab);
+        const py::ssize_t n_rows  = (py::ssize_t) (rows->size() / (size_t) n_vocab);
+        return py::array_t<float>({ n_rows, n_vocab }, rows->data(), owner);
+    }
+
     py::tuple time_run(const std::vector<int32_t> & prompt, int32_t n_decode) {
         int64_t prefill_us = 0, decode_us = 0;
         std::string err;
@@ -730,6 +753,11 @@ PYBIND11_MODULE(_nakshatra, m) {
              py::arg("sample"),
              "One llama_decode of the given rows (one entry per row); returns the greedy token of every row "
              "whose sample flag is set, in row order. Replays a stage's --batch-log.")
+        .def("step_logits", &py_reference::step_logits, py::arg("prompt"), py::arg("continuation"),
+             "Teacher-forced logits: prefill prompt (n_batch chunks, as generate), then decode each\n"
+             "continuation token one per llama_decode. float32 array [1 + len(continuation), n_vocab]:\n"
+             "the logits of the last prompt row, then after each continuation token. ValueError for an\n"
+             "empty prompt, a token id outside the vocabulary, or more tokens than a sequence holds.")
         .def("time_run", &py_reference::time_run, py::arg("prompt"), py::arg("n_decode"),
              "Prefill then n_decode greedy one-token steps from an empty cache: (prefill_us, decode_us).")
         .def("captured", &py_reference::captured, py::arg("layer"),

@@ -173,6 +173,77 @@ std::vector<llama_token> nak_reference::generate(const std::vector<llama_token> 
     return out;
 }
 
+bool nak_reference::step_logits(const std::vector<llama_token> & prompt, const std::vector<llama_token> & continuation,
+                                std::vector<float> & out, bool & bad_input, std::string & err) {
+    out.clear();
+    bad_input = true;
+    if (prompt.empty()) {
+        err = "empty prompt";
+        return false;
+    }
+    // llama.cpp asserts on some bad ids and reads out of bounds on others: refuse them here
+    const int32_t n_vocab = llama_vocab_n_tokens(vocab);
+    for (size_t i = 0; i < prompt.size() + continuation.size(); i++) {
+        const llama_token t = i < prompt.size() ? prompt[i] : continuation[i - prompt.size()];
+        if (t < 0 || t >= n_vocab) {
+            err = std::string(i < prompt.size() ? "prompt" : "continuation") + " token " +
+                  std::to_string(t) + " at index " +
+                  std::to_string(i < prompt.size() ? i : i - prompt.size()) + " is not in [0, " +
+                  std::to_string(n_vocab) + ")";
+            return false;
+        }
+    }
+    // every continuation token is decoded too (its logits are the last row), so all of them
+    // need a cell in sequence 0
+    const size_t n_pos  = prompt.size() + continuation.size();
+    const uint32_t n_seq_ctx = llama_n_ctx_seq(ctx);
+    if (n_pos > n_seq_ctx) {
+        err = std::to_string(prompt.size()) + " prompt + " + std::to_string(continuation.size()) +
+              " continuation tokens do not fit a sequence of " + std::to_string(n_seq_ctx) + " positions";
+        return false;
+    }
+    bad_input = false;
+
+    llama_memory_seq_rm(llama_get_memory(ctx), 0, -1, -1);
+    captured.clear();
+    out.reserve((continuation.size() + 1) * (size_t) n_vocab);
+    // copy the row llama.cpp marked as output of the last decode (one per decode here)
+    auto take_last = [&]() {
+        const float * logits = llama_get_logits_ith(ctx, -1);
+        if (!logits) {
+            err = "llama.cpp returned no logits";
+            return false;
+        }
+        out.insert(out.end(), logits, logits + n_vocab);
+        return true;
+    };
+    // same chunks and output flags as generate: the kernels are not batch-invariant, so other
+    // cuts could change the logits in the last bits
+    int32_t pos = 0;
+    for (size_t i = 0; i < prompt.size(); i += n_batch) {
+        const int32_t n = (int32_t) std::min<size_t>(n_batch, prompt.size() - i);
+        if (!decode_tokens(ctx, prompt.data() + i, n, pos, i + n == prompt.size())) {
+            err = "llama_decode failed on the prompt";
+            return false;
+        }
+        pos += n;
+    }
+    if (!take_last()) {
+        return false;
+    }
+    for (llama_token tok : continuation) {
+        if (!decode_tokens(ctx, &tok, 1, pos, true)) {
+            err = "llama_decode failed at position " + std::to_string(pos);
+            return false;
+        }
+        pos++;
+        if (!take_last()) {
+            return false;
+        }
+    }
+    return true;
+}
+
 std::vector<llama_token> nak_reference::decode_batch(const std::vector<int32_t> & seq, const std::vector<int32_t> & pos,
                                                      const std::vector<int32_t> & tokens, const std::vector<int32_t> & sample,
                                                      std::string & err) {

@@ -36,6 +36,14 @@ struct nak_reference {
     // stopping at an end-of-generation token (not included). Returns the sampled tokens.
     std::vector<llama_token> generate(const std::vector<llama_token> & prompt, int32_t n_predict,
                                       const nak_sampler_params & sp, std::string & err);
+    // teacher-forced logits, for tests that check a sampler against the unsplit model: prefill
+    // `prompt` in n_batch chunks exactly as generate does, then decode each token of `continuation`
+    // one per llama_decode. `out` gets 1 + continuation.size() rows of n_vocab floats: the logits
+    // of the last prompt row, then those after each continuation token. Returns false with `err`
+    // set; `bad_input` tells a caller's mistake (empty prompt, token id out of range, more
+    // positions than a sequence holds) from a llama_decode failure.
+    bool step_logits(const std::vector<llama_token> & prompt, const std::vector<llama_token> & continuation,
+                     std::vector<float> & out, bool & bad_input, std::string & err);
     // timing for `nak bench`: prefill `prompt` from an empty cache, then n_decode greedy steps of
     // one token each (end-of-generation ignored). Times in microseconds; false on a decode error.
     bool time_run(const std::vector<llama_token> & prompt, int32_t n_decode,
