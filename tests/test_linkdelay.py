@@ -199,7 +199,10 @@ def test_many_concurrent_connections(relay_addr: str) -> None:
             s.sendall(f"c{i:03d}".encode())
         for i, s in enumerate(socks):
             assert recv_exactly(s, 4) == f"c{i:03d}".encode()
-        assert 2 * DELAY <= time.monotonic() - t0 < 2 * DELAY + 0.1
+        took = time.monotonic() - t0
+        # the 20 connections are delayed side by side, not one after another (20 x 2 x DELAY =
+        # 0.8 s); the bound is half of that, so a busy machine's scheduling stalls cannot fail it
+        assert 2 * DELAY <= took < 10 * 2 * DELAY, took
     finally:
         for s in socks:
             s.close()

@@ -640,6 +640,9 @@ def soak(
                       f"fd growth {', '.join(f'{g:+d}' for g in res['fd_growth'])}", markup=False)
     for e in res["errors"][:5]:
         err_console.print(f"  {e}", markup=False)
+    for i, new in enumerate(res.get("fd_new", [])):
+        if new:
+            err_console.print(f"  stage {i}: descriptors opened since the first round: {', '.join(new)}", markup=False)
     if json_out:
         json_out.write_text(json.dumps(res, indent=1) + "\n")
     if not res["ok"]:

@@ -68,6 +68,35 @@ def _close_wait_sockets(pid: int) -> int:
     return n
 
 
+_TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "06": "TIME_WAIT", "07": "CLOSE",
+               "08": "CLOSE_WAIT", "0A": "LISTEN"}
+
+
+def _fd_targets(pid: int) -> set[str]:
+    """What each open descriptor of a process refers to: a path, or ``socket:[inode] STATE`` for
+    a TCP socket (empty if the process is gone)."""
+    states: dict[str, str] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            for row in Path(table).read_text().splitlines()[1:]:
+                cols = row.split()
+                if len(cols) > 9:
+                    states[f"socket:[{cols[9]}]"] = _TCP_STATES.get(cols[3], cols[3])
+        except OSError:
+            continue
+    out = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                t = os.readlink(fd)
+            except OSError:
+                continue
+            out.add(f"{fd.name} {t} {states.get(t, '')}".rstrip())
+    except OSError:
+        pass
+    return out
+
+
 def _settled_fds(pid: int, deadline_s: float = 10.0) -> int:
     """Open file descriptors of a stage once it has closed every connection its clients closed.
 
@@ -111,7 +140,9 @@ def run_soak(model: Path, parts: int = 3, sessions: int = 16, n_tokens: int = 25
     """Run the soak on ``model`` cut into ``parts`` local stages for ``duration_s`` seconds (at
     least two rounds). Returns ``rounds``, ``sessions_completed``, ``errors`` (messages),
     ``mismatches`` (outputs unlike their run alone; only checked with batching off),
-    ``rss_growth`` and ``fd_growth`` per stage (last round against the first), and ``ok``.
+    ``rss_growth`` and ``fd_growth`` per stage (last round against the first), ``fd_new`` per
+    stage (``"FD TARGET [TCP STATE]"`` of each descriptor not open after the first round), and
+    ``ok``.
     Raises NakError for bad arguments."""
     from .local import LocalStages, cached_parts
 
@@ -149,8 +180,11 @@ def run_soak(model: Path, parts: int = 3, sessions: int = 16, n_tokens: int = 25
             if rss0 is None:
                 rss0 = [_rss_bytes(p) for p in ls.pids]
                 fds0 = [_settled_fds(p) for p in ls.pids]
+                targets0 = [_fd_targets(p) for p in ls.pids]
         rss1 = [_rss_bytes(p) for p in ls.pids]
         fds1 = [_settled_fds(p) for p in ls.pids]
+        # the descriptors a stage holds now and did not after the first round (diagnosis of a leak)
+        res["fd_new"] = [sorted(_fd_targets(p) - t0) for p, t0 in zip(ls.pids, targets0)]
     res["rss_growth"] = [b / a - 1 if a else 0.0 for a, b in zip(rss0, rss1)]
     res["fd_growth"] = [b - a for a, b in zip(fds0, fds1)]
     res["ok"] = (not res["errors"] and res["mismatches"] == 0
