@@ -21,6 +21,16 @@ def gemma3_path() -> Path:
     return models.pull("gemma3-270m", progress=False)
 
 
+@pytest.fixture(scope="session")
+def upstream_completion():
+    """Stock, unpatched llama.cpp's ``llama-completion`` (an oracle the project did not write),
+    built on first use from the pristine pinned source into the Nakshatra cache and reused by
+    later sessions (see nakshatra.upstream). A :class:`nakshatra.upstream.UpstreamBuild`."""
+    from nakshatra import upstream
+
+    return upstream.ensure_completion()
+
+
 @pytest.fixture
 def tmp_out(tmp_path: Path) -> Path:
     """A not-yet-existing output directory inside the test's temporary directory."""
