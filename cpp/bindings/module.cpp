@@ -91,6 +91,9 @@ py::dict hello_dict(const nak_hello_ok & ok) {
     hd["cpu_ms"]          = ok.health.cpu_ms;
     hd["mem_available_bytes"] = ok.health.mem_available_bytes;
     hd["layers_per_s"]    = ok.health.layers_per_s;
+    hd["busy_ms"]         = ok.health.busy_ms;
+    hd["stalled_ms"]      = ok.health.stalled_ms;
+    hd["progress"]        = ok.health.progress;
     d["health"] = hd;
     d["rss_bytes"] = ok.health.rss_bytes;
     return d;
@@ -358,12 +361,15 @@ struct py_stage_client {
         {
             py::gil_scoped_release nogil;
             ok = nak_send_all(c.fd, (const uint8_t *) buf.data(), buf.size(), c.timeout_ms, err);
-            if (ok && expect_reply) {
+            while (ok && expect_reply) {
                 uint8_t hdr[NAK_HEADER_SIZE];
                 ok = nak_recv_exact(c.fd, hdr, NAK_HEADER_SIZE, c.timeout_ms, err) && nak_header_decode(hdr, reply.hdr);
                 if (ok) {
                     reply.payload.resize(std::min<uint32_t>(reply.hdr.payload_len, c.max_payload));
                     ok = nak_recv_exact(c.fd, reply.payload.data(), reply.payload.size(), c.timeout_ms, err);
+                }
+                if (reply.hdr.type != NAK_MSG_PROGRESS) {
+                    break; // PROGRESS of a session of this connection: not the reply
                 }
             }
         }
@@ -391,8 +397,11 @@ struct py_stage_client {
 // Wait for the reply to a forwarded step: FORWARD_OK from the last stage, or an ERROR from any
 // stage (each answers errors to the session's owner, i.e. this client). Raises StageError naming
 // the stage, or on timeout.
+// The wait ends timeout_ms after the last sign of life for this step: a stage computing it (or
+// holding it behind a computation that advances) sends PROGRESS frames with its request id, each
+// of which restarts the wait, so a slow stage is waited for and a hung or stopped one is not.
 py::dict wait_forward_ok(const std::vector<py_stage_client *> & clients, int timeout_ms, uint64_t min_request_id) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   again:
     std::vector<pollfd> pfds;
     for (auto * c : clients) {
@@ -408,7 +417,7 @@ py::dict wait_forward_ok(const std::vector<py_stage_client *> & clients, int tim
         } while (rc < 0 && errno == EINTR);
     }
     if (rc <= 0) {
-        raise_stage_error("no reply from the chain within " + std::to_string(timeout_ms) + " ms", "timeout");
+        raise_stage_error("no reply and no progress from the chain within " + std::to_string(timeout_ms) + " ms", "timeout");
     }
     for (size_t i = 0; i < pfds.size(); i++) {
         if (!(pfds[i].revents & (POLLIN | POLLHUP | POLLERR))) {
@@ -434,7 +443,13 @@ py::dict wait_forward_ok(const std::vector<py_stage_client *> & clients, int tim
             raise_stage_error(c->where() + ": " + (err.empty() ? "bad frame" : err), "transport");
         }
         if (r.hdr.request_id != 0 && r.hdr.request_id < min_request_id) {
-            goto again; // the reply or error of an earlier step that failed half-way
+            goto again; // the reply, error or progress of an earlier step that failed half-way
+        }
+        if (r.hdr.type == NAK_MSG_PROGRESS) {
+            if (r.hdr.request_id != 0) {
+                deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+            }
+            goto again;
         }
         if (r.hdr.type == NAK_MSG_ERROR) {
             nak_error e;

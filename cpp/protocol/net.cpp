@@ -143,6 +143,50 @@ int nak_connect(const std::string & host, int port, int timeout_ms, std::string 
     return fd;
 }
 
+int nak_connect_start(const std::string & host, int port, std::string & err) {
+    addrinfo hints = {};
+    hints.ai_family   = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags    = AI_NUMERICSERV;
+    addrinfo * res = nullptr;
+    const std::string h = strip_brackets(host);
+    const std::string p = std::to_string(port);
+    const int rc = getaddrinfo(h.c_str(), p.c_str(), &hints, &res);
+    if (rc != 0) {
+        err = "cannot resolve " + host + ": " + gai_strerror(rc);
+        return -1;
+    }
+    // the first address only: trying the next one needs the outcome of this one, i.e. waiting
+    const addrinfo * ai = res;
+    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+    if (fd < 0) {
+        err = std::string("socket failed: ") + strerror(errno);
+    } else {
+        nak_set_nonblocking(fd);
+        nak_set_nodelay(fd);
+        if (::connect(fd, ai->ai_addr, ai->ai_addrlen) != 0 && errno != EINPROGRESS) {
+            err = "cannot connect to " + host + ":" + p + ": " + strerror(errno);
+            ::close(fd);
+            fd = -1;
+        }
+    }
+    freeaddrinfo(res);
+    return fd;
+}
+
+bool nak_connect_finish(int fd, std::string & err) {
+    int soerr = 0;
+    socklen_t len = sizeof(soerr);
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) != 0) {
+        soerr = errno;
+    }
+    if (soerr != 0) {
+        err = std::string("cannot connect: ") + strerror(soerr);
+        return false;
+    }
+    return true;
+}
+
 static bool wait_fd(int fd, short events, int64_t deadline, std::string & err) {
     for (;;) {
         const int64_t left = deadline - now_ms();
@@ -238,9 +282,9 @@ bool nak_client::send_frame(const nak_header & h, const std::vector<uint8_t> & p
     return true;
 }
 
-bool nak_client::recv_frame(nak_frame & reply, std::string & err) {
+bool nak_client::recv_frame(nak_frame & reply, std::string & err, int wait_ms) {
     uint8_t hdr[NAK_HEADER_SIZE];
-    if (!nak_recv_exact(fd, hdr, NAK_HEADER_SIZE, timeout_ms, err)) {
+    if (!nak_recv_exact(fd, hdr, NAK_HEADER_SIZE, wait_ms < 0 ? timeout_ms : wait_ms, err)) {
         close();
         return false;
     }
@@ -278,13 +322,30 @@ bool nak_client::call(uint8_t type, uint64_t session_id, uint8_t dtype, const st
         return false;
     }
     // a FORWARD_OK or ERROR of an earlier forwarded step (one that failed half-way) may still be
-    // in the stream: skip it
-    do {
-        if (!recv_frame(reply, err)) {
+    // in the stream: skip it. PROGRESS for this request restarts the wait; other PROGRESS (an
+    // earlier step's, another session's) is skipped without restarting it.
+    int64_t deadline = now_ms() + timeout_ms;
+    for (;;) {
+        const int64_t left = deadline - now_ms();
+        if (left <= 0 || !recv_frame(reply, err, (int) left)) {
+            if (left <= 0) {
+                err = "no reply within " + std::to_string(timeout_ms) + " ms";
+                close();
+            }
             return false;
         }
-    } while (reply.hdr.request_id != h.request_id && reply.hdr.request_id != 0 &&
-             (reply.hdr.type == NAK_MSG_FORWARD_OK || reply.hdr.type == NAK_MSG_ERROR));
+        if (reply.hdr.type == NAK_MSG_PROGRESS) {
+            if (reply.hdr.request_id == h.request_id) {
+                deadline = now_ms() + timeout_ms;
+            }
+            continue;
+        }
+        if (reply.hdr.request_id != h.request_id && reply.hdr.request_id != 0 &&
+            (reply.hdr.type == NAK_MSG_FORWARD_OK || reply.hdr.type == NAK_MSG_ERROR)) {
+            continue;
+        }
+        break;
+    }
     if (reply.hdr.request_id != h.request_id && reply.hdr.type != NAK_MSG_ERROR) {
         err = "reply to request " + std::to_string(reply.hdr.request_id) + " while waiting for " +
               std::to_string(h.request_id);
@@ -306,7 +367,15 @@ bool nak_client::hello(nak_hello & m, nak_frame & reply, bool & unauthorized, st
     h.type       = NAK_MSG_HELLO;
     h.request_id = new_request_id();
     if (auth.ready) { // HELLO again on an authenticated connection: an ordinary (MACed) request
-        return send_frame(h, w.buf, err) && recv_frame(reply, err);
+        if (!send_frame(h, w.buf, err)) {
+            return false;
+        }
+        do { // PROGRESS of this connection's sessions may come first
+            if (!recv_frame(reply, err)) {
+                return false;
+            }
+        } while (reply.hdr.type == NAK_MSG_PROGRESS);
+        return true;
     }
     const std::vector<uint8_t> hello_bytes = nak_frame_bytes(h, w.buf);
     if (!send_frame(h, w.buf, err) || !recv_frame(reply, err)) {

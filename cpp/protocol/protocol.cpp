@@ -53,6 +53,7 @@ const char * nak_msg_type_name(uint8_t type) {
         case NAK_MSG_BATCH:         return "BATCH";
         case NAK_MSG_AUTH:          return "AUTH";
         case NAK_MSG_AUTH_OK:       return "AUTH_OK";
+        case NAK_MSG_PROGRESS:      return "PROGRESS";
         case NAK_MSG_ERROR:         return "ERROR";
         default:                    return "UNKNOWN";
     }
@@ -132,6 +133,9 @@ void nak_encode(nak_writer & w, const nak_health & m) {
     w.u64(m.cpu_ms);
     w.u64(m.mem_available_bytes);
     w.f32(m.layers_per_s);
+    w.u64(m.busy_ms);
+    w.u64(m.stalled_ms);
+    w.u64(m.progress);
 }
 
 bool nak_decode(nak_reader & r, nak_health & m) {
@@ -146,6 +150,9 @@ bool nak_decode(nak_reader & r, nak_health & m) {
     m.cpu_ms          = r.u64();
     m.mem_available_bytes = r.u64();
     m.layers_per_s    = r.f32();
+    m.busy_ms         = r.u64();
+    m.stalled_ms      = r.u64();
+    m.progress        = r.u64();
     return r.ok;
 }
 

@@ -27,10 +27,12 @@
 #include <vector>
 
 #define NAK_PROTO_MAGIC         0x534b414eu // "NAKS" read as a little-endian u32
-#define NAK_PROTO_VERSION       2 // 2: OPEN names a KV sequence, BATCH between stages, wire dtypes
+#define NAK_PROTO_VERSION       3 // 2: OPEN names a KV sequence, BATCH between stages, wire dtypes;
+                                  // 3: PROGRESS while a stage computes, health busy/stalled
 #define NAK_HEADER_SIZE         32
 #define NAK_MAX_PAYLOAD_DEFAULT (64u << 20) // 64 MiB: a 2048-token batch of n_embd 8192 f32
 #define NAK_NONCE_SIZE          32
+#define NAK_PROGRESS_INTERVAL_MS 500 // PROGRESS frames at most this often per step
 
 // capability bits exchanged in HELLO / HELLO_OK
 #define NAK_CAP_F32_WIRE (1ull << 0)
@@ -63,6 +65,12 @@ enum nak_msg_type : uint8_t {
     NAK_MSG_BATCH         = 19, // stage to stage: the first stage's batch of session steps, unchanged
     NAK_MSG_AUTH          = 20, // client's proof of the cluster key (auth.h)
     NAK_MSG_AUTH_OK       = 21, // stage's proof
+    // stage to the owner of a session whose step it is computing, or holds queued behind a
+    // computation that is advancing: "busy, and making progress". Sent at most every
+    // NAK_PROGRESS_INTERVAL_MS and only while llama_decode advances, so a client can wait as long
+    // as a long prefill takes and still tell a hung stage (no PROGRESS) within its timeout.
+    // Header: the step's session_id and request_id; payload: u64 progress counter. No reply.
+    NAK_MSG_PROGRESS      = 22,
     NAK_MSG_ERROR         = 255,
 };
 
@@ -179,6 +187,10 @@ struct nak_health {
     uint64_t mem_available_bytes = 0; // memory the host could still give (Linux MemAvailable), bytes
     float    layers_per_s    = 0.0f; // decode speed of this stage from its self-benchmark at start:
                                      // layers x tokens per second (for `nak plan`); 0: not measured
+    // liveness while computing (answered by the network thread, never blocked by llama_decode)
+    uint64_t busy_ms    = 0; // how long the running request has been computing; 0: idle
+    uint64_t stalled_ms = 0; // how long llama_decode has made no progress (graph nodes) while busy; 0: idle
+    uint64_t progress   = 0; // graph nodes computed since start (a counter that moves while computing)
 };
 
 struct nak_hello {

@@ -2,18 +2,24 @@
 
 #include "net.h"
 
-#include <cerrno>
-#include <cstdio>
 #include <algorithm>
+#include <cerrno>
+#include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <deque>
+#include <fcntl.h>
+#include <mutex>
 #include <poll.h>
 #include <random>
 #include <sys/socket.h>
+#include <thread>
 #include <unistd.h>
 #include <vector>
 
 namespace {
+
+constexpr int64_t NAK_CONNECT_TIMEOUT_MS = 5000; // to the next stage; the event loop never waits for it
 
 struct conn_state {
     int                  fd = -1;
@@ -25,6 +31,9 @@ struct conn_state {
     bool                 closing    = false; // close once `out` is flushed
     bool                 dead       = false;
     bool                 outbound   = false;  // our connection to the next stage (forwarding)
+    bool                 connecting = false;  // outbound, its connect still in progress (never waited for)
+    uint16_t             fail_code  = NAK_ERR_UNAUTHORIZED; // what the owners of held frames are told if it dies
+    std::string          fail_msg;
     std::string          address;
     int64_t              t_open_ms  = 0;
     int64_t              t_last_ms  = 0;
@@ -40,9 +49,162 @@ struct queued_request {
     int32_t   conn;
     nak_frame frame;
     int64_t   t_arrival_us = 0;
+    // (session id, request id) of each step in the frame: whom PROGRESS is for while it waits or runs
+    std::vector<std::pair<uint64_t, uint64_t>> work;
+};
+
+// the steps a request carries, for PROGRESS: a BATCH's entries, else the header's session and request
+std::vector<std::pair<uint64_t, uint64_t>> work_of(const nak_frame & f) {
+    std::vector<std::pair<uint64_t, uint64_t>> w;
+    nak_batch b;
+    if (f.hdr.type == NAK_MSG_BATCH && nak_decode(f.payload, b)) {
+        for (const auto & e : b.entries) {
+            w.emplace_back(e.session_id, e.request_id);
+        }
+    } else if (f.hdr.request_id != 0) {
+        w.emplace_back(f.hdr.session_id, f.hdr.request_id);
+    }
+    return w;
+}
+
+// One request (or one batch of FORWARDs) at a time through the stage, on its own thread: the event
+// loop goes on answering HELLO, sending PROGRESS and moving bytes while llama_decode runs, so a
+// long prefill on a slow host is told from a dead or hung stage. The event loop hands a job over
+// only when the worker is idle and touches no session state while it runs.
+class compute_worker {
+  public:
+    explicit compute_worker(nak_stage & stage) : stage_(stage) {}
+    ~compute_worker() { stop(); }
+
+    bool start(std::string & err) {
+        if (pipe(wake_) != 0) {
+            err = "cannot create the compute thread's wake-up pipe";
+            return false;
+        }
+        for (int fd : wake_) {
+            fcntl(fd, F_SETFD, FD_CLOEXEC);
+            nak_set_nonblocking(fd);
+        }
+        thread_ = std::thread([this] { run(); });
+        return true;
+    }
+
+    // shutdown: a running llama_decode is aborted (llama.cpp's abort callback), then joined
+    void stop() {
+        if (thread_.joinable()) {
+            stage_.request_abort();
+            {
+                std::lock_guard<std::mutex> lock(mtx_);
+                quit_ = true;
+            }
+            cv_.notify_one();
+            thread_.join();
+        }
+        for (int & fd : wake_) {
+            if (fd >= 0) {
+                close(fd);
+                fd = -1;
+            }
+        }
+    }
+
+    int  wake_fd() const { return wake_[0]; }
+    bool busy() const { return busy_; }
+    const std::vector<queued_request> & running() const { return picked_; }
+
+    void submit(std::vector<queued_request> && picked) {
+        picked_ = std::move(picked);
+        out_.clear();
+        close_conn_ = false;
+        busy_ = true;
+        {
+            std::lock_guard<std::mutex> lock(mtx_);
+            has_job_ = true;
+        }
+        cv_.notify_one();
+    }
+
+    // the finished job's frames to send; false while it still runs
+    bool collect(std::vector<nak_send> & out, int32_t & conn, bool & close_conn) {
+        char buf[64];
+        while (read(wake_[0], buf, sizeof(buf)) > 0) {
+        }
+        if (!busy_) {
+            return false;
+        }
+        {
+            std::lock_guard<std::mutex> lock(mtx_);
+            if (has_job_) {
+                return false;
+            }
+        }
+        out        = std::move(out_);
+        conn       = picked_.empty() ? -1 : picked_[0].conn;
+        close_conn = close_conn_;
+        picked_.clear();
+        busy_ = false;
+        return true;
+    }
+
+  private:
+    void run() {
+        for (;;) {
+            {
+                std::unique_lock<std::mutex> lock(mtx_);
+                cv_.wait(lock, [this] { return has_job_ || quit_; });
+                if (quit_) {
+                    return;
+                }
+            }
+            execute();
+            {
+                std::lock_guard<std::mutex> lock(mtx_);
+                has_job_ = false;
+            }
+            const char c = 1;
+            (void) !write(wake_[1], &c, 1);
+        }
+    }
+
+    void execute() {
+        stage_.begin_work();
+        try {
+            if (picked_.size() == 1) {
+                stage_.handle(picked_[0].frame, picked_[0].conn, close_conn_, out_);
+            } else {
+                std::vector<const nak_frame *> frames;
+                std::vector<int32_t> from;
+                for (const auto & q : picked_) {
+                    frames.push_back(&q.frame);
+                    from.push_back(q.conn);
+                }
+                stage_.on_forwards(frames, from, out_);
+            }
+        } catch (const std::exception & e) {
+            fprintf(stderr, "nak stage: request failed: %s\n", e.what());
+        }
+        stage_.end_work();
+    }
+
+    nak_stage &                 stage_;
+    std::thread                 thread_;
+    std::mutex                  mtx_;
+    std::condition_variable     cv_;
+    bool                        has_job_ = false; // guarded by mtx_
+    bool                        quit_    = false; // guarded by mtx_
+    int                         wake_[2] = { -1, -1 };
+    // the job: written by the event loop before submit, read by the worker while has_job_, then
+    // read by the event loop again after collect (the mutex orders the hand-overs)
+    bool                        busy_ = false;     // event loop side
+    std::vector<queued_request> picked_;
+    std::vector<nak_send>       out_;
+    bool                        close_conn_ = false;
 };
 
 void flush(conn_state & c) {
+    if (c.connecting) {
+        return; // sent once connected
+    }
     while (c.out_off < c.out.size()) {
         const ssize_t k = send(c.fd, c.out.data() + c.out_off, c.out.size() - c.out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (k > 0) {
@@ -179,7 +341,24 @@ void drain_outbound(conn_state & c) {
     }
 }
 
-void read_frames(conn_state & c, std::deque<queued_request> & queue, int64_t now) {
+// whether a request of connection `id` waits in the queue or runs: its HELLO must then queue
+// behind it (replies on a connection keep the order of its requests)
+bool has_pending(int32_t id, const std::deque<queued_request> & queue, const compute_worker & worker) {
+    for (const auto & q : queue) {
+        if (q.conn == id) {
+            return true;
+        }
+    }
+    for (const auto & q : worker.running()) {
+        if (q.conn == id) {
+            return true;
+        }
+    }
+    return false;
+}
+
+void read_frames(conn_state & c, std::deque<queued_request> & queue, int64_t now, const nak_stage & stage,
+                 const compute_worker & worker) {
     uint8_t buf[65536];
     for (;;) {
         const ssize_t k = recv(c.fd, buf, sizeof(buf), MSG_DONTWAIT);
@@ -238,8 +417,14 @@ void read_frames(conn_state & c, std::deque<queued_request> & queue, int64_t now
                 continue;
             }
         }
+        if (q.frame.hdr.type == NAK_MSG_HELLO && !has_pending(c.id, queue, worker)) {
+            // answered here, not by the compute thread: liveness and health while it computes
+            send_frame(c, stage.hello_reply(q.frame));
+            continue;
+        }
         q.conn = c.id;
         q.t_arrival_us = nak_now_us();
+        q.work = work_of(q.frame);
         queue.push_back(std::move(q));
     }
 }
@@ -257,15 +442,18 @@ conn_state * outbound_conn(std::vector<conn_state> & conns, int32_t & next_id, c
         err = "bad next-hop address '" + address + "'";
         return nullptr;
     }
-    const int fd = nak_connect(address.substr(0, colon), atoi(address.c_str() + colon + 1), 5000, err);
+    std::string host = address.substr(0, colon);
+    const int fd = nak_connect_start(host, atoi(address.c_str() + colon + 1), err);
     if (fd < 0) {
         return nullptr;
     }
-    nak_set_nonblocking(fd);
     conn_state c;
     c.fd         = fd;
     c.id         = next_id++;
     c.outbound   = true;
+    c.connecting = true;
+    c.fail_code  = NAK_ERR_INTERNAL;
+    c.fail_msg   = "next stage " + address + " unreachable: connection not made";
     c.address    = address;
     c.hello_seen = true;
     c.t_open_ms  = c.t_last_ms = nak_now_ms();
@@ -357,7 +545,7 @@ void deliver(std::vector<conn_state> & conns, int32_t & next_id, const nak_stage
     if (!s.address.empty()) {
         std::string ferr;
         if (conn_state * dst = outbound_conn(conns, next_id, s.address, stage, key, ferr)) {
-            if (dst->gate.auth.enabled && !dst->gate.auth.ready) {
+            if (dst->connecting || (dst->gate.auth.enabled && !dst->gate.auth.ready)) {
                 dst->pending_owners.insert(dst->pending_owners.end(), s.fail_to.begin(), s.fail_to.end());
             }
             send_frame(*dst, s.frame);
@@ -379,6 +567,58 @@ void deliver(std::vector<conn_state> & conns, int32_t & next_id, const nak_stage
     }
 }
 
+// the connect of an outbound connection finished (POLLOUT or an error on its socket)
+void finish_connect(conn_state & c) {
+    std::string cerr;
+    if (!nak_connect_finish(c.fd, cerr)) {
+        fprintf(stderr, "nak stage: next stage %s: %s\n", c.address.c_str(), cerr.c_str());
+        c.fail_msg = "next stage " + c.address + " unreachable: " + cerr;
+        c.dead     = true;
+        return;
+    }
+    c.connecting = false;
+    c.fail_code  = NAK_ERR_UNAUTHORIZED; // from now on only the key handshake can fail it
+    c.fail_msg   = "next stage " + c.address + " did not authenticate with this stage's cluster key (none, or another key)";
+    if (!c.gate.auth.enabled) {
+        c.pending_owners.clear(); // the frames go out now
+    }
+    flush(c);
+}
+
+// PROGRESS to whoever waits on a step that runs or is queued here: the owner of its session (the
+// connection that opened it; the client, also in forwarding and ring), else the requester
+void send_progress(std::vector<conn_state> & conns, const nak_stage & stage, const compute_worker & worker,
+                   const std::deque<queued_request> & queue) {
+    std::vector<std::pair<int32_t, uint64_t>> sent; // (conn, request id)
+    nak_writer w;
+    w.u64(stage.progress());
+    auto notify = [&](const queued_request & q) {
+        for (const auto & sr : q.work) {
+            const int32_t owner = sr.first != 0 ? stage.owner_conn(sr.first) : -1;
+            const int32_t to    = owner >= 0 ? owner : q.conn;
+            if (std::find(sent.begin(), sent.end(), std::make_pair(to, sr.second)) != sent.end()) {
+                continue;
+            }
+            sent.emplace_back(to, sr.second);
+            for (auto & c : conns) {
+                if (c.id == to && !c.dead && !c.outbound && !c.closing) {
+                    nak_header h;
+                    h.type       = NAK_MSG_PROGRESS;
+                    h.session_id = sr.first;
+                    h.request_id = sr.second;
+                    send_frame(c, nak_frame_bytes(h, w.buf));
+                }
+            }
+        }
+    };
+    for (const auto & q : worker.running()) {
+        notify(q);
+    }
+    for (const auto & q : queue) {
+        notify(q);
+    }
+}
+
 } // namespace
 
 bool nak_serve(nak_stage & stage, const nak_server_params & params,
@@ -388,13 +628,21 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
     if (lfd < 0) {
         return false;
     }
+    compute_worker worker(stage);
+    if (!worker.start(err)) {
+        close(lfd);
+        return false;
+    }
     on_ready(nak_bound_port(lfd));
 
     std::vector<conn_state>     conns;
     std::deque<queued_request>  queue;
+    std::vector<int32_t>        gone;   // closed connections whose sessions wait for the worker to be idle
     int32_t next_id        = 1;
     int64_t t_stop_check   = 0;
     int64_t t_expire_check = 0;
+    int64_t t_progress     = 0;         // last PROGRESS round
+    uint64_t progress_sent = 0;         // stage.progress() at that round
     int64_t hold_us        = 0; // the scheduler holds a batch for ring sessions due back
     std::vector<pollfd> pfds;
 
@@ -408,9 +656,16 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
         }
         if (now - t_expire_check >= 1000) {
             t_expire_check = now;
-            stage.expire_idle(now);
+            if (!worker.busy()) {
+                stage.expire_idle(now);
+            }
             for (auto & c : conns) {
                 const bool handshaking = !c.hello_seen || (c.gate.auth.enabled && !c.gate.auth.ready);
+                if (c.connecting && now - c.t_open_ms > NAK_CONNECT_TIMEOUT_MS) {
+                    c.fail_msg = "next stage " + c.address + " unreachable: no connection within " +
+                                 std::to_string(NAK_CONNECT_TIMEOUT_MS) + " ms";
+                    c.dead = true;
+                }
                 if ((handshaking && now - c.t_open_ms > params.handshake_timeout_ms) ||
                     now - c.t_last_ms > (int64_t) params.conn_idle_timeout_s * 1000) {
                     c.dead = true;
@@ -420,14 +675,16 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
 
         pfds.clear();
         pfds.push_back({ lfd, POLLIN, 0 });
+        pfds.push_back({ worker.wake_fd(), POLLIN, 0 });
         for (const auto & c : conns) {
-            short ev = c.closing ? 0 : POLLIN;
-            if (c.out_off < c.out.size()) {
+            short ev = c.closing || c.connecting ? 0 : POLLIN;
+            if (c.connecting || c.out_off < c.out.size()) {
                 ev |= POLLOUT;
             }
             pfds.push_back({ c.fd, ev, 0 });
         }
-        const int timeout_ms = queue.empty() ? 50 : hold_us > 0 ? (int) ((hold_us + 999) / 1000) : 0;
+        // busy: wake for PROGRESS rounds (the wake pipe ends the wait when the job finishes)
+        const int timeout_ms = worker.busy() ? 100 : queue.empty() ? 50 : hold_us > 0 ? (int) ((hold_us + 999) / 1000) : 0;
         const int rc = poll(pfds.data(), pfds.size(), timeout_ms);
         if (rc < 0 && errno != EINTR) {
             err = "poll failed";
@@ -458,53 +715,75 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
                 conns.push_back(std::move(c));
             }
         }
-        for (size_t i = 1; i < pfds.size() && i - 1 < conns.size(); i++) {
-            conn_state & c = conns[i - 1];
-            if (pfds[i].revents & (POLLIN | POLLHUP | POLLERR)) {
-                read_frames(c, queue, now);
+        const size_t n_polled = pfds.size() - 2;
+        for (size_t i = 0; i < n_polled && i < conns.size(); i++) {
+            conn_state & c = conns[i];
+            const short rev = pfds[i + 2].revents;
+            if (c.connecting) {
+                if (rev & (POLLOUT | POLLERR | POLLHUP)) {
+                    finish_connect(c);
+                }
+                continue;
             }
-            if (pfds[i].revents & POLLOUT) {
+            if (rev & (POLLIN | POLLHUP | POLLERR)) {
+                read_frames(c, queue, now, stage, worker);
+            }
+            if (rev & POLLOUT) {
                 flush(c);
             }
         }
 
-        // scheduler: first come first served; at the first stage, forwarded steps of several
-        // sessions waiting together are decoded as one batch (continuous batching)
-        if (!queue.empty()) {
-            std::vector<queued_request> picked = pick_batch(queue, stage, hold_us);
-            if (picked.empty()) {
-                goto reap; // held for sessions due back: poll again shortly
-            }
-            {
-            stage.queue_depth = (uint32_t) queue.size();
-            bool close_conn = false;
+        // the compute thread finished a job: send what it produced
+        {
             std::vector<nak_send> out;
-            if (picked.size() == 1) {
-                stage.handle(picked[0].frame, picked[0].conn, close_conn, out);
-            } else {
-                std::vector<const nak_frame *> frames;
-                std::vector<int32_t> from;
-                for (const auto & q : picked) {
-                    frames.push_back(&q.frame);
-                    from.push_back(q.conn);
+            int32_t from = -1;
+            bool close_conn = false;
+            if (worker.collect(out, from, close_conn)) {
+                for (auto & s : out) {
+                    deliver(conns, next_id, stage, params.key, s);
                 }
-                stage.on_forwards(frames, from, out);
-            }
-            for (auto & s : out) {
-                deliver(conns, next_id, stage, params.key, s);
-            }
-            for (auto & c : conns) {
-                if (c.id == picked[0].conn) {
-                    c.closing = c.closing || close_conn;
+                for (auto & c : conns) {
+                    if (c.id == from) {
+                        c.closing = c.closing || close_conn;
+                    }
                 }
-            }
             }
         }
-    reap:
+        if (!worker.busy()) {
+            for (int32_t id : gone) {
+                stage.on_disconnect(id);
+            }
+            gone.clear();
+        }
 
-        // drop dead connections: free their sessions' KV and their queued requests
+        // scheduler: first come first served; at the first stage, forwarded steps of several
+        // sessions waiting together are decoded as one batch (continuous batching)
+        if (!worker.busy() && !queue.empty()) {
+            std::vector<queued_request> picked = pick_batch(queue, stage, hold_us);
+            if (!picked.empty()) {
+                stage.queue_depth = (uint32_t) queue.size();
+                worker.submit(std::move(picked));
+                t_progress = nak_now_ms();
+            }
+        }
+        stage.queue_depth = (uint32_t) queue.size();
+
+        // busy and advancing: tell whoever waits on a running or queued step, so a long
+        // computation is waited for; a stalled one (hung, or its host stopped) sends nothing
+        if (worker.busy()) {
+            const int64_t t = nak_now_ms();
+            const uint64_t p = stage.progress();
+            if (t - t_progress >= NAK_PROGRESS_INTERVAL_MS && p != progress_sent) {
+                send_progress(conns, stage, worker, queue);
+                t_progress    = t;
+                progress_sent = p;
+            }
+        }
+
+        // drop dead connections: free their sessions' KV (once the worker is idle) and their
+        // queued requests
         {
-        std::vector<nak_send> refused; // steps held for a next stage that never authenticated
+        std::vector<nak_send> refused; // steps held for a next stage never reached or never authenticated
         for (size_t i = 0; i < conns.size();) {
             if (!conns[i].dead) {
                 i++;
@@ -513,12 +792,15 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
             for (const auto & f : conns[i].pending_owners) {
                 nak_send e;
                 e.conn  = f.first;
-                e.frame = nak_error_frame(f.second, NAK_ERR_UNAUTHORIZED, "next stage " + conns[i].address +
-                                          " did not authenticate with this stage's cluster key (none, or another key)");
+                e.frame = nak_error_frame(f.second, conns[i].fail_code, conns[i].fail_msg);
                 refused.push_back(std::move(e));
             }
             const int32_t id = conns[i].id;
-            stage.on_disconnect(id);
+            if (worker.busy()) {
+                gone.push_back(id);
+            } else {
+                stage.on_disconnect(id);
+            }
             close(conns[i].fd);
             for (auto it = queue.begin(); it != queue.end();) {
                 it = it->conn == id ? queue.erase(it) : it + 1;
@@ -529,6 +811,10 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
             deliver(conns, next_id, stage, params.key, e);
         }
         }
+    }
+    worker.stop();
+    for (int32_t id : gone) {
+        stage.on_disconnect(id);
     }
     for (auto & c : conns) {
         stage.on_disconnect(c.id);

@@ -257,11 +257,15 @@ bool nak_stage::load(const nak_stage_params & params, std::string & err) {
         return false;
     }
     llama_attach_threadpool(ctx_, threadpool_, threadpool_batch_ ? threadpool_batch_ : threadpool_);
+    // called once per graph node on the CPU backend: health.progress and PROGRESS frames move
+    // while a long prefill computes, and shutdown can stop a decode half-way
+    llama_set_abort_callback(ctx_, on_graph_node, this);
     slot_used_.assign(params.max_sessions, false);
     if (params.self_bench_steps > 0) {
         self_bench(params.self_bench_steps);
     }
     t_start_ms_ = nak_now_ms();
+    publish();
     return true;
 }
 
@@ -318,18 +322,64 @@ void nak_stage::self_bench(int32_t steps) {
     }
 }
 
+void nak_stage::publish() {
+    std::lock_guard<std::mutex> lock(pub_mtx_);
+    pub_sessions_active_ = (uint32_t) sessions_.size();
+    pub_kv_tokens_used_  = 0;
+    pub_owners_.clear();
+    for (const auto & kv : sessions_) {
+        pub_kv_tokens_used_ += kv.second.n_past;
+        pub_owners_[kv.first] = kv.second.conn;
+    }
+    pub_tokens_in_ = tokens_in_;
+}
+
+int32_t nak_stage::owner_conn(uint64_t session) const {
+    std::lock_guard<std::mutex> lock(pub_mtx_);
+    const auto it = pub_owners_.find(session);
+    return it == pub_owners_.end() ? -1 : it->second;
+}
+
+bool nak_stage::on_graph_node(void * data) {
+    nak_stage * st = (nak_stage *) data;
+    st->progress_.fetch_add(1, std::memory_order_relaxed);
+    st->last_progress_us_.store(now_us(), std::memory_order_relaxed);
+    return st->abort_.load(std::memory_order_relaxed);
+}
+
+void nak_stage::begin_work() {
+    const int64_t now = now_us();
+    last_progress_us_.store(now);
+    busy_since_us_.store(now);
+    progress_.fetch_add(1);
+}
+
+void nak_stage::end_work() {
+    publish();
+    progress_.fetch_add(1);
+    busy_since_us_.store(0);
+}
+
 nak_health nak_stage::health() const {
     nak_health h;
-    h.sessions_active = (uint32_t) sessions_.size();
+    {
+        std::lock_guard<std::mutex> lock(pub_mtx_);
+        h.sessions_active = pub_sessions_active_;
+        h.kv_tokens_used  = pub_kv_tokens_used_;
+        h.tokens_in       = pub_tokens_in_;
+    }
     h.max_sessions    = params_.max_sessions;
     h.queue_depth     = queue_depth;
     h.n_ctx_session   = params_.n_ctx_session;
-    for (const auto & kv : sessions_) {
-        h.kv_tokens_used += kv.second.n_past;
-    }
     h.rss_bytes = nak_rss_bytes();
     h.uptime_ms = (uint64_t) (nak_now_ms() - t_start_ms_);
-    h.tokens_in = tokens_in_;
+    const int64_t busy = busy_since_us_.load();
+    if (busy != 0) {
+        const int64_t now = now_us();
+        h.busy_ms    = (uint64_t) std::max<int64_t>(0, now - busy) / 1000;
+        h.stalled_ms = (uint64_t) std::max<int64_t>(0, now - last_progress_us_.load()) / 1000;
+    }
+    h.progress = progress_.load();
     h.mem_available_bytes = mem_available_bytes();
     h.layers_per_s        = layers_per_s_;
     rusage ru;
@@ -427,6 +477,9 @@ void nak_stage::on_disconnect(int32_t conn) {
     for (uint64_t id : ids) {
         free_session(sessions_.at(id));
     }
+    if (!ids.empty()) {
+        publish();
+    }
 }
 
 void nak_stage::expire_idle(int64_t now) {
@@ -438,6 +491,9 @@ void nak_stage::expire_idle(int64_t now) {
     }
     for (uint64_t id : ids) {
         free_session(sessions_.at(id));
+    }
+    if (!ids.empty()) {
+        publish();
     }
 }
 
@@ -472,6 +528,24 @@ struct nak_reject {
     std::string message;
 };
 
+std::vector<uint8_t> nak_stage::hello_reply(const nak_frame & req) const {
+    nak_hello m;
+    if (!nak_decode(req.payload, m)) {
+        return nak_error_frame(req.hdr, NAK_ERR_BAD_REQUEST, "malformed HELLO payload");
+    }
+    if (!m.want_model_sha256.empty() && m.want_model_sha256 != params_.model_sha256) {
+        return nak_error_frame(req.hdr, NAK_ERR_WRONG_MODEL, "this stage serves model " +
+                               params_.model_sha256.substr(0, 12) + ", not " + m.want_model_sha256.substr(0, 12));
+    }
+    nak_header h;
+    h.request_id = req.hdr.request_id;
+    h.session_id = req.hdr.session_id;
+    h.type       = NAK_MSG_HELLO_OK;
+    nak_writer w;
+    nak_encode(w, info());
+    return nak_frame_bytes(h, w.buf);
+}
+
 void nak_stage::handle(const nak_frame & req, int32_t conn, bool & close_conn, std::vector<nak_send> & out) {
     close_conn = false;
     if (req.hdr.type == NAK_MSG_FORWARD) {
@@ -490,18 +564,9 @@ void nak_stage::handle(const nak_frame & req, int32_t conn, bool & close_conn, s
     std::vector<uint8_t> reply;
     try {
         switch (req.hdr.type) {
-            case NAK_MSG_HELLO: {
-                nak_hello m;
-                if (!nak_decode(req.payload, m)) {
-                    throw nak_reject{ NAK_ERR_BAD_REQUEST, "malformed HELLO payload" };
-                }
-                if (!m.want_model_sha256.empty() && m.want_model_sha256 != params_.model_sha256) {
-                    throw nak_reject{ NAK_ERR_WRONG_MODEL, "this stage serves model " + params_.model_sha256.substr(0, 12) +
-                                      ", not " + m.want_model_sha256.substr(0, 12) };
-                }
-                h.type = NAK_MSG_HELLO_OK;
-                nak_encode(w, info());
-            } break;
+            case NAK_MSG_HELLO:
+                reply = hello_reply(req);
+                break;
             case NAK_MSG_OPEN:       on_open(req, conn, w, h);   break;
             case NAK_MSG_TRUNCATE:   on_truncate(req, w, h);     break;
             case NAK_MSG_CLOSE:      on_close(req, w, h);        break;
@@ -517,7 +582,9 @@ void nak_stage::handle(const nak_frame & req, int32_t conn, bool & close_conn, s
                     std::string("unexpected message type ") + std::to_string(req.hdr.type) + " (" +
                     nak_msg_type_name(req.hdr.type) + ")" };
         }
-        reply = nak_frame_bytes(h, w.buf);
+        if (reply.empty()) {
+            reply = nak_frame_bytes(h, w.buf);
+        }
     } catch (const nak_reject & e) {
         reply = nak_error_frame(req.hdr, e.code, e.message);
     } catch (const std::exception & e) {
@@ -782,8 +849,11 @@ void nak_stage::on_batch(const nak_frame & req, int32_t conn, std::vector<nak_se
 // <dir>/<pid> holds "STEP before" or "STEP after" removes that file and SIGKILLs itself at the
 // first step >= STEP of any session, before its llama_decode or after it (the result computed,
 // not sent). A signal from outside cannot do this deterministically in ring mode, where the
-// stages run ahead of the client that would send it. Unset (always, outside tests): one branch.
-static void nak_debug_kill_point(const std::vector<nak_step> & steps, const char * when) {
+// stages run ahead of the client that would send it. "STEP hang" blocks the compute thread there
+// instead (until shutdown), while the network thread goes on answering: a hung computation.
+// Unset (always, outside tests): one branch.
+static void nak_debug_kill_point(const std::vector<nak_step> & steps, const char * when,
+                                 const std::atomic<bool> & stop) {
     static const char * dir = getenv("NAK_DEBUG_KILL_DIR");
     if (dir == nullptr || *dir == '\0') {
         return;
@@ -797,12 +867,21 @@ static void nak_debug_kill_point(const std::vector<nak_step> & steps, const char
     char at[16] = {};
     const bool ok = fscanf(f, "%llu %15s", &step, at) == 2;
     fclose(f);
-    if (!ok || strcmp(at, when) != 0) {
+    const bool hang = ok && strcmp(at, "hang") == 0 && strcmp(when, "before") == 0;
+    if (!ok || (strcmp(at, when) != 0 && !hang)) {
         return;
     }
     for (const auto & st : steps) {
         if (st.e.step >= step) {
             unlink(path.c_str()); // a replica started from the same environment lives on
+            if (hang) {
+                fprintf(stderr, "nak stage: NAK_DEBUG_KILL_DIR: compute hangs at step %llu\n",
+                        (unsigned long long) st.e.step);
+                while (!stop.load()) {
+                    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+                }
+                return;
+            }
             fprintf(stderr, "nak stage: NAK_DEBUG_KILL_DIR: killed at step %llu (%s)\n",
                     (unsigned long long) st.e.step, when);
             raise(SIGKILL);
@@ -842,7 +921,7 @@ void nak_stage::run_steps(std::vector<nak_step> & steps, const std::string & nex
             batch.logits[row]    = is_last() ? (sample && i == st.e.n_tokens - 1) : 1;
         }
     }
-    nak_debug_kill_point(steps, "before");
+    nak_debug_kill_point(steps, "before", abort_);
     const int64_t t0 = now_us();
     // stages sharing a machine take turns (--cpu-lock): each decodes with every core, and none
     // spins in ggml's barriers while another holds the cores
@@ -864,7 +943,7 @@ void nak_stage::run_steps(std::vector<nak_step> & steps, const std::string & nex
         }
         return;
     }
-    nak_debug_kill_point(steps, "after");
+    nak_debug_kill_point(steps, "after", abort_);
     log_batch(steps, batch_id);
     n_decode_++;
     n_batch_entries_ += steps.size();

@@ -9,9 +9,11 @@
 
 #include "llama.h"
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <map>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -134,9 +136,26 @@ class nak_stage {
     // free sessions idle for longer than idle_timeout_s
     void expire_idle(int64_t now_ms);
 
+    // HELLO_OK and health: safe to call from the network thread while the compute thread is in
+    // handle() (they read only immutable fields, atomics and the state publish() copied)
     nak_hello_ok info() const;
+    // the answer to a HELLO frame: HELLO_OK, or ERROR (malformed, another model); any thread
+    std::vector<uint8_t> hello_reply(const nak_frame & req) const;
     nak_health   health() const;
     std::string  stats_json() const;
+
+    // The compute thread runs handle() / on_forwards() / on_disconnect() / expire_idle(); the
+    // network thread answers HELLO and sends PROGRESS meanwhile. begin_work / end_work bracket
+    // each request on the compute thread (for health.busy_ms, health.stalled_ms).
+    void     begin_work();
+    void     end_work();
+    // graph nodes computed since start: moves while llama_decode advances (the CPU backend's
+    // abort callback runs once per node)
+    uint64_t progress() const { return progress_.load(std::memory_order_relaxed); }
+    // the connection that owns `session` (opened it), or -1; safe from any thread
+    int32_t  owner_conn(uint64_t session) const;
+    // make a running llama_decode return early (shutdown): it fails with "aborted"
+    void     request_abort() { abort_.store(true); }
 
     uint32_t layer_start() const { return layer_start_; }
     uint32_t layer_end()   const { return layer_end_; }
@@ -145,7 +164,7 @@ class nak_stage {
     uint32_t n_embd()      const { return n_embd_; }
     const nak_stage_params & params() const { return params_; }
 
-    uint32_t queue_depth = 0; // set by the event loop, reported in health
+    std::atomic<uint32_t> queue_depth{ 0 }; // set by the event loop, reported in health
 
   private:
     void on_open    (const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h);
@@ -170,6 +189,9 @@ class nak_stage {
     void self_bench(int32_t steps);
     static uint64_t mem_available_bytes();
     void reconfigure(nak_session & s, const nak_open & m);
+    // copy what health() and owner_conn() report out of sessions_ (compute thread, after each change)
+    void publish();
+    static bool on_graph_node(void * data); // llama.cpp's abort callback: counts progress
 
     nak_stage_params      params_;
     llama_model *         model_ = nullptr;
@@ -201,6 +223,18 @@ class nak_stage {
     uint64_t              n_batch_entries_   = 0; // steps decoded, over all batches
     uint64_t              max_batch_entries_ = 0;
     uint64_t              seq_mismatches_    = 0; // BATCH entries whose sequence id differs here
+
+    // liveness, read by the network thread
+    std::atomic<uint64_t> progress_{ 0 };
+    std::atomic<int64_t>  busy_since_us_{ 0 };     // 0: idle
+    std::atomic<int64_t>  last_progress_us_{ 0 };
+    std::atomic<bool>     abort_{ false };
+    // published by the compute thread (publish()), guarded by pub_mtx_
+    mutable std::mutex           pub_mtx_;
+    uint32_t                     pub_sessions_active_ = 0;
+    uint64_t                     pub_kv_tokens_used_  = 0;
+    uint64_t                     pub_tokens_in_       = 0;
+    std::map<uint64_t, int32_t>  pub_owners_;
 };
 
 // error reply helper (also used by the event loop for transport-level errors)
