@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         parallel: Annotated[int, typer.Option("--parallel", "-np", help="Requests served at once (each a session on every stage, kept between requests as a prompt cache).")] = 4,
         threads: Threads = 0,
         ctx: Ctx = 4096,
-        timeout: Annotated[float, typer.Option("--timeout", help="Seconds a stage may take to answer before its range fails over.")] = 60.0,
+        timeout: Annotated[float, typer.Option("--timeout", help="Seconds a stage may go without answering or making progress before its range fails over (a slow stage that computes is waited for).")] = 60.0,
         key_file: KeyFile = "",
     ) -> None:
         """OpenAI-compatible HTTP API and live dashboard over a chain (local stages by default).

@@ -77,7 +77,7 @@ def run(
     ring: Annotated[bool, typer.Option("--ring", help="Forwarding, and the last stage hands each token straight back to the first.")] = False,
     threads: Threads = 0,
     ctx: Ctx = 4096,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds a stage may take to answer before its range fails over to a replica.")] = 60.0,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds a stage may go without answering or making progress before its range fails over to a replica (a slow stage that computes is waited for).")] = 60.0,
     key_file: KeyFile = "",
     discover: Annotated[bool, typer.Option("--discover", help="Build the chain from the stages announcing on the LAN (mDNS, _nakshatra._tcp); refuses an incomplete one.")] = False,
     discover_timeout: Annotated[float, typer.Option("--discover-timeout", help="Seconds to listen for stages with --discover.")] = 2.0,

@@ -39,7 +39,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
-from .chain import Chain, FailoverError, GenerationStats, SamplerParams, Session, health_score
+from .chain import Chain, FailoverError, GenerationStats, SamplerParams, Session, health_score, hung
 from .errors import ChainError, NakError, StageError
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -453,6 +453,9 @@ class Engine:
                 finally:
                     c.close()
                 rng = LayerRange(h["layer_start"], h["layer_end"])
+                if hung(h["health"], self.timeout_s):
+                    raise StageError(f"its computation has made no progress for {h['health']['stalled_ms'] / 1e3:.1f} s "
+                                     "(hung)", "timeout")
                 row.update(up=True, host=host, layers=rng.inclusive(), layer_start=rng.start, layer_end=rng.end,
                            n_layers=rng.n_layers, health=h["health"], score=health_score(h["health"]),
                            backend=h["backend"])

@@ -166,6 +166,15 @@ def health_score(health: dict) -> float:
     return slots + kv + health.get("queue_depth", 0)
 
 
+def hung(health: dict, timeout_s: float) -> bool:
+    """Whether a stage that answers HELLO is nonetheless hung: it is computing (``busy_ms`` > 0)
+    and its llama_decode has made no progress (graph nodes) for at least half of ``timeout_s``
+    (``stalled_ms``). A client whose wait expired after ``timeout_s`` without a PROGRESS frame
+    sees at least that much on a hung stage, while a slow stage that advances shows a few hundred
+    ms at most (cpp/stage/server.cpp sends PROGRESS every 500 ms while the counter moves)."""
+    return health.get("busy_ms", 0) > 0 and health.get("stalled_ms", 0) >= timeout_s * 1000 / 2
+
+
 def group_replicas(infos: Sequence[StageInfo]) -> list[list[StageInfo]]:
     """Group stages that serve the same layer range (replicas), each group healthiest first
     (:func:`health_score`, then address), groups in layer order, and check that one stage of each
@@ -586,11 +595,14 @@ class Chain:
 
     def alive(self, i: int, timeout_s: float = 2.0) -> bool:
         """Whether range ``i``'s serving stage answers a fresh HELLO within ``timeout_s`` (as the
-        same model and layer range)."""
+        same model and layer range) and is not hung (:func:`hung`: computing without progress).
+        The stage's network thread answers HELLO while it computes, so a slow stage is alive; a
+        stopped host (SIGSTOP, a frozen VM) answers nothing and a hung computation says so."""
         try:
             c = self._client(self.stages[i], timeout_s)
             try:
-                return self._same_stage(c.hello(), self.stages[i])
+                h = c.hello()
+                return self._same_stage(h, self.stages[i]) and not hung(h["health"], self.timeout_s)
             finally:
                 c.close()
         except StageError:
@@ -608,7 +620,7 @@ class Chain:
                 h = c.hello(want_model_sha256=current.model_sha256)
             except StageError:
                 continue
-            if not self._same_stage(h, current):
+            if not self._same_stage(h, current) or hung(h["health"], self.timeout_s):
                 c.close()
                 continue
             probed.append((health_score(h["health"]), r.address, r, c))
