@@ -331,3 +331,17 @@ def test_a_stage_refuses_to_forward_to_a_stage_without_the_key(keyed, plain, key
             list(c.generate_tokens(c.tokenize(PROMPT), 4, SamplerParams(temp=0)))
         assert e.value.code == "unauthorized" and "cluster key" in str(e.value)
     assert len(greedy(keyed.addresses, key, forwarding=True)) == 8
+
+
+def test_a_keyed_client_cannot_use_another_clients_session(keyed, key_file) -> None:
+    """The key admits a client to the stage, not to other clients' sessions."""
+    from test_protocol import _intruder_is_refused
+
+    key = load_key(key_file)
+    host, port = keyed.addresses[0].rsplit(":", 1)
+    owner = _nakshatra.StageClient(host, int(port), key=key)
+    owner.hello()
+    owner.open(77, temp=0.0, token=0xC0FFEE)
+    _intruder_is_refused(keyed.addresses[0], owner, key)
+    owner.close_session(77)
+    owner.close()

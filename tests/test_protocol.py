@@ -215,3 +215,50 @@ def test_generation_stops_at_a_full_context_and_a_long_prompt_is_refused(two_sta
     with Chain(two_stage.addresses, ring=True) as c:  # the ring stops at the same place by itself
         ring = [t for t, _ in c.generate_tokens(prompt, -1, SamplerParams(temp=0.0))]
     assert ring == got
+
+
+def _intruder_is_refused(address: str, owner, key: bytes = b"") -> None:
+    """Another connection (with the cluster key, when there is one) cannot close, truncate, reopen
+    or write into a session ``owner`` opened; the session is untouched afterwards."""
+    host, port = address.rsplit(":", 1)
+    other = _nakshatra.StageClient(host, int(port), key=key)
+    other.hello()
+    for what, call in [("close", lambda: other.close_session(77)),
+                       ("truncate", lambda: other.truncate(77, 0)),
+                       ("reopen", lambda: other.open(77, temp=0.0, reuse=True)),
+                       ("forward", lambda: other.forward(77, 0, [0], tokens=[1])),
+                       ("forward", lambda: other.forward(77, 0, [0], tokens=[1], sample=False))]:
+        with pytest.raises(StageError) as e:
+            call()
+        assert e.value.code == "unauthorized", (what, e.value)
+        assert "another connection" in str(e.value), (what, e.value)
+    # a forwarded step with a wrong token, as a stage on the route would send it
+    other.send_forward(77, 0, [0], [1], False, "", "", 12345)
+    with pytest.raises(StageError, match="does not carry its token") as e:
+        _nakshatra.wait_forward_ok([other], 10_000, other.last_request_id)
+    assert e.value.code == "unauthorized"
+    other.close()
+    r = owner.forward(77, 0, [0, 1], tokens=[1, 2])  # still at position 0, step 0
+    assert r["n_past"] == 2
+
+
+def test_only_the_opening_connection_uses_a_session(two_stage) -> None:
+    host, port = two_stage.addresses[0].rsplit(":", 1)
+    owner = _nakshatra.StageClient(host, int(port))
+    owner.hello()
+    owner.open(77, temp=0.0, token=0xDEADBEEF)
+    _intruder_is_refused(two_stage.addresses[0], owner)
+    owner.close_session(77)
+    owner.close()
+
+
+def test_a_stage_without_a_key_forwards_only_to_loopback(two_stage) -> None:
+    host, port = two_stage.addresses[0].rsplit(":", 1)
+    c = _nakshatra.StageClient(host, int(port))
+    c.hello()
+    c.open(78, temp=0.0, token=7)
+    c.send_forward(78, 0, [0], [1], False, "192.0.2.1:7072", "", 7)  # TEST-NET-1: never dialed
+    with pytest.raises(StageError, match="dials only loopback addresses.*--key-file.*--insecure") as e:
+        _nakshatra.wait_forward_ok([c], 10_000, c.last_request_id)
+    assert e.value.code == "unauthorized"
+    c.close()

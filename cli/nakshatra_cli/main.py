@@ -312,7 +312,7 @@ def serve(
     layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Inclusive layer range, e.g. 0-15.")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port).")] = 7071,
-    insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback address without a cluster key (warns).")] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Without a cluster key: allow listening on a non-loopback address (warns) and forwarding to non-loopback next stages (refused otherwise).")] = False,
     key_file: KeyFile = "",
     threads: Threads = 0,
     ctx: Ctx = 4096,

@@ -186,8 +186,9 @@ struct py_stage_client {
     // (positions the stage holds for the session, its KV sequence id)
     py::tuple open(uint64_t session, float temp, int32_t top_k, float top_p, float min_p, float repeat_penalty,
                    int32_t repeat_last_n, uint32_t seed, int32_t n_predict, const std::vector<int32_t> & stop_tokens,
-                   int32_t seq, bool ignore_eog, bool reuse) {
+                   int32_t seq, bool ignore_eog, bool reuse, uint64_t token) {
         nak_open m;
+        m.token      = token;
         m.ignore_eog = ignore_eog ? 1 : 0;
         m.reuse      = reuse ? 1 : 0;
         m.sampler = { temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed };
@@ -206,8 +207,10 @@ struct py_stage_client {
     static std::vector<uint8_t> forward_payload(uint64_t step, const std::vector<int32_t> & pos,
                                                 const std::optional<std::vector<int32_t>> & tokens,
                                                 const std::optional<py::bytes> & embd, bool sample,
-                                                const std::string & next_hop, const std::string & ring = "") {
+                                                const std::string & next_hop, const std::string & ring = "",
+                                                uint64_t token = 0) {
         nak_forward f;
+        f.token    = token;
         f.step     = step;
         f.n_tokens = (uint32_t) pos.size();
         f.pos      = pos;
@@ -253,8 +256,8 @@ struct py_stage_client {
     // wait_forward_ok. Returns the bytes sent.
     uint64_t send_forward(uint64_t session, uint64_t step, const std::vector<int32_t> & pos,
                           const std::vector<int32_t> & tokens, bool sample, const std::string & route,
-                          const std::string & ring) {
-        const std::vector<uint8_t> payload = forward_payload(step, pos, tokens, std::nullopt, sample, route, ring);
+                          const std::string & ring, uint64_t token) {
+        const std::vector<uint8_t> payload = forward_payload(step, pos, tokens, std::nullopt, sample, route, ring, token);
         nak_header h;
         h.type       = NAK_MSG_FORWARD;
         h.session_id = session;
@@ -510,8 +513,9 @@ struct py_stage {
 
     // serve until a signal handler raises (SIGINT -> KeyboardInterrupt) or stop() is called
     void serve(const std::string & host, int port, const std::function<void(int)> & on_ready, uint32_t max_payload,
-               const py::bytes & key) {
+               const py::bytes & key, bool insecure) {
         nak_server_params sp;
+        sp.insecure = insecure;
         const std::string k = key;
         if (!k.empty() && k.size() != NAK_KEY_SIZE) {
             throw py::value_error("a cluster key is " + std::to_string(NAK_KEY_SIZE) + " bytes");
@@ -707,8 +711,9 @@ PYBIND11_MODULE(_nakshatra, m) {
              py::arg("wire") = "f32", py::arg("batch_log") = "", py::arg("poll") = 0, py::arg("cpu_strict") = false,
              py::arg("cpu_lock") = "", py::arg("batch_hold_ms") = 0)
         .def("serve", &py_stage::serve, py::arg("host"), py::arg("port"), py::arg("on_ready"),
-             py::arg("max_payload") = NAK_MAX_PAYLOAD_DEFAULT, py::arg("key") = py::bytes(),
-             "Run the event loop until SIGINT/SIGTERM raises or stop() is called; on_ready(port) once listening.")
+             py::arg("max_payload") = NAK_MAX_PAYLOAD_DEFAULT, py::arg("key") = py::bytes(), py::arg("insecure") = false,
+             "Run the event loop until SIGINT/SIGTERM raises or stop() is called; on_ready(port) once listening. "
+             "Without a key the stage forwards only to loopback addresses unless insecure.")
         .def("stop", [](py_stage & s) { s.stop_flag = true; })
         .def_property_readonly("layer_start", [](const py_stage & s) { return s.st->layer_start(); })
         .def_property_readonly("layer_end", [](const py_stage & s) { return s.st->layer_end(); })
@@ -729,16 +734,19 @@ PYBIND11_MODULE(_nakshatra, m) {
              py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
              py::arg("repeat_last_n") = 64, py::arg("seed") = 0xFFFFFFFFu, py::arg("n_predict") = -1,
              py::arg("stop_tokens") = std::vector<int32_t>{}, py::arg("seq") = -1,
-             py::arg("ignore_eog") = false, py::arg("reuse") = false,
+             py::arg("ignore_eog") = false, py::arg("reuse") = false, py::arg("token") = 0,
              "Open a session: returns (n_ctx positions it may hold, its KV sequence id); seq -1 lets the stage pick. "
-             "reuse: the session is open already; give it these settings and keep its KV cache.")
+             "reuse: the session is open already; give it these settings and keep its KV cache. token: the "
+             "session's secret (random, the same on every stage), which steps forwarded by other stages carry; "
+             "0: only this connection may use the session.")
         .def("forward", &py_stage_client::forward, py::arg("session"), py::arg("step"), py::arg("pos"),
              py::arg("tokens") = py::none(), py::arg("embd") = py::none(), py::arg("sample") = false,
              py::arg("dtype") = (uint8_t) NAK_DTYPE_F32)
         .def("send_forward", &py_stage_client::send_forward, py::arg("session"), py::arg("step"), py::arg("pos"),
-             py::arg("tokens"), py::arg("sample"), py::arg("route"), py::arg("ring") = "",
+             py::arg("tokens"), py::arg("sample"), py::arg("route"), py::arg("ring") = "", py::arg("token") = 0,
              "Forwarding: send a step whose hidden state travels stage to stage along route; see wait_forward_ok. "
-             "With ring (every stage's address, first first) the last stage starts each next step itself.")
+             "With ring (every stage's address, first first) the last stage starts each next step itself. "
+             "token: the session's token given to open() on every stage (the stages after the first need it).")
         .def("truncate", &py_stage_client::truncate, py::arg("session"), py::arg("pos"), py::arg("next_step") = -1,
              py::arg("n_generated") = -1,
              "Drop cached positions >= pos; next_step >= 0 also sets the session's step counter (and "

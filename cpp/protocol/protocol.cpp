@@ -222,6 +222,7 @@ void nak_encode(nak_writer & w, const nak_open & m) {
     w.i32s(m.stop_tokens);
     w.i32(m.seq);
     w.u8(m.ignore_eog);
+    w.u64(m.token);
     if (m.reuse) {
         w.u8(1);
     }
@@ -240,6 +241,7 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_open & m) {
     m.stop_tokens            = r.i32s();
     m.seq                    = r.i32();
     m.ignore_eog             = r.u8();
+    m.token                  = r.u64();
     m.reuse                  = 0;
     if (r.ok && !r.done()) {
         m.reuse = r.u8();
@@ -251,7 +253,7 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_open & m) {
 }
 
 // FORWARD payload:
-// | step u64 | flags u32 | n_tokens u32 | pos i32[n] | (tokens i32[n]) | (embd_bytes u32 | embd) | next_hop str | ring str |
+// | step u64 | flags u32 | n_tokens u32 | pos i32[n] | (tokens i32[n]) | (embd_bytes u32 | embd) | next_hop str | ring str | token u64 |
 void nak_encode(nak_writer & w, const nak_forward & m) {
     w.u64(m.step);
     w.u32(m.flags);
@@ -266,6 +268,7 @@ void nak_encode(nak_writer & w, const nak_forward & m) {
     }
     w.str(m.next_hop);
     w.str(m.ring);
+    w.u64(m.token);
 }
 
 static bool read_i32_array(nak_reader & r, uint32_t n, std::vector<int32_t> & out) {
@@ -300,6 +303,7 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_forward & m) {
     }
     m.next_hop = r.str();
     m.ring     = r.str();
+    m.token    = r.u64();
     return r.done();
 }
 
@@ -346,6 +350,7 @@ void nak_encode(nak_writer & w, const nak_batch & m) {
         w.i32(e.seq);
         w.u32(e.n_tokens);
         w.i32(e.pos0);
+        w.u64(e.token);
         if (e.flags & NAK_FWD_TOKENS) {
             w.bytes(e.tokens.data(), e.tokens.size() * 4);
         }
@@ -360,8 +365,8 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_batch & m) {
     nak_reader r(p);
     m.id = r.u64();
     const uint32_t n = r.u32();
-    // an entry takes at least 44 bytes: a count beyond what the payload can hold is malformed
-    if (!r.ok || n > (r.n - r.off) / 44) {
+    // an entry takes at least 52 bytes: a count beyond what the payload can hold is malformed
+    if (!r.ok || n > (r.n - r.off) / 52) {
         return false;
     }
     m.entries.resize(n);
@@ -373,6 +378,7 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_batch & m) {
         e.seq        = r.i32();
         e.n_tokens   = r.u32();
         e.pos0       = r.i32();
+        e.token      = r.u64();
         if (!r.ok || e.n_tokens > (r.n - r.off) / 4) {
             return false;
         }

@@ -28,7 +28,7 @@
 
 #define NAK_PROTO_MAGIC         0x534b414eu // "NAKS" read as a little-endian u32
 #define NAK_PROTO_VERSION       3 // 2: OPEN names a KV sequence, BATCH between stages, wire dtypes;
-                                  // 3: PROGRESS while a stage computes, health busy/stalled
+                                  // 3: PROGRESS while a stage computes, health busy/stalled, session tokens
 #define NAK_HEADER_SIZE         32
 #define NAK_MAX_PAYLOAD_DEFAULT (64u << 20) // 64 MiB: a 2048-token batch of n_embd 8192 f32
 #define NAK_NONCE_SIZE          32
@@ -239,6 +239,11 @@ struct nak_open {
     // its KV cache and token history (a server reusing a cached prompt prefix for a new request).
     // On the wire only when set (a trailing byte 1).
     uint8_t              reuse = 0;
+    // the session's secret, chosen by the client at random and the same on every stage: frames
+    // for the session that do not come from the connection that opened it (the stage before on
+    // its route: forwarding, ring) must carry it. 0: none (only the opening connection may use it).
+    // Never shown (stats, health): the session id is no secret.
+    uint64_t             token = 0;
 };
 
 struct nak_forward {
@@ -257,6 +262,7 @@ struct nak_forward {
     // ring route: every stage's address, first stage first (with NAK_FWD_RING): the last stage
     // starts the next decode step itself until end of generation, n_predict or a full context
     std::string          ring;
+    uint64_t             token = 0; // the session's token (nak_open::token)
 };
 
 struct nak_forward_ok {
@@ -282,6 +288,7 @@ struct nak_batch_entry {
     int32_t              pos0       = 0; // positions pos0 .. pos0 + n_tokens - 1
     std::vector<int32_t> tokens;         // [n_tokens] when NAK_FWD_TOKENS
     std::string          ring;           // ring route (see nak_forward::ring)
+    uint64_t             token      = 0; // the session's token (nak_open::token)
 };
 
 // A batch formed by the first stage (continuous batching): every later stage decodes the same

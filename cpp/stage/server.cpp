@@ -540,10 +540,41 @@ std::vector<queued_request> pick_batch(std::deque<queued_request> & queue, const
 
 // send one frame the stage produced: to an accepted connection, or to the next stage by address;
 // a frame that cannot reach its address turns into an error for each session it carried
+// Without a cluster key nobody who sends a route is authenticated: dial only this machine, so a
+// stranger's frame cannot make the stage connect anywhere on the network (--insecure lifts it)
+bool may_dial(const std::string & address, const nak_server_params & params, std::string & why) {
+    if (!params.key.empty() || params.insecure) {
+        return true;
+    }
+    const size_t colon = address.rfind(':');
+    std::string host = colon == std::string::npos ? address : address.substr(0, colon);
+    if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+        host = host.substr(1, host.size() - 2);
+    }
+    if (nak_is_loopback(host)) {
+        return true;
+    }
+    why = "refusing to forward to " + address + ": this stage has no cluster key, so it dials only loopback "
+          "addresses (a route from an unauthenticated peer could point it anywhere); give every stage the same "
+          "--key-file (nak keygen), or start the stages with --insecure on a network you trust";
+    return false;
+}
+
 void deliver(std::vector<conn_state> & conns, int32_t & next_id, const nak_stage & stage,
-             const std::vector<uint8_t> & key, nak_send & s) {
+             const nak_server_params & params, nak_send & s) {
+    const std::vector<uint8_t> & key = params.key;
     if (!s.address.empty()) {
         std::string ferr;
+        if (!may_dial(s.address, params, ferr)) {
+            fprintf(stderr, "nak stage: %s\n", ferr.c_str());
+            for (const auto & f : s.fail_to) {
+                nak_send e;
+                e.conn  = f.first;
+                e.frame = nak_error_frame(f.second, NAK_ERR_UNAUTHORIZED, ferr);
+                deliver(conns, next_id, stage, params, e);
+            }
+            return;
+        }
         if (conn_state * dst = outbound_conn(conns, next_id, s.address, stage, key, ferr)) {
             if (dst->connecting || (dst->gate.auth.enabled && !dst->gate.auth.ready)) {
                 dst->pending_owners.insert(dst->pending_owners.end(), s.fail_to.begin(), s.fail_to.end());
@@ -555,7 +586,7 @@ void deliver(std::vector<conn_state> & conns, int32_t & next_id, const nak_stage
             nak_send e;
             e.conn  = f.first;
             e.frame = nak_error_frame(f.second, NAK_ERR_INTERNAL, "next stage " + s.address + " unreachable: " + ferr);
-            deliver(conns, next_id, stage, key, e);
+            deliver(conns, next_id, stage, params, e);
         }
         return;
     }
@@ -740,7 +771,7 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
             bool close_conn = false;
             if (worker.collect(out, from, close_conn)) {
                 for (auto & s : out) {
-                    deliver(conns, next_id, stage, params.key, s);
+                    deliver(conns, next_id, stage, params, s);
                 }
                 for (auto & c : conns) {
                     if (c.id == from) {
@@ -808,7 +839,7 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
             conns.erase(conns.begin() + i);
         }
         for (auto & e : refused) {
-            deliver(conns, next_id, stage, params.key, e);
+            deliver(conns, next_id, stage, params, e);
         }
         }
     }

@@ -17,6 +17,7 @@ struct nak_server_params {
     int         handshake_timeout_ms = 10000; // a connection must say HELLO within this time
     int         conn_idle_timeout_s  = 3600;  // a connection silent for longer is closed
     std::vector<uint8_t> key;                 // cluster key (auth.h): empty = no authentication
+    bool        insecure = false;             // without a key, forward to non-loopback addresses too
 };
 
 // Serve until should_stop() returns true (checked about every 50 ms). on_ready(port) is called

@@ -568,8 +568,8 @@ void nak_stage::handle(const nak_frame & req, int32_t conn, bool & close_conn, s
                 reply = hello_reply(req);
                 break;
             case NAK_MSG_OPEN:       on_open(req, conn, w, h);   break;
-            case NAK_MSG_TRUNCATE:   on_truncate(req, w, h);     break;
-            case NAK_MSG_CLOSE:      on_close(req, w, h);        break;
+            case NAK_MSG_TRUNCATE:   on_truncate(req, conn, w, h); break;
+            case NAK_MSG_CLOSE:      on_close(req, conn, w, h);    break;
             case NAK_MSG_TOKENIZE:   on_tokenize(req, w, h);     break;
             case NAK_MSG_DETOKENIZE: on_detokenize(req, w, h);   break;
             case NAK_MSG_TEMPLATE:   on_template(req, w, h);     break;
@@ -614,6 +614,7 @@ void nak_stage::on_open(const nak_frame & req, int32_t conn, nak_writer & w, nak
         if (it == sessions_.end()) {
             throw nak_reject{ NAK_ERR_NO_SESSION, "session " + std::to_string(req.hdr.session_id) + " is not open here (expired?): open it anew" };
         }
+        check_owner(it->second, conn, "reopen");
         reconfigure(it->second, m);
         h.type = NAK_MSG_OPEN_OK;
         w.u32(params_.n_ctx_session);
@@ -641,9 +642,10 @@ void nak_stage::on_open(const nak_frame & req, int32_t conn, nak_writer & w, nak
     slot_used_[slot] = true;
     llama_memory_seq_rm(llama_get_memory(ctx_), slot, -1, -1);
     nak_session & s = sessions_[req.hdr.session_id];
-    s.id   = req.hdr.session_id;
-    s.seq  = slot;
-    s.conn = conn;
+    s.id    = req.hdr.session_id;
+    s.seq   = slot;
+    s.conn  = conn;
+    s.token = m.token;
     reconfigure(s, m);
     h.type = NAK_MSG_OPEN_OK;
     w.u32(params_.n_ctx_session);
@@ -667,6 +669,7 @@ static nak_step step_from_forward(const nak_frame & req, int32_t conn, std::stri
     st.e.pos0       = f.n_tokens > 0 ? f.pos[0] : 0;
     st.e.tokens     = std::move(f.tokens);
     st.e.ring       = std::move(f.ring);
+    st.e.token      = f.token;
     for (uint32_t i = 0; i < f.n_tokens; i++) {
         if (f.pos[i] != st.e.pos0 + (int32_t) i) {
             throw nak_reject{ NAK_ERR_BAD_REQUEST, "positions of one step must be consecutive" };
@@ -698,6 +701,13 @@ void nak_stage::check_step(nak_step & st, const std::string & next_hop) {
     nak_session * s = find_session(st.e.session_id);
     if (!s) {
         throw nak_reject{ NAK_ERR_NO_SESSION, "no open session " + std::to_string(st.e.session_id) + " on this stage" };
+    }
+    // a step from the session's own connection, or carrying its token (the stage before on its
+    // route); anything else is refused to the sender, before the session is touched
+    if (st.reply_conn != s->conn && (s->token == 0 || st.e.token != s->token)) {
+        throw nak_reject{ NAK_ERR_UNAUTHORIZED, "session " + std::to_string(st.e.session_id) +
+                          " belongs to another connection and this step does not carry its token: only the client "
+                          "that opened a session, and the stages on its route, may write into it" };
     }
     st.s          = s;
     st.reply_conn = s->conn; // the client waits for the reply (or an error) on its own connection
@@ -1064,7 +1074,8 @@ void nak_stage::pass_on(const std::vector<nak_step> & steps, const std::string &
     b.id = batch_id;
     for (const auto & st : steps) {
         b.entries.push_back(st.e);
-        b.entries.back().seq = st.s->seq;
+        b.entries.back().seq   = st.s->seq;
+        b.entries.back().token = st.s->token;
         n_rows += st.e.n_tokens;
     }
     std::vector<uint8_t> wire;
@@ -1114,6 +1125,7 @@ void nak_stage::ring_next(const nak_session & s, const nak_step & st, llama_toke
     nf.pos      = { (int32_t) s.n_past };
     nf.tokens   = { tok };
     nf.ring     = st.e.ring;
+    nf.token    = s.token;
     const size_t comma = st.e.ring.find(',');
     nf.next_hop = comma == std::string::npos ? std::string() : st.e.ring.substr(comma + 1);
     nak_header h;
@@ -1152,11 +1164,21 @@ void nak_stage::log_batch(const std::vector<nak_step> & steps, uint64_t batch_id
     fflush(batch_log_);
 }
 
-void nak_stage::on_truncate(const nak_frame & req, nak_writer & w, nak_header & h) {
+// TRUNCATE, CLOSE and a reopen come only from the connection that opened the session: the client
+// (a stage on the route never sends them)
+void nak_stage::check_owner(const nak_session & s, int32_t conn, const char * what) const {
+    if (conn != s.conn) {
+        throw nak_reject{ NAK_ERR_UNAUTHORIZED, std::string("cannot ") + what + " session " + std::to_string(s.id) +
+                          ": it belongs to another connection (only the client that opened it may)" };
+    }
+}
+
+void nak_stage::on_truncate(const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h) {
     nak_session * s = find_session(req.hdr.session_id);
     if (!s) {
         throw nak_reject{ NAK_ERR_NO_SESSION, "no open session " + std::to_string(req.hdr.session_id) + " on this stage" };
     }
+    check_owner(*s, conn, "truncate");
     nak_reader r(req.payload);
     const int32_t pos = r.i32();
     // optional: the step number the session continues with (a client that replayed a session
@@ -1195,9 +1217,10 @@ void nak_stage::on_truncate(const nak_frame & req, nak_writer & w, nak_header & 
     w.u64(s->next_step);
 }
 
-void nak_stage::on_close(const nak_frame & req, nak_writer & w, nak_header & h) {
+void nak_stage::on_close(const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h) {
     nak_session * s = find_session(req.hdr.session_id);
     if (s) {
+        check_owner(*s, conn, "close");
         free_session(*s);
     }
     h.type = NAK_MSG_CLOSE_OK;

@@ -74,6 +74,7 @@ struct nak_session {
     uint64_t                 id       = 0;
     int32_t                  seq      = 0;   // KV sequence id (the slot)
     int32_t                  conn     = -1;  // connection that opened it (freed when it goes away)
+    uint64_t                 token    = 0;   // nak_open::token: what other connections must show
     uint32_t                 n_past   = 0;   // positions cached
     uint64_t                 next_step = 0;
     int64_t                  last_used_ms = 0;
@@ -176,8 +177,9 @@ class nak_stage {
     void reply_step (nak_step & st, uint64_t compute_us, std::vector<nak_send> & out);
     void pass_on    (const std::vector<nak_step> & steps, const std::string & next_hop, uint64_t batch_id, std::vector<nak_send> & out);
     void log_batch  (const std::vector<nak_step> & steps, uint64_t batch_id);
-    void on_truncate(const nak_frame & req, nak_writer & w, nak_header & h);
-    void on_close   (const nak_frame & req, nak_writer & w, nak_header & h);
+    void on_truncate(const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h);
+    void on_close   (const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h);
+    void check_owner(const nak_session & s, int32_t conn, const char * what) const;
     void on_tokenize  (const nak_frame & req, nak_writer & w, nak_header & h);
     void on_detokenize(const nak_frame & req, nak_writer & w, nak_header & h);
     void on_template  (const nak_frame & req, nak_writer & w, nak_header & h);

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import random
+import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -229,6 +230,9 @@ class Session:
             raise ChainError("capturing hidden states needs the client-relayed path (forwarding=False)")
         self.chain = chain
         self.id = random.getrandbits(63) or 1
+        # the session's secret on every stage: the stages that forward its steps show it; another
+        # client, which sees session ids in stats, cannot write into it (cpp/protocol/protocol.h)
+        self.token = secrets.randbits(64) or 1
         self.n_past = 0
         self.step = 0
         self.capture = capture
@@ -269,7 +273,7 @@ class Session:
         sampler.check()
         self._open_args = _open_args(sampler, stop_tokens, n_predict, ignore_eog)
         for i in self._opened:
-            self.chain.clients[i].open(self.id, seq=self.seq, reuse=True, **self._open_args)
+            self.chain.clients[i].open(self.id, seq=self.seq, reuse=True, token=self.token, **self._open_args)
         self.n_generated = 0
 
     def _open_on(self, i: int) -> None:
@@ -277,7 +281,7 @@ class Session:
         the range to the next replica, if the chain has one."""
         while True:
             try:
-                n_ctx, seq = self.chain.clients[i].open(self.id, seq=self.seq, **self._open_args)
+                n_ctx, seq = self.chain.clients[i].open(self.id, seq=self.seq, token=self.token, **self._open_args)
                 break
             except StageError as e:
                 if e.code != "overloaded" or not self.chain.next_replica(i):
@@ -445,7 +449,7 @@ class Session:
             pos = list(range(self.n_past, self.n_past + len(feed)))
             try:
                 self.chain.clients[0].send_forward(self.id, self.step, pos, feed, True, self.chain.route,
-                                                   self.chain.ring_route)
+                                                   self.chain.ring_route, self.token)
                 while True:
                     try:
                         reply = _nakshatra.wait_forward_ok(self.chain.clients, int(self.chain.timeout_s * 1000),
@@ -470,7 +474,8 @@ class Session:
         last stage answers this client. One client round trip per step instead of one per stage."""
         pos = list(range(self.n_past, self.n_past + len(chunk)))
         t0 = time.perf_counter_ns()
-        sent = self.chain.clients[0].send_forward(self.id, self.step, pos, chunk, sample, self.chain.route)
+        sent = self.chain.clients[0].send_forward(self.id, self.step, pos, chunk, sample, self.chain.route,
+                                                  "", self.token)
         try:
             reply = _nakshatra.wait_forward_ok(self.chain.clients, int(self.chain.timeout_s * 1000),
                                                     self.chain.clients[0].last_request_id)

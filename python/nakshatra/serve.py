@@ -228,7 +228,8 @@ def serve(opts: ServeOptions) -> int:
     # SIGINT for background jobs (POSIX sh does, for `nak serve ... &`)
     signal.signal(signal.SIGINT, on_term)
     try:
-        stage.serve(opts.host, opts.port, on_ready, max_payload=opts.max_frame_mb << 20, key=key or b"")
+        stage.serve(opts.host, opts.port, on_ready, max_payload=opts.max_frame_mb << 20, key=key or b"",
+                    insecure=opts.insecure)
     except KeyboardInterrupt:
         print("nak serve: stopped", file=sys.stderr)
         return 0
