@@ -48,14 +48,21 @@ class LocalStages:
     lock).
     Raises ChainError, with the stage's log tail, when a stage exits or is not ready within
     ``start_timeout_s``. ``key_file``: a cluster key (``nak keygen``) every stage is started with;
-    clients then need ``Chain(..., key=load_key(key_file))``.
+    clients then need ``Chain(..., key=load_key(key_file))``. ``hosts[i]``: the address stage ``i``
+    listens on (default 127.0.0.1; a non-loopback one needs ``key_file``); ``wrap[i]``: a command
+    prefix it runs under, e.g. ``["ip", "netns", "exec", NAME]`` for a stage on an emulated host.
     """
 
     def __init__(self, slices: Sequence[Path], threads: int = 0, ctx: int = 4096,
                  max_sessions: int = 8, extra_args: Sequence[str] = (), start_timeout_s: float = 120.0,
                  env: dict[str, str] | None = None, stage_args: Sequence[Sequence[str]] = (),
-                 cpu_lock: bool = True, key_file: str | Path | None = None) -> None:
+                 cpu_lock: bool = True, key_file: str | Path | None = None,
+                 hosts: Sequence[str] = (), wrap: Sequence[Sequence[str]] = ()) -> None:
         self.slices = [Path(s) for s in slices]
+        # per stage: the address it listens on (127.0.0.1 when not given) and a command prefix
+        # it runs under (e.g. ``ip netns exec NAME``: a stage on an emulated host)
+        self.hosts = [hosts[i] if i < len(hosts) else "127.0.0.1" for i in range(len(self.slices))]
+        self.wrap = [list(wrap[i]) if i < len(wrap) else [] for i in range(len(self.slices))]
         # every stage decodes with every core, and the stages take turns (--cpu-lock): one
         # session keeps one stage busy at a time, and stages that spin in ggml's barriers at the
         # same time on shared cores collapse (2-core VM, 3 stages x 2 threads, 4 sessions: 13
@@ -93,7 +100,7 @@ class LocalStages:
         for i, path in enumerate(self.slices):
             log = Path(self._logdir.name) / f"stage{i}.log"
             self.logs.append(log)
-            cmd = [sys.executable, "-m", "nakshatra.serve", str(path), "--host", "127.0.0.1",
+            cmd = [*self.wrap[i], sys.executable, "-m", "nakshatra.serve", str(path), "--host", self.hosts[i],
                    "--port", "0", "--ready-json", "--threads", str(self.threads),
                    "--threads-batch", str(self.threads_batch), "--ctx", str(self.ctx),
                    "--max-sessions", str(self.max_sessions),
@@ -107,7 +114,8 @@ class LocalStages:
             self.procs.append(p)
         for i, p in enumerate(self.procs):
             info = self._wait_ready(i, p)
-            self.addresses.append(f"127.0.0.1:{info['port']}")
+            host = self.hosts[i]
+            self.addresses.append(f"[{host}]:{info['port']}" if ":" in host else f"{host}:{info['port']}")
             self.pids.append(p.pid)
 
     def _wait_ready(self, i: int, p: subprocess.Popen) -> dict:
