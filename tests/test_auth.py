@@ -345,3 +345,48 @@ def test_a_keyed_client_cannot_use_another_clients_session(keyed, key_file) -> N
     _intruder_is_refused(keyed.addresses[0], owner, key)
     owner.close_session(77)
     owner.close()
+
+
+def _nak(*args: str, **kw) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess, without $NAK_KEY: a key reaches it only as the command is told."""
+    env = {k: v for k, v in os.environ.items() if k != "NAK_KEY"}
+    return subprocess.run([sys.executable, "-m", "nakshatra_cli", *args], capture_output=True, text=True,
+                          timeout=180, env={**env, "COLUMNS": "1000"}, **kw)
+
+
+def test_nak_chat_takes_the_key_of_a_cluster_file(keyed, key_file, tmp_path: Path) -> None:
+    """``nak chat --cluster FILE`` (and ``nak api --cluster``, the same lookup) authenticates with
+    the file's key_file, a path relative to the file, as ``nak status FILE`` does."""
+    import tomli_w
+
+    key = load_key(key_file)
+    question = "What is the capital of France?"
+    with Chain(keyed.addresses, key=key) as c:
+        want = "".join(c.generate(question, 8, SamplerParams(temp=0), chat=True))
+        stages = [{"host": s.host, "port": s.port, "layers": s.layers.inclusive()} for s in c.stages]
+    assert want.strip()
+    f = tmp_path / "c.toml"
+    f.write_text(tomli_w.dumps({"model": "smollm2", "key_file": os.path.relpath(key_file, tmp_path),
+                                "stages": stages}))
+    r = _nak("chat", "--cluster", str(f), "--temp", "0", "-n", "8", input=question + "\n\n")
+    assert r.returncode == 0, r.stderr
+    assert want in r.stdout, r.stdout
+    f.write_text(tomli_w.dumps({"model": "smollm2", "stages": stages}))  # no key_file: refused
+    r = _nak("chat", "--cluster", str(f), "--temp", "0", "-n", "8", input=question + "\n\n")
+    assert r.returncode == 1 and "cluster key" in r.stderr, r.stderr
+
+
+def test_nak_plan_from_keyed_stages_takes_key_file(keyed, key_file, smollm2_path: Path) -> None:
+    """``nak plan --stages`` asks every stage for its memory and speed: keyed stages answer only
+    with ``--key-file``, and the cluster file written names that key file."""
+    addrs = ",".join(keyed.addresses)
+    r = _nak("plan", str(smollm2_path), "--stages", addrs, "--key-file", str(key_file), "--ctx", "256",
+             "--max-sessions", "1")
+    assert r.returncode == 0, r.stderr
+    import tomllib
+
+    cf = tomllib.loads(r.stdout)
+    assert cf["key_file"] == str(Path(key_file).resolve())
+    assert [h["address"] for h in cf["hosts"]] == ["127.0.0.1"] and cf["hosts"][0]["layers_per_s"] > 0
+    r = _nak("plan", str(smollm2_path), "--stages", addrs, "--ctx", "256", "--max-sessions", "1")
+    assert r.returncode == 1 and "does not answer" in r.stderr and "cluster key" in r.stderr, r.stderr

@@ -51,8 +51,17 @@ def chain_addresses(model: str, parts: int, chain: Optional[str], cluster: Optio
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="A GGUF file or a built-in name (without --chain/--cluster/--discover: local stages).")]
 PartsOpt = Annotated[int, typer.Option("--parts", "-p", help="Local stages to cut the model into.")]
 ChainOpt = Annotated[Optional[str], typer.Option("--chain", help="Running stages host:port,... (replicas allowed).")]
-ClusterOpt = Annotated[Optional[Path], typer.Option("--cluster", help="A cluster file (`nak plan`, `nak up`): its stages.")]
+ClusterOpt = Annotated[Optional[Path], typer.Option("--cluster", help="A cluster file (`nak plan`, `nak up`): its stages, and its key_file unless --key-file is given.")]
 DiscoverOpt = Annotated[bool, typer.Option("--discover", help="Build the chain from stages announcing themselves on the LAN (mDNS).")]
+
+
+def _key(key_file: str, cluster: Optional[Path]) -> bytes | None:
+    """The key for the stages: --key-file, else the --cluster file's key_file, else $NAK_KEY."""
+    from nakshatra.cluster import load_cluster
+
+    from .main import cluster_key
+
+    return cluster_key(key_file, load_cluster(cluster) if cluster else None)
 
 
 def register(app: typer.Typer) -> None:
@@ -88,13 +97,12 @@ def register(app: typer.Typer) -> None:
         then [b]curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}'[/b]
         """
         from nakshatra.api import Engine, serve_api
-        from nakshatra.auth import load_key
 
         def on_term(signum, frame) -> None:
             raise KeyboardInterrupt  # uvicorn re-raises SIGTERM after its shutdown: stop local stages too
 
         signal.signal(signal.SIGTERM, on_term)
-        key = load_key(key_file)
+        key = _key(key_file, cluster)
         if model_sha and not discover:
             raise NakError("--model-sha picks the model of discovered stages: add --discover")
         with chain_addresses(model, parts, chain, cluster, discover, discover_timeout, threads, ctx, parallel,
@@ -134,10 +142,9 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from nakshatra.api import ApiError, Engine, GenRequest
-        from nakshatra.auth import load_key
         from nakshatra.chain import SamplerParams
 
-        key = load_key(key_file)
+        key = _key(key_file, cluster)
         out = Console()
         with chain_addresses(model, parts, chain, cluster, discover, 3.0, threads, ctx, 1, key_file) as (addresses, _):
             engine = Engine(addresses, model_id="chat", parallel=1, key=key)

@@ -27,6 +27,7 @@ def _model_ref(model: str, model_path: Path, out_dir: Path) -> str:
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    from .main import cluster_key
 
     @app.command("plan")
     def plan(
@@ -42,6 +43,7 @@ def register(app: typer.Typer) -> None:
         stages: Annotated[Optional[str], typer.Option("--stages", help="Running stages host:port,... whose hosts to plan with: each reports its free memory and its speed from a self-benchmark at start.")] = None,
         stages_link: Annotated[float, typer.Option("--stages-link", help="One-way link latency (ms) to assume for the --stages hosts.")] = 0.5,
         probe: Annotated[bool, typer.Option("--probe", help="Measure THIS machine for MODEL (free memory, layers/s; about 5 s) and print it as a --host value and a \\[\\[hosts]] entry.")] = False,
+        key_file: Annotated[str, typer.Option("--key-file", help="Cluster key from `nak keygen` for the --stages handshakes (default: the --cluster file's key_file, else $NAK_KEY); the cluster file written names it as its key_file.")] = "",
     ) -> None:
         """Plan a cluster: assign contiguous layer ranges to hosts so a token takes the least time, within each host's memory; write the cluster file and print the [b]nak slice[/b] command.
 
@@ -52,7 +54,7 @@ def register(app: typer.Typer) -> None:
         [b]Choice[/b]: the exact minimum over every ordered subset of the hosts and every split of the layers (a dynamic program, checked against brute force in the tests); a host given no layers is left out and the table says why; equal latencies go to fewer stages.
 
         Example: [b]nak plan model.gguf --host pc=10.0.0.5,mem=16000,speed=950,link=0.5 --host mac=10.0.0.6,mem=12G,speed=600,link=0.5 -o cluster.toml[/b] after [b]nak plan model.gguf --probe[/b] on each host (it prints that host's --host value).
-        Or from running stages (each measures itself at start): [b]nak plan model.gguf --stages 10.0.0.5:7071,10.0.0.6:7071 -o cluster.toml[/b].
+        Or from running stages (each measures itself at start): [b]nak plan model.gguf --stages 10.0.0.5:7071,10.0.0.6:7071 -o cluster.toml[/b]; keyed stages need [b]--key-file[/b] (else the --cluster file's key_file, else $NAK_KEY), and the cluster file written names that key file.
         """
         from nakshatra.cluster import dump_cluster, load_cluster
         from nakshatra.errors import NakError
@@ -99,11 +101,9 @@ def register(app: typer.Typer) -> None:
             port = min((st.port for st in cf.stages), default=7071) if cf is not None else 7071
         hosts = (list(cf.hosts) if cf is not None else []) + [parse_host(h) for h in host or []]
         if stages:
-            from nakshatra.auth import load_key
             from nakshatra.plan import hosts_from_stages
 
-            key_path = str(cf.resolve(cf.key_file)) if cf is not None and cf.key_file else ""
-            hosts += hosts_from_stages([a for a in stages.split(",") if a.strip()], key=load_key(key_path),
+            hosts += hosts_from_stages([a for a in stages.split(",") if a.strip()], key=cluster_key(key_file, cf),
                                        link_ms=stages_link)
         if output is not None and output.exists() and not force:
             raise NakError(f"{output} exists; give --force to overwrite it, or another -o")
@@ -115,12 +115,11 @@ def register(app: typer.Typer) -> None:
             err.print(line, markup=False, highlight=False)
 
         out_dir = output.parent if output is not None else Path(".")
-        key_file = ""
-        if cf is not None and cf.key_file:
-            kf = cf.resolve(cf.key_file).resolve()
-            key_file = str(kf.relative_to(out_dir.resolve())) if kf.is_relative_to(out_dir.resolve()) else str(kf)
+        # the key file the new cluster names: --key-file, else the --cluster file's
+        kf = Path(key_file).resolve() if key_file else (cf.resolve(cf.key_file).resolve() if cf is not None and cf.key_file else None)
+        key_ref = "" if kf is None else (str(kf.relative_to(out_dir.resolve())) if kf.is_relative_to(out_dir.resolve()) else str(kf))
         new = plan_cluster(result, _model_ref(model, model_path, out_dir), model_path, ctx=ctx,
-                           max_sessions=max_sessions, base_port=port, hosts=hosts, key_file=key_file)
+                           max_sessions=max_sessions, base_port=port, hosts=hosts, key_file=key_ref)
         cmd = slice_command(model_path, result, out_dir / new.slices_dir)
         header = (f"written by `nak plan`: {result.mode}, ctx {ctx} x {max_sessions} sessions; expected "
                   f"{result.total_ms:.2f} ms per token (compute {result.compute_ms:.2f} + links {result.link_ms:.2f})\n"

@@ -39,6 +39,18 @@ Ctx = Annotated[int, typer.Option("--ctx", "-c", help="KV positions per session 
 KeyFile = Annotated[str, typer.Option("--key-file", help="Cluster key from `nak keygen` (default: $NAK_KEY, hex, if set): both ends authenticate, every frame is MACed.")]
 
 
+def cluster_key(key_file: str, cluster=None) -> bytes | None:
+    """The cluster key a command talks to stages with: ``--key-file`` (``key_file``), else the
+    ``key_file`` of the cluster file ``cluster`` (a :class:`nakshatra.cluster.ClusterFile`; the
+    path is relative to that file), else ``$NAK_KEY``; None when none is set. Raises NakError for
+    a missing, unreadable or malformed key file."""
+    from nakshatra.auth import load_key
+
+    if not key_file and cluster is not None and cluster.key_file:
+        key_file = str(cluster.resolve(cluster.key_file))
+    return load_key(key_file)
+
+
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
@@ -558,21 +570,20 @@ def status(
     [b]nak status cluster.toml[/b]
     """
     from nakshatra import _nakshatra
-    from nakshatra.auth import load_key
     from nakshatra.chain import health_score, parse_stage_address
     from nakshatra.ranges import LayerRange
 
     if (cluster is None) == (chain is None):
         raise NakError("give a cluster file (nak status cluster.toml) or --chain host:port,host:port,...")
+    cf = None
     if cluster is not None:
         from nakshatra.cluster import load_cluster
 
         cf = load_cluster(cluster)
         addresses = cf.addresses()
-        key_file = key_file or (str(cf.resolve(cf.key_file)) if cf.key_file else "")
     else:
         addresses = [a for a in chain.split(",") if a.strip()]
-    key = load_key(key_file)
+    key = cluster_key(key_file, cf)
     rows = []
     for text in addresses:
         host, port = parse_stage_address(text)

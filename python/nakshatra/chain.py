@@ -529,8 +529,10 @@ class Chain:
     relays every hidden state. Both give the same tokens. ``hop_addresses`` maps a stage's
     address as given here to the address the other stages should dial (``route`` and
     ``ring_route``), e.g. a relay in front of it. ``key``: the 32-byte cluster key
-    (:func:`nakshatra.auth.load_key`) when the stages have one. Raises ChainError when a stage is
-    unreachable, refuses the key (``unauthorized``) or the chain is malformed.
+    (:func:`nakshatra.auth.load_key`) when the stages have one; it is kept as ``self.key`` and
+    given to every connection the chain opens later too (the probes of :meth:`alive`, the replica
+    :meth:`next_replica` switches to). Raises ChainError when a stage is unreachable, refuses the
+    key (``unauthorized``) or the chain is malformed.
     """
 
     def __init__(self, stages: Sequence[str | tuple[str, int]], timeout_s: float = 60.0,
@@ -546,6 +548,7 @@ class Chain:
                                  "another stage serving the same layers)")
         self.n_batch = n_batch
         self.timeout_s = timeout_s
+        self.key = key
         self.forwarding = forwarding or ring
         self.ring_mode = ring
         clients: dict[tuple[str, int], object] = {}
@@ -590,8 +593,10 @@ class Chain:
         self.ring_route = ",".join(hops)  # ring: the last stage starts the next step at the first
 
     def _client(self, st: StageInfo, timeout_s: float):
+        # a fresh connection to ``st`` (not yet greeted), authenticated with the chain's key
         return _nakshatra.StageClient(st.host, st.port, timeout_ms=int(timeout_s * 1000),
-                                      connect_timeout_ms=int(self.connect_timeout_s * 1000))
+                                      connect_timeout_ms=int(self.connect_timeout_s * 1000),
+                                      key=self.key or b"")
 
     @staticmethod
     def _same_stage(h: dict, st: StageInfo) -> bool:
