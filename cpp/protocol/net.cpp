@@ -1,5 +1,7 @@
 #include "net.h"
 
+#include "platform.h"
+
 #include <arpa/inet.h>
 #include <atomic>
 #include <cerrno>
@@ -61,7 +63,7 @@ int nak_listen(const std::string & host, int port, int backlog, std::string & er
     }
     int fd = -1;
     for (addrinfo * ai = res; ai; ai = ai->ai_next) {
-        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+        fd = nak_socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
         if (fd < 0) {
             continue;
         }
@@ -109,7 +111,7 @@ int nak_connect(const std::string & host, int port, int timeout_ms, std::string 
     int fd = -1;
     err = "no address for " + host;
     for (addrinfo * ai = res; ai; ai = ai->ai_next) {
-        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+        fd = nak_socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
         if (fd < 0) {
             continue;
         }
@@ -209,7 +211,7 @@ static bool wait_fd(int fd, short events, int64_t deadline, std::string & err) {
 bool nak_send_all(int fd, const uint8_t * data, size_t n, int timeout_ms, std::string & err) {
     const int64_t deadline = now_ms() + timeout_ms;
     while (n > 0) {
-        const ssize_t k = send(fd, data, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        const ssize_t k = nak_send_nosignal(fd, data, n, true);
         if (k > 0) {
             data += k;
             n    -= (size_t) k;

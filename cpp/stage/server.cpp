@@ -1,6 +1,7 @@
 #include "server.h"
 
 #include "net.h"
+#include "platform.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -206,7 +207,7 @@ void flush(conn_state & c) {
         return; // sent once connected
     }
     while (c.out_off < c.out.size()) {
-        const ssize_t k = send(c.fd, c.out.data() + c.out_off, c.out.size() - c.out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
+        const ssize_t k = nak_send_nosignal(c.fd, c.out.data() + c.out_off, c.out.size() - c.out_off, true);
         if (k > 0) {
             c.out_off += (size_t) k;
             continue;
@@ -724,7 +725,7 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
 
         if (pfds[0].revents & POLLIN) {
             for (;;) {
-                const int fd = accept4(lfd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+                const int fd = nak_accept(lfd);
                 if (fd < 0) {
                     break;
                 }

@@ -31,17 +31,6 @@ static int64_t now_us() {
     return nak_now_us();
 }
 
-uint64_t nak_rss_bytes() {
-    FILE * f = fopen("/proc/self/statm", "r");
-    if (!f) {
-        return 0;
-    }
-    unsigned long size = 0, resident = 0;
-    const int n = fscanf(f, "%lu %lu", &size, &resident);
-    fclose(f);
-    return n == 2 ? (uint64_t) resident * 4096 : 0;
-}
-
 bool nak_parse_cache_type(const std::string & name, ggml_type & out) {
     static const std::pair<const char *, ggml_type> types[] = {
         { "f32", GGML_TYPE_F32 }, { "f16", GGML_TYPE_F16 }, { "bf16", GGML_TYPE_BF16 },
@@ -269,25 +258,9 @@ bool nak_stage::load(const nak_stage_params & params, std::string & err) {
     return true;
 }
 
-// Linux MemAvailable (what the kernel could give without swapping), else free physical pages
+// what the host could still give (MemAvailable on Linux, free + inactive pages on macOS), bytes
 uint64_t nak_stage::mem_available_bytes() {
-    FILE * f = fopen("/proc/meminfo", "r");
-    if (f) {
-        char line[256];
-        unsigned long long kb = 0;
-        while (fgets(line, sizeof(line), f)) {
-            if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) {
-                break;
-            }
-        }
-        fclose(f);
-        if (kb > 0) {
-            return (uint64_t) kb * 1024;
-        }
-    }
-    const long pages = sysconf(_SC_AVPHYS_PAGES);
-    const long page  = sysconf(_SC_PAGESIZE);
-    return pages > 0 && page > 0 ? (uint64_t) pages * (uint64_t) page : 0;
+    return nak_mem_available_bytes();
 }
 
 // A short decode benchmark at start, so `nak plan` can weigh this host by measured speed: one

@@ -5,6 +5,7 @@
 // cpp/protocol/protocol.h) and are answered with frames; the event loop (server.cpp) owns I/O.
 #pragma once
 
+#include "platform.h" // nak_rss_bytes, nak_mem_available_bytes
 #include "protocol.h"
 
 #include "llama.h"
@@ -56,9 +57,6 @@ void nak_sampler_seed_at(llama_sampler * chain, const nak_sampler_params & sp, i
 
 // ggml type from a --cache-type name (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1); false if unknown
 bool nak_parse_cache_type(const std::string & name, ggml_type & out);
-
-// resident set size of this process in bytes (Linux /proc; 0 elsewhere)
-uint64_t nak_rss_bytes();
 
 // A frame the event loop must send: to an accepted connection, or to the next stage by address
 // (stage-to-stage forwarding). A frame that cannot reach `address` is answered with an error to
