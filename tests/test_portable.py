@@ -1,15 +1,24 @@
 """Portability (macOS as well as Linux): the C++ keeps Linux-only names in cpp/platform/
-(cpp/check_portable.py), and the platform helpers do on Linux what the calls they replace did."""
+(cpp/check_portable.py), the platform helpers do on Linux what the calls they replace did, the
+Python package imports where there is no /proc, and every feature that reads /proc either has a
+fallback or says it needs Linux /proc."""
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+
+from nakshatra import procfs
+from nakshatra.errors import NakError
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECK = ROOT / "cpp" / "check_portable.py"
@@ -181,3 +190,245 @@ def test_stage_health_memory_matches_proc(smollm2_path: Path) -> None:
     vm_rss = int(re.search(r"^VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
     assert h["rss_bytes"] == pytest.approx(vm_rss, rel=0.05)
     assert 0.9 * min(avail0, avail1) <= h["mem_available_bytes"] <= 1.1 * max(avail0, avail1)
+
+
+# ---- Python: /proc only through nakshatra.procfs -----------------------------------------------
+
+def test_python_reads_proc_only_through_procfs() -> None:
+    """No module builds a /proc or /sys path itself: each reader uses procfs.PROC, so the
+    degraded-path tests below (which move PROC) cover every reader."""
+    found = []
+    for path in sorted([*(ROOT / "python" / "nakshatra").rglob("*.py"), *(ROOT / "cli").rglob("*.py")]):
+        if path.name == "procfs.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+                    node.value.startswith(("/proc", "/sys")):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert not found, "read /proc through nakshatra.procfs.PROC:\n" + "\n".join(found)
+
+
+@pytest.fixture
+def no_proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """procfs.PROC pointed at a folder that does not exist: a machine without /proc (macOS)."""
+    missing = tmp_path / "no-proc"
+    monkeypatch.setattr(procfs, "PROC", missing)
+    assert not procfs.available()
+    return missing
+
+
+@pytest.mark.skipif(not LINUX, reason="the readers' Linux results are the reference")
+def test_proc_readers_work_with_proc() -> None:
+    """The readers' Linux path (so the degraded-path tests compare against something real)."""
+    from nakshatra import bench, soak, up
+
+    assert procfs.available()
+    assert bench.peak_rss_bytes(os.getpid()) > 0 and bench.proc_status_bytes(os.getpid(), "VmRSS") > 0
+    assert soak._fds(os.getpid()) > 0
+    assert re.fullmatch(r"\d+", up._identity(os.getpid()))
+
+
+def test_bench_peak_rss_without_proc(no_proc: Path) -> None:
+    from nakshatra import bench
+    from nakshatra_cli.main import _peak_rss_cell
+
+    assert bench.peak_rss_bytes(os.getpid()) == 0
+    assert bench.proc_status_bytes(os.getpid(), "VmRSS") == 0
+    assert _peak_rss_cell(0) == "n/a: needs Linux /proc"
+    assert _peak_rss_cell(5 * 2**20) == "5"
+
+
+def test_soak_refuses_without_proc(no_proc: Path, tmp_path: Path) -> None:
+    """Without /proc the soak's leak checks would read zeros and pass: it refuses instead, before
+    touching the model."""
+    from nakshatra import soak
+
+    with pytest.raises(NakError, match=r"nak soak needs Linux /proc.*/proc/PID/fd"):
+        soak.run_soak(tmp_path / "missing.gguf", duration_s=1)
+    assert soak._fds(os.getpid()) == 0
+    assert soak._close_wait_sockets(os.getpid()) == 0
+    assert soak._fd_targets(os.getpid()) == set()
+
+
+def test_identity_without_proc_uses_ps(no_proc: Path) -> None:
+    """`nak down` tells a process it started from a later one with the same pid: without /proc,
+    by ps's start time (macOS); a process that is gone is gone."""
+    from nakshatra import up
+
+    if shutil.which("ps") is None:
+        pytest.skip("no ps on this machine")
+    me = up._identity(os.getpid())
+    assert me and me != "?" and me == up._identity(os.getpid())
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    assert up._identity(p.pid) == ""
+
+
+def test_nak_down_stops_processes_without_proc(no_proc: Path) -> None:
+    """`nak down`'s stop_processes stops a running stage where there is no /proc (it once took
+    a missing /proc/PID/stat for "gone" and left every process running on macOS)."""
+    from nakshatra import up
+
+    if shutil.which("ps") is None:
+        pytest.skip("no ps on this machine")
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        rec = {"pid": p.pid, "identity": up._identity(p.pid)}
+        [res] = up.stop_processes([rec], timeout_s=10)
+        assert res["stopped"] == "term"
+        assert p.wait(timeout=10) == -15  # SIGTERM
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+VM_STAT_ARM64 = """\
+Mach Virtual Memory Statistics: (page size of 16384 bytes)
+Pages free:                                3721.
+Pages active:                            249005.
+Pages inactive:                          246093.
+Pages speculative:                         2148.
+Pages throttled:                              0.
+Pages wired down:                         96498.
+Pages purgeable:                           6066.
+"Translation faults":                 893449474.
+Pages copy-on-write:                   31197196.
+Pages zero filled:                    385432950.
+Pages reactivated:                      9051741.
+Pages purged:                           1690421.
+File-backed pages:                       149466.
+Anonymous pages:                         348780.
+Pages stored in compressor:              410215.
+Pages occupied by compressor:            131476.
+Decompressions:                        13306224.
+Compressions:                          18802557.
+Pageins:                               23218004.
+Pageouts:                                197484.
+Swapins:                                1380434.
+Swapouts:                               1797064.
+"""
+
+
+def test_vm_stat_parse() -> None:
+    from nakshatra.plan import vm_stat_available_bytes
+
+    assert vm_stat_available_bytes(VM_STAT_ARM64) == (3721 + 2148 + 246093) * 16384
+    intel = VM_STAT_ARM64.replace("16384", "4096")
+    assert vm_stat_available_bytes(intel) == (3721 + 2148 + 246093) * 4096
+    with pytest.raises(ValueError):
+        vm_stat_available_bytes("MemAvailable: 123 kB\n")
+    with pytest.raises(ValueError):
+        vm_stat_available_bytes("Mach Virtual Memory Statistics: (page size of 4096 bytes)\n")
+
+
+def test_available_memory_without_proc(no_proc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`nak plan --probe` without /proc/meminfo: vm_stat where there is one (macOS), else the
+    free pages sysconf reports, else a NakError that says what to pass instead."""
+    from nakshatra import plan
+
+    # macOS: a vm_stat on PATH (this one prints a real Apple silicon vm_stat's output)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "vm_stat"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nsys.stdout.write({VM_STAT_ARM64!r})\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert plan.available_memory_mb() == (3721 + 2148 + 246093) * 16384 / 2**20
+
+    # no vm_stat: free physical pages (glibc; macOS's sysconf has no SC_AVPHYS_PAGES)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    if "SC_AVPHYS_PAGES" in os.sysconf_names:
+        page = os.sysconf("SC_PAGE_SIZE")
+        lo = os.sysconf("SC_AVPHYS_PAGES") * page / 2**20
+        got = plan.available_memory_mb()
+        hi = os.sysconf("SC_AVPHYS_PAGES") * page / 2**20
+        assert 0.9 * min(lo, hi) <= got <= 1.1 * max(lo, hi)
+
+    # nothing at all (as macOS without vm_stat): a message, not a crash
+    real_sysconf = os.sysconf
+
+    def sysconf_like_macos(name):
+        if name == "SC_AVPHYS_PAGES":
+            raise ValueError("unrecognized configuration name")
+        return real_sysconf(name)
+
+    monkeypatch.setattr(os, "sysconf", sysconf_like_macos)
+    with pytest.raises(NakError, match=r"cannot tell this machine's free memory .*give mem=MiB yourself"):
+        plan.available_memory_mb()
+
+
+# ---- the whole package where there is no /proc -------------------------------------------------
+
+_NO_PROC_CHILD = textwrap.dedent("""
+    import importlib, json, os, subprocess, sys
+    from pathlib import Path
+
+    model, modules = sys.argv[1], json.loads(sys.argv[2])
+    assert not os.path.exists("/proc/self") and not os.path.exists("/proc/meminfo"), "/proc is still there"
+    for name in modules:
+        importlib.import_module(name)
+    print("imported", len(modules))
+
+    from nakshatra import bench, plan, procfs, soak, up
+    from nakshatra.errors import NakError
+    from nakshatra_cli.main import _peak_rss_cell
+
+    assert not procfs.available()
+    assert bench.peak_rss_bytes(os.getpid()) == 0 and _peak_rss_cell(0) == "n/a: needs Linux /proc"
+    try:
+        soak.run_soak(Path("missing.gguf"), duration_s=1)
+        raise AssertionError("nak soak ran without /proc")
+    except NakError as e:
+        assert "needs Linux /proc" in str(e), e
+    assert plan.available_memory_mb() > 0  # sysconf's free pages (sysinfo(2), no /proc)
+    # ps cannot look without /proc here (procps): the process runs, its start time is unknown
+    assert up._identity(os.getpid()) == "?"
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    assert up._identity(p.pid) == ""
+    print("degraded ok")
+
+    # the C++ side: a stage loads and reports its health (rss unknown, free pages from sysconf)
+    from nakshatra import _nakshatra
+    h = _nakshatra.Stage(model, n_ctx=64, max_sessions=1, n_threads=1).info()["health"]
+    assert h["rss_bytes"] == 0 and h["mem_available_bytes"] > 0, h
+    print("stage ok")
+
+    for args in (["--help"], ["doctor"]):
+        r = subprocess.run([sys.executable, "-m", "nakshatra_cli", *args], capture_output=True, text=True)
+        assert r.returncode == 0, (args, r.stdout, r.stderr)
+    print("cli ok")
+""")
+
+
+def _package_modules() -> list[str]:
+    """Every module of the nakshatra package and the CLI, from the source tree (a new module is
+    covered without touching this test), plus the compiled extension. ``__main__`` modules run
+    the CLI when imported: the child runs ``python -m nakshatra_cli`` instead."""
+    mods = ["nakshatra", "nakshatra._nakshatra", "nakshatra_cli"]
+    for pkg, folder in (("nakshatra", ROOT / "python" / "nakshatra"), ("nakshatra_cli", ROOT / "cli" / "nakshatra_cli")):
+        mods += [f"{pkg}.{p.stem}" for p in sorted(folder.glob("*.py")) if p.stem not in ("__init__", "__main__")]
+    return mods
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LINUX, reason="hides /proc with a Linux mount namespace (unshare)")
+@pytest.mark.skipif(LINUX and os.geteuid() != 0,
+                    reason="needs root to hide /proc in a mount namespace (unshare --mount); CI runs as root")
+def test_package_imports_and_degrades_without_proc(smollm2_path: Path, tmp_path: Path) -> None:
+    """In a mount namespace with an empty tmpfs over /proc and /sys (as on macOS, no /proc at
+    all): every module imports, each /proc reader degrades as documented, a stage loads, and the
+    CLI runs. As root this must run: a failing unshare fails the test instead of skipping it."""
+    assert shutil.which("unshare"), "unshare (util-linux) is missing"
+    modules = _package_modules()
+    assert "nakshatra.soak" in modules and "nakshatra_cli.main" in modules
+    script = ('mount -t tmpfs none /proc && mount -t tmpfs none /sys && exec "$0" -c "$1" "$2" "$3"')
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                        sys.executable, _NO_PROC_CHILD, str(smollm2_path), json.dumps(modules)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr[-4000:]}"
+    assert f"imported {len(modules)}" in r.stdout
+    for step in ("degraded ok", "stage ok", "cli ok"):
+        assert step in r.stdout, r.stdout
+    assert procfs.available()  # the namespace did not hide this process's /proc

@@ -432,6 +432,16 @@ def bench(
         err_console.print(f"wrote {json_out}", markup=False)
 
 
+def _peak_rss_cell(n_bytes: int) -> str:
+    """A stage's peak RSS for the bench table, MiB; "n/a" with the reason when unknown (0: no
+    /proc/PID/status to read it from, as on macOS)."""
+    if n_bytes > 0:
+        return f"{n_bytes / 2**20:.0f}"
+    from nakshatra import procfs
+
+    return "n/a: needs Linux /proc" if not procfs.available() else "n/a"
+
+
 def print_bench(res: dict, cfg) -> None:
     """The Rich tables of one `nak bench` run."""
     single, chain, r = res["single"], res["chain"], res["ratios"]
@@ -487,7 +497,7 @@ def print_bench(res: dict, cfg) -> None:
     for col in ("stage", "layers", "compute ms/token", "peak RSS MiB", "slice + KV MiB"):
         s.add_column(col, justify="right" if col != "stage" else "left")
     for st in chain["stages"]:
-        s.add_row(st["address"], st["layers"], f"{st['compute_ms_per_token']:.2f}", f"{st['peak_rss_bytes'] / 2**20:.0f}",
+        s.add_row(st["address"], st["layers"], f"{st['compute_ms_per_token']:.2f}", _peak_rss_cell(st["peak_rss_bytes"]),
                   f"{(st['slice_bytes'] + st['kv_bytes']) / 2**20:.0f}")
     Console().print(s)
     if "wire" in res:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import procfs
 from .chain import Chain, SamplerParams
 from .errors import StageError
 
@@ -66,9 +67,10 @@ def _prompt(n: int, n_vocab: int) -> list[int]:
 
 
 def proc_status_bytes(pid: int, field: str) -> int:
-    """A kB field of /proc/PID/status (``VmHWM``, ``VmRSS``, ...) in bytes; 0 if unknown."""
+    """A kB field of /proc/PID/status (``VmHWM``, ``VmRSS``, ...) in bytes; 0 if unknown (the
+    process is gone, or there is no /proc: macOS)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in (procfs.PROC / str(pid) / "status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
@@ -77,7 +79,8 @@ def proc_status_bytes(pid: int, field: str) -> int:
 
 
 def peak_rss_bytes(pid: int) -> int:
-    """VmHWM of a process (its peak resident set), bytes; 0 if unknown."""
+    """VmHWM of a process (its peak resident set), bytes; 0 if unknown (no /proc, as on macOS:
+    ``nak bench`` then shows "n/a" with :func:`nakshatra.procfs.needs_proc`'s message)."""
     return proc_status_bytes(pid, "VmHWM")
 
 

@@ -46,7 +46,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shlex
+import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,6 +58,7 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
+from . import procfs
 from .cluster import ClusterFile, HostSpec, StageSpec
 from .errors import NakError
 from .ranges import LayerRange
@@ -456,18 +459,40 @@ def plan_cluster(plan: Plan, model: str, model_path: Path, *, ctx: int, max_sess
 
 def available_memory_mb() -> float:
     """Memory available to a new process, MiB: ``MemAvailable`` of /proc/meminfo (Linux), else
-    the free physical pages the OS reports. Raises NakError if neither is known."""
+    free + inactive pages from ``vm_stat`` (macOS, as the stages count it: cpp/platform/), else
+    the free physical pages the OS reports. Raises NakError if none is known."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(procfs.PROC / "meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
     try:
+        r = subprocess.run(["vm_stat"], capture_output=True, text=True, timeout=10)
+        if r.returncode == 0:
+            return vm_stat_available_bytes(r.stdout) / MIB
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        pass
+    try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / MIB
     except (ValueError, OSError, AttributeError):
-        raise NakError("cannot tell this machine's free memory: give mem=MiB yourself") from None
+        raise NakError("cannot tell this machine's free memory (no /proc/meminfo, vm_stat or "
+                       "SC_AVPHYS_PAGES): give mem=MiB yourself") from None
+
+
+def vm_stat_available_bytes(text: str) -> int:
+    """Free + inactive memory from macOS ``vm_stat`` output, bytes: ("Pages free" + "Pages
+    speculative" + "Pages inactive") x the page size its first line states (vm_stat shows
+    speculative pages apart from free ones; the kernel's free count, which the stages use,
+    includes them). Raises ValueError if ``text`` is not vm_stat output."""
+    m = re.search(r"page size of (\d+) bytes", text)
+    if not m:
+        raise ValueError("not vm_stat output: no page size")
+    pages = {k.strip(): int(v) for k, v in re.findall(r"^Pages ([a-z -]+):\s+(\d+)\.", text, re.M)}
+    if "free" not in pages or "inactive" not in pages:
+        raise ValueError("not vm_stat output: no free or inactive page count")
+    return (pages["free"] + pages.get("speculative", 0) + pages["inactive"]) * int(m.group(1))
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import procfs
 from .bench import proc_status_bytes
 from .chain import Chain, SamplerParams
 from .errors import NakError
@@ -35,7 +36,7 @@ def _rss_bytes(pid: int) -> int:
 def _fds(pid: int) -> int:
     """Open file descriptors of a process (0 if gone)."""
     try:
-        return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+        return len(list((procfs.PROC / str(pid) / "fd").iterdir()))
     except OSError:
         return 0
 
@@ -47,9 +48,9 @@ def _close_wait_sockets(pid: int) -> int:
     """Sockets of a process whose peer has closed and which the process has not closed yet
     (TCP CLOSE_WAIT, from /proc/PID/fd and /proc/net/tcp{,6}); 0 if the process is gone."""
     waiting: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table in (procfs.PROC / "net" / "tcp", procfs.PROC / "net" / "tcp6"):
         try:
-            rows = Path(table).read_text().splitlines()[1:]
+            rows = table.read_text().splitlines()[1:]
         except OSError:
             continue
         for row in rows:
@@ -58,7 +59,7 @@ def _close_wait_sockets(pid: int) -> int:
                 waiting.add(f"socket:[{cols[9]}]")
     n = 0
     try:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
+        for fd in (procfs.PROC / str(pid) / "fd").iterdir():
             try:
                 n += os.readlink(fd) in waiting
             except OSError:
@@ -76,9 +77,9 @@ def _fd_targets(pid: int) -> set[str]:
     """What each open descriptor of a process refers to: a path, or ``socket:[inode] STATE`` for
     a TCP socket (empty if the process is gone)."""
     states: dict[str, str] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table in (procfs.PROC / "net" / "tcp", procfs.PROC / "net" / "tcp6"):
         try:
-            for row in Path(table).read_text().splitlines()[1:]:
+            for row in table.read_text().splitlines()[1:]:
                 cols = row.split()
                 if len(cols) > 9:
                     states[f"socket:[{cols[9]}]"] = _TCP_STATES.get(cols[3], cols[3])
@@ -86,7 +87,7 @@ def _fd_targets(pid: int) -> set[str]:
             continue
     out = set()
     try:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
+        for fd in (procfs.PROC / str(pid) / "fd").iterdir():
             try:
                 t = os.readlink(fd)
             except OSError:
@@ -143,11 +144,17 @@ def run_soak(model: Path, parts: int = 3, sessions: int = 16, n_tokens: int = 25
     ``rss_growth`` and ``fd_growth`` per stage (last round against the first), ``fd_new`` per
     stage (``"FD TARGET [TCP STATE]"`` of each descriptor not open after the first round), and
     ``ok``.
-    Raises NakError for bad arguments."""
+    Raises NakError for bad arguments, and on a machine without Linux /proc (macOS): the leak
+    checks count each stage's descriptors and CLOSE_WAIT sockets there, and without them the
+    soak would pass without having checked."""
     from .local import LocalStages, cached_parts
 
     if sessions < 1 or n_tokens < 1 or duration_s <= 0 or parts < 1:
         raise NakError("soak: --sessions, --tokens, --parts and the duration must be positive")
+    if not procfs.available():
+        raise NakError(procfs.needs_proc("nak soak") + ": its leak checks read each stage's open "
+                       "descriptors (/proc/PID/fd, /proc/net/tcp) and resident memory (/proc/PID/status); "
+                       "run it on a Linux host")
     say = status or (lambda text: None)
     slices = cached_parts(model, parts, progress=False)
     extra = [] if batching else ["--max-batch", "1"]

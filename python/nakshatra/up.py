@@ -48,6 +48,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from . import procfs
 from .cluster import ClusterFile
 from .errors import NakError, SliceError
 from .manifest import CHUNK, Manifest, SliceInfo, sha256_file, write_atomic
@@ -329,22 +330,34 @@ def state_path(cluster_path: Path | str) -> Path:
 
 def _identity(pid: int) -> str:
     """Something that tells a process apart from a later one with the same pid: its start time
-    (``/proc/<pid>/stat`` field 22, else ``ps -o lstart``); empty if the process is gone."""
+    (``/proc/<pid>/stat`` field 22 on Linux, else ``ps -o lstart``, as on macOS); empty if the
+    process is gone; ``"?"`` if it runs but neither can tell its start time."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = (procfs.PROC / str(pid) / "stat").read_text()
         fields = stat[stat.rindex(")") + 2:].split()
         return "" if fields[0] in ("Z", "X") else fields[19]
     except FileNotFoundError:
-        return ""
+        if procfs.available():
+            return ""  # /proc is there and the pid is not: gone
     except OSError:
         pass
     try:
         r = subprocess.run(["ps", "-o", "lstart=,stat=", "-p", str(pid)], capture_output=True, text=True,
                            timeout=5)
+        out = r.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    out = r.stdout.strip()
-    return "" if not out or out.split()[-1].startswith("Z") else " ".join(out.split()[:-1])
+        out = ""
+    if out:
+        return "" if out.split()[-1].startswith("Z") else " ".join(out.split()[:-1])
+    # ps printed nothing: the pid is gone, or ps itself cannot look (procps on a Linux without
+    # /proc); a signal-0 probe tells which
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return ""
+    except OSError:
+        pass  # EPERM: it exists, owned by someone else
+    return "?"
 
 
 def _alive(proc: dict) -> bool:
