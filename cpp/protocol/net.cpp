@@ -160,7 +160,7 @@ int nak_connect_start(const std::string & host, int port, std::string & err) {
     }
     // the first address only: trying the next one needs the outcome of this one, i.e. waiting
     const addrinfo * ai = res;
-    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+    int fd = nak_socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
     if (fd < 0) {
         err = std::string("socket failed: ") + strerror(errno);
     } else {
