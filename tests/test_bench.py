@@ -64,12 +64,19 @@ def test_bench_synthetic_model_of_a_given_size(smollm2_path: Path, tmp_path: Pat
     assert parse_size("1.5B") == 1.5e9 and parse_size("300M") == 3e8
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "bench", "--synthetic", "40M", "--stages", "2",
-                        "--threads", "1", "--reps", "1", "--n-decode", "4", "--prompt-lens", "8", "--json", str(out)],
+                        "--threads", "1", "--reps", "1", "--n-decode", "4", "--prompt-lens", "8", "--no-repack",
+                        "--json", str(out)],
                        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert "synthetic-llama-40M" in res["config"]["model"]
     assert res["ratios"]["decode_chain_over_single"] > 0
+    # --no-repack side by side: decode speed, and each stage's own memory (Q4_0 is repacked on
+    # x86-64: without the copy the stages hold less of their own)
+    assert res["ratios"]["decode_norepack_over_repack"] > 0
+    assert 0 < res["ratios"]["own_memory_norepack_over_repack"] < 1
+    assert all(st["rss_file_bytes"] > 0 and st["rss_anon_bytes"] > 0 for st in res["chain"]["stages"])
+    assert "--no-repack" in r.stdout and "own memory" in r.stdout
     bad = subprocess.run([sys.executable, "-m", "nakshatra_cli", "bench", "--synthetic", "lots"],
                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert bad.returncode == 1 and "1.5B" in bad.stderr

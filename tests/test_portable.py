@@ -189,6 +189,12 @@ def test_stage_health_memory_matches_proc(smollm2_path: Path) -> None:
     avail1 = _meminfo_available()
     vm_rss = int(re.search(r"^VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
     assert h["rss_bytes"] == pytest.approx(vm_rss, rel=0.05)
+    status = Path("/proc/self/status").read_text()
+    kib = {k: int(re.search(rf"^{k}:\s+(\d+) kB", status, re.M).group(1)) * 1024 for k in ("RssAnon", "RssFile", "RssShmem")}
+    # own (anonymous) and file-backed: what the host pays, and what it can reclaim
+    assert h["rss_anon_bytes"] == pytest.approx(kib["RssAnon"], rel=0.05)
+    assert h["rss_file_bytes"] == pytest.approx(kib["RssFile"] + kib["RssShmem"], rel=0.05)
+    assert h["rss_file_bytes"] > 50 * 2**20  # the mmap'd SmolLM2 (about 98 MB) is mostly file-backed
     assert 0.9 * min(avail0, avail1) <= h["mem_available_bytes"] <= 1.1 * max(avail0, avail1)
 
 

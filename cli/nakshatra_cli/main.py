@@ -338,6 +338,8 @@ def serve(
     max_batch: Annotated[int, typer.Option("--max-batch", help="First stage: session steps decoded together (1: no batching).")] = 8,
     wire: Annotated[str, typer.Option("--wire", help="Hidden states sent as f32 (exact), bf16 or q8r (per-row int8).")] = "f32",
     batch_log: Annotated[str, typer.Option("--batch-log", help="Append one JSON line per decoded batch to this file.")] = "",
+    no_repack: Annotated[bool, typer.Option("--no-repack", help="Keep the weights in their mmap'd pages only: no repacked copy for faster CPU matmuls (about half the resident memory; decode cost: nak bench --no-repack).")] = False,
+    mlock: Annotated[bool, typer.Option("--mlock", help="Lock the weights in RAM (never swapped or compressed), as llama.cpp's --mlock.")] = False,
     batch_hold_ms: Annotated[int, typer.Option("--batch-hold-ms", help="First stage, ring: hold a step up to this long for sessions due back, so they travel as one batch (0: never).")] = 0,
     poll: Annotated[int, typer.Option("--poll", help="Thread-pool polling 0..100 as llama.cpp's --poll (0: idle threads sleep).")] = 0,
     cpu_strict: Annotated[int, typer.Option("--cpu-strict", help="1: pin thread i to CPU i (llama.cpp's --cpu-strict).")] = 0,
@@ -362,6 +364,7 @@ def serve(
                                  cache_type_k=cache_type_k, cache_type_v=cache_type_v,
                                  ready_json=ready_json, max_batch=max_batch, wire=wire, batch_log=batch_log,
                                  batch_hold_ms=batch_hold_ms, poll=poll, cpu_strict=bool(cpu_strict),
+                                 no_repack=no_repack, mlock=mlock,
                                  cpu_lock=cpu_lock, idle_timeout_s=idle_timeout, max_frame_mb=max_frame_mb,
                                  announce=announce, fetch=tuple(fetch or ()), sha256=sha256))
     raise typer.Exit(code)
@@ -386,6 +389,7 @@ def bench(
     link_delay_ms: Annotated[float, typer.Option("--link-delay-ms", help="Also measure over emulated links of this one-way delay, ms (0: skip).")] = 0.0,
     rpc_baseline: Annotated[bool, typer.Option("--rpc-baseline", help="Also run llama.cpp's RPC (rpc-server + llama-bench, built once from the same source).")] = False,
     key: Annotated[bool, typer.Option("--key", help="Also measure the chain with a fresh cluster key (authenticated handshake, a MAC on every frame), side by side with the chain without one.")] = False,
+    no_repack: Annotated[bool, typer.Option("--no-repack", help="Also measure the chain with stages started --no-repack (no repacked weight copy), side by side: decode speed and each stage's own memory.")] = False,
 ) -> None:
     """Measure the unsplit model (one process) and a chain of local stages side by side, and as
     asked llama.cpp RPC, concurrent sessions, wire formats and emulated slow links.
@@ -423,7 +427,7 @@ def bench(
     cfg = BenchConfig(model=model_path, stages=stages, prompt_lens=lens, n_decode=n_decode,
                       reps=reps, threads=threads, stage_threads=stage_threads, mode=mode,
                       sessions=sessions, wire=wires, link_delay_ms=link_delay_ms, rpc_baseline=rpc_baseline,
-                      key=key)
+                      key=key, no_repack=no_repack)
     with err_console.status("measuring ...") as st:
         res = run_bench(cfg, status=lambda text: st.update(f"measuring: {text} ..."))
     print_bench(res, cfg)
@@ -493,11 +497,24 @@ def print_bench(res: dict, cfg) -> None:
         first = str(cfg.prompt_lens[0])
         k.add_row(f"prefill {first} tok/s", fmt(chain["prefill_tps"][first]), fmt(ck["prefill_tps"][first]), "")
         Console().print(k)
+    nr = res.get("chain_norepack")
+    if nr:
+        k = Table(title="--no-repack: the same chain without llama.cpp's repacked weight copies",
+                  title_justify="left")
+        for col in ("metric", "repacked (default)", "--no-repack", "ratio"):
+            k.add_column(col, justify="right" if col != "metric" else "left")
+        k.add_row("decode tok/s", fmt(chain["decode_tps"]), fmt(nr["decode_tps"]), f"{r['decode_norepack_over_repack']:.2f}x")
+        own = sum(st["rss_anon_bytes"] for st in chain["stages"]) / 2**20
+        own_nr = sum(st["rss_anon_bytes"] for st in nr["stages"]) / 2**20
+        k.add_row("own memory, all stages, MiB", f"{own:.0f}", f"{own_nr:.0f}",
+                  f"{r['own_memory_norepack_over_repack']:.2f}x" if "own_memory_norepack_over_repack" in r else "")
+        Console().print(k)
     s = Table(title="stages", title_justify="left")
-    for col in ("stage", "layers", "compute ms/token", "peak RSS MiB", "slice + KV MiB"):
+    for col in ("stage", "layers", "compute ms/token", "peak RSS MiB", "own MiB", "file MiB", "slice + KV MiB"):
         s.add_column(col, justify="right" if col != "stage" else "left")
     for st in chain["stages"]:
         s.add_row(st["address"], st["layers"], f"{st['compute_ms_per_token']:.2f}", _peak_rss_cell(st["peak_rss_bytes"]),
+                  f"{st.get('rss_anon_bytes', 0) / 2**20:.0f}", f"{st.get('rss_file_bytes', 0) / 2**20:.0f}",
                   f"{(st['slice_bytes'] + st['kv_bytes']) / 2**20:.0f}")
     Console().print(s)
     if "wire" in res:
@@ -619,16 +636,20 @@ def status(
         print(json.dumps([{k: v for k, v in r.items() if k != "range"} for r in rows], indent=1))
         return
     t = Table(title="nak status", title_justify="left")
-    for col in ("stage", "layers", "role", "sessions", "queue", "KV used", "RSS MiB", "CPU %", "up s", "score"):
+    # memory as the host pays it: the stage's own pages (weight copies, KV, buffers) and the
+    # file-backed ones (the mmap'd slice, which the kernel can drop and read again)
+    for col in ("stage", "layers", "role", "sessions", "queue", "KV used", "own MiB", "file MiB", "CPU %", "up s",
+                "score"):
         t.add_column(col, justify="left" if col in ("stage", "layers", "role") else "right")
     for r in sorted(rows, key=lambda r: (r.get("range", (1 << 30, 0)), r["address"])):
         if not r["up"]:
-            t.add_row(r["address"], "", "[red]down[/red]", "", "", "", "", "", "", r.get("error", "")[:40])
+            t.add_row(r["address"], "", "[red]down[/red]", "", "", "", "", "", "", "", r.get("error", "")[:40])
             continue
         h = r["health"]
         t.add_row(r["address"], r["layers"], r["role"], f"{h['sessions_active']}/{h['max_sessions']}",
                   str(h["queue_depth"]), f"{h['kv_tokens_used']}/{h['n_ctx_session'] * h['max_sessions']}",
-                  f"{h['rss_bytes'] / 2**20:.0f}", f"{100 * h['cpu_ms'] / max(1, h['uptime_ms']):.0f}",
+                  f"{h['rss_anon_bytes'] / 2**20:.0f}", f"{h['rss_file_bytes'] / 2**20:.0f}",
+                  f"{100 * h['cpu_ms'] / max(1, h['uptime_ms']):.0f}",
                   f"{h['uptime_ms'] / 1e3:.0f}", f"{r['score']:.2f}")
     # piped output is not cut to 80 columns: one line per stage
     Console(width=None if sys.stdout.isatty() else 160).print(t)

@@ -94,6 +94,8 @@ py::dict hello_dict(const nak_hello_ok & ok) {
     hd["busy_ms"]         = ok.health.busy_ms;
     hd["stalled_ms"]      = ok.health.stalled_ms;
     hd["progress"]        = ok.health.progress;
+    hd["rss_anon_bytes"]  = ok.health.rss_anon_bytes;
+    hd["rss_file_bytes"]  = ok.health.rss_file_bytes;
     d["health"] = hd;
     d["rss_bytes"] = ok.health.rss_bytes;
     return d;
@@ -476,9 +478,11 @@ struct py_stage {
              int32_t n_threads, int32_t n_threads_batch, int32_t n_gpu_layers, int32_t flash_attn, const std::string & cache_type_k,
              const std::string & cache_type_v, uint32_t n_batch, uint32_t n_ubatch, uint32_t idle_timeout_s,
              uint32_t max_batch, const std::string & wire, const std::string & batch_log, int32_t poll, bool cpu_strict,
-             const std::string & cpu_lock, uint32_t batch_hold_ms) {
+             const std::string & cpu_lock, uint32_t batch_hold_ms, bool no_repack, bool mlock) {
         ensure_backend();
         nak_stage_params p;
+        p.no_repack      = no_repack;
+        p.mlock          = mlock;
         p.model_path     = path;
         p.model_sha256   = model_sha256;
         p.n_ctx_session  = n_ctx;
@@ -703,13 +707,15 @@ PYBIND11_MODULE(_nakshatra, m) {
     py::class_<py_stage>(m, "Stage", "One loaded slice and its llama_context (see cpp/stage/stage.h).")
         .def(py::init<const std::string &, const std::string &, uint32_t, uint32_t, int32_t, int32_t, int32_t, int32_t,
                       const std::string &, const std::string &, uint32_t, uint32_t, uint32_t, uint32_t,
-                      const std::string &, const std::string &, int32_t, bool, const std::string &, uint32_t>(),
+                      const std::string &, const std::string &, int32_t, bool, const std::string &, uint32_t, bool,
+                      bool>(),
              py::arg("model_path"), py::arg("model_sha256") = "", py::arg("n_ctx") = 4096, py::arg("max_sessions") = 8,
              py::arg("n_threads") = 0, py::arg("n_threads_batch") = 0, py::arg("n_gpu_layers") = -1, py::arg("flash_attn") = -1,
              py::arg("cache_type_k") = "f16", py::arg("cache_type_v") = "f16", py::arg("n_batch") = 2048,
              py::arg("n_ubatch") = 512, py::arg("idle_timeout_s") = 600, py::arg("max_batch") = 8,
              py::arg("wire") = "f32", py::arg("batch_log") = "", py::arg("poll") = 0, py::arg("cpu_strict") = false,
-             py::arg("cpu_lock") = "", py::arg("batch_hold_ms") = 0)
+             py::arg("cpu_lock") = "", py::arg("batch_hold_ms") = 0, py::arg("no_repack") = false,
+             py::arg("mlock") = false)
         .def("serve", &py_stage::serve, py::arg("host"), py::arg("port"), py::arg("on_ready"),
              py::arg("max_payload") = NAK_MAX_PAYLOAD_DEFAULT, py::arg("key") = py::bytes(), py::arg("insecure") = false,
              "Run the event loop until SIGINT/SIGTERM raises or stop() is called; on_ready(port) once listening. "

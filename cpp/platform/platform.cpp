@@ -109,6 +109,38 @@ ssize_t nak_send_nosignal(int fd, const void * data, size_t n, bool dontwait) {
 
 // ---- memory -------------------------------------------------------------------------------------
 
+bool nak_rss_split(uint64_t & anon, uint64_t & file) {
+    anon = file = 0;
+#if defined(__linux__)
+    FILE * f = fopen("/proc/self/statm", "r");
+    if (!f) {
+        return false;
+    }
+    unsigned long size = 0, resident = 0, shared = 0;
+    const int n = fscanf(f, "%lu %lu %lu", &size, &resident, &shared);
+    fclose(f);
+    const long page = sysconf(_SC_PAGESIZE);
+    if (n != 3 || page <= 0) {
+        return false;
+    }
+    // statm's "shared" is RssFile + RssShmem: the file-backed resident pages
+    anon = (uint64_t) (resident > shared ? resident - shared : 0) * (uint64_t) page;
+    file = (uint64_t) shared * (uint64_t) page;
+    return true;
+#elif defined(__APPLE__)
+    task_vm_info_data_t vm = {};
+    mach_msg_type_number_t count = TASK_VM_INFO_COUNT;
+    if (task_info(mach_task_self(), TASK_VM_INFO, (task_info_t) &vm, &count) != KERN_SUCCESS) {
+        return false;
+    }
+    anon = (uint64_t) vm.phys_footprint;
+    file = vm.resident_size > vm.phys_footprint ? (uint64_t) (vm.resident_size - vm.phys_footprint) : 0;
+    return true;
+#else
+    return false;
+#endif
+}
+
 uint64_t nak_rss_bytes() {
 #if defined(__linux__)
     // statm counts pages; the page size is not always 4096 (arm64 kernels with 16 or 64 KiB pages)

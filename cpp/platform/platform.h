@@ -30,6 +30,14 @@ ssize_t nak_send_nosignal(int fd, const void * data, size_t n, bool dontwait);
 // 0 when the OS does not tell.
 uint64_t nak_rss_bytes();
 
+// The resident set split, bytes: `anon` is memory only this process holds (weights copied out of
+// the file, e.g. by CPU repacking; the KV cache; compute buffers; the heap): what it really costs
+// the host. `file` is file-backed pages, chiefly the mmap'd GGUF: the kernel can drop these under
+// pressure and read them again, so they count in RSS but not in what the process needs.
+// Linux: /proc/self/statm (resident - shared, shared); macOS: the task's physical footprint as
+// anon, the rest of its resident size as file. false (both 0) when the OS does not tell.
+bool nak_rss_split(uint64_t & anon, uint64_t & file);
+
 // Memory the host could still give a process without swapping, bytes: Linux MemAvailable (free
 // plus reclaimable page cache), macOS free + inactive pages; 0 when the OS does not tell.
 uint64_t nak_mem_available_bytes();

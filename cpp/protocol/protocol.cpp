@@ -136,6 +136,8 @@ void nak_encode(nak_writer & w, const nak_health & m) {
     w.u64(m.busy_ms);
     w.u64(m.stalled_ms);
     w.u64(m.progress);
+    w.u64(m.rss_anon_bytes);
+    w.u64(m.rss_file_bytes);
 }
 
 bool nak_decode(nak_reader & r, nak_health & m) {
@@ -153,6 +155,8 @@ bool nak_decode(nak_reader & r, nak_health & m) {
     m.busy_ms         = r.u64();
     m.stalled_ms      = r.u64();
     m.progress        = r.u64();
+    m.rss_anon_bytes  = r.u64();
+    m.rss_file_bytes  = r.u64();
     return r.ok;
 }
 

@@ -191,6 +191,10 @@ struct nak_health {
     uint64_t busy_ms    = 0; // how long the running request has been computing; 0: idle
     uint64_t stalled_ms = 0; // how long llama_decode has made no progress (graph nodes) while busy; 0: idle
     uint64_t progress   = 0; // graph nodes computed since start (a counter that moves while computing)
+    // rss_bytes split (platform.h, nak_rss_split): memory only this stage holds (weight copies,
+    // KV, buffers) and file-backed pages (the mmap'd slice, reclaimable), bytes; 0: not known
+    uint64_t rss_anon_bytes = 0;
+    uint64_t rss_file_bytes = 0;
 };
 
 struct nak_hello {

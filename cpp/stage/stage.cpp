@@ -181,6 +181,12 @@ bool nak_stage::load(const nak_stage_params & params, std::string & err) {
 
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = params.n_gpu_layers;
+    // CPU repacking copies weights into an extra buffer while their mmap'd pages stay resident
+    // (reclaimable): --no-repack keeps one copy, at some decode speed (nak bench --no-repack)
+    mp.use_extra_bufts = !params.no_repack;
+    if (params.mlock) {
+        mp.load_mode = LLAMA_LOAD_MODE_MMAP_MLOCK; // llama.cpp's --mlock: never swapped or compressed
+    }
     model_ = llama_model_load_from_file(params.model_path.c_str(), mp);
     if (!model_) {
         err = "llama.cpp could not load " + params.model_path + " (see its log above)";
@@ -345,6 +351,7 @@ nak_health nak_stage::health() const {
     h.queue_depth     = queue_depth;
     h.n_ctx_session   = params_.n_ctx_session;
     h.rss_bytes = nak_rss_bytes();
+    nak_rss_split(h.rss_anon_bytes, h.rss_file_bytes);
     h.uptime_ms = (uint64_t) (nak_now_ms() - t_start_ms_);
     const int64_t busy = busy_since_us_.load();
     if (busy != 0) {

@@ -44,6 +44,8 @@ struct nak_stage_params {
     uint32_t    batch_hold_ms = 0;    // first stage: hold a ring step this long at most for sessions due back (0: never)    // first stage: session steps per llama_decode (1: one at a time)
     std::string wire          = "f32"; // hidden states sent as f32 | bf16 | q8r (see cpp/protocol/wire.h)
     std::string batch_log;            // file to append one JSON line per decoded batch (replay tests)
+    bool        no_repack     = false; // llama.cpp use_extra_bufts = false: no repacked weight copy
+    bool        mlock         = false; // lock the weights in RAM (llama.cpp's mmap + mlock load mode)
 };
 
 // the sampler chain in llama.cpp's default order (common/sampling): penalties, top-k, top-p,

@@ -167,7 +167,9 @@ class Metrics:
         stage_g = {k: Gauge(f"nak_stage_{k}", d, ["stage", "layers"], registry=r) for k, d in (
             ("up", "1 when the stage answers"), ("sessions", "Sessions open on the stage"),
             ("queue_depth", "Requests waiting at the stage"), ("kv_tokens_used", "KV cells in use"),
-            ("rss_bytes", "Resident memory of the stage process, bytes"))}
+            ("rss_bytes", "Resident memory of the stage process, bytes"),
+            ("rss_anon_bytes", "Memory only the stage holds (weight copies, KV, buffers), bytes"),
+            ("rss_file_bytes", "File-backed resident memory of the stage (its mmap'd slice; reclaimable), bytes"))}
         self.stage_gauges = stage_g
         self.engine = engine
 
@@ -183,6 +185,8 @@ class Metrics:
                 self.stage_gauges["queue_depth"].labels(*lab).set(h["queue_depth"])
                 self.stage_gauges["kv_tokens_used"].labels(*lab).set(h["kv_tokens_used"])
                 self.stage_gauges["rss_bytes"].labels(*lab).set(h["rss_bytes"])
+                self.stage_gauges["rss_anon_bytes"].labels(*lab).set(h.get("rss_anon_bytes", 0))
+                self.stage_gauges["rss_file_bytes"].labels(*lab).set(h.get("rss_file_bytes", 0))
         return generate_latest(self.registry)
 
 

@@ -55,6 +55,7 @@ class BenchConfig:
     link_delay_ms: float = 0.0  # > 0: also measure over emulated links of this one-way delay
     rpc_baseline: bool = False
     key: bool = False           # also a chain with a cluster key (authenticated, every frame MACed)
+    no_repack: bool = False     # also a chain whose stages keep no repacked weight copy (--no-repack)
 
 
 def _stat(values: list[float]) -> dict[str, float]:
@@ -198,6 +199,12 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
         k = res["chain_key"]
         r["decode_key_over_plain"] = k["decode_tps"]["median"] / chain["decode_tps"]["median"]
         r["per_hop_us_key_minus_plain"] = k["per_hop_overhead_us"]["median"] - chain["per_hop_overhead_us"]["median"]
+    if "chain_norepack" in res:
+        nr = res["chain_norepack"]
+        r["decode_norepack_over_repack"] = nr["decode_tps"]["median"] / chain["decode_tps"]["median"]
+        own = sum(st.get("rss_anon_bytes", 0) for st in chain["stages"])
+        if own:
+            r["own_memory_norepack_over_repack"] = sum(st.get("rss_anon_bytes", 0) for st in nr["stages"]) / own
     links = res.get("links")
     if links:
         r["links_forwarding_over_expected"] = links["forwarding_over_expected"]
@@ -209,6 +216,18 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
             if k.startswith("ratio_"):
                 r[f"links_sessions_{k[6:]}"] = v
     return r
+
+
+def _memory_split(chain: dict[str, Any], addresses: list[str]) -> None:
+    """Add each stage's memory as the host pays it to ``chain["stages"]``: ``rss_anon_bytes`` (its
+    own pages: weight copies, KV, buffers) and ``rss_file_bytes`` (file-backed: the mmap'd
+    slice, reclaimable), bytes, from the stages' health (cpp/platform/platform.h, nak_rss_split)."""
+    with Chain(addresses) as c:
+        health = {st.address: c.clients[i].hello()["health"] for i, st in enumerate(c.stages)}
+    for st in chain["stages"]:
+        h = health.get(st["address"], {})
+        st["rss_anon_bytes"] = int(h.get("rss_anon_bytes", 0))
+        st["rss_file_bytes"] = int(h.get("rss_file_bytes", 0))
 
 
 def run_bench(cfg: BenchConfig, status: Any = None) -> dict[str, Any]:
@@ -236,6 +255,14 @@ def run_bench(cfg: BenchConfig, status: Any = None) -> dict[str, Any]:
         # peak RSS is read once every measurement on these stages is done
         for st, pid in zip(chain["stages"], ls.pids):
             st["peak_rss_bytes"] = peak_rss_bytes(pid)
+        _memory_split(chain, ls.addresses)
+    chain_norepack = None
+    if cfg.no_repack:
+        with LocalStages(slices, threads=cfg.stage_threads, ctx=n_ctx, max_sessions=max_sessions,
+                         extra_args=["--no-repack"]) as ls_nr:
+            say(f"chain of {len(slices)} stages ({cfg.mode}) with --no-repack")
+            chain_norepack = bench_chain(cfg, ls_nr.addresses, ls_nr.pids)
+            _memory_split(chain_norepack, ls_nr.addresses)
     chain_key = None
     if cfg.key:
         import tempfile
@@ -258,6 +285,8 @@ def run_bench(cfg: BenchConfig, status: Any = None) -> dict[str, Any]:
         "single": single, "chain": chain}
     if chain_key is not None:
         res["chain_key"] = chain_key
+    if chain_norepack is not None:
+        res["chain_norepack"] = chain_norepack
     if cfg.rpc_baseline:
         from .rpc_baseline import run_rpc_baseline
 

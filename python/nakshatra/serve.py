@@ -54,6 +54,8 @@ class ServeOptions:
     cpu_strict: bool = False
     cpu_lock: str = ""
     batch_hold_ms: int = 0
+    no_repack: bool = False  # llama.cpp use_extra_bufts = false: no repacked copy of the weights
+    mlock: bool = False      # lock the weights in RAM (mmap + mlock)
     idle_timeout_s: int = 600
     max_frame_mb: int = 64
     fetch: tuple[str, ...] = ()  # URLs (mirrors) to fetch a missing slice from (nak up's file server)
@@ -195,7 +197,8 @@ def serve(opts: ServeOptions) -> int:
                                      cache_type_k=opts.cache_type_k, cache_type_v=opts.cache_type_v,
                                      max_batch=opts.max_batch, wire=opts.wire, batch_log=opts.batch_log,
                                      poll=opts.poll, cpu_strict=opts.cpu_strict, cpu_lock=opts.cpu_lock,
-                                     batch_hold_ms=opts.batch_hold_ms, idle_timeout_s=opts.idle_timeout_s)
+                                     batch_hold_ms=opts.batch_hold_ms, idle_timeout_s=opts.idle_timeout_s,
+                                     no_repack=opts.no_repack, mlock=opts.mlock)
     except StageError as e:
         raise NakError(f"cannot load {path}: {e}") from None
     info = stage.info()
@@ -209,7 +212,9 @@ def serve(opts: ServeOptions) -> int:
     def on_ready(port: int) -> None:
         kv_txt = f", KV {_fmt_bytes(kv)} for {opts.max_sessions} x {opts.ctx} tokens" if kv else ""
         print(f"nak serve: ready on {opts.host}:{port} · layers {rng} of {info['n_layer_full']} · "
-              f"{info['arch']} n_embd {info['n_embd']} · RSS {_fmt_bytes(info['rss_bytes'])}{kv_txt}",
+              f"{info['arch']} n_embd {info['n_embd']} · RSS {_fmt_bytes(info['rss_bytes'])} "
+              f"({_fmt_bytes(info['health']['rss_anon_bytes'])} own, {_fmt_bytes(info['health']['rss_file_bytes'])} "
+              f"file-backed){kv_txt}",
               file=sys.stderr, flush=True)
         if opts.ready_json:
             print(json.dumps({"host": opts.host, "port": port, "layer_start": rng.start,
@@ -268,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-strict", type=int, default=0)
     ap.add_argument("--cpu-lock", default="")
     ap.add_argument("--batch-hold-ms", type=int, default=0)
+    ap.add_argument("--no-repack", action="store_true")
+    ap.add_argument("--mlock", action="store_true")
     ap.add_argument("--idle-timeout", type=int, default=600)
     ap.add_argument("--max-frame-mb", type=int, default=64)
     ap.add_argument("--fetch", action="append", default=[])
@@ -282,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                         verify=not a.no_verify, ready_json=a.ready_json, max_batch=a.max_batch,
                         wire=a.wire, batch_log=a.batch_log, poll=a.poll, cpu_strict=bool(a.cpu_strict),
                         cpu_lock=a.cpu_lock, batch_hold_ms=a.batch_hold_ms, idle_timeout_s=a.idle_timeout,
+                        no_repack=a.no_repack, mlock=a.mlock,
                         max_frame_mb=a.max_frame_mb, announce=a.announce, fetch=tuple(a.fetch), sha256=a.sha256)
     try:
         return serve(opts)
