@@ -18,6 +18,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -227,3 +229,26 @@ def test_connecting_to_an_unreachable_next_stage_does_not_block_the_stage(smol_s
         for f in fillers:
             f.close()
         sink.close()
+
+
+def test_bench_hosts_gives_the_slow_host_fewer_layers(smollm2_path: Path, tmp_path: Path) -> None:
+    """`nak bench --hosts`: the probe, run inside each emulated host's CPU quota, measures the
+    slow host slower (its windows span several quota periods, so the quota cannot hide in one
+    burst), the plan gives it fewer layers, and both chains are measured side by side. (Which
+    chain is faster is the benchmark's figure, in the README, not this test's.)"""
+    require_cgroup_cpu()
+    out = tmp_path / "hosts.json"
+    r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "bench", "--model", str(smollm2_path),
+                        "--hosts", "fast=1.0,slow=0.2", "--reps", "1", "--n-decode", "8", "--json", str(out)],
+                       capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    fast, slow = res["hosts"]
+    assert (fast["name"], slow["name"]) == ("fast", "slow")
+    assert slow["layers_per_s"] < 0.6 * fast["layers_per_s"], res["hosts"]
+    assert 0 < slow["planned_layers"] < fast["planned_layers"], res["hosts"]
+    assert res["planned"]["decode_tps"]["median"] > 0 and res["even"]["decode_tps"]["median"] > 0
+    assert "planned" in r.stdout and "even split" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "nakshatra_cli", "bench", "--hosts", "fast=2"], capture_output=True,
+                         text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert bad.returncode == 1 and "SHARE" in bad.stderr

@@ -372,6 +372,33 @@ def serve(
 
 # ---- bench ----------------------------------------------------------------------------------
 
+def _bench_hosts(model_path: Path, hosts: str, *, n_decode: int, reps: int, json_out: Optional[Path]) -> None:
+    """nak bench --hosts: probe, plan and measure on emulated hosts (nakshatra.hostbench)."""
+    from nakshatra.hostbench import parse_hosts, run_hosts_bench
+
+    shares = parse_hosts(hosts)
+    with err_console.status("measuring ...") as st:
+        res = run_hosts_bench(model_path, shares, n_decode=n_decode, reps=reps,
+                              status=lambda text: st.update(f"measuring: {text} ..."))
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=1))
+    t = Table(title=f"emulated hosts (cgroup CPU quotas; each may hold {res['config']['mem_fraction']:.0%} of the "
+                    "model's weights and KV): probed, planned, and an even split", title_justify="left")
+    for col in ("host", "CPU share", "probed layers/s", "planned layers", "even split"):
+        t.add_column(col, justify="left" if col == "host" else "right")
+    for h in res["hosts"]:
+        t.add_row(h["name"], f"{h['share']:g}", f"{h['layers_per_s']:.0f}", h["planned"] or "none", h["even"])
+    Console().print(t)
+    d = Table(title=f"ring decode, one session, {res['config']['n_decode']} tokens, median of {res['config']['reps']}",
+              title_justify="left")
+    for col in ("chain", "layers", "decode tok/s", "ratio"):
+        d.add_column(col, justify="left" if col in ("chain", "layers") else "right")
+    d.add_row("even split", ", ".join(res["even"]["ranges"]), f"{res['even']['decode_tps']['median']:.1f}", "1.00x")
+    d.add_row("planned", ", ".join(res["planned"]["ranges"]), f"{res['planned']['decode_tps']['median']:.1f}",
+              f"{res['ratio_planned_over_even']:.2f}x")
+    Console().print(d)
+
+
 @app.command()
 def bench(
     model: Annotated[str, typer.Option("--model", "-m", help="A GGUF file or a built-in name.")] = "smollm2",
@@ -390,6 +417,7 @@ def bench(
     rpc_baseline: Annotated[bool, typer.Option("--rpc-baseline", help="Also run llama.cpp's RPC (rpc-server + llama-bench, built once from the same source).")] = False,
     key: Annotated[bool, typer.Option("--key", help="Also measure the chain with a fresh cluster key (authenticated handshake, a MAC on every frame), side by side with the chain without one.")] = False,
     no_repack: Annotated[bool, typer.Option("--no-repack", help="Also measure the chain with stages started --no-repack (no repacked weight copy), side by side: decode speed and each stage's own memory.")] = False,
+    hosts: Annotated[Optional[str], typer.Option("--hosts", help="Instead: emulate mismatched hosts with cgroup CPU quotas (root), e.g. fast=1.0,slow=0.25 (shares of one CPU); probe each, plan, and measure the planned chain against an even split side by side.")] = None,
 ) -> None:
     """Measure the unsplit model (one process) and a chain of local stages side by side, and as
     asked llama.cpp RPC, concurrent sessions, wire formats and emulated slow links.
@@ -424,6 +452,9 @@ def bench(
             raise NakError(f"--synthetic: {e}") from None
     else:
         model_path = resolve_model(model)
+    if hosts is not None:
+        _bench_hosts(model_path, hosts, n_decode=min(n_decode, 64), reps=reps, json_out=json_out)
+        return
     cfg = BenchConfig(model=model_path, stages=stages, prompt_lens=lens, n_decode=n_decode,
                       reps=reps, threads=threads, stage_threads=stage_threads, mode=mode,
                       sessions=sessions, wire=wires, link_delay_ms=link_delay_ms, rpc_baseline=rpc_baseline,

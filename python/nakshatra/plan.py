@@ -517,16 +517,23 @@ def _lan_address() -> str:
         return "127.0.0.1"
 
 
+PROBE_WINDOW_S = 0.5
+"""Shortest stretch of decode steps the probe times as one: 5 periods of the kernel's default
+100 ms CFS period, so a CPU quota (a cgroup's cpu.cfs_quota_us, a container's --cpus) shows in
+the figure instead of hiding in the one burst a shorter run fits in."""
+
+
 def probe_host(model_path: str | os.PathLike[str], *, n_decode: int = 16, budget_s: float = 3.0, threads: int = 0,
                name: str = "", address: str = "") -> Probe:
     """Measure this machine for ``model_path``: load the whole model (llama.cpp, the backend this
-    build has), prefill a short prompt, decode 2 tokens (warm-up), then time ``n_decode`` one-token
-    greedy decode steps, again and again until ``budget_s`` seconds have passed since the warm-up
-    began (at least once, at most 20 times). The fastest run gives
-    ``layers_per_s = n_layer x n_decode / seconds`` (a busy machine only makes runs slower, so the
-    fastest is the least disturbed). ``memory_mb`` is :func:`available_memory_mb` (system memory:
-    on a GPU, give the GPU's free memory yourself). Takes about ``budget_s`` seconds plus loading
-    for a small model (one run more at most).
+    build has), prefill a short prompt, decode 2 tokens (warm-up), then time runs of ``n_decode``
+    one-token greedy decode steps, grouped into windows of at least :data:`PROBE_WINDOW_S` seconds
+    of decoding each, until ``budget_s`` seconds have passed since the warm-up began (at least one
+    window). The fastest window gives ``layers_per_s = n_layer x steps / seconds`` (a busy machine
+    only makes windows slower, so the fastest is the least disturbed; a window spans several CPU
+    quota periods, so a throttled host cannot look fast by fitting a short run into one burst).
+    ``memory_mb`` is :func:`available_memory_mb` (system memory: on a GPU, give the GPU's free
+    memory yourself). Takes about ``budget_s`` seconds plus loading.
 
     Raises SliceError for a missing or non-GGUF file, StageError if llama.cpp cannot load it.
     """
@@ -538,15 +545,19 @@ def probe_host(model_path: str | os.PathLike[str], *, n_decode: int = 16, budget
     layout = model_layout(model_path, sha256="-")
     ref = _nakshatra.Reference(str(model_path), n_ctx=64, n_threads=threads)
     prompt = ref.tokenize("The stars are")[:8]
-    t0, runs, best_us = time.monotonic(), 0, math.inf
+    t0, runs, windows, best_us_per_step = time.monotonic(), 0, 0, math.inf
     ref.time_run(prompt, 2)  # warm-up: first touch of the weights, thread pool start
-    while runs < 1 or (time.monotonic() - t0 < budget_s and runs < 20):
-        _, decode_us = ref.time_run(prompt, n_decode)
-        best_us, runs = min(best_us, max(decode_us, 1)), runs + 1
-    speed = layout.n_layer * n_decode / (best_us / 1e6)
+    while windows < 1 or (time.monotonic() - t0 < budget_s and windows < 20):
+        steps, us = 0, 0
+        while us < PROBE_WINDOW_S * 1e6:
+            _, decode_us = ref.time_run(prompt, n_decode)
+            steps, us, runs = steps + n_decode, us + max(decode_us, 1), runs + 1
+        best_us_per_step = min(best_us_per_step, us / steps)
+        windows += 1
+    speed = layout.n_layer / (best_us_per_step / 1e6)
     host = HostSpec(name=name or socket.gethostname() or "this-host", address=address or _lan_address(),
                     memory_mb=round(available_memory_mb()), layers_per_s=round(speed, 1), link_ms=DEFAULT_LINK_MS)
-    return Probe(host=host, decode_ms=best_us / 1e3 / n_decode, n_layer=layout.n_layer, runs=runs)
+    return Probe(host=host, decode_ms=best_us_per_step / 1e3, n_layer=layout.n_layer, runs=runs)
 
 
 def host_arg(h: HostSpec) -> str:

@@ -26,3 +26,7 @@ def available() -> bool:
 def needs_proc(feature: str) -> str:
     """The message for ``feature`` where there is no /proc: ``"<feature> needs Linux /proc ..."``."""
     return f"{feature} needs Linux /proc, which this machine ({sys.platform}) does not have"
+
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+"""The cgroup v1 cpu controller's mount point (Linux): :mod:`nakshatra.hostemu` makes CPU quotas
+there to emulate a weak host (``nak bench --hosts``)."""
