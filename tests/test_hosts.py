@@ -21,6 +21,7 @@ from nakshatra.auth import generate_key_file, load_key
 from nakshatra.chain import Chain, SamplerParams
 from nakshatra.cluster import load_cluster
 from nakshatra.errors import ChainError
+from greedy import greedy_tokens
 from nakshatra.local import LocalStages
 from netns import Hosts, require_netns
 from test_upstream import cut
@@ -34,16 +35,7 @@ CTX = 256
 
 
 def _tokens(chain: Chain, prompt: list[int], before_step=None) -> list[int]:
-    if chain.ring_mode:
-        with chain.session(GREEDY, n_predict=N, ignore_eog=True) as s:
-            return [r["token"] for r in s.ring(prompt, N)]
-    with chain.session(GREEDY, ignore_eog=True) as s:
-        out = [s.feed(prompt)["token"]]
-        for i in range(1, N):
-            if before_step:
-                before_step(i)
-            out.append(s.feed([out[-1]])["token"])
-        return out
+    return greedy_tokens(chain, prompt, N, before_step)
 
 
 def test_relay_forwarding_ring_and_failover_across_hosts(smollm2_path: Path, tmp_path: Path) -> None:

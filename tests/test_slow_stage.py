@@ -29,6 +29,7 @@ from hostemu import CpuQuota, require_cgroup_cpu
 from nakshatra import _nakshatra
 from nakshatra.chain import Chain, SamplerParams
 from nakshatra.errors import StageError
+from greedy import greedy_tokens
 from nakshatra.local import LocalStages
 from test_upstream import cut, long_prompt
 
@@ -46,18 +47,7 @@ def smol_slices(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def _tokens(chain: Chain, prompt: list[int], n: int = N_PREDICT, before_step=None) -> list[int]:
-    """``n`` greedy tokens, one feed per token (a ring: the ring's stream); ``before_step(i)`` runs
-    before feed ``i``."""
-    if chain.ring_mode:
-        with chain.session(GREEDY, n_predict=n, ignore_eog=True) as s:
-            return [r["token"] for r in s.ring(prompt, n)]
-    with chain.session(GREEDY, ignore_eog=True) as s:
-        out = [s.feed(prompt)["token"]]
-        for i in range(1, n):
-            if before_step:
-                before_step(i)
-            out.append(s.feed([out[-1]])["token"])
-        return out
+    return greedy_tokens(chain, prompt, n, before_step)
 
 
 def _stats(address: str) -> dict:

@@ -372,6 +372,14 @@ def serve(
 
 # ---- bench ----------------------------------------------------------------------------------
 
+def _side_by_side(title: str, cols: tuple[str, ...]) -> Table:
+    """A table comparing one chain in two configurations: a metric column, then right-aligned ones."""
+    t = Table(title=title, title_justify="left")
+    for col in cols:
+        t.add_column(col, justify="right" if col != cols[0] else "left")
+    return t
+
+
 def _bench_hosts(model_path: Path, hosts: str, *, n_decode: int, reps: int, json_out: Optional[Path]) -> None:
     """nak bench --hosts: probe, plan and measure on emulated hosts (nakshatra.hostbench)."""
     from nakshatra.hostbench import parse_hosts, run_hosts_bench
@@ -518,10 +526,8 @@ def print_bench(res: dict, cfg) -> None:
     Console().print(t)
     ck = res.get("chain_key")
     if ck:
-        k = Table(title="cluster key: the same chain with an authenticated handshake and a MAC on every frame",
-                  title_justify="left")
-        for col in ("metric", "without key", "with key", "difference"):
-            k.add_column(col, justify="right" if col != "metric" else "left")
+        k = _side_by_side("cluster key: the same chain with an authenticated handshake and a MAC on every frame",
+                          ("metric", "without key", "with key", "difference"))
         k.add_row("decode tok/s", fmt(chain["decode_tps"]), fmt(ck["decode_tps"]), f"{r['decode_key_over_plain']:.2f}x")
         k.add_row("per-hop overhead us", fmt(chain["per_hop_overhead_us"]), fmt(ck["per_hop_overhead_us"]),
                   f"{r['per_hop_us_key_minus_plain']:+.1f} us")
@@ -530,10 +536,8 @@ def print_bench(res: dict, cfg) -> None:
         Console().print(k)
     nr = res.get("chain_norepack")
     if nr:
-        k = Table(title="--no-repack: the same chain without llama.cpp's repacked weight copies",
-                  title_justify="left")
-        for col in ("metric", "repacked (default)", "--no-repack", "ratio"):
-            k.add_column(col, justify="right" if col != "metric" else "left")
+        k = _side_by_side("--no-repack: the same chain without llama.cpp's repacked weight copies",
+                          ("metric", "repacked (default)", "--no-repack", "ratio"))
         k.add_row("decode tok/s", fmt(chain["decode_tps"]), fmt(nr["decode_tps"]), f"{r['decode_norepack_over_repack']:.2f}x")
         own = sum(st["rss_anon_bytes"] for st in chain["stages"]) / 2**20
         own_nr = sum(st["rss_anon_bytes"] for st in nr["stages"]) / 2**20

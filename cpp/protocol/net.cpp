@@ -95,7 +95,8 @@ int nak_bound_port(int fd) {
     return ntohs(((sockaddr_in6 *) &ss)->sin6_port);
 }
 
-int nak_connect(const std::string & host, int port, int timeout_ms, std::string & err) {
+// the TCP addresses of host:port (freeaddrinfo the result); nullptr with err set
+static addrinfo * resolve_tcp(const std::string & host, int port, std::string & err) {
     addrinfo hints = {};
     hints.ai_family   = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
@@ -103,11 +104,21 @@ int nak_connect(const std::string & host, int port, int timeout_ms, std::string 
     addrinfo * res = nullptr;
     const std::string h = strip_brackets(host);
     const std::string p = std::to_string(port);
-    int rc = getaddrinfo(h.c_str(), p.c_str(), &hints, &res);
+    const int rc = getaddrinfo(h.c_str(), p.c_str(), &hints, &res);
     if (rc != 0) {
         err = "cannot resolve " + host + ": " + gai_strerror(rc);
+        return nullptr;
+    }
+    return res;
+}
+
+int nak_connect(const std::string & host, int port, int timeout_ms, std::string & err) {
+    addrinfo * res = resolve_tcp(host, port, err);
+    if (!res) {
         return -1;
     }
+    const std::string p = std::to_string(port);
+    int rc = 0;
     int fd = -1;
     err = "no address for " + host;
     for (addrinfo * ai = res; ai; ai = ai->ai_next) {
@@ -146,18 +157,11 @@ int nak_connect(const std::string & host, int port, int timeout_ms, std::string 
 }
 
 int nak_connect_start(const std::string & host, int port, std::string & err) {
-    addrinfo hints = {};
-    hints.ai_family   = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags    = AI_NUMERICSERV;
-    addrinfo * res = nullptr;
-    const std::string h = strip_brackets(host);
-    const std::string p = std::to_string(port);
-    const int rc = getaddrinfo(h.c_str(), p.c_str(), &hints, &res);
-    if (rc != 0) {
-        err = "cannot resolve " + host + ": " + gai_strerror(rc);
+    addrinfo * res = resolve_tcp(host, port, err);
+    if (!res) {
         return -1;
     }
+    const std::string p = std::to_string(port);
     // the first address only: trying the next one needs the outcome of this one, i.e. waiting
     const addrinfo * ai = res;
     int fd = nak_socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
