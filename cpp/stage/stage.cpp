@@ -143,6 +143,49 @@ nak_stage::~nak_stage() {
     }
 }
 
+llama_model_params nak_stage_model_params(const nak_stage_params & params) {
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = params.n_gpu_layers;
+    // CPU repacking copies weights into an extra buffer while their mmap'd pages stay resident
+    // (reclaimable): --no-repack keeps one copy, at some decode speed (nak bench --no-repack)
+    mp.use_extra_bufts = !params.no_repack;
+    if (params.mlock) {
+        mp.load_mode = LLAMA_LOAD_MODE_MMAP_MLOCK; // llama.cpp's --mlock: never swapped or compressed
+    }
+    return mp;
+}
+
+llama_context_params nak_stage_context_params(const nak_stage_params & params, bool is_last) {
+    ggml_type type_k = GGML_TYPE_F16;
+    ggml_type type_v = GGML_TYPE_F16;
+    nak_parse_cache_type(params.cache_type_k, type_k); // checked by the caller
+    nak_parse_cache_type(params.cache_type_v, type_v);
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx           = params.n_ctx_session * params.max_sessions;
+    cp.n_seq_max       = params.max_sessions;
+    cp.n_batch         = params.n_batch;
+    cp.n_ubatch        = params.n_ubatch;
+    // each session its own KV stream: a session's attention never spans other sessions' cells
+    cp.kv_unified      = false;
+    // at this commit seq_rm on a pruned sliding-window cache reports success and corrupts later output
+    cp.swa_full        = true;
+    cp.type_k          = type_k;
+    cp.type_v          = type_v;
+    cp.flash_attn_type = params.flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
+                       : params.flash_attn == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED : LLAMA_FLASH_ATTN_TYPE_ENABLED;
+    cp.n_threads       = params.n_threads > 0 ? params.n_threads
+                       : (int32_t) std::max(1u, std::thread::hardware_concurrency());
+    cp.n_threads_batch = params.n_threads_batch > 0 ? params.n_threads_batch : cp.n_threads;
+    cp.no_perf         = true;
+    if (!is_last) {
+        // hidden states of every row go to the next stage
+        cp.embeddings            = true;
+        cp.pooling_type          = LLAMA_POOLING_TYPE_NONE;
+        cp.n_outputs_max_per_seq = 0;
+    }
+    return cp;
+}
+
 bool nak_stage::load(const nak_stage_params & params, std::string & err) {
     params_ = params;
     if (params.max_sessions == 0 || params.n_ctx_session == 0) {
@@ -179,14 +222,7 @@ bool nak_stage::load(const nak_stage_params & params, std::string & err) {
         }
     }
 
-    llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = params.n_gpu_layers;
-    // CPU repacking copies weights into an extra buffer while their mmap'd pages stay resident
-    // (reclaimable): --no-repack keeps one copy, at some decode speed (nak bench --no-repack)
-    mp.use_extra_bufts = !params.no_repack;
-    if (params.mlock) {
-        mp.load_mode = LLAMA_LOAD_MODE_MMAP_MLOCK; // llama.cpp's --mlock: never swapped or compressed
-    }
+    const llama_model_params mp = nak_stage_model_params(params);
     model_ = llama_model_load_from_file(params.model_path.c_str(), mp);
     if (!model_) {
         err = "llama.cpp could not load " + params.model_path + " (see its log above)";
@@ -212,31 +248,9 @@ bool nak_stage::load(const nak_stage_params & params, std::string & err) {
         params_.model_sha256 = meta_str(model_, "nakshatra.model_sha256");
     }
 
-    llama_context_params cp = llama_context_default_params();
-    cp.n_ctx           = params.n_ctx_session * params.max_sessions;
-    cp.n_seq_max       = params.max_sessions;
-    cp.n_batch         = params.n_batch;
-    cp.n_ubatch        = params.n_ubatch;
-    // each session its own KV stream: a session's attention never spans other sessions' cells
-    cp.kv_unified      = false;
-    // at this commit seq_rm on a pruned sliding-window cache reports success and corrupts later output
-    cp.swa_full        = true;
-    cp.type_k          = type_k;
-    cp.type_v          = type_v;
-    cp.flash_attn_type = params.flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
-                       : params.flash_attn == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED : LLAMA_FLASH_ATTN_TYPE_ENABLED;
-    const int32_t n_threads = params.n_threads > 0 ? params.n_threads
-                            : (int32_t) std::max(1u, std::thread::hardware_concurrency());
-    const int32_t n_threads_batch = params.n_threads_batch > 0 ? params.n_threads_batch : n_threads;
-    cp.n_threads       = n_threads;
-    cp.n_threads_batch = n_threads_batch;
-    cp.no_perf         = true;
-    if (!is_last()) {
-        // hidden states of every row go to the next stage
-        cp.embeddings            = true;
-        cp.pooling_type          = LLAMA_POOLING_TYPE_NONE;
-        cp.n_outputs_max_per_seq = 0;
-    }
+    const llama_context_params cp = nak_stage_context_params(params, is_last());
+    const int32_t n_threads = cp.n_threads;
+    const int32_t n_threads_batch = cp.n_threads_batch;
     ctx_ = llama_init_from_model(model_, cp);
     if (!ctx_) {
         err = "llama.cpp could not create a context of " + std::to_string(cp.n_ctx) +

@@ -57,6 +57,11 @@ llama_sampler * nak_sampler_build(const llama_vocab * vocab, const nak_sampler_p
 // and a replica rebuilt by replay continues an uninterrupted run's seeded output. No-op when greedy.
 void nak_sampler_seed_at(llama_sampler * chain, const nak_sampler_params & sp, int32_t pos);
 
+// llama.cpp model and context parameters of a stage (the stage and nak's memory estimate use
+// the same ones); the context is the last stage's when is_last, else it outputs hidden states
+llama_model_params   nak_stage_model_params(const nak_stage_params & params);
+llama_context_params nak_stage_context_params(const nak_stage_params & params, bool is_last);
+
 // ggml type from a --cache-type name (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1); false if unknown
 bool nak_parse_cache_type(const std::string & name, ggml_type & out);
 
