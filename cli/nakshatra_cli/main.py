@@ -340,6 +340,7 @@ def serve(
     batch_log: Annotated[str, typer.Option("--batch-log", help="Append one JSON line per decoded batch to this file.")] = "",
     no_repack: Annotated[bool, typer.Option("--no-repack", help="Keep the weights in their mmap'd pages only: no repacked copy for faster CPU matmuls (about half the resident memory; decode cost: nak bench --no-repack).")] = False,
     mlock: Annotated[bool, typer.Option("--mlock", help="Lock the weights in RAM (never swapped or compressed), as llama.cpp's --mlock.")] = False,
+    swa_full: Annotated[bool, typer.Option("--swa-full", help="Sliding-window layers (Gemma 2/3, ...) keep the whole context's KV, as llama.cpp's --swa-full, instead of the window plus one ubatch: rolling a session back further than that then needs no re-prefill, at far more memory (nak inspect shows both).")] = False,
     batch_hold_ms: Annotated[int, typer.Option("--batch-hold-ms", help="First stage, ring: hold a step up to this long for sessions due back, so they travel as one batch (0: never).")] = 0,
     poll: Annotated[int, typer.Option("--poll", help="Thread-pool polling 0..100 as llama.cpp's --poll (0: idle threads sleep).")] = 0,
     cpu_strict: Annotated[int, typer.Option("--cpu-strict", help="1: pin thread i to CPU i (llama.cpp's --cpu-strict).")] = 0,
@@ -364,7 +365,7 @@ def serve(
                                  cache_type_k=cache_type_k, cache_type_v=cache_type_v,
                                  ready_json=ready_json, max_batch=max_batch, wire=wire, batch_log=batch_log,
                                  batch_hold_ms=batch_hold_ms, poll=poll, cpu_strict=bool(cpu_strict),
-                                 no_repack=no_repack, mlock=mlock,
+                                 no_repack=no_repack, mlock=mlock, swa_full=swa_full,
                                  cpu_lock=cpu_lock, idle_timeout_s=idle_timeout, max_frame_mb=max_frame_mb,
                                  announce=announce, fetch=tuple(fetch or ()), sha256=sha256))
     raise typer.Exit(code)

@@ -478,9 +478,10 @@ struct py_stage {
              int32_t n_threads, int32_t n_threads_batch, int32_t n_gpu_layers, int32_t flash_attn, const std::string & cache_type_k,
              const std::string & cache_type_v, uint32_t n_batch, uint32_t n_ubatch, uint32_t idle_timeout_s,
              uint32_t max_batch, const std::string & wire, const std::string & batch_log, int32_t poll, bool cpu_strict,
-             const std::string & cpu_lock, uint32_t batch_hold_ms, bool no_repack, bool mlock) {
+             const std::string & cpu_lock, uint32_t batch_hold_ms, bool no_repack, bool mlock, bool swa_full) {
         ensure_backend();
         nak_stage_params p;
+        p.swa_full       = swa_full;
         p.no_repack      = no_repack;
         p.mlock          = mlock;
         p.model_path     = path;
@@ -562,13 +563,13 @@ struct py_reference {
     nak_reference ref;
 
     py_reference(const std::string & path, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, int32_t n_threads,
-                 const std::vector<int> & capture_layers, uint32_t n_seq_max) {
+                 const std::vector<int> & capture_layers, uint32_t n_seq_max, bool swa_full) {
         ensure_backend();
         std::string err;
         bool ok;
         {
             py::gil_scoped_release nogil;
-            ok = ref.load(path, n_ctx, n_batch, n_ubatch, n_threads, capture_layers, err, n_seq_max);
+            ok = ref.load(path, n_ctx, n_batch, n_ubatch, n_threads, capture_layers, err, n_seq_max, swa_full);
         }
         if (!ok) {
             raise_stage_error(err, "load");
@@ -708,14 +709,14 @@ PYBIND11_MODULE(_nakshatra, m) {
         .def(py::init<const std::string &, const std::string &, uint32_t, uint32_t, int32_t, int32_t, int32_t, int32_t,
                       const std::string &, const std::string &, uint32_t, uint32_t, uint32_t, uint32_t,
                       const std::string &, const std::string &, int32_t, bool, const std::string &, uint32_t, bool,
-                      bool>(),
+                      bool, bool>(),
              py::arg("model_path"), py::arg("model_sha256") = "", py::arg("n_ctx") = 4096, py::arg("max_sessions") = 8,
              py::arg("n_threads") = 0, py::arg("n_threads_batch") = 0, py::arg("n_gpu_layers") = -1, py::arg("flash_attn") = -1,
              py::arg("cache_type_k") = "f16", py::arg("cache_type_v") = "f16", py::arg("n_batch") = 2048,
              py::arg("n_ubatch") = 512, py::arg("idle_timeout_s") = 600, py::arg("max_batch") = 8,
              py::arg("wire") = "f32", py::arg("batch_log") = "", py::arg("poll") = 0, py::arg("cpu_strict") = false,
              py::arg("cpu_lock") = "", py::arg("batch_hold_ms") = 0, py::arg("no_repack") = false,
-             py::arg("mlock") = false)
+             py::arg("mlock") = false, py::arg("swa_full") = false)
         .def("serve", &py_stage::serve, py::arg("host"), py::arg("port"), py::arg("on_ready"),
              py::arg("max_payload") = NAK_MAX_PAYLOAD_DEFAULT, py::arg("key") = py::bytes(), py::arg("insecure") = false,
              "Run the event loop until SIGINT/SIGTERM raises or stop() is called; on_ready(port) once listening. "
@@ -770,11 +771,12 @@ PYBIND11_MODULE(_nakshatra, m) {
                       "Request id of the last send_forward (replies to older steps are skipped).");
 
     py::class_<py_reference>(m, "Reference", "The unsplit model on llama.cpp's stock path (see cpp/stage/reference.h).")
-        .def(py::init<const std::string &, uint32_t, uint32_t, uint32_t, int32_t, const std::vector<int> &, uint32_t>(),
+        .def(py::init<const std::string &, uint32_t, uint32_t, uint32_t, int32_t, const std::vector<int> &, uint32_t, bool>(),
              py::arg("model_path"), py::arg("n_ctx") = 4096, py::arg("n_batch") = 2048, py::arg("n_ubatch") = 512,
-             py::arg("n_threads") = 0, py::arg("capture_layers") = std::vector<int>{}, py::arg("n_seq_max") = 1,
+             py::arg("n_threads") = 0, py::arg("capture_layers") = std::vector<int>{}, py::arg("n_seq_max") = 1, py::arg("swa_full") = false,
              "n_seq_max > 1: that many KV sequences of n_ctx / n_seq_max positions each, one stream per\n"
-             "sequence, as a stage with --max-sessions n_seq_max (for decode_batch replays).")
+             "sequence, as a stage with --max-sessions n_seq_max (for decode_batch replays). swa_full: keep the\n"
+             "whole context in sliding-window layers, as a stage with --swa-full.")
         .def("generate", &py_reference::generate, py::arg("prompt"), py::arg("n_predict"), py::arg("temp") = 0.0f,
              py::arg("top_k") = 40, py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
              py::arg("repeat_last_n") = 64, py::arg("seed") = 0xFFFFFFFFu)

@@ -84,6 +84,7 @@ enum nak_error_code : uint16_t {
     NAK_ERR_VERSION      = 7,
     NAK_ERR_TOO_LARGE    = 8,
     NAK_ERR_INTERNAL     = 9,
+    NAK_ERR_WINDOW_LOST  = 10, // a rollback the sliding-window KV cache cannot do: replay from position 0
 };
 
 // element type of a hidden-state payload

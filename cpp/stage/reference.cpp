@@ -46,7 +46,7 @@ nak_reference::~nak_reference() {
 
 bool nak_reference::load(const std::string & path, uint32_t n_ctx, uint32_t n_batch_, uint32_t n_ubatch,
                          int32_t n_threads, const std::vector<int> & capture_layers, std::string & err,
-                         uint32_t n_seq_max) {
+                         uint32_t n_seq_max, bool swa_full) {
     llama_model_params mp = llama_model_default_params();
     model = llama_model_load_from_file(path.c_str(), mp);
     if (!model) {
@@ -65,7 +65,7 @@ bool nak_reference::load(const std::string & path, uint32_t n_ctx, uint32_t n_ba
     // as a stage: one KV stream per sequence (see nak_stage::load)
     cp.n_seq_max  = std::max(1u, n_seq_max);
     cp.kv_unified = false;
-    cp.swa_full   = true;
+    cp.swa_full   = swa_full; // as the stages (nak_stage_params::swa_full)
     const int32_t nt = n_threads > 0 ? n_threads : (int32_t) std::max(1u, std::thread::hardware_concurrency());
     cp.n_threads       = nt;
     cp.n_threads_batch = nt;

@@ -26,7 +26,7 @@ struct nak_reference {
     ~nak_reference();
     bool load(const std::string & path, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
               int32_t n_threads, const std::vector<int> & capture_layers, std::string & err,
-              uint32_t n_seq_max = 1);
+              uint32_t n_seq_max = 1, bool swa_full = false);
     // one llama_decode of the given rows; the greedy token of each row flagged in `sample`, in row
     // order (a replay of a stage's batch log: same rows, same sequence ids, same ubatch cuts)
     std::vector<llama_token> decode_batch(const std::vector<int32_t> & seq, const std::vector<int32_t> & pos,

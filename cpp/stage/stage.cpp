@@ -167,8 +167,9 @@ llama_context_params nak_stage_context_params(const nak_stage_params & params, b
     cp.n_ubatch        = params.n_ubatch;
     // each session its own KV stream: a session's attention never spans other sessions' cells
     cp.kv_unified      = false;
-    // at this commit seq_rm on a pruned sliding-window cache reports success and corrupts later output
-    cp.swa_full        = true;
+    // sliding-window layers keep n_swa + n_ubatch cells per session (llama.cpp's default) unless
+    // --swa-full; rollback checks what is left first (window_kept), since seq_rm does not
+    cp.swa_full        = params.swa_full;
     cp.type_k          = type_k;
     cp.type_v          = type_v;
     cp.flash_attn_type = params.flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
@@ -940,8 +941,15 @@ void nak_stage::run_steps(std::vector<nak_step> & steps, const std::string & nex
     llama_batch_free(batch);
     if (rc != 0) {
         for (const auto & st : steps) {
-            // a failed multi-ubatch decode may have written part of the batch: drop it
-            llama_memory_seq_rm(llama_get_memory(ctx_), st.s->seq, st.s->n_past, -1);
+            // a failed multi-ubatch decode may have written part of the batch: drop it; if that
+            // part overwrote sliding-window cells the session still needs, drop the session's KV
+            // (the client sees n_past 0 and feeds it again)
+            const bool kept = window_kept(*st.s, (int32_t) st.s->n_past);
+            llama_memory_seq_rm(llama_get_memory(ctx_), st.s->seq, kept ? (llama_pos) st.s->n_past : -1, -1);
+            if (!kept) {
+                st.s->n_past = 0;
+                st.s->history.clear();
+            }
             reject_step(st, -1, rc == 1 ? NAK_ERR_CTX_FULL : NAK_ERR_INTERNAL,
                         "llama_decode failed (" + std::to_string(rc) + ")" + (rc == 1 ? ": no KV slot" : ""), out);
         }
@@ -1158,6 +1166,25 @@ void nak_stage::log_batch(const std::vector<nak_step> & steps, uint64_t batch_id
     fflush(batch_log_);
 }
 
+// Whether the session's KV still holds every position a token at `pos` attends to once positions
+// >= pos are dropped. Without swa_full a sliding-window cache reuses the cells of positions that
+// left the window, and at this commit llama_memory_seq_rm reports success even when the cells a
+// rollback needs are gone (later output is silently wrong), so check first, with llama-server's
+// rule (server-context.cpp: re-process when pos_min > max(0, n_past - n_swa)). The cache keeps the
+// window plus at least one ubatch (llama-kv-cache-iswa.cpp, size_swa), so a rollback of up to
+// about n_ubatch positions is always kept.
+bool nak_stage::window_kept(const nak_session & s, int32_t pos) const {
+    const int32_t n_swa = llama_model_n_swa(model_);
+    if (params_.swa_full || n_swa <= 0 || pos <= 0) {
+        return true;
+    }
+    llama_memory_t mem = llama_get_memory(ctx_);
+    if (pos > llama_memory_seq_pos_max(mem, s.seq)) {
+        return true; // nothing to drop: the cache is as the last decode left it
+    }
+    return llama_memory_seq_pos_min(mem, s.seq) <= std::max(0, pos - n_swa);
+}
+
 // TRUNCATE, CLOSE and a reopen come only from the connection that opened the session: the client
 // (a stage on the route never sends them)
 void nak_stage::check_owner(const nak_session & s, int32_t conn, const char * what) const {
@@ -1189,6 +1216,12 @@ void nak_stage::on_truncate(const nak_frame & req, int32_t conn, nak_writer & w,
     if (pos < 0 || (uint32_t) pos > s->n_past) {
         throw nak_reject{ NAK_ERR_BAD_REQUEST, "cannot truncate to position " + std::to_string(pos) + ": the session holds " +
                           std::to_string(s->n_past) };
+    }
+    if (!window_kept(*s, pos)) {
+        throw nak_reject{ NAK_ERR_WINDOW_LOST, "cannot roll back to position " + std::to_string(pos) +
+                          ": the sliding-window KV cache no longer holds the " + std::to_string(llama_model_n_swa(model_)) +
+                          " positions before it (it keeps the window plus one ubatch; a stage started with --swa-full "
+                          "keeps the whole context); truncate to 0 and feed the session again" };
     }
     if (!llama_memory_seq_rm(llama_get_memory(ctx_), s->seq, pos, -1)) {
         throw nak_reject{ NAK_ERR_BAD_REQUEST, "this model's memory cannot roll back to a position (recurrent state)" };

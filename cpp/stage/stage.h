@@ -46,6 +46,9 @@ struct nak_stage_params {
     std::string batch_log;            // file to append one JSON line per decoded batch (replay tests)
     bool        no_repack     = false; // llama.cpp use_extra_bufts = false: no repacked weight copy
     bool        mlock         = false; // lock the weights in RAM (llama.cpp's mmap + mlock load mode)
+    // sliding-window layers keep the whole context's KV (llama.cpp swa_full) instead of the window
+    // plus a ubatch; without it a rollback further back than the kept cells is refused (WINDOW_LOST)
+    bool        swa_full      = false;
 };
 
 // the sampler chain in llama.cpp's default order (common/sampling): penalties, top-k, top-p,
@@ -193,6 +196,7 @@ class nak_stage {
     nak_session * find_session(uint64_t id);
     void free_session(nak_session & s);
     void rebuild_sampler(nak_session & s);
+    bool window_kept(const nak_session & s, int32_t pos) const;
     void self_bench(int32_t steps);
     static uint64_t mem_available_bytes();
     void reconfigure(nak_session & s, const nak_open & m);

@@ -252,6 +252,7 @@ class Session:
         # the first stage picks the KV sequence id and every other stage is asked for the same one,
         # so a batch of several sessions is cut into the same ubatches on every stage
         self.seq = -1
+        self.refeeds = 0  # times a rollback needed the session fed again (window_lost, see truncate)
         try:
             for i in range(len(chain.clients)):
                 self._open_on(i)
@@ -342,8 +343,10 @@ class Session:
             self._opened = [j for j in self._opened if j != i]
             self._open_on(i)
             self._replay(i)
-        for c in self.chain.clients:
-            c.truncate(self.id, self.n_past, self.step, self.n_generated)
+        # a stage that computed part of the failed step drops it; its sliding-window cache may
+        # have lost what that takes (window_lost): then every stage is fed the session again
+        if self._truncate_all(self.n_past, self.step, self.n_generated):
+            self._refeed(self.log)
 
     def _replay(self, i: int) -> None:
         """Rebuild range ``i``'s KV on its (new) stage: the logged chunks go through stages
@@ -490,11 +493,18 @@ class Session:
         return reply
 
     def truncate(self, pos: int) -> None:
-        """Drop cached positions ``>= pos`` on every stage (KV rollback)."""
+        """Drop cached positions ``>= pos`` on every stage (KV rollback).
+
+        A stage whose sliding-window layers keep only the window plus one ubatch (the default;
+        ``nak serve --swa-full`` keeps the whole context) cannot roll back further than about
+        ``n_ubatch`` positions: it refuses (``window_lost``) and the session is fed again from
+        position 0 in its logged chunks (the same ubatches, so greedy output is unchanged), which
+        costs one prefill of ``pos`` tokens. Raises StageError when a stage refuses otherwise or
+        goes away, ChainError when ``pos`` is outside ``0..n_past``.
+        """
         if not 0 <= pos <= self.n_past:
             raise ChainError(f"cannot truncate to {pos}: the session holds {self.n_past} positions")
-        for c in self.chain.clients:
-            c.truncate(self.id, pos)
+        lost = self._truncate_all(pos)
         self.n_past = pos
         kept, n = [], 0
         for chunk in self.log:
@@ -503,6 +513,31 @@ class Session:
             kept.append(chunk[:pos - n])
             n += len(kept[-1])
         self.log = kept
+        if lost:
+            self._refeed(kept)
+
+    def _truncate_all(self, pos: int, *step_and_generated: int) -> bool:
+        """TRUNCATE every stage to ``pos`` (with the step and generated counters when given);
+        True when a stage's sliding-window cache could not (``window_lost``): the caller must
+        :meth:`_refeed` the session."""
+        lost = False
+        for c in self.chain.clients:
+            try:
+                c.truncate(self.id, pos, *step_and_generated)
+            except StageError as e:
+                if e.code != "window_lost":
+                    raise
+                lost = True
+        return lost
+
+    def _refeed(self, chunks: list[list[int]]) -> None:
+        """Empty the session on every stage and feed it ``chunks`` again, without sampling: the
+        KV cache is rebuilt exactly as the original steps built it."""
+        self._truncate_all(0, self.step, self.n_generated)  # position 0 is always kept; align counters
+        self.n_past, self.log = 0, []
+        for chunk in chunks:
+            self._forward(chunk, False)
+        self.refeeds += 1
 
     def close(self) -> None:
         """Free this session's KV on every stage (errors ignored: a dead stage has freed it)."""

@@ -56,6 +56,7 @@ class ServeOptions:
     batch_hold_ms: int = 0
     no_repack: bool = False  # llama.cpp use_extra_bufts = false: no repacked copy of the weights
     mlock: bool = False      # lock the weights in RAM (mmap + mlock)
+    swa_full: bool = False   # sliding-window layers keep the whole context's KV (llama.cpp --swa-full)
     idle_timeout_s: int = 600
     max_frame_mb: int = 64
     fetch: tuple[str, ...] = ()  # URLs (mirrors) to fetch a missing slice from (nak up's file server)
@@ -198,7 +199,7 @@ def serve(opts: ServeOptions) -> int:
                                      max_batch=opts.max_batch, wire=opts.wire, batch_log=opts.batch_log,
                                      poll=opts.poll, cpu_strict=opts.cpu_strict, cpu_lock=opts.cpu_lock,
                                      batch_hold_ms=opts.batch_hold_ms, idle_timeout_s=opts.idle_timeout_s,
-                                     no_repack=opts.no_repack, mlock=opts.mlock)
+                                     no_repack=opts.no_repack, mlock=opts.mlock, swa_full=opts.swa_full)
     except StageError as e:
         raise NakError(f"cannot load {path}: {e}") from None
     info = stage.info()
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-hold-ms", type=int, default=0)
     ap.add_argument("--no-repack", action="store_true")
     ap.add_argument("--mlock", action="store_true")
+    ap.add_argument("--swa-full", action="store_true")
     ap.add_argument("--idle-timeout", type=int, default=600)
     ap.add_argument("--max-frame-mb", type=int, default=64)
     ap.add_argument("--fetch", action="append", default=[])
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                         verify=not a.no_verify, ready_json=a.ready_json, max_batch=a.max_batch,
                         wire=a.wire, batch_log=a.batch_log, poll=a.poll, cpu_strict=bool(a.cpu_strict),
                         cpu_lock=a.cpu_lock, batch_hold_ms=a.batch_hold_ms, idle_timeout_s=a.idle_timeout,
-                        no_repack=a.no_repack, mlock=a.mlock,
+                        no_repack=a.no_repack, mlock=a.mlock, swa_full=a.swa_full,
                         max_frame_mb=a.max_frame_mb, announce=a.announce, fetch=tuple(a.fetch), sha256=a.sha256)
     try:
         return serve(opts)
