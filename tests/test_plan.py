@@ -279,7 +279,7 @@ def test_cluster_ports_and_slices() -> None:
 @pytest.mark.slow
 def test_model_memory_of_smollm2(smollm2_path: Path) -> None:
     mem = model_memory(smollm2_path, ctx=1024, max_sessions=3)
-    info = inspect_gguf(smollm2_path, n_ctx=1024 * 3)
+    info = inspect_gguf(smollm2_path, n_ctx=1024, max_sessions=3)
     assert len(mem.weights) == info["n_layer"] == 30
     assert sum(mem.kv) == info["kv_bytes"]
     # tied embedding: a one-stage plan holds every tensor once, plus the embedding again as LM head

@@ -228,8 +228,8 @@ def test_model_layout(smollm2_path):
 def test_inspect(smollm2_path, tmp_out):
     whole = inspect_gguf(smollm2_path, n_ctx=1000)
     assert (whole["kind"], whole["n_layer"], whole["n_head"], whole["n_head_kv"]) == ("model", 30, 9, 3)
-    # head_dim 576/9 = 64; 3 kv heads; k and v; f16
-    assert whole["kv_bytes"] == 1000 * 30 * (64 * 3 * 2) * 2
+    # head_dim 576/9 = 64; 3 kv heads; k and v; f16; llama.cpp pads 1000 cells to 1024
+    assert whole["kv_bytes"] == 1024 * 30 * (64 * 3 * 2) * 2
     assert whole["total_bytes"] == whole["weights_bytes"] + whole["kv_bytes"]
     m = slice_model(smollm2_path, ranges=parse_ranges("0-9,10-29", 30), out_dir=tmp_out, progress=False)
     part = inspect_gguf(tmp_out / m.slices[1].file, n_ctx=1000)

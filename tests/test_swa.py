@@ -132,3 +132,27 @@ def test_failover_after_a_long_step_feeds_the_session_again(slices: list[Path], 
                 assert c.stages[1].address != serving
         assert ls.procs[ls.addresses.index(serving)].wait(timeout=10) == -9  # it died of the hook's SIGKILL
     assert got == want
+
+
+def test_nak_bench_swa_measures_both_side_by_side(gemma3_path: Path, smollm2_path: Path, tmp_path: Path) -> None:
+    """`nak bench --swa`: the window KV holds less of the stages' own memory than --swa-full,
+    a short rollback feeds nothing again in either, and a rollback to the middle of a 1,100-token
+    prompt (beyond the 1,024 cells kept) feeds the session again only with the window."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "swa.json"
+    r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "bench", "--swa", "--model", str(gemma3_path),
+                        "--stages", "2", "--reps", "1", "--n-decode", "4", "--prompt-lens", "1100",
+                        "--json", str(out)], capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    w, f = res["window"], res["full"]
+    assert 0 < w["own_bytes"] < f["own_bytes"]
+    assert (w["short_rollback_refeeds"]["median"], w["long_rollback_refeeds"]["median"]) == (0, 1)
+    assert (f["short_rollback_refeeds"]["median"], f["long_rollback_refeeds"]["median"]) == (0, 0)
+    assert "--swa-full" in r.stdout and "own memory" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "nakshatra_cli", "bench", "--swa", "--model", str(smollm2_path),
+                          "--stages", "2"], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert bad.returncode == 1 and "no sliding-window layers" in bad.stderr

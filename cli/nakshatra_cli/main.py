@@ -268,7 +268,9 @@ def slice_cmd(
 @app.command()
 def inspect(
     file: Annotated[Path, typer.Argument(help="A model or slice.")],
-    ctx: Annotated[int, typer.Option("--ctx", "-c", help="Context tokens for the KV estimate.")] = 4096,
+    ctx: Annotated[int, typer.Option("--ctx", "-c", help="Context tokens per session for the KV estimate.")] = 4096,
+    max_sessions: Annotated[int, typer.Option("--max-sessions", help="Sessions, each with its own KV (as nak serve --max-sessions).")] = 1,
+    swa_full: Annotated[bool, typer.Option("--swa-full", help="Count sliding-window layers with the whole context, as nak serve --swa-full.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False,
 ) -> None:
     """Show what a model or slice holds and the memory a stage needs for it.
@@ -277,7 +279,9 @@ def inspect(
     """
     from nakshatra.inspection import inspect_gguf, render_inspection
 
-    info = inspect_gguf(file, n_ctx=ctx)
+    if ctx < 1 or max_sessions < 1:
+        raise NakError(f"--ctx {ctx} and --max-sessions {max_sessions} must both be >= 1")
+    info = inspect_gguf(file, n_ctx=ctx, max_sessions=max_sessions, swa_full=swa_full)
     if as_json:
         print(json.dumps(info, indent=1, default=str))
     else:
@@ -381,6 +385,43 @@ def _side_by_side(title: str, cols: tuple[str, ...]) -> Table:
     return t
 
 
+def _bench_swa(model_path: Path, *, stages: int, stage_threads: int, n_decode: int, reps: int, prompt_len: int,
+               json_out: Optional[Path]) -> None:
+    """nak bench --swa: window KV against --swa-full, side by side (nakshatra.swabench)."""
+    from nakshatra.local import cached_parts
+    from nakshatra.swabench import run_swa_bench
+
+    ctx, max_sessions = 4096, 8  # nak serve's defaults: the memory a user gets without options
+    slices = cached_parts(model_path, stages, progress=False)
+    with err_console.status("measuring ...") as st:
+        res = run_swa_bench(slices, ctx=ctx, max_sessions=max_sessions, prompt_len=prompt_len, n_decode=n_decode,
+                            reps=reps, stage_threads=stage_threads, status=lambda text: st.update(f"measuring: {text} ..."))
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=1) + "\n")
+    w, f, r = res["window"], res["full"], res["ratios"]
+
+    def fmt(x: dict) -> str:
+        return f"{x['median']:.1f} ± {x['spread'] / 2:.1f}"
+
+    t = _side_by_side(f"sliding-window KV: {model_path.name} in {stages} stages, --ctx {ctx} --max-sessions {max_sessions}, "
+                      f"window {res['config']['n_swa']}, prompt {prompt_len} tokens, median of {reps}",
+                      ("metric", "window + ubatch (default)", "--swa-full", "default / full"))
+    t.add_row("own memory, all stages, MiB", f"{w['own_bytes'] / 2**20:.0f}", f"{f['own_bytes'] / 2**20:.0f}",
+              f"{r['own_memory_window_over_full']:.2f}x")
+    t.add_row(f"prefill {prompt_len} tokens, ms", fmt(w["prefill_ms"]), fmt(f["prefill_ms"]),
+              f"{r['prefill_ms_window_over_full']:.2f}x")
+    t.add_row(f"decode tok/s ({n_decode} steps)", fmt(w["decode_tps"]), fmt(f["decode_tps"]),
+              f"{r['decode_tps_window_over_full']:.2f}x")
+    t.add_row(f"roll back {4} positions and feed them again, ms", fmt(w["short_rollback_ms"]),
+              fmt(f["short_rollback_ms"]), f"{r['short_rollback_ms_window_over_full']:.2f}x")
+    t.add_row(f"roll back to position {prompt_len // 2} and feed 1 token, ms", fmt(w["long_rollback_ms"]),
+              fmt(f["long_rollback_ms"]), f"{r['long_rollback_ms_window_over_full']:.2f}x")
+    t.add_row("sessions fed again (short / long rollback)",
+              f"{w['short_rollback_refeeds']['median']:.0f} / {w['long_rollback_refeeds']['median']:.0f}",
+              f"{f['short_rollback_refeeds']['median']:.0f} / {f['long_rollback_refeeds']['median']:.0f}", "")
+    Console().print(t)
+
+
 def _bench_hosts(model_path: Path, hosts: str, *, n_decode: int, reps: int, json_out: Optional[Path]) -> None:
     """nak bench --hosts: probe, plan and measure on emulated hosts (nakshatra.hostbench)."""
     from nakshatra.hostbench import parse_hosts, run_hosts_bench
@@ -426,6 +467,7 @@ def bench(
     rpc_baseline: Annotated[bool, typer.Option("--rpc-baseline", help="Also run llama.cpp's RPC (rpc-server + llama-bench, built once from the same source).")] = False,
     key: Annotated[bool, typer.Option("--key", help="Also measure the chain with a fresh cluster key (authenticated handshake, a MAC on every frame), side by side with the chain without one.")] = False,
     no_repack: Annotated[bool, typer.Option("--no-repack", help="Also measure the chain with stages started --no-repack (no repacked weight copy), side by side: decode speed and each stage's own memory.")] = False,
+    swa: Annotated[bool, typer.Option("--swa", help="Instead: sliding-window KV as the stages keep it (the window plus one ubatch) against --swa-full (the whole context), side by side: own memory, prefill, decode and rollback times (a model with sliding-window layers: --model gemma3-270m).")] = False,
     hosts: Annotated[Optional[str], typer.Option("--hosts", help="Instead: emulate mismatched hosts with cgroup CPU quotas (root), e.g. fast=1.0,slow=0.25 (shares of one CPU); probe each, plan, and measure the planned chain against an even split side by side.")] = None,
 ) -> None:
     """Measure the unsplit model (one process) and a chain of local stages side by side, and as
@@ -461,6 +503,10 @@ def bench(
             raise NakError(f"--synthetic: {e}") from None
     else:
         model_path = resolve_model(model)
+    if swa:
+        _bench_swa(model_path, stages=stages, stage_threads=stage_threads, n_decode=min(n_decode, 32), reps=reps,
+                   prompt_len=max(lens), json_out=json_out)
+        return
     if hosts is not None:
         _bench_hosts(model_path, hosts, n_decode=min(n_decode, 64), reps=reps, json_out=json_out)
         return

@@ -249,7 +249,7 @@ def run_bench(cfg: BenchConfig, status: Any = None) -> dict[str, Any]:
             chain["sessions"] = bench_sessions(ls.addresses, [1, cfg.sessions], cfg.n_decode, cfg.reps, "ring")
         for st, path in zip(chain["stages"], slices):
             st["slice_bytes"] = Path(path).stat().st_size
-            st["kv_bytes"] = kv_bytes_estimate(Path(path), n_ctx * max_sessions) or 0
+            st["kv_bytes"] = kv_bytes_estimate(Path(path), n_ctx, max_sessions) or 0
         with Chain(ls.addresses) as c:
             n_vocab = c.stages[0].n_vocab
         # peak RSS is read once every measurement on these stages is done

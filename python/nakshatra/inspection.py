@@ -9,10 +9,25 @@ from typing import Any
 from rich.table import Table
 
 from .ranges import LayerRange
-from .slicer import kv_value, scan_gguf, tensor_role
+from .slicer import kv_value, scan_gguf, swa_pattern, tensor_role
 
 ROLES = ("input", "layers", "output", "global")
 KV_BYTES_PER_VALUE = 2  # f16 cache
+KV_PAD = 256  # llama.cpp pads each session's KV size, and the sliding-window one, to 256 cells
+DEFAULT_N_UBATCH = 512
+
+
+def _pad(n: int) -> int:
+    return -(-n // KV_PAD) * KV_PAD
+
+
+def kv_cells(n_ctx: int, n_swa: int, sliding: bool, n_ubatch: int = DEFAULT_N_UBATCH, swa_full: bool = False) -> int:
+    """KV cells one session holds in a layer, as llama.cpp sizes them: ``n_ctx`` padded to 256
+    (llama-context.cpp, n_ctx_seq); a sliding-window layer without ``swa_full`` keeps
+    ``pad256(min(that, n_swa + n_ubatch))`` (llama-kv-cache-iswa.cpp, size_swa): the window plus
+    one ubatch, whatever the context."""
+    full = _pad(n_ctx)
+    return _pad(min(full, n_swa + n_ubatch)) if sliding and n_swa > 0 and not swa_full else full
 
 
 def _per_layer(value: Any, n: int, default: int) -> list[int]:
@@ -23,7 +38,8 @@ def _per_layer(value: Any, n: int, default: int) -> list[int]:
     return [int(value)] * n
 
 
-def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096) -> dict[str, Any]:
+def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096, max_sessions: int = 1,
+                 n_ubatch: int = DEFAULT_N_UBATCH, swa_full: bool = False) -> dict[str, Any]:
     """Describe a GGUF file. Sizes are bytes.
 
     Returns a dict with ``path``, ``arch``, ``kind`` (``"model"`` or ``"slice"``), ``range`` (the
@@ -32,13 +48,16 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096) -> dict[str, A
     and ``n_head_kv`` (ints, or per-layer lists when the model varies them), ``head_dim_k``,
     ``head_dim_v``, ``tensors`` (role -> ``{"count", "bytes"}`` for roles input / layers / output /
     global; a tied ``token_embd`` on a later slice counts as output), ``weights_bytes``, ``n_ctx``,
-    ``kv_bytes`` and ``total_bytes`` (weights + KV; compute buffers are not included, see
+    ``max_sessions``, ``n_swa`` (the sliding window, tokens; 0: none), ``kv_layer_bytes`` (per
+    layer), ``kv_bytes`` and ``total_bytes`` (weights + KV; compute buffers are not included, see
     ``note``).
 
-    The KV estimate is ``n_ctx * sum over layers (n_embd_k_gqa + n_embd_v_gqa) * 2`` (f16), with
-    ``n_embd_k_gqa = head_dim_k * n_head_kv[layer]``; ``head_dim_k`` is
-    ``<arch>.attention.key_length`` if present, else ``n_embd / n_head``. Every layer is counted
-    with the full context (a sliding-window layer with ``swa_full`` caches that much too).
+    The KV estimate of a layer is ``max_sessions * cells * (n_embd_k_gqa + n_embd_v_gqa) * 2``
+    (f16) with ``n_embd_k_gqa = head_dim_k * n_head_kv[layer]`` (``head_dim_k`` is
+    ``<arch>.attention.key_length`` if present, else ``n_embd / n_head``) and ``cells`` per
+    :func:`kv_cells`: ``n_ctx`` (tokens per session) for a full-attention layer, the window plus
+    one ``n_ubatch`` for a sliding-window layer, as a stage allocates it (the whole context with
+    ``swa_full``, ``nak serve --swa-full``).
 
     Raises SliceError if the file is missing or not a GGUF.
     """
@@ -67,7 +86,11 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096) -> dict[str, A
         tensors[role]["count"] += 1
         tensors[role]["bytes"] += int(t.n_bytes)
     weights = sum(r["bytes"] for r in tensors.values())
-    kv = n_ctx * sum((head_k + head_v) * h for h in heads_kv) * KV_BYTES_PER_VALUE
+    n_swa = int(kv_value(reader, f"{arch}.attention.sliding_window") or 0)
+    sliding = swa_pattern(reader, arch, n_layer) or [False] * n_layer
+    kv_layers = [max_sessions * kv_cells(n_ctx, n_swa, sliding[il], n_ubatch, swa_full) * (head_k + head_v) * h
+                 * KV_BYTES_PER_VALUE for il, h in enumerate(heads_kv)]
+    kv = sum(kv_layers)
 
     def scalar_or_list(values: list[int]) -> int | list[int]:
         return values[0] if values and len(set(values)) == 1 else values
@@ -81,7 +104,8 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096) -> dict[str, A
         "n_embd": n_embd, "n_head": scalar_or_list(heads), "n_head_kv": scalar_or_list(heads_kv),
         "head_dim_k": head_k, "head_dim_v": head_v,
         "tensors": tensors, "weights_bytes": weights,
-        "n_ctx": n_ctx, "kv_bytes": kv, "total_bytes": weights + kv,
+        "n_ctx": n_ctx, "max_sessions": max_sessions, "n_swa": n_swa, "swa_full": swa_full,
+        "kv_layer_bytes": kv_layers, "kv_bytes": kv, "total_bytes": weights + kv,
         "note": "total = weights + f16 KV cache; compute buffers are not included",
     }
 
@@ -109,6 +133,11 @@ def render_inspection(info: dict[str, Any]) -> Table:
         t = info["tensors"][role]
         table.add_row(f"{role.rstrip('s')} tensors", f"{t['count']} ({_mib(t['bytes'])})")
     table.add_row("weights", _mib(info["weights_bytes"]))
-    table.add_row(f"KV cache ({info['n_ctx']} tokens, f16)", _mib(info["kv_bytes"]))
+    sessions = f" x {info['max_sessions']} sessions" if info.get("max_sessions", 1) > 1 else ""
+    window = ""
+    if info.get("n_swa"):
+        window = ("; sliding-window layers: the whole context (--swa-full)" if info.get("swa_full")
+                  else f"; sliding-window layers: {info['n_swa']}-token window + one ubatch")
+    table.add_row(f"KV cache ({info['n_ctx']} tokens{sessions}, f16{window})", _mib(info["kv_bytes"]))
     table.add_row("total", f"{_mib(info['total_bytes'])} (excludes compute buffers)")
     return table

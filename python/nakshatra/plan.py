@@ -16,9 +16,9 @@ Inputs: a GGUF model, and hosts (:class:`~nakshatra.cluster.HostSpec`), each wit
     + global tensors (e.g. ``rope_freqs``, on every stage)
     + OVERHEAD_BYTES (100 MiB) for llama.cpp's compute buffers and the process.
 
-KV bytes of a layer = ``ctx x max_sessions`` positions x ``(head_dim_k + head_dim_v) x n_head_kv``
-x 2 (f16 cache), as ``nak inspect`` counts them (a sliding-window layer is counted with the full
-context). Tensor bytes are the exact sizes in the GGUF, which are what ``nak slice`` writes.
+KV bytes of a layer = ``max_sessions`` x cells x ``(head_dim_k + head_dim_v) x n_head_kv`` x 2 (f16
+cache), as ``nak inspect`` counts them (:func:`nakshatra.inspection.kv_cells`: ``ctx`` cells, or for a
+sliding-window layer the window plus one ubatch, as the stages allocate them). Tensor bytes are the exact sizes in the GGUF, which are what ``nak slice`` writes.
 
 **Latency model** (ms per generated token, one session, :func:`chain_latency_ms`). For a chain of
 hosts ``h1 .. hk`` in layer order, where ``hi`` serves ``ni`` layers::
@@ -128,18 +128,14 @@ def model_memory(path: str | os.PathLike[str], ctx: int = 4096, max_sessions: in
     Raises NakError if ``ctx`` or ``max_sessions`` is < 1, SliceError if the file is missing, not a
     GGUF, already a slice, or of an architecture ``nak slice`` cannot cut.
     """
-    from .inspection import KV_BYTES_PER_VALUE, inspect_gguf
+    from .inspection import inspect_gguf
     from .slicer import model_layout
 
     if ctx < 1 or max_sessions < 1:
         raise NakError(f"--ctx {ctx} and --max-sessions {max_sessions} must both be >= 1")
     layout = model_layout(path, sha256="-")  # checks it can be sliced; no need to hash it
-    positions = ctx * max_sessions
-    info = inspect_gguf(path, n_ctx=positions)
-    heads_kv = info["n_head_kv"]
-    heads_kv = list(heads_kv) if isinstance(heads_kv, list) else [heads_kv] * layout.n_layer
-    kv = tuple(positions * (info["head_dim_k"] + info["head_dim_v"]) * h * KV_BYTES_PER_VALUE for h in heads_kv)
-    assert sum(kv) == info["kv_bytes"]
+    info = inspect_gguf(path, n_ctx=ctx, max_sessions=max_sessions)
+    kv = tuple(info["kv_layer_bytes"])
     return MemoryModel(weights=tuple(layout.layer_bytes), kv=kv, first_extra=layout.first_extra,
                        last_extra=layout.last_extra, stage_extra=layout.global_bytes + overhead_bytes)
 

@@ -125,12 +125,13 @@ def check_against_manifest(path: Path, meta: dict) -> None:
                                "differ): the file was replaced or the manifest is stale; re-run nak slice")
 
 
-def kv_bytes_estimate(path: Path, ctx: int) -> int | None:
-    """KV cache bytes for ``ctx`` positions of the layers in ``path`` (f16), or None."""
+def kv_bytes_estimate(path: Path, ctx: int, max_sessions: int = 1, swa_full: bool = False) -> int | None:
+    """KV cache bytes of the layers in ``path`` (f16) for ``max_sessions`` sessions of ``ctx``
+    tokens (nakshatra.inspection.inspect_gguf), or None."""
     try:
         from .inspection import inspect_gguf
 
-        return int(inspect_gguf(path, n_ctx=ctx)["kv_bytes"])
+        return int(inspect_gguf(path, n_ctx=ctx, max_sessions=max_sessions, swa_full=swa_full)["kv_bytes"])
     except Exception:  # an estimate only: never block serving on it
         return None
 
@@ -204,7 +205,7 @@ def serve(opts: ServeOptions) -> int:
         raise NakError(f"cannot load {path}: {e}") from None
     info = stage.info()
     rng = LayerRange(info["layer_start"], info["layer_end"])
-    kv = kv_bytes_estimate(path, opts.ctx * opts.max_sessions)
+    kv = kv_bytes_estimate(path, opts.ctx, opts.max_sessions, opts.swa_full)
     # announce on the LAN (DNS-SD over mDNS) by default only off loopback: a loopback stage is
     # reachable from this machine alone, so it announces only when asked (--announce)
     announce = opts.announce if opts.announce is not None else not _nakshatra.is_loopback(opts.host)
