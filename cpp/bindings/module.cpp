@@ -712,6 +712,8 @@ py::dict estimate_memory(const std::string & model_path, uint32_t n_ctx, uint32_
     d["n_vocab"]         = e.n_vocab;
     d["output_bytes"]    = e.output_bytes;
     d["output_rows_max"] = e.output_rows_max;
+    d["heap_bytes"]      = e.heap_bytes;
+    d["heap_known"]      = e.heap_known;
     py::list bufs;
     for (const auto & b : e.buffers) {
         py::dict bd;

@@ -9,6 +9,10 @@
 #if defined(__APPLE__)
 #include <mach/mach.h>
 #include <mach/mach_host.h>
+#include <malloc/malloc.h>
+#endif
+#if defined(__linux__)
+#include <malloc.h>
 #endif
 
 // Every Linux- or Apple-specific name in cpp/ lives below, behind #if defined(__linux__) /
@@ -212,5 +216,23 @@ uint64_t nak_mem_available_bytes() {
     return pages > 0 && page > 0 ? (uint64_t) pages * (uint64_t) page : 0;
 #else
     return 0;
+#endif
+}
+
+bool nak_heap_in_use_bytes(uint64_t & bytes) {
+    bytes = 0;
+#if defined(__linux__) && defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+    // sums every arena: blocks in use plus blocks served by their own mmap
+    const struct mallinfo2 mi = mallinfo2();
+    bytes = (uint64_t) mi.uordblks + (uint64_t) mi.hblkhd;
+    return true;
+#elif defined(__APPLE__)
+    malloc_statistics_t st = {};
+    malloc_zone_statistics(nullptr, &st); // nullptr: all zones
+    bytes = (uint64_t) st.size_in_use;
+    return true;
+#else
+    // musl and the BSDs have no allocator statistics that count the same thing
+    return false;
 #endif
 }

@@ -41,3 +41,9 @@ bool nak_rss_split(uint64_t & anon, uint64_t & file);
 // Memory the host could still give a process without swapping, bytes: Linux MemAvailable (free
 // plus reclaimable page cache), macOS free + inactive pages; 0 when the OS does not tell.
 uint64_t nak_mem_available_bytes();
+
+// Bytes this process's malloc heap has handed out and not yet freed (small blocks and blocks it
+// mmap'd alike): a before/after difference measures what a piece of code keeps on the heap
+// (cpp/stage/memory_estimate.cpp: llama.cpp's vocabulary and graph structures). glibc: mallinfo2;
+// macOS: the default zone's size in use. false (0) where the allocator does not tell (musl, BSDs).
+bool nak_heap_in_use_bytes(uint64_t & bytes);
