@@ -1,5 +1,6 @@
 #include "platform.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <fcntl.h>
@@ -219,20 +220,34 @@ uint64_t nak_mem_available_bytes() {
 #endif
 }
 
-bool nak_heap_in_use_bytes(uint64_t & bytes) {
+bool nak_private_resident_bytes(uint64_t & bytes) {
     bytes = 0;
-#if defined(__linux__) && defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
-    // sums every arena: blocks in use plus blocks served by their own mmap
-    const struct mallinfo2 mi = mallinfo2();
-    bytes = (uint64_t) mi.uordblks + (uint64_t) mi.hblkhd;
+#if defined(__linux__)
+#if defined(__GLIBC__)
+    malloc_trim(0); // free chunks back to the OS, in every arena
+#endif
+    FILE * f = fopen("/proc/self/statm", "r");
+    if (!f) {
+        return false;
+    }
+    unsigned long long size = 0, resident = 0, shared = 0;
+    const int n = fscanf(f, "%llu %llu %llu", &size, &resident, &shared);
+    fclose(f);
+    if (n != 3) {
+        return false;
+    }
+    bytes = (uint64_t) (resident - std::min(resident, shared)) * (uint64_t) sysconf(_SC_PAGESIZE);
     return true;
 #elif defined(__APPLE__)
-    malloc_statistics_t st = {};
-    malloc_zone_statistics(nullptr, &st); // nullptr: all zones
-    bytes = (uint64_t) st.size_in_use;
+    malloc_zone_pressure_relief(nullptr, 0); // as malloc_trim: free pages back to the OS
+    task_vm_info_data_t info = {};
+    mach_msg_type_number_t count = TASK_VM_INFO_COUNT;
+    if (task_info(mach_task_self(), TASK_VM_INFO, (task_info_t) &info, &count) != KERN_SUCCESS) {
+        return false;
+    }
+    bytes = (uint64_t) info.phys_footprint;
     return true;
 #else
-    // musl and the BSDs have no allocator statistics that count the same thing
     return false;
 #endif
 }

@@ -42,8 +42,10 @@ bool nak_rss_split(uint64_t & anon, uint64_t & file);
 // plus reclaimable page cache), macOS free + inactive pages; 0 when the OS does not tell.
 uint64_t nak_mem_available_bytes();
 
-// Bytes this process's malloc heap has handed out and not yet freed (small blocks and blocks it
-// mmap'd alike): a before/after difference measures what a piece of code keeps on the heap
-// (cpp/stage/memory_estimate.cpp: llama.cpp's vocabulary and graph structures). glibc: mallinfo2;
-// macOS: the default zone's size in use. false (0) where the allocator does not tell (musl, BSDs).
-bool nak_heap_in_use_bytes(uint64_t & bytes);
+// Private memory this process holds in RAM now (anonymous pages: heap, buffers it wrote), bytes,
+// after returning the allocator's free pages to the OS first, so that a before/after difference
+// counts what a piece of code keeps and has touched (cpp/stage/memory_estimate.cpp: llama.cpp's
+// vocabulary and graph structures), not memory freed earlier or allocated and never written.
+// Linux: malloc_trim (glibc), then /proc/self/statm resident - shared; macOS: the task's
+// physical footprint. false (0) where the OS does not tell.
+bool nak_private_resident_bytes(uint64_t & bytes);

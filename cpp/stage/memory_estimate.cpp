@@ -102,7 +102,7 @@ bool nak_estimate_memory(const nak_stage_params & params, nak_memory_estimate & 
     // to map, and load_tensors asserts !no_alloc on its mmap path
     mp.load_mode = LLAMA_LOAD_MODE_NONE;
     uint64_t heap_before = 0;
-    const bool heap_known = nak_heap_in_use_bytes(heap_before);
+    const bool heap_known = nak_private_resident_bytes(heap_before);
     std::unique_ptr<llama_model, model_deleter> model(llama_model_load_from_file(params.model_path.c_str(), mp));
     if (!model) {
         err = "llama.cpp could not read " + params.model_path + " (see its log above)";
@@ -162,10 +162,10 @@ bool nak_estimate_memory(const nak_stage_params & params, nak_memory_estimate & 
     out.output_rows_max = rows;
     out.output_bytes    = (uint64_t) rows * per_row * sizeof(float);
 
-    // the context allocated the output buffer for n_seq_max rows already (for real, even with
-    // no_alloc): it is counted in output_bytes, so it is taken out of the heap figure
+    // the context allocated and zeroed the output buffer for n_seq_max rows already (for real,
+    // even with no_alloc): it is counted in output_bytes, so it is taken out of the heap figure
     uint64_t heap_after = 0;
-    if (heap_known && nak_heap_in_use_bytes(heap_after)) {
+    if (heap_known && nak_private_resident_bytes(heap_after)) {
         const uint64_t initial_output = (uint64_t) out.n_seq_max * per_row * sizeof(float);
         const uint64_t grown = heap_after > heap_before ? heap_after - heap_before : 0;
         out.heap_bytes = grown > initial_output ? grown - initial_output : 0;

@@ -42,11 +42,12 @@ struct nak_memory_estimate {
     // the breakdown. Sized for the most rows a stage ever asks for (see output_rows_max).
     uint64_t    output_bytes    = 0;
     uint32_t    output_rows_max = 0;
-    // heap llama.cpp keeps for the model and the context beyond their buffers: the vocabulary
-    // (token strings, maps, merges), tensor and graph metadata, the scheduler's tables. Measured
-    // as the heap in use after loading and creating the context minus before (nak_heap_in_use_bytes),
-    // less the output buffer (counted above); 0 with heap_known false where the allocator does not
-    // tell. Other threads of the process allocating meanwhile would add to it.
+    // heap llama.cpp keeps, and has written, for the model and the context beyond their buffers:
+    // the vocabulary (token strings, maps, merges), tensor and graph metadata, the scheduler's
+    // tables. Measured as this process's private resident memory after loading and creating the
+    // context minus before (nak_private_resident_bytes), less the output buffer (counted above);
+    // 0 with heap_known false where the OS does not tell. Other threads of the process allocating
+    // meanwhile would add to it.
     uint64_t    heap_bytes = 0;
     bool        heap_known = false;
 };
