@@ -144,7 +144,10 @@ bool nak_estimate_memory(const nak_stage_params & params, nak_memory_estimate & 
     for (const auto & [buft, mb] : llama_get_memory_breakdown(ctx.get())) {
         nak_memory_buffer b;
         b.name    = ggml_backend_buft_name(buft);
-        b.host    = ggml_backend_buft_is_host(buft);
+        // the CPU's extra buffer types (CPU_REPACK) are not "host" to ggml (their layout cannot be
+        // read directly) but live in RAM all the same
+        ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+        b.host    = ggml_backend_buft_is_host(buft) || !dev || ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
         b.mapped  = b.host && buft_mapped(buft, use_mmap);
         b.model   = mb.model;
         b.context = mb.context;

@@ -14,7 +14,7 @@
 // bytes of one buffer type, as llama_get_memory_breakdown reports them
 struct nak_memory_buffer {
     std::string name;         // buffer type name: "CPU", "CPU_REPACK", "CUDA0", ...
-    bool        host   = false; // lives in host memory (RAM)
+    bool        host   = false; // lives in host memory (RAM): a CPU buffer type, repacked ones included
     // weights of this buffer type are used in place from the mmap'd file at run time (the
     // device's default buffer type, mmap on): file pages, not an anonymous copy
     bool        mapped = false;

@@ -22,9 +22,9 @@ for each stage in turn the other stages run unconstrained, and the stage under t
    ``oom_kill``, the process killed by SIGKILL), that stops answering, or that runs past
    ``max(180 s, 6 x`` the unconstrained run) does not fit either; each outcome is reported.
 
-The limit is bisected between 0 and 1.25 x the unconstrained run's peak charge
-(``memory.max_usage_in_bytes``; raised by half until a trial fits) to ``--resolution-mib`` (4
-MiB). The footprint is
+The limit is bisected to ``--resolution-mib`` (4 MiB) between a limit that fails and one that
+fits, found from 0.9x and 1.1x the prediction (each moved by half until it fails / fits): the
+result does not depend on the prediction, only the number of trials does. The footprint is
 the smallest limit that fit. Beside it the tool prints what :mod:`nakshatra.memory` predicts for
 the stage and the ratio.
 
@@ -266,17 +266,24 @@ def measure_stage(slices: Sequence[Path], index: int, *, ctx: int = 512, max_ses
                 f"{t.steady_faults} steady faults){' ' + t.detail if t.detail and t.outcome != 'fits' else ''}")
             return t.outcome == "fits"
 
-        # the peak charge of the unconstrained run is where the search starts; a run near a limit
-        # can need a little more than a free one peaked at (the kernel reclaims in batches), so
-        # the upper bound grows until a trial fits
-        lo, hi = 0, -(-int(ref.peak_bytes * 1.25) // resolution_bytes) * resolution_bytes
-        for _ in range(4):
+        # bracket the footprint between a limit that fails and one that fits, starting from 0.9x
+        # and 1.1x the prediction and widening by half until they do: the result does not depend
+        # on the prediction (only the number of trials does)
+        def round_up(n: float) -> int:
+            return -(-int(n) // resolution_bytes) * resolution_bytes
+
+        pred = predicted["total_bytes"]
+        hi = round_up(pred * 1.1)
+        for _ in range(6):
             if attempt(hi):
                 break
-            lo, hi = hi, -(-int(hi * 1.5) // resolution_bytes) * resolution_bytes
+            hi = round_up(hi * 1.5)
         else:
-            raise NakError(f"stage {index} ({path.name}) does not fit even under {hi / MIB:.0f} MiB, "
-                           f"{hi / max(ref.peak_bytes, 1):.1f}x its unconstrained peak: see the trials above")
+            raise NakError(f"stage {index} ({path.name}) does not fit even under {hi / MIB:.0f} MiB "
+                           f"({hi / max(ref.peak_bytes, 1):.1f}x its unconstrained peak): see the trials above")
+        lo = min(round_up(pred * 0.9), hi - resolution_bytes)
+        while lo > 0 and attempt(lo):
+            hi, lo = lo, round_up(lo / 1.5) if lo > 2 * resolution_bytes else 0
         while hi - lo > resolution_bytes:
             mid = (lo + hi) // 2 // resolution_bytes * resolution_bytes
             if mid <= lo:

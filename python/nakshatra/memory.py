@@ -62,9 +62,15 @@ def _page_bytes() -> int:
     except (ValueError, OSError, AttributeError):
         return 4096
 
-PROCESS_BASELINE_BYTES = 0
+PROCESS_BASELINE_BYTES = 37_936_352
 """What a ``nak serve`` stage costs beyond llama.cpp's allocations and its own hidden-state copies,
-bytes."""
+bytes (36.2 MiB): the Python interpreter and the modules ``nak serve`` imports, the stage's
+threads, allocator slack, llama.cpp's CPU work buffer. Measured, not estimated: ``python -m
+nakshatra.footprint --baseline`` (root) bisects, to 1 MiB, the footprint of a stage serving a
+one-layer, n_embd 64 model (:func:`nakshatra.footprint.baseline_model`) and subtracts its
+predicted llama.cpp terms (68.0 MiB - 31.8 MiB on the 2-core x86-64 Linux VM, Python 3.11)."""
+
+_estimated_here = False  # whether this process has run an estimate already (see llama_estimate)
 
 
 def llama_estimate(path: str | os.PathLike[str], ctx: int = 4096, max_sessions: int = 8, *,
@@ -91,23 +97,52 @@ def llama_estimate(path: str | os.PathLike[str], ctx: int = 4096, max_sessions: 
         raise NakError(f"--ctx {ctx} and --max-sessions {max_sessions} must both be >= 1")
     if not Path(path).is_file():
         raise NakError(f"{path}: no such file; give a slice from `nak slice` or a whole GGUF")
+    kw = dict(n_ctx=ctx, max_sessions=max_sessions, n_batch=n_batch, n_ubatch=n_ubatch, n_gpu_layers=n_gpu_layers,
+              flash_attn=fa, cache_type_k=cache_type_k, cache_type_v=cache_type_v, no_repack=no_repack, mlock=mlock)
+    global _estimated_here
+    if _estimated_here:
+        # llama.cpp initialises some tables once per process (about 2 MiB): a stage pays for them,
+        # and a second estimate in one process would not see them in its heap figure, so every
+        # estimate after the first runs in a fresh process
+        return _estimate_in_subprocess(path, kw)
+    _estimated_here = True
     try:
-        return _nakshatra.estimate_memory(str(path), n_ctx=ctx, max_sessions=max_sessions, n_batch=n_batch,
-                                          n_ubatch=n_ubatch, n_gpu_layers=n_gpu_layers, flash_attn=fa,
-                                          cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-                                          no_repack=no_repack, mlock=mlock)
+        return _nakshatra.estimate_memory(str(path), **kw)
     except StageError as e:
         raise NakError(f"cannot estimate the memory of {path}: {e}") from None
 
 
-def _input_embedding(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(bytes, rows) of the first stage's input token embedding in ``path``; (0, 0) if none."""
-    from .slicer import kv_value, scan_gguf
+def _estimate_in_subprocess(path: str | os.PathLike[str], kw: dict[str, Any]) -> dict[str, Any]:
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from nakshatra import _nakshatra; from nakshatra.errors import StageError\n"
+            "a = json.loads(sys.argv[1])\n"
+            "try: print(json.dumps(_nakshatra.estimate_memory(a.pop('path'), **a)))\n"
+            "except StageError as e: print(json.dumps({'error': str(e)}))\n")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps({"path": str(path), **kw})],
+                       capture_output=True, text=True, timeout=600)
+    try:
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise NakError(f"cannot estimate the memory of {path}: the estimating process failed "
+                       f"(exit {r.returncode}): {r.stderr.strip()[-500:]}") from None
+    if "error" in out:
+        raise NakError(f"cannot estimate the memory of {path}: {out['error']}")
+    return out
+
+
+def _input_embedding(path: str | os.PathLike[str], is_last: bool) -> tuple[int, int]:
+    """(bytes, rows) of the token embedding in ``path`` when a stage uses it only as the input
+    lookup table; (0, 0) when there is none, or when it is also the LM head (a tied model's last
+    stage, or whole model, reads every row every token)."""
+    from .slicer import scan_gguf
 
     reader = scan_gguf(path)
-    start = kv_value(reader, "nakshatra.layer_range_start")
-    if start not in (None, 0):
-        return 0, 0  # a later stage: a tied token_embd there is the LM head, read in full
+    names = {t.name for t in reader.tensors}
+    if is_last and "output.weight" not in names:
+        return 0, 0
     for t in reader.tensors:
         if t.name == "token_embd.weight":
             rows = int(t.shape[1]) if len(t.shape) > 1 else 1
@@ -133,7 +168,7 @@ def predict_stage(path: str | os.PathLike[str], ctx: int = 4096, max_sessions: i
     copied = sum(b["model"] for b in host if not b["mapped"])
     embd_rows = 0
     if e["is_first"] and mapped:
-        embd_bytes, n_vocab = _input_embedding(path)
+        embd_bytes, n_vocab = _input_embedding(path, e["is_last"])
         if 0 < embd_bytes <= mapped:  # the lookup table is in the mapped buffer (get_rows: never repacked)
             row = max(embd_bytes // max(n_vocab, 1), _page_bytes())
             embd_rows = min(embd_bytes, min(n_vocab, e["n_ctx"]) * row)
