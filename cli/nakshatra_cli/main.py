@@ -268,16 +268,18 @@ def slice_cmd(
 @app.command()
 def inspect(
     file: Annotated[Path, typer.Argument(help="A model or slice.")],
-    ctx: Annotated[int, typer.Option("--ctx", "-c", help="Context tokens for the KV estimate.")] = 4096,
+    ctx: Annotated[int, typer.Option("--ctx", "-c", help="Context tokens per session (as nak serve --ctx).")] = 4096,
+    max_sessions: Annotated[int, typer.Option("--max-sessions", help="Sessions (as nak serve --max-sessions).")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False,
 ) -> None:
-    """Show what a model or slice holds and the memory a stage needs for it.
+    """Show what a model or slice holds and the memory a stage needs for it: the footprint
+    predicted from llama.cpp's own allocations for exactly that stage, plus the process.
 
     Example: [b]nak inspect slices/smollm2.0-9.gguf --ctx 8192[/b]
     """
     from nakshatra.inspection import inspect_gguf, render_inspection
 
-    info = inspect_gguf(file, n_ctx=ctx)
+    info = inspect_gguf(file, n_ctx=ctx, max_sessions=max_sessions, predict=True)
     if as_json:
         print(json.dumps(info, indent=1, default=str))
     else:

@@ -1,4 +1,4 @@
-"""What a GGUF (whole model or slice) holds and roughly how much memory it needs to serve."""
+"""What a GGUF (whole model or slice) holds and how much memory a stage serving it needs."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def _per_layer(value: Any, n: int, default: int) -> list[int]:
     return [int(value)] * n
 
 
-def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096) -> dict[str, Any]:
+def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096, *, max_sessions: int = 1,
+                 predict: bool = False) -> dict[str, Any]:
     """Describe a GGUF file. Sizes are bytes.
 
     Returns a dict with ``path``, ``arch``, ``kind`` (``"model"`` or ``"slice"``), ``range`` (the
@@ -32,15 +33,19 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096) -> dict[str, A
     and ``n_head_kv`` (ints, or per-layer lists when the model varies them), ``head_dim_k``,
     ``head_dim_v``, ``tensors`` (role -> ``{"count", "bytes"}`` for roles input / layers / output /
     global; a tied ``token_embd`` on a later slice counts as output), ``weights_bytes``, ``n_ctx``,
-    ``kv_bytes`` and ``total_bytes`` (weights + KV; compute buffers are not included, see
-    ``note``).
+    ``kv_bytes`` and ``total_bytes`` (weights + KV for ``n_ctx x max_sessions`` positions;
+    compute buffers are not included, see ``note``). With ``predict``, also ``max_sessions`` and
+    ``footprint``: :func:`nakshatra.memory.predict_stage` for a stage serving the file with
+    ``--ctx n_ctx --max-sessions max_sessions`` (its terms in bytes, ``total_bytes`` the predicted
+    footprint; loads the file's metadata into llama.cpp, so it takes a second or so).
 
     The KV estimate is ``n_ctx * sum over layers (n_embd_k_gqa + n_embd_v_gqa) * 2`` (f16), with
     ``n_embd_k_gqa = head_dim_k * n_head_kv[layer]``; ``head_dim_k`` is
     ``<arch>.attention.key_length`` if present, else ``n_embd / n_head``. Every layer is counted
     with the full context (a sliding-window layer with ``swa_full`` caches that much too).
 
-    Raises SliceError if the file is missing or not a GGUF.
+    Raises SliceError if the file is missing or not a GGUF; with ``predict``, NakError as
+    :func:`nakshatra.memory.predict_stage` (e.g. ``max_sessions`` < 1).
     """
     reader = scan_gguf(path)  # metadata without materialising the vocabulary
     arch = kv_value(reader, "general.architecture") or "?"
@@ -67,12 +72,12 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096) -> dict[str, A
         tensors[role]["count"] += 1
         tensors[role]["bytes"] += int(t.n_bytes)
     weights = sum(r["bytes"] for r in tensors.values())
-    kv = n_ctx * sum((head_k + head_v) * h for h in heads_kv) * KV_BYTES_PER_VALUE
+    kv = n_ctx * max(max_sessions, 1) * sum((head_k + head_v) * h for h in heads_kv) * KV_BYTES_PER_VALUE
 
     def scalar_or_list(values: list[int]) -> int | list[int]:
         return values[0] if values and len(set(values)) == 1 else values
 
-    return {
+    info = {
         "path": str(Path(path)), "arch": arch, "kind": "slice" if is_slice else "model",
         "range": LayerRange(start, end) if is_slice else None,
         "slice_index": kv_value(reader, "nakshatra.slice_index"),
@@ -84,6 +89,16 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096) -> dict[str, A
         "n_ctx": n_ctx, "kv_bytes": kv, "total_bytes": weights + kv,
         "note": "total = weights + f16 KV cache; compute buffers are not included",
     }
+    if predict:
+        from .memory import predict_stage
+
+        fp = predict_stage(path, ctx=n_ctx, max_sessions=max_sessions)
+        fp.pop("estimate")
+        info["max_sessions"] = max_sessions
+        info["footprint"] = fp
+        info["note"] = ("total = weights + f16 KV cache; footprint = what a stage needs resident "
+                        "(predicted: llama.cpp's own allocations + the process, see nakshatra.memory)")
+    return info
 
 
 def _mib(n: int) -> str:
@@ -109,6 +124,18 @@ def render_inspection(info: dict[str, Any]) -> Table:
         t = info["tensors"][role]
         table.add_row(f"{role.rstrip('s')} tensors", f"{t['count']} ({_mib(t['bytes'])})")
     table.add_row("weights", _mib(info["weights_bytes"]))
-    table.add_row(f"KV cache ({info['n_ctx']} tokens, f16)", _mib(info["kv_bytes"]))
-    table.add_row("total", f"{_mib(info['total_bytes'])} (excludes compute buffers)")
+    sessions = info.get("max_sessions", 1)
+    positions = f"{info['n_ctx']} tokens" + (f" x {sessions} sessions" if sessions > 1 else "")
+    table.add_row(f"KV cache ({positions}, f16)", _mib(info["kv_bytes"]))
+    table.add_row("weights + KV", _mib(info["total_bytes"]))
+    fp = info.get("footprint")
+    if fp:
+        for key, what in (("copied_weights_bytes", "weights copied (repacked)"),
+                          ("mapped_weights_bytes", "weights used from the file"),
+                          ("kv_bytes", "KV cache (llama.cpp)"), ("compute_bytes", "compute buffers"),
+                          ("output_bytes", "output buffer"), ("llama_heap_bytes", "llama.cpp heap (vocabulary, graph)"),
+                          ("io_bytes", "hidden-state copies"), ("baseline_bytes", "process baseline")):
+            table.add_row(f"  {what}", _mib(fp[key]))
+        table.add_row("footprint (predicted)", f"[bold]{_mib(fp['total_bytes'])}[/bold] resident for "
+                      f"`nak serve --ctx {info['n_ctx']} --max-sessions {sessions}`")
     return table
