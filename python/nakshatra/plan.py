@@ -21,9 +21,9 @@ full context at speed):
     + the stage's fixed cost, by kind (first, middle, last, or the only stage): llama.cpp's
       compute and output buffers and its heap (vocabulary, graph tables), the stage's copies of
       a batch of hidden states, and the process baseline. llama.cpp's figures come from
-      ``no_alloc`` estimates (:func:`nakshatra.memory.predict_stage`) of a one-layer slice of
+      ``no_alloc`` estimates (:func:`nakshatra.memory.predict_stage`) of a two-layer slice of
       each kind (cut once into the slice cache) and of the whole model: they depend on the kind,
-      not on the number of layers.
+      hardly on the number of layers (within 1 MiB from 2 layers up).
 
 KV bytes of a layer = ``ctx x max_sessions`` positions x ``(head_dim_k + head_dim_v) x n_head_kv``
 x 2 (f16 cache), as ``nak inspect`` counts them and llama.cpp allocates them (a sliding-window
@@ -61,7 +61,7 @@ import shlex
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -74,9 +74,6 @@ from .errors import NakError
 from .ranges import LayerRange
 
 MIB = 1 << 20
-OVERHEAD_BYTES = 100 * MIB
-"""The planner's former flat allowance per stage beyond tensors and KV; kept as the default fixed
-cost of a hand-built :class:`MemoryModel` (tests). :func:`model_memory` predicts the real one."""
 
 MAX_HOSTS = 12
 """Most hosts one plan considers (the exact search is exponential in the number of hosts)."""
@@ -102,7 +99,7 @@ class MemoryModel:
     first_extra: int = 0
     last_extra: int = 0
     stage_extra: int = 0
-    fixed: tuple[int, int, int, int] | int = OVERHEAD_BYTES
+    fixed: tuple[int, int, int, int] | int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.fixed, int):
@@ -150,23 +147,25 @@ class MemoryModel:
 
 
 def _kind_ranges(n_layer: int) -> dict[int, LayerRange]:
-    """A one-layer range of each stage kind (0 first, 1 middle, 2 last) a model of ``n_layer``
-    layers can have."""
+    """A short range of each stage kind (0 first, 1 middle, 2 last) a model of ``n_layer`` layers
+    can have: two layers where it has five or more. llama.cpp reserves a smaller compute buffer
+    for a one-layer slice than for any longer one (SmolLM2's last stage: 6.1 MiB against 14.0
+    MiB for 2 to 30 layers), since with two layers the tensors of one layer cannot reuse the
+    memory of the next."""
+    w = 2 if n_layer >= 5 else 1
     out = {}
     if n_layer >= 2:
-        out[0], out[2] = LayerRange(0, 1), LayerRange(n_layer - 1, n_layer)
-    if n_layer >= 3:
-        out[1] = LayerRange(1, 2)
+        out[0], out[2] = LayerRange(0, w), LayerRange(n_layer - w, n_layer)
+    if n_layer >= 2 * w + 1:
+        out[1] = LayerRange(w, 2 * w)
     return out
 
 
-def model_memory(path: str | os.PathLike[str], ctx: int = 4096, max_sessions: int = 8,
-                 overhead_bytes: int | None = None) -> MemoryModel:
+def model_memory(path: str | os.PathLike[str], ctx: int = 4096, max_sessions: int = 8) -> MemoryModel:
     """The :class:`MemoryModel` of a whole GGUF model whose stages keep ``ctx x max_sessions`` KV
     positions (as ``nak serve --ctx CTX --max-sessions N``). The fixed cost of each stage kind is
-    predicted (:func:`nakshatra.memory.predict_stage`) from a one-layer slice of that kind, cut
-    once into the slice cache, and the whole model; ``overhead_bytes`` replaces it by a flat
-    figure instead (nothing is cut then).
+    predicted (:func:`nakshatra.memory.predict_stage`) from a two-layer slice of that kind, cut
+    once into the slice cache, and the whole model.
 
     Raises NakError if ``ctx`` or ``max_sessions`` is < 1 or llama.cpp cannot load the model,
     SliceError if the file is missing, not a GGUF, already a slice, or of an architecture
@@ -185,29 +184,23 @@ def model_memory(path: str | os.PathLike[str], ctx: int = 4096, max_sessions: in
     heads_kv = list(heads_kv) if isinstance(heads_kv, list) else [heads_kv] * layout.n_layer
     kv = tuple(positions * (info["head_dim_k"] + info["head_dim_v"]) * h * KV_BYTES_PER_VALUE for h in heads_kv)
     assert sum(kv) == info["kv_bytes"]
-    if overhead_bytes is not None:
-        return MemoryModel(weights=tuple(layout.layer_bytes), kv=kv, first_extra=layout.first_extra,
-                           last_extra=layout.last_extra, stage_extra=layout.global_bytes, fixed=overhead_bytes)
-
-    def fixed_of(p: dict) -> int:
-        # what does not grow with the layers: everything but weights and KV
-        return p["total_bytes"] - p["copied_weights_bytes"] - p["mapped_weights_bytes"] - p["kv_bytes"]
-
-    whole = predict_stage(path, ctx=ctx, max_sessions=max_sessions)
-    only = fixed_of(whole)
-    fixed = [only, only, only, only]
-    first = whole
-    for kind, rng in _kind_ranges(layout.n_layer).items():
-        p = predict_stage(cached_slice(path, rng, layout.n_layer, progress=False), ctx=ctx, max_sessions=max_sessions)
-        fixed[kind] = fixed_of(p)
-        first = p if kind == 0 else first
+    preds = {kind: predict_stage(cached_slice(path, rng, layout.n_layer, progress=False), ctx=ctx,
+                                 max_sessions=max_sessions)
+             for kind, rng in _kind_ranges(layout.n_layer).items()}
+    preds[3] = predict_stage(path, ctx=ctx, max_sessions=max_sessions)
     # of the input embedding only the rows a context can touch stay resident (memory.predict_stage;
     # a first stage that is also the last of a tied model reads it all as its LM head)
     first_extra = layout.first_extra
-    if first["embd_rows_bytes"]:
-        first_extra += first["embd_rows_bytes"] - layout.token_embd_bytes
-    return MemoryModel(weights=tuple(layout.layer_bytes), kv=kv, first_extra=first_extra,
-                       last_extra=layout.last_extra, stage_extra=layout.global_bytes, fixed=tuple(fixed))
+    if preds.get(0, preds[3])["embd_rows_bytes"]:
+        first_extra += preds.get(0, preds[3])["embd_rows_bytes"] - layout.token_embd_bytes
+    bare = MemoryModel(weights=tuple(layout.layer_bytes), kv=kv, first_extra=first_extra,
+                       last_extra=layout.last_extra, stage_extra=layout.global_bytes, fixed=0)
+    # each kind's fixed cost: what the prediction for its short slice (or the whole model) holds
+    # beyond the tensors and KV the memory model counts per layer, so that the model gives
+    # exactly the prediction for those ranges
+    ranges = {**_kind_ranges(layout.n_layer), 3: LayerRange(0, layout.n_layer)}
+    fixed = {k: max(0, p["total_bytes"] - bare.stage_bytes(ranges[k])) for k, p in preds.items()}
+    return replace(bare, fixed=tuple(fixed.get(k, fixed[3]) for k in range(4)))
 
 
 # ---- latency --------------------------------------------------------------------------------
