@@ -139,19 +139,19 @@ def test_plan_and_inspect_agree(smollm2_path: Path, smollm2_parts: list[Path]) -
 
 def test_stage_runs_in_its_predicted_footprint(smollm2_parts: list[Path]) -> None:
     """The middle stage of SmolLM2 in a cgroup capped at its prediction + 10% completes a
-    full-context generation (ctx 512) with the tokens of the unconstrained run and without
-    thrashing; capped at half the prediction it fails, and the failure is reported (OOM kill or
-    thrashing), not waited on for ever."""
+    full-context generation (ctx 256) with the tokens of the unconstrained run and without
+    thrashing; capped at a third of the prediction it fails, and the failure is reported (OOM
+    kill or thrashing), not waited on for ever."""
     require_cgroup_memory()
-    pred = predict_stage(smollm2_parts[1], ctx=512, max_sessions=1)["total_bytes"]
-    with _Chain(smollm2_parts, 1, ctx=512, max_sessions=1, threads=0) as chain:
-        ref, want, prompt = chain.trial(None, None, 32, None, deadline_s=300.0)
-        assert ref.outcome == "fits" and len(want) == 32 and len(prompt) == 481, ref
-        t, got, _ = chain.trial(int(pred * 1.1), prompt, 32, want, deadline_s=300.0, base_faults=ref.steady_faults)
+    pred = predict_stage(smollm2_parts[1], ctx=256, max_sessions=1)["total_bytes"]
+    with _Chain(smollm2_parts, 1, ctx=256, max_sessions=1, threads=0) as chain:
+        ref, want, prompt = chain.trial(None, None, 16, None, deadline_s=300.0)
+        assert ref.outcome == "fits" and len(want) == 16 and len(prompt) == 241, ref
+        t, got, _ = chain.trial(int(pred * 1.1), prompt, 16, want, deadline_s=300.0, base_faults=ref.steady_faults)
         assert t.outcome == "fits", t
         assert got == want
         assert t.steady_faults <= ref.steady_faults + THRASH_FAULTS
         assert t.peak_bytes <= int(pred * 1.1)
-        low, _, _ = chain.trial(int(pred * 0.5), prompt, 32, want, deadline_s=120.0, base_faults=ref.steady_faults)
+        low, _, _ = chain.trial(int(pred * 0.33), prompt, 16, want, deadline_s=120.0, base_faults=ref.steady_faults)
         assert low.outcome in ("oom", "thrash"), low
         assert low.detail
