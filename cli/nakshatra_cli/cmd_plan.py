@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Plan a cluster: assign contiguous layer ranges to hosts so a token takes the least time, within each host's memory; write the cluster file and print the [b]nak slice[/b] command.
 
-        [b]Memory[/b] of a stage = its layers' tensors (exact sizes from the GGUF) + their f16 KV cache for ctx x max-sessions positions + the token embedding (first stage) + output norm and LM head (last stage; a tied model's last stage holds the token embedding as its LM head) + global tensors + 100 MiB for compute buffers. It must fit the host's mem.
+        [b]Memory[/b] of a stage = its predicted footprint (as nak inspect): its layers' tensors (exact sizes from the GGUF) + their f16 KV cache for ctx x max-sessions positions + the token embedding rows a context touches (first stage) + output norm and LM head (last stage; a tied model's last stage holds the token embedding as its LM head) + global tensors + a fixed cost per stage kind (llama.cpp's compute and output buffers and heap from no_alloc estimates, the process baseline). It must fit the host's mem.
 
         [b]Latency[/b] per token (ms) = sum over stages of 1000 x layers / speed + link(a) + link(b) for each hop between consecutive stages a, b + in ring mode the hop from the last stage back to the first. One session; in forwarding mode the client's own hops are not counted.
 

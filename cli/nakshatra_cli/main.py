@@ -273,7 +273,8 @@ def inspect(
     swa_full: Annotated[bool, typer.Option("--swa-full", help="Count sliding-window layers with the whole context, as nak serve --swa-full.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False,
 ) -> None:
-    """Show what a model or slice holds and the memory a stage needs for it.
+    """Show what a model or slice holds and the memory a stage needs for it: the footprint
+    predicted from llama.cpp's own allocations for exactly that stage, plus the process.
 
     Example: [b]nak inspect slices/smollm2.0-9.gguf --ctx 8192[/b]
     """
@@ -281,7 +282,7 @@ def inspect(
 
     if ctx < 1 or max_sessions < 1:
         raise NakError(f"--ctx {ctx} and --max-sessions {max_sessions} must both be >= 1")
-    info = inspect_gguf(file, n_ctx=ctx, max_sessions=max_sessions, swa_full=swa_full)
+    info = inspect_gguf(file, n_ctx=ctx, max_sessions=max_sessions, swa_full=swa_full, predict=True)
     if as_json:
         print(json.dumps(info, indent=1, default=str))
     else:

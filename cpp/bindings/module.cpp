@@ -1,5 +1,6 @@
 // nakshatra._nakshatra: the stage (executor + event loop), the protocol client, and the reference
 // runner, bound for Python. Every call that computes or waits on the network releases the GIL.
+#include "memory_estimate.h"
 #include "net.h"
 #include "protocol.h"
 #include "reference.h"
@@ -666,6 +667,70 @@ struct py_reference {
     }
 };
 
+// nak_estimate_memory as a dict (bytes; buffers: one dict per llama.cpp buffer type)
+py::dict estimate_memory(const std::string & model_path, uint32_t n_ctx, uint32_t max_sessions, uint32_t n_batch,
+                         uint32_t n_ubatch, int32_t n_gpu_layers, int32_t flash_attn, const std::string & cache_type_k,
+                         const std::string & cache_type_v, bool no_repack, bool mlock, bool swa_full) {
+    ensure_backend();
+    nak_stage_params p;
+    p.swa_full      = swa_full;
+    p.model_path    = model_path;
+    p.n_ctx_session = n_ctx;
+    p.max_sessions  = max_sessions;
+    p.n_batch       = n_batch;
+    p.n_ubatch      = n_ubatch;
+    p.n_gpu_layers  = n_gpu_layers;
+    p.flash_attn    = flash_attn;
+    p.cache_type_k  = cache_type_k;
+    p.cache_type_v  = cache_type_v;
+    p.no_repack     = no_repack;
+    p.mlock         = mlock;
+    // one thread: the estimate computes nothing, and the thread count changes no buffer size
+    p.n_threads       = 1;
+    p.n_threads_batch = 1;
+    nak_memory_estimate e;
+    std::string err;
+    bool ok;
+    {
+        py::gil_scoped_release nogil;
+        ok = nak_estimate_memory(p, e, err);
+    }
+    if (!ok) {
+        raise_stage_error(err, "load");
+    }
+    py::dict d;
+    d["arch"]            = e.arch;
+    d["layer_start"]     = e.layer_start;
+    d["layer_end"]       = e.layer_end;
+    d["n_layer_full"]    = e.n_layer_full;
+    d["is_first"]        = e.is_first;
+    d["is_last"]         = e.is_last;
+    d["n_ctx"]           = e.n_ctx;
+    d["n_seq_max"]       = e.n_seq_max;
+    d["n_batch"]         = e.n_batch;
+    d["n_ubatch"]        = e.n_ubatch;
+    d["n_embd"]          = e.n_embd;
+    d["n_embd_out"]      = e.n_embd_out;
+    d["n_vocab"]         = e.n_vocab;
+    d["output_bytes"]    = e.output_bytes;
+    d["output_rows_max"] = e.output_rows_max;
+    d["heap_bytes"]      = e.heap_bytes;
+    d["heap_known"]      = e.heap_known;
+    py::list bufs;
+    for (const auto & b : e.buffers) {
+        py::dict bd;
+        bd["name"]    = b.name;
+        bd["host"]    = b.host;
+        bd["mapped"]  = b.mapped;
+        bd["model"]   = b.model;
+        bd["context"] = b.context;
+        bd["compute"] = b.compute;
+        bufs.append(bd);
+    }
+    d["buffers"] = bufs;
+    return d;
+}
+
 py::dict build_info() {
     ensure_backend();
     py::dict d;
@@ -695,6 +760,14 @@ PYBIND11_MODULE(_nakshatra, m) {
     m.def("build_info", &build_info, "Compiled backend, llama.cpp commit, patch-set hash, protocol version.");
     m.def("set_log_level", [](int level) { g_log_level = level; },
           "llama.cpp log threshold: 1 debug, 2 info, 3 warn (default), 4 error.");
+    m.def("estimate_memory", &estimate_memory, py::arg("model_path"), py::arg("n_ctx") = 4096,
+          py::arg("max_sessions") = 8, py::arg("n_batch") = 2048, py::arg("n_ubatch") = 512,
+          py::arg("n_gpu_layers") = -1, py::arg("flash_attn") = -1, py::arg("cache_type_k") = "f16",
+          py::arg("cache_type_v") = "f16", py::arg("no_repack") = false, py::arg("mlock") = false,
+          py::arg("swa_full") = false,
+          "What llama.cpp allocates for a stage serving model_path with these parameters, without "
+          "allocating it (cpp/stage/memory_estimate.h): a dict of bytes. Raises StageError (code "
+          "'load') for a missing or non-GGUF file, bad parameters, or a model llama.cpp cannot load.");
     m.def("is_loopback", &nak_is_loopback, "Whether a host name or address is loopback.");
     m.def("hmac_sha256", [](const py::bytes & key, const py::bytes & data) {
               const std::string k = key, d = data;

@@ -1,5 +1,6 @@
 #include "platform.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <fcntl.h>
@@ -9,6 +10,10 @@
 #if defined(__APPLE__)
 #include <mach/mach.h>
 #include <mach/mach_host.h>
+#include <malloc/malloc.h>
+#endif
+#if defined(__linux__)
+#include <malloc.h>
 #endif
 
 // Every Linux- or Apple-specific name in cpp/ lives below, behind #if defined(__linux__) /
@@ -212,5 +217,37 @@ uint64_t nak_mem_available_bytes() {
     return pages > 0 && page > 0 ? (uint64_t) pages * (uint64_t) page : 0;
 #else
     return 0;
+#endif
+}
+
+bool nak_private_resident_bytes(uint64_t & bytes) {
+    bytes = 0;
+#if defined(__linux__)
+#if defined(__GLIBC__)
+    malloc_trim(0); // free chunks back to the OS, in every arena
+#endif
+    FILE * f = fopen("/proc/self/statm", "r");
+    if (!f) {
+        return false;
+    }
+    unsigned long long size = 0, resident = 0, shared = 0;
+    const int n = fscanf(f, "%llu %llu %llu", &size, &resident, &shared);
+    fclose(f);
+    if (n != 3) {
+        return false;
+    }
+    bytes = (uint64_t) (resident - std::min(resident, shared)) * (uint64_t) sysconf(_SC_PAGESIZE);
+    return true;
+#elif defined(__APPLE__)
+    malloc_zone_pressure_relief(nullptr, 0); // as malloc_trim: free pages back to the OS
+    task_vm_info_data_t info = {};
+    mach_msg_type_number_t count = TASK_VM_INFO_COUNT;
+    if (task_info(mach_task_self(), TASK_VM_INFO, (task_info_t) &info, &count) != KERN_SUCCESS) {
+        return false;
+    }
+    bytes = (uint64_t) info.phys_footprint;
+    return true;
+#else
+    return false;
 #endif
 }

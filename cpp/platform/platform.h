@@ -41,3 +41,11 @@ bool nak_rss_split(uint64_t & anon, uint64_t & file);
 // Memory the host could still give a process without swapping, bytes: Linux MemAvailable (free
 // plus reclaimable page cache), macOS free + inactive pages; 0 when the OS does not tell.
 uint64_t nak_mem_available_bytes();
+
+// Private memory this process holds in RAM now (anonymous pages: heap, buffers it wrote), bytes,
+// after returning the allocator's free pages to the OS first, so that a before/after difference
+// counts what a piece of code keeps and has touched (cpp/stage/memory_estimate.cpp: llama.cpp's
+// vocabulary and graph structures), not memory freed earlier or allocated and never written.
+// Linux: malloc_trim (glibc), then /proc/self/statm resident - shared; macOS: the task's
+// physical footprint. false (0) where the OS does not tell.
+bool nak_private_resident_bytes(uint64_t & bytes);

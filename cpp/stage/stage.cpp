@@ -183,6 +183,12 @@ llama_context_params nak_stage_context_params(const nak_stage_params & params, b
         cp.embeddings            = true;
         cp.pooling_type          = LLAMA_POOLING_TYPE_NONE;
         cp.n_outputs_max_per_seq = 0;
+    } else {
+        // the last stage samples one row per step, and a batch holds one step per session: reserve
+        // the compute buffer for that many rows of logits, not n_batch (the default): n_vocab x
+        // n_ubatch floats never used, 96 MiB for SmolLM2 at 512, device memory on a GPU. A larger
+        // ubatch would still run (the scheduler grows the buffer); the memory estimate reads this.
+        cp.n_outputs_max = params.max_sessions;
     }
     return cp;
 }

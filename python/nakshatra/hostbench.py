@@ -111,9 +111,10 @@ def run_hosts_bench(model: Path, shares: dict[str, float], *, mem_fraction: floa
         raise NakError(f"nak bench --hosts emulates hosts with cgroup CPU quotas and cannot here: {why}")
     say = status or (lambda text: None)
     mem = model_memory(model, ctx=CTX, max_sessions=1)
-    whole = mem.stage_bytes(LayerRange(0, mem.n_layer))
-    # a stage's fixed overhead, plus mem_fraction of everything else the model needs
-    memory_mb = (mem.stage_extra + mem_fraction * (whole - mem.stage_extra)) / 2**20
+    everything = LayerRange(0, mem.n_layer)
+    whole = mem.stage_bytes(everything)
+    # a stage's fixed cost, plus mem_fraction of everything else the model needs
+    memory_mb = (mem.stage_fixed(everything) + mem_fraction * (whole - mem.stage_fixed(everything))) / 2**20
     quotas = {name: CpuQuota(share) for name, share in shares.items()}
     try:
         speeds = {}

@@ -1,4 +1,4 @@
-"""What a GGUF (whole model or slice) holds and roughly how much memory it needs to serve."""
+"""What a GGUF (whole model or slice) holds and how much memory a stage serving it needs."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _per_layer(value: Any, n: int, default: int) -> list[int]:
 
 
 def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096, max_sessions: int = 1,
-                 n_ubatch: int = DEFAULT_N_UBATCH, swa_full: bool = False) -> dict[str, Any]:
+                 n_ubatch: int = DEFAULT_N_UBATCH, swa_full: bool = False, *, predict: bool = False) -> dict[str, Any]:
     """Describe a GGUF file. Sizes are bytes.
 
     Returns a dict with ``path``, ``arch``, ``kind`` (``"model"`` or ``"slice"``), ``range`` (the
@@ -50,7 +50,10 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096, max_sessions: 
     global; a tied ``token_embd`` on a later slice counts as output), ``weights_bytes``, ``n_ctx``,
     ``max_sessions``, ``n_swa`` (the sliding window, tokens; 0: none), ``kv_layer_bytes`` (per
     layer), ``kv_bytes`` and ``total_bytes`` (weights + KV; compute buffers are not included, see
-    ``note``).
+    ``note``). With ``predict``, also ``footprint``: :func:`nakshatra.memory.predict_stage` for a
+    stage serving the file with ``--ctx n_ctx --max-sessions max_sessions`` (and ``--swa-full``
+    when ``swa_full``): its terms in bytes, ``total_bytes`` the predicted footprint; loads the
+    file's metadata into llama.cpp, so it takes a second or so.
 
     The KV estimate of a layer is ``max_sessions * cells * (n_embd_k_gqa + n_embd_v_gqa) * 2``
     (f16) with ``n_embd_k_gqa = head_dim_k * n_head_kv[layer]`` (``head_dim_k`` is
@@ -59,7 +62,8 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096, max_sessions: 
     one ``n_ubatch`` for a sliding-window layer, as a stage allocates it (the whole context with
     ``swa_full``, ``nak serve --swa-full``).
 
-    Raises SliceError if the file is missing or not a GGUF.
+    Raises SliceError if the file is missing or not a GGUF; with ``predict``, NakError as
+    :func:`nakshatra.memory.predict_stage` (e.g. ``max_sessions`` < 1).
     """
     reader = scan_gguf(path)  # metadata without materialising the vocabulary
     arch = kv_value(reader, "general.architecture") or "?"
@@ -95,7 +99,7 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096, max_sessions: 
     def scalar_or_list(values: list[int]) -> int | list[int]:
         return values[0] if values and len(set(values)) == 1 else values
 
-    return {
+    info = {
         "path": str(Path(path)), "arch": arch, "kind": "slice" if is_slice else "model",
         "range": LayerRange(start, end) if is_slice else None,
         "slice_index": kv_value(reader, "nakshatra.slice_index"),
@@ -108,6 +112,16 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096, max_sessions: 
         "kv_layer_bytes": kv_layers, "kv_bytes": kv, "total_bytes": weights + kv,
         "note": "total = weights + f16 KV cache; compute buffers are not included",
     }
+    if predict:
+        from .memory import predict_stage
+
+        fp = predict_stage(path, ctx=n_ctx, max_sessions=max_sessions, n_ubatch=n_ubatch, swa_full=swa_full)
+        fp.pop("estimate")
+        info["max_sessions"] = max_sessions
+        info["footprint"] = fp
+        info["note"] = ("total = weights + f16 KV cache; footprint = what a stage needs resident "
+                        "(predicted: llama.cpp's own allocations + the process, see nakshatra.memory)")
+    return info
 
 
 def _mib(n: int) -> str:
@@ -133,11 +147,22 @@ def render_inspection(info: dict[str, Any]) -> Table:
         t = info["tensors"][role]
         table.add_row(f"{role.rstrip('s')} tensors", f"{t['count']} ({_mib(t['bytes'])})")
     table.add_row("weights", _mib(info["weights_bytes"]))
-    sessions = f" x {info['max_sessions']} sessions" if info.get("max_sessions", 1) > 1 else ""
+    sessions = info.get("max_sessions", 1)
+    positions = f"{info['n_ctx']} tokens" + (f" x {sessions} sessions" if sessions > 1 else "")
     window = ""
     if info.get("n_swa"):
         window = ("; sliding-window layers: the whole context (--swa-full)" if info.get("swa_full")
                   else f"; sliding-window layers: {info['n_swa']}-token window + one ubatch")
-    table.add_row(f"KV cache ({info['n_ctx']} tokens{sessions}, f16{window})", _mib(info["kv_bytes"]))
-    table.add_row("total", f"{_mib(info['total_bytes'])} (excludes compute buffers)")
+    table.add_row(f"KV cache ({positions}, f16{window})", _mib(info["kv_bytes"]))
+    table.add_row("weights + KV", _mib(info["total_bytes"]))
+    fp = info.get("footprint")
+    if fp:
+        for key, what in (("copied_weights_bytes", "weights copied (repacked)"),
+                          ("mapped_weights_bytes", "weights used from the file"),
+                          ("kv_bytes", "KV cache (llama.cpp)"), ("compute_bytes", "compute buffers"),
+                          ("output_bytes", "output buffer"), ("llama_heap_bytes", "llama.cpp heap (vocabulary, graph)"),
+                          ("io_bytes", "hidden-state copies"), ("baseline_bytes", "process baseline")):
+            table.add_row(f"  {what}", _mib(fp[key]))
+        table.add_row("footprint (predicted)", f"[bold]{_mib(fp['total_bytes'])}[/bold] resident for "
+                      f"`nak serve --ctx {info['n_ctx']} --max-sessions {sessions}`")
     return table

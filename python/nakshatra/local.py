@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import ChainError
@@ -37,6 +37,19 @@ def _die_with_parent():
     return arm
 
 
+def _chain_preexec(*fns: Callable[[], None] | None) -> Callable[[], None] | None:
+    """One preexec_fn running each of ``fns`` (None ones left out) in order; None if none."""
+    todo = [f for f in fns if f is not None]
+    if not todo:
+        return None
+
+    def run() -> None:
+        for f in todo:
+            f()
+
+    return run
+
+
 class LocalStages:
     """A context manager running one stage process per slice; ``addresses`` lists ``host:port``.
 
@@ -50,19 +63,23 @@ class LocalStages:
     ``start_timeout_s``. ``key_file``: a cluster key (``nak keygen``) every stage is started with;
     clients then need ``Chain(..., key=load_key(key_file))``. ``hosts[i]``: the address stage ``i``
     listens on (default 127.0.0.1; a non-loopback one needs ``key_file``); ``wrap[i]``: a command
-    prefix it runs under, e.g. ``["ip", "netns", "exec", NAME]`` for a stage on an emulated host.
+    prefix it runs under, e.g. ``["ip", "netns", "exec", NAME]`` for a stage on an emulated host;
+    ``preexec[i]``: a function the child runs before it starts the stage, e.g.
+    :meth:`nakshatra.hostemu.MemoryLimit.preexec` to start it inside a memory limit.
     """
 
     def __init__(self, slices: Sequence[Path], threads: int = 0, ctx: int = 4096,
                  max_sessions: int = 8, extra_args: Sequence[str] = (), start_timeout_s: float = 120.0,
                  env: dict[str, str] | None = None, stage_args: Sequence[Sequence[str]] = (),
                  cpu_lock: bool = True, key_file: str | Path | None = None,
-                 hosts: Sequence[str] = (), wrap: Sequence[Sequence[str]] = ()) -> None:
+                 hosts: Sequence[str] = (), wrap: Sequence[Sequence[str]] = (),
+                 preexec: Sequence[Callable[[], None] | None] = ()) -> None:
         self.slices = [Path(s) for s in slices]
         # per stage: the address it listens on (127.0.0.1 when not given) and a command prefix
         # it runs under (e.g. ``ip netns exec NAME``: a stage on an emulated host)
         self.hosts = [hosts[i] if i < len(hosts) else "127.0.0.1" for i in range(len(self.slices))]
         self.wrap = [list(wrap[i]) if i < len(wrap) else [] for i in range(len(self.slices))]
+        self.preexec = [preexec[i] if i < len(preexec) else None for i in range(len(self.slices))]
         # every stage decodes with every core, and the stages take turns (--cpu-lock): one
         # session keeps one stage busy at a time, and stages that spin in ggml's barriers at the
         # same time on shared cores collapse (2-core VM, 3 stages x 2 threads, 4 sessions: 13
@@ -110,7 +127,7 @@ class LocalStages:
                    *(self.stage_args[i] if i < len(self.stage_args) else [])]
             with open(log, "wb") as lf:
                 p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=lf, stdin=subprocess.DEVNULL, env=env,
-                                     preexec_fn=_die_with_parent())
+                                     preexec_fn=_chain_preexec(_die_with_parent(), self.preexec[i]))
             self.procs.append(p)
         for i, p in enumerate(self.procs):
             info = self._wait_ready(i, p)

@@ -7,18 +7,28 @@ Inputs: a GGUF model, and hosts (:class:`~nakshatra.cluster.HostSpec`), each wit
   (:func:`probe_host` measures it: ``nak plan MODEL --probe``);
 * ``link_ms``: its one-way latency to the network, ms.
 
-**Memory model** (bytes, :func:`model_memory`). A stage serving layers ``a..b`` needs
+**Memory model** (bytes, :func:`model_memory`). A stage serving layers ``a..b`` needs its
+footprint as :mod:`nakshatra.memory` predicts it (the smallest memory limit under which it runs a
+full context at speed):
 
     sum over its layers of (tensor bytes + KV bytes)
-    + token embedding and other input tensors          if it is the first stage (a = 0)
+    + the input tensors                                if it is the first stage (a = 0); of the
+      token embedding only the pages of the rows a context can touch (a lookup reads one row
+      per token)
     + output norm and LM head                          if it is the last stage (b = n_layer - 1);
       a tied model has no LM head tensor, so the last stage also holds the token embedding
     + global tensors (e.g. ``rope_freqs``, on every stage)
-    + OVERHEAD_BYTES (100 MiB) for llama.cpp's compute buffers and the process.
+    + the stage's fixed cost, by kind (first, middle, last, or the only stage): llama.cpp's
+      compute and output buffers and its heap (vocabulary, graph tables), the stage's copies of
+      a batch of hidden states, and the process baseline. llama.cpp's figures come from
+      ``no_alloc`` estimates (:func:`nakshatra.memory.predict_stage`) of a two-layer slice of
+      each kind (cut once into the slice cache) and of the whole model: they depend on the kind,
+      hardly on the number of layers (within 1 MiB from 2 layers up).
 
 KV bytes of a layer = ``max_sessions`` x cells x ``(head_dim_k + head_dim_v) x n_head_kv`` x 2 (f16
-cache), as ``nak inspect`` counts them (:func:`nakshatra.inspection.kv_cells`: ``ctx`` cells, or for a
-sliding-window layer the window plus one ubatch, as the stages allocate them). Tensor bytes are the exact sizes in the GGUF, which are what ``nak slice`` writes.
+cache), as ``nak inspect`` counts them and llama.cpp allocates them
+(:func:`nakshatra.inspection.kv_cells`: ``ctx`` cells, or for a sliding-window layer the window
+plus one ubatch). Tensor bytes are the exact sizes in the GGUF, which are what ``nak slice`` writes.
 
 **Latency model** (ms per generated token, one session, :func:`chain_latency_ms`). For a chain of
 hosts ``h1 .. hk`` in layer order, where ``hi`` serves ``ni`` layers::
@@ -51,7 +61,7 @@ import shlex
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -64,8 +74,6 @@ from .errors import NakError
 from .ranges import LayerRange
 
 MIB = 1 << 20
-OVERHEAD_BYTES = 100 * MIB
-"""Fixed memory per stage beyond tensors and KV: llama.cpp's compute buffers and the process."""
 
 MAX_HOSTS = 12
 """Most hosts one plan considers (the exact search is exponential in the number of hosts)."""
@@ -80,21 +88,28 @@ DEFAULT_LINK_MS = 0.5
 @dataclass(frozen=True)
 class MemoryModel:
     """Bytes a stage needs, per the module docstring. ``weights[i]`` / ``kv[i]``: tensor and KV
-    bytes of layer ``i``; ``first_extra``: input tensors (first stage); ``last_extra``: output
-    tensors, plus the token embedding when tied (last stage); ``stage_extra``: global tensors plus
-    the fixed overhead (every stage)."""
+    bytes of layer ``i``; ``first_extra``: input tensors the first stage keeps resident;
+    ``last_extra``: output tensors, plus the token embedding when tied (last stage);
+    ``stage_extra``: global tensors (every stage); ``fixed``: the fixed cost of a stage by kind,
+    ``(first, middle, last, only)`` (``only``: one stage serving every layer); a single int is
+    the same for every kind."""
 
     weights: tuple[int, ...]
     kv: tuple[int, ...]
     first_extra: int = 0
     last_extra: int = 0
-    stage_extra: int = OVERHEAD_BYTES
+    stage_extra: int = 0
+    fixed: tuple[int, int, int, int] | int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.fixed, int):
+            object.__setattr__(self, "fixed", (self.fixed,) * 4)
         if not self.weights or len(self.weights) != len(self.kv):
             raise NakError("a memory model needs one weights and one KV byte count per layer")
+        if len(self.fixed) != 4:
+            raise NakError("a memory model's fixed costs are (first, middle, last, only)")
         if min(self.weights) < 0 or min(self.kv) < 0 or min(self.first_extra, self.last_extra,
-                                                             self.stage_extra) < 0:
+                                                             self.stage_extra, *self.fixed) < 0:
             raise NakError("byte counts of a memory model must be >= 0")
 
     @property
@@ -107,7 +122,7 @@ class MemoryModel:
         return [w + k for w, k in zip(self.weights, self.kv)]
 
     def stage_weights(self, rng: LayerRange) -> int:
-        """Tensor bytes of a stage serving ``rng``: what its slice holds, without global tensors."""
+        """Resident tensor bytes of a stage serving ``rng``, without global tensors."""
         return (sum(self.weights[rng.start:rng.end]) + (self.first_extra if rng.start == 0 else 0)
                 + (self.last_extra if rng.end == self.n_layer else 0))
 
@@ -115,29 +130,73 @@ class MemoryModel:
         """KV bytes of a stage serving ``rng``."""
         return sum(self.kv[rng.start:rng.end])
 
+    def stage_fixed(self, rng: LayerRange) -> int:
+        """The fixed cost of a stage serving ``rng``: global tensors plus the fixed cost of its kind."""
+        first, last = rng.start == 0, rng.end == self.n_layer
+        kind = 3 if first and last else 0 if first else 2 if last else 1
+        return self.stage_extra + self.fixed[kind]
+
     def stage_bytes(self, rng: LayerRange) -> int:
-        """Everything a stage serving ``rng`` needs: weights + KV + global tensors + overhead."""
-        return self.stage_weights(rng) + self.stage_kv(rng) + self.stage_extra
+        """Everything a stage serving ``rng`` needs: weights + KV + global tensors + fixed cost."""
+        return self.stage_weights(rng) + self.stage_kv(rng) + self.stage_fixed(rng)
+
+    def chain_fixed(self, m: int) -> int:
+        """Fixed costs of a chain of ``m`` stages, global tensors included."""
+        first, middle, last, only = self.fixed
+        return m * self.stage_extra + (only if m == 1 else first + last + (m - 2) * middle)
 
 
-def model_memory(path: str | os.PathLike[str], ctx: int = 4096, max_sessions: int = 8,
-                 overhead_bytes: int = OVERHEAD_BYTES) -> MemoryModel:
+def _kind_ranges(n_layer: int) -> dict[int, LayerRange]:
+    """A short range of each stage kind (0 first, 1 middle, 2 last) a model of ``n_layer`` layers
+    can have: two layers where it has five or more. llama.cpp reserves a smaller compute buffer
+    for a one-layer slice than for any longer one (SmolLM2's last stage: 6.1 MiB against 14.0
+    MiB for 2 to 30 layers), since with two layers the tensors of one layer cannot reuse the
+    memory of the next."""
+    w = 2 if n_layer >= 5 else 1
+    out = {}
+    if n_layer >= 2:
+        out[0], out[2] = LayerRange(0, w), LayerRange(n_layer - w, n_layer)
+    if n_layer >= 2 * w + 1:
+        out[1] = LayerRange(w, 2 * w)
+    return out
+
+
+def model_memory(path: str | os.PathLike[str], ctx: int = 4096, max_sessions: int = 8) -> MemoryModel:
     """The :class:`MemoryModel` of a whole GGUF model whose stages keep ``ctx x max_sessions`` KV
-    positions (as ``nak serve --ctx CTX --max-sessions N``).
+    positions (as ``nak serve --ctx CTX --max-sessions N``). The fixed cost of each stage kind is
+    predicted (:func:`nakshatra.memory.predict_stage`) from a two-layer slice of that kind, cut
+    once into the slice cache, and the whole model.
 
-    Raises NakError if ``ctx`` or ``max_sessions`` is < 1, SliceError if the file is missing, not a
-    GGUF, already a slice, or of an architecture ``nak slice`` cannot cut.
+    Raises NakError if ``ctx`` or ``max_sessions`` is < 1 or llama.cpp cannot load the model,
+    SliceError if the file is missing, not a GGUF, already a slice, or of an architecture
+    ``nak slice`` cannot cut.
     """
     from .inspection import inspect_gguf
-    from .slicer import model_layout
+    from .memory import predict_stage
+    from .slicer import cached_slice, model_layout
 
     if ctx < 1 or max_sessions < 1:
         raise NakError(f"--ctx {ctx} and --max-sessions {max_sessions} must both be >= 1")
     layout = model_layout(path, sha256="-")  # checks it can be sliced; no need to hash it
     info = inspect_gguf(path, n_ctx=ctx, max_sessions=max_sessions)
     kv = tuple(info["kv_layer_bytes"])
-    return MemoryModel(weights=tuple(layout.layer_bytes), kv=kv, first_extra=layout.first_extra,
-                       last_extra=layout.last_extra, stage_extra=layout.global_bytes + overhead_bytes)
+    preds = {kind: predict_stage(cached_slice(path, rng, layout.n_layer, progress=False), ctx=ctx,
+                                 max_sessions=max_sessions)
+             for kind, rng in _kind_ranges(layout.n_layer).items()}
+    preds[3] = predict_stage(path, ctx=ctx, max_sessions=max_sessions)
+    # of the input embedding only the rows a context can touch stay resident (memory.predict_stage;
+    # a first stage that is also the last of a tied model reads it all as its LM head)
+    first_extra = layout.first_extra
+    if preds.get(0, preds[3])["embd_rows_bytes"]:
+        first_extra += preds.get(0, preds[3])["embd_rows_bytes"] - layout.token_embd_bytes
+    bare = MemoryModel(weights=tuple(layout.layer_bytes), kv=kv, first_extra=first_extra,
+                       last_extra=layout.last_extra, stage_extra=layout.global_bytes, fixed=0)
+    # each kind's fixed cost: what the prediction for its short slice (or the whole model) holds
+    # beyond the tensors and KV the memory model counts per layer, so that the model gives
+    # exactly the prediction for those ranges
+    ranges = {**_kind_ranges(layout.n_layer), 3: LayerRange(0, layout.n_layer)}
+    fixed = {k: max(0, p["total_bytes"] - bare.stage_bytes(ranges[k])) for k, p in preds.items()}
+    return replace(bare, fixed=tuple(fixed.get(k, fixed[3]) for k in range(4)))
 
 
 # ---- latency --------------------------------------------------------------------------------
@@ -243,15 +302,15 @@ def _infeasible(mem: MemoryModel, hosts: Sequence[HostSpec]) -> NakError:
     caps = sorted((h.memory_mb * MIB for h in hosts), reverse=True)
     base = sum(mem.layer_bytes) + mem.first_extra + mem.last_extra
     kv = sum(mem.kv)
-    # a chain of m stages needs base + m x stage_extra, on m hosts offering at most the m largest
-    short = min(base + m * mem.stage_extra - sum(caps[:m]) for m in range(1, min(len(hosts), mem.n_layer) + 1))
+    # a chain of m stages needs base + its fixed costs, on m hosts offering at most the m largest
+    short = min(base + mem.chain_fixed(m) - sum(caps[:m]) for m in range(1, min(len(hosts), mem.n_layer) + 1))
     fix = (f"add a host or memory, or lower --ctx / --max-sessions (the KV cache is {_mib(kv)} of it)"
            if kv else "add a host or memory")
     if short > 0:
         m_all = min(len(hosts), mem.n_layer)
-        split = (f", {_mib(base + m_all * mem.stage_extra)} split over {m_all} stages (each adds "
-                 f"{_mib(mem.stage_extra)} of overhead)" if m_all > 1 else "")
-        return NakError(f"the hosts cannot hold the model: it needs {_mib(base + mem.stage_extra)} on one host{split}, "
+        split = (f", {_mib(base + mem.chain_fixed(m_all))} split over {m_all} stages (each adds "
+                 f"{_mib(mem.chain_fixed(m_all) / m_all)} of fixed cost on average)" if m_all > 1 else "")
+        return NakError(f"the hosts cannot hold the model: it needs {_mib(base + mem.chain_fixed(1))} on one host{split}, "
                         f"but they offer {_mib(sum(caps))} in all: at least {_mib(short)} missing; {fix}")
     n = mem.n_layer
     first = mem.stage_bytes(LayerRange(0, 1))
@@ -281,9 +340,11 @@ def plan_chain(mem: MemoryModel, hosts: Sequence[HostSpec], mode: str = "ring") 
     n, k = mem.n_layer, len(hosts)
     prefix = np.concatenate([[0], np.cumsum(np.asarray(mem.layer_bytes, dtype=np.int64))])
     idx = np.arange(n + 1)
-    need = prefix[None, :] - prefix[:, None] + mem.stage_extra  # need[j, e]: a stage of layers j..e-1
-    need[0, :] += mem.first_extra
-    need[:, n] += mem.last_extra
+    first_f, middle_f, last_f, only_f = mem.fixed
+    need = prefix[None, :] - prefix[:, None] + mem.stage_extra + middle_f  # need[j, e]: a stage of layers j..e-1
+    need[0, :] += mem.first_extra + first_f - middle_f
+    need[:, n] += mem.last_extra + last_f - middle_f
+    need[0, n] += only_f - first_f - last_f + middle_f
     span = (idx[None, :] - idx[:, None]).astype(np.float64)
     # step[h][j, e]: compute ms of host h serving layers j..e-1, inf where it is empty or does not fit
     step = [np.where((span > 0) & (need <= h.memory_mb * MIB), span * (1000.0 / h.layers_per_s), np.inf)

@@ -30,3 +30,7 @@ def needs_proc(feature: str) -> str:
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 """The cgroup v1 cpu controller's mount point (Linux): :mod:`nakshatra.hostemu` makes CPU quotas
 there to emulate a weak host (``nak bench --hosts``)."""
+
+CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
+"""The cgroup v1 memory controller's mount point (Linux): :mod:`nakshatra.hostemu` makes memory
+limits there (``python -m nakshatra.footprint`` measures a stage's footprint under them)."""
