@@ -156,3 +156,22 @@ def test_nak_bench_swa_measures_both_side_by_side(gemma3_path: Path, smollm2_pat
     bad = subprocess.run([sys.executable, "-m", "nakshatra_cli", "bench", "--swa", "--model", str(smollm2_path),
                           "--stages", "2"], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert bad.returncode == 1 and "no sliding-window layers" in bad.stderr
+
+
+@pytest.mark.parametrize("swa_full", [False, True], ids=["window-kv", "swa-full"])
+def test_inspect_counts_the_kv_llama_cpp_allocates(slices: list[Path], swa_full: bool) -> None:
+    """`nak inspect` (and `nak plan`, which uses the same per-layer figures) counts each slice's KV
+    as llama.cpp allocates it for the stage, in both settings: llama.cpp's own no_alloc estimate
+    with the stage's exact context parameters (nakshatra.memory.llama_estimate)."""
+    from nakshatra.inspection import inspect_gguf
+    from nakshatra.memory import llama_estimate
+
+    kv = []
+    for path in slices:
+        info = inspect_gguf(path, n_ctx=4096, max_sessions=2, swa_full=swa_full)
+        est = llama_estimate(path, 4096, 2, swa_full=swa_full)
+        assert info["kv_bytes"] == sum(b["context"] for b in est["buffers"]), path.name
+        kv.append(info["kv_bytes"])
+    # Gemma 3 270M: one KV head of 256, f16 K and V: 1 KiB per layer and cell; 15 of 18 layers
+    # slide over 512 tokens: 1,024 cells each per session with the window, 4,096 with --swa-full
+    assert sum(kv) == 2 * 1024 * (3 * 4096 + 15 * (4096 if swa_full else 1024))
