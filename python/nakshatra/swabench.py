@@ -3,7 +3,8 @@ ubatch per session, llama.cpp's own default) against ``nak serve --swa-full`` (t
 what the stages kept before), side by side in one run.
 
 Both chains run at once as local stages (they sleep when idle) with the same ``--ctx`` and
-``--max-sessions``; every measurement alternates between them, repetition by repetition:
+``--max-sessions``; every measurement alternates between them, repetition by repetition (which
+goes first alternates too):
 
 * **own memory**: the stages' anonymous resident bytes (health ``rss_anon_bytes``: weight copies,
   KV cache, buffers; llama.cpp clears the KV buffers at load, so they are resident from the start),
@@ -99,7 +100,9 @@ def run_swa_bench(slices: Sequence[Path], *, ctx: int, max_sessions: int, prompt
             prompt = _prompt(prompt_len, cw.stages[0].n_vocab)
             runs: dict[str, list[dict[str, float]]] = {"window": [], "full": []}
             for rep in range(reps + 1):  # rep 0 warms both up
-                for name, chain in (("window", cw), ("full", cf)):
+                # alternate which goes first, so neither always runs on a cache the other warmed
+                order = (("window", cw), ("full", cf)) if rep % 2 else (("full", cf), ("window", cw))
+                for name, chain in order:
                     say(f"{name} KV, repetition {rep}/{reps}")
                     r = _one_rep(chain, prompt, n_decode)
                     if rep:
