@@ -472,6 +472,28 @@ py::dict wait_forward_ok(const std::vector<py_stage_client *> & clients, int tim
     raise_stage_error("poll reported no readable stage", "transport");
 }
 
+// the llama.cpp-facing part of a stage's parameters (what its model and context are built from),
+// shared by a stage and its memory estimate
+static nak_stage_params llama_params(const std::string & path, uint32_t n_ctx, uint32_t max_sessions, uint32_t n_batch,
+                                     uint32_t n_ubatch, int32_t n_gpu_layers, int32_t flash_attn,
+                                     const std::string & cache_type_k, const std::string & cache_type_v,
+                                     bool no_repack, bool mlock, bool swa_full) {
+    nak_stage_params p;
+    p.model_path    = path;
+    p.n_ctx_session = n_ctx;
+    p.max_sessions  = max_sessions;
+    p.n_batch       = n_batch;
+    p.n_ubatch      = n_ubatch;
+    p.n_gpu_layers  = n_gpu_layers;
+    p.flash_attn    = flash_attn;
+    p.cache_type_k  = cache_type_k;
+    p.cache_type_v  = cache_type_v;
+    p.no_repack     = no_repack;
+    p.mlock         = mlock;
+    p.swa_full      = swa_full;
+    return p;
+}
+
 struct py_stage {
     std::unique_ptr<nak_stage> st;
 
@@ -481,22 +503,11 @@ struct py_stage {
              uint32_t max_batch, const std::string & wire, const std::string & batch_log, int32_t poll, bool cpu_strict,
              const std::string & cpu_lock, uint32_t batch_hold_ms, bool no_repack, bool mlock, bool swa_full) {
         ensure_backend();
-        nak_stage_params p;
-        p.swa_full       = swa_full;
-        p.no_repack      = no_repack;
-        p.mlock          = mlock;
-        p.model_path     = path;
+        nak_stage_params p = llama_params(path, n_ctx, max_sessions, n_batch, n_ubatch, n_gpu_layers, flash_attn,
+                                          cache_type_k, cache_type_v, no_repack, mlock, swa_full);
         p.model_sha256   = model_sha256;
-        p.n_ctx_session  = n_ctx;
-        p.max_sessions   = max_sessions;
         p.n_threads      = n_threads;
         p.n_threads_batch = n_threads_batch;
-        p.n_gpu_layers   = n_gpu_layers;
-        p.flash_attn     = flash_attn;
-        p.cache_type_k   = cache_type_k;
-        p.cache_type_v   = cache_type_v;
-        p.n_batch        = n_batch;
-        p.n_ubatch       = n_ubatch;
         p.idle_timeout_s = idle_timeout_s;
         p.max_batch      = max_batch;
         p.wire           = wire;
@@ -672,19 +683,8 @@ py::dict estimate_memory(const std::string & model_path, uint32_t n_ctx, uint32_
                          uint32_t n_ubatch, int32_t n_gpu_layers, int32_t flash_attn, const std::string & cache_type_k,
                          const std::string & cache_type_v, bool no_repack, bool mlock, bool swa_full) {
     ensure_backend();
-    nak_stage_params p;
-    p.swa_full      = swa_full;
-    p.model_path    = model_path;
-    p.n_ctx_session = n_ctx;
-    p.max_sessions  = max_sessions;
-    p.n_batch       = n_batch;
-    p.n_ubatch      = n_ubatch;
-    p.n_gpu_layers  = n_gpu_layers;
-    p.flash_attn    = flash_attn;
-    p.cache_type_k  = cache_type_k;
-    p.cache_type_v  = cache_type_v;
-    p.no_repack     = no_repack;
-    p.mlock         = mlock;
+    nak_stage_params p = llama_params(model_path, n_ctx, max_sessions, n_batch, n_ubatch, n_gpu_layers, flash_attn,
+                                      cache_type_k, cache_type_v, no_repack, mlock, swa_full);
     // one thread: the estimate computes nothing, and the thread count changes no buffer size
     p.n_threads       = 1;
     p.n_threads_batch = 1;

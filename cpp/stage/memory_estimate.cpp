@@ -70,22 +70,7 @@ bool buft_mapped(ggml_backend_buffer_type_t buft, bool use_mmap) {
 
 bool nak_estimate_memory(const nak_stage_params & params, nak_memory_estimate & out, std::string & err) {
     out = nak_memory_estimate();
-    if (params.max_sessions == 0 || params.n_ctx_session == 0) {
-        err = "--ctx and --max-sessions must be at least 1";
-        return false;
-    }
-    if ((uint64_t) params.n_ctx_session * params.max_sessions > UINT32_MAX) {
-        err = "--ctx x --max-sessions exceeds 2^32 positions";
-        return false;
-    }
-    if (params.n_batch == 0 || params.n_ubatch == 0) {
-        err = "n_batch and n_ubatch must be at least 1";
-        return false;
-    }
-    ggml_type type_k, type_v;
-    if (!nak_parse_cache_type(params.cache_type_k, type_k) || !nak_parse_cache_type(params.cache_type_v, type_v)) {
-        err = "unknown cache type '" + params.cache_type_k + "'/'" + params.cache_type_v +
-              "': use one of f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1";
+    if (!nak_stage_check_params(params, err)) {
         return false;
     }
     if (!check_gguf_file(params.model_path, err)) {

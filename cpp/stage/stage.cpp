@@ -193,16 +193,31 @@ llama_context_params nak_stage_context_params(const nak_stage_params & params, b
     return cp;
 }
 
-bool nak_stage::load(const nak_stage_params & params, std::string & err) {
-    params_ = params;
+bool nak_stage_check_params(const nak_stage_params & params, std::string & err) {
     if (params.max_sessions == 0 || params.n_ctx_session == 0) {
-        err = "--max-sessions and --ctx must be at least 1";
+        err = "--ctx and --max-sessions must be at least 1";
+        return false;
+    }
+    if ((uint64_t) params.n_ctx_session * params.max_sessions > UINT32_MAX) {
+        err = "--ctx x --max-sessions exceeds 2^32 positions";
+        return false;
+    }
+    if (params.n_batch == 0 || params.n_ubatch == 0) {
+        err = "n_batch and n_ubatch must be at least 1";
         return false;
     }
     ggml_type type_k, type_v;
     if (!nak_parse_cache_type(params.cache_type_k, type_k) || !nak_parse_cache_type(params.cache_type_v, type_v)) {
         err = "unknown cache type '" + params.cache_type_k + "'/'" + params.cache_type_v +
               "': use one of f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1";
+        return false;
+    }
+    return true;
+}
+
+bool nak_stage::load(const nak_stage_params & params, std::string & err) {
+    params_ = params;
+    if (!nak_stage_check_params(params, err)) {
         return false;
     }
 

@@ -65,6 +65,9 @@ void nak_sampler_seed_at(llama_sampler * chain, const nak_sampler_params & sp, i
 llama_model_params   nak_stage_model_params(const nak_stage_params & params);
 llama_context_params nak_stage_context_params(const nak_stage_params & params, bool is_last);
 
+// checks what llama.cpp would abort on: positive --ctx/--max-sessions/batch sizes, known cache types
+bool nak_stage_check_params(const nak_stage_params & params, std::string & err);
+
 // ggml type from a --cache-type name (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1); false if unknown
 bool nak_parse_cache_type(const std::string & name, ggml_type & out);
 

@@ -22,17 +22,14 @@ def cgroup_cpu_missing() -> str:
     return ""
 
 
-class CpuQuota:
-    """A cgroup v1 cpu group holding processes to ``share`` of one CPU: ``cpu.cfs_quota_us`` =
-    ``share`` x ``cpu.cfs_period_us`` (period ``period_us``, default 100 ms). Moving a process
-    moves all its threads (``cgroup.procs``). ``close()`` moves them back to the root group and
-    removes the group."""
+class _Group:
+    """A fresh cgroup v1 group under ``root`` (a controller's directory): ``add`` / ``preexec`` put
+    processes in it; ``close()`` moves them back to the root group and removes the group."""
 
-    def __init__(self, share: float, period_us: int = 100_000) -> None:
-        self.path = procfs.CGROUP_CPU / f"nak-host-{uuid.uuid4().hex[:12]}"
+    def __init__(self, root, prefix: str) -> None:
+        self.root = root
+        self.path = root / f"{prefix}-{uuid.uuid4().hex[:12]}"
         self.path.mkdir()
-        (self.path / "cpu.cfs_period_us").write_text(str(period_us))
-        (self.path / "cpu.cfs_quota_us").write_text(str(max(1000, int(share * period_us))))
 
     def add(self, pid: int) -> None:
         """Move process ``pid`` (all its threads) into the group."""
@@ -44,6 +41,35 @@ class CpuQuota:
         procs = self.path / "cgroup.procs"
         return lambda: procs.write_text(str(os.getpid()))
 
+    def close(self) -> None:
+        try:
+            for pid in (self.path / "cgroup.procs").read_text().split():
+                try:
+                    (self.root / "cgroup.procs").write_text(pid)
+                except OSError:
+                    pass  # exited meanwhile
+            self.path.rmdir()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CpuQuota(_Group):
+    """A cgroup v1 cpu group holding processes to ``share`` of one CPU: ``cpu.cfs_quota_us`` =
+    ``share`` x ``cpu.cfs_period_us`` (period ``period_us``, default 100 ms). Moving a process
+    moves all its threads (``cgroup.procs``). ``close()`` moves them back to the root group and
+    removes the group."""
+
+    def __init__(self, share: float, period_us: int = 100_000) -> None:
+        super().__init__(procfs.CGROUP_CPU, "nak-host")
+        (self.path / "cpu.cfs_period_us").write_text(str(period_us))
+        (self.path / "cpu.cfs_quota_us").write_text(str(max(1000, int(share * period_us))))
+
     def throttled_us(self) -> int:
         """Total time the group was held back by its quota (``cpu.stat`` throttled_time), µs."""
         for line in (self.path / "cpu.stat").read_text().splitlines():
@@ -52,22 +78,6 @@ class CpuQuota:
                 return int(v) // 1000
         return 0
 
-    def close(self) -> None:
-        try:
-            for pid in (self.path / "cgroup.procs").read_text().split():
-                try:
-                    (procfs.CGROUP_CPU / "cgroup.procs").write_text(pid)
-                except OSError:
-                    pass  # exited meanwhile
-            self.path.rmdir()
-        except OSError:
-            pass
-
-    def __enter__(self) -> CpuQuota:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def cgroup_memory_missing() -> str:
@@ -81,7 +91,7 @@ def cgroup_memory_missing() -> str:
     return ""
 
 
-class MemoryLimit:
+class MemoryLimit(_Group):
     """A cgroup v1 memory group: the processes in it may hold at most ``limit_bytes`` of memory
     (``memory.limit_in_bytes``: anonymous pages, the file pages they brought into the page cache
     first, kernel memory charged to them); None leaves it unlimited, to measure. Past the limit
@@ -89,20 +99,9 @@ class MemoryLimit:
     swap here). ``close()`` moves the processes back to the root group and removes the group."""
 
     def __init__(self, limit_bytes: int | None = None) -> None:
-        self.path = procfs.CGROUP_MEMORY / f"nak-mem-{uuid.uuid4().hex[:12]}"
-        self.path.mkdir()
+        super().__init__(procfs.CGROUP_MEMORY, "nak-mem")
         if limit_bytes is not None:
             (self.path / "memory.limit_in_bytes").write_text(str(int(limit_bytes)))
-
-    def add(self, pid: int) -> None:
-        """Move process ``pid`` into the group (its later pages are charged here)."""
-        (self.path / "cgroup.procs").write_text(str(pid))
-
-    def preexec(self):
-        """A ``preexec_fn`` for :class:`subprocess.Popen` that starts the child inside the group
-        (before it loads anything)."""
-        procs = self.path / "cgroup.procs"
-        return lambda: procs.write_text(str(os.getpid()))
 
     def stat(self) -> dict[str, int]:
         """``memory.stat`` as name -> value (bytes, or counts for pg* events)."""
@@ -134,19 +133,3 @@ class MemoryLimit:
         """How often a charge hit the limit (``memory.failcnt``); reclaim followed each."""
         return int((self.path / "memory.failcnt").read_text())
 
-    def close(self) -> None:
-        try:
-            for pid in (self.path / "cgroup.procs").read_text().split():
-                try:
-                    (procfs.CGROUP_MEMORY / "cgroup.procs").write_text(pid)
-                except OSError:
-                    pass  # exited meanwhile
-            self.path.rmdir()
-        except OSError:
-            pass
-
-    def __enter__(self) -> MemoryLimit:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
