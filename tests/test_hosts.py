@@ -96,7 +96,9 @@ def test_plan_up_and_printed_serve_commands_across_hosts(smollm2_path: Path, tmp
     generate_key_file(key_file)
     remote: list[subprocess.Popen] = []
     with Hosts(3) as h:
-        spec = [f"--host=h{i}={a},mem=150,speed=1000,link=0.5" for i, a in enumerate(h.hosts)]
+        # 118 MiB each: two hosts cannot hold SmolLM2's predicted stages at this context (about
+        # 244 MiB in two), three can: the plan must use every host
+        spec = [f"--host=h{i}={a},mem=118,speed=1000,link=0.5" for i, a in enumerate(h.hosts)]
         r = _nak("plan", str(smollm2_path), *spec, "--ctx", str(CTX), "--max-sessions", "2", "--mode", "ring",
                  "--key-file", str(key_file), "-o", str(tmp_path / "cluster.toml"))
         assert r.returncode == 0, r.stderr

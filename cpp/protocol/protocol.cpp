@@ -71,6 +71,7 @@ const char * nak_error_code_name(uint16_t code) {
         case NAK_ERR_TOO_LARGE:    return "too_large";
         case NAK_ERR_INTERNAL:     return "internal";
         case NAK_ERR_WINDOW_LOST:  return "window_lost";
+        case NAK_ERR_NEXT_HOP:     return "next_hop";
         default:                   return "unknown";
     }
 }

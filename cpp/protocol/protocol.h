@@ -85,6 +85,8 @@ enum nak_error_code : uint16_t {
     NAK_ERR_TOO_LARGE    = 8,
     NAK_ERR_INTERNAL     = 9,
     NAK_ERR_WINDOW_LOST  = 10, // a rollback the sliding-window KV cache cannot do: replay from position 0
+    NAK_ERR_NEXT_HOP     = 11, // the next stage on the route cannot be reached or went away: the client checks
+                               // which stage died and fails over (a refused key is UNAUTHORIZED instead)
 };
 
 // element type of a hidden-state payload

@@ -4,6 +4,7 @@
 #include "platform.h"
 
 #include <algorithm>
+#include <cstring>
 #include <cerrno>
 #include <condition_variable>
 #include <cstdio>
@@ -202,6 +203,17 @@ class compute_worker {
     bool                        close_conn_ = false;
 };
 
+// An outbound connection that died on its own (closed, reset, silent) before its key handshake
+// finished: the next stage went away, which is not a refused key. Its held steps' owners are told
+// NEXT_HOP, so the client looks for a dead stage and fails over, whichever error reaches it first.
+void mark_gone(conn_state & c, const std::string & why) {
+    if (c.outbound && !c.dead && c.fail_code == NAK_ERR_UNAUTHORIZED) {
+        c.fail_code = NAK_ERR_NEXT_HOP;
+        c.fail_msg  = "next stage " + c.address + " went away during the key handshake: " + why;
+    }
+    c.dead = true;
+}
+
 void flush(conn_state & c) {
     if (c.connecting) {
         return; // sent once connected
@@ -215,7 +227,7 @@ void flush(conn_state & c) {
         if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
             return;
         }
-        c.dead = true;
+        mark_gone(c, k < 0 ? strerror(errno) : "send failed");
         return;
     }
     c.out.clear();
@@ -369,9 +381,9 @@ void read_frames(conn_state & c, std::deque<queued_request> & queue, int64_t now
             continue;
         }
         if (k == 0) {
-            c.dead = true;
+            mark_gone(c, "connection closed");
         } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
-            c.dead = true;
+            mark_gone(c, strerror(errno));
         }
         break;
     }
@@ -453,7 +465,7 @@ conn_state * outbound_conn(std::vector<conn_state> & conns, int32_t & next_id, c
     c.id         = next_id++;
     c.outbound   = true;
     c.connecting = true;
-    c.fail_code  = NAK_ERR_INTERNAL;
+    c.fail_code  = NAK_ERR_NEXT_HOP;
     c.fail_msg   = "next stage " + address + " unreachable: connection not made";
     c.address    = address;
     c.hello_seen = true;
@@ -586,7 +598,7 @@ void deliver(std::vector<conn_state> & conns, int32_t & next_id, const nak_stage
         for (const auto & f : s.fail_to) {
             nak_send e;
             e.conn  = f.first;
-            e.frame = nak_error_frame(f.second, NAK_ERR_INTERNAL, "next stage " + s.address + " unreachable: " + ferr);
+            e.frame = nak_error_frame(f.second, NAK_ERR_NEXT_HOP, "next stage " + s.address + " unreachable: " + ferr);
             deliver(conns, next_id, stage, params, e);
         }
         return;
@@ -698,8 +710,9 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
                                  std::to_string(NAK_CONNECT_TIMEOUT_MS) + " ms";
                     c.dead = true;
                 }
-                if ((handshaking && now - c.t_open_ms > params.handshake_timeout_ms) ||
-                    now - c.t_last_ms > (int64_t) params.conn_idle_timeout_s * 1000) {
+                if (handshaking && now - c.t_open_ms > params.handshake_timeout_ms) {
+                    mark_gone(c, "no answer within " + std::to_string(params.handshake_timeout_ms) + " ms");
+                } else if (now - c.t_last_ms > (int64_t) params.conn_idle_timeout_s * 1000) {
                     c.dead = true;
                 }
             }

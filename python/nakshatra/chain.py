@@ -194,6 +194,12 @@ def group_replicas(infos: Sequence[StageInfo]) -> list[list[StageInfo]]:
     return sorted(reps, key=lambda g: g[0].layers.start)
 
 
+RETRY_CODES = ("transport", "timeout", "next_hop")
+"""StageError codes after which :meth:`Session.recover` looks for a dead stage: this client lost a
+stage (transport), waited past its timeout, or a stage could not reach the next one on the route
+(next_hop, cpp/protocol/protocol.h). When every stage still answers, the error is raised as is."""
+
+
 class FailoverError(StageError):
     """A stage died (or stopped answering) and no replica of its layer range could take over.
 
@@ -320,7 +326,7 @@ class Session:
                 self.log.append(list(chunk))
                 return reply
             except StageError as e:
-                if e.code not in ("transport", "timeout") or isinstance(e, FailoverError):
+                if e.code not in RETRY_CODES or isinstance(e, FailoverError):
                     raise
                 self.recover(e)
 
@@ -468,7 +474,7 @@ class Session:
                     if self._last(reply, self.n_generated, n_predict):
                         return
             except StageError as e:
-                if e.code not in ("transport", "timeout") or isinstance(e, FailoverError):
+                if e.code not in RETRY_CODES or isinstance(e, FailoverError):
                     raise
                 self.recover(e)  # then start the ring again with the token not yet consumed
 
