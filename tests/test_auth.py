@@ -333,6 +333,40 @@ def test_a_stage_refuses_to_forward_to_a_stage_without_the_key(keyed, plain, key
     assert len(greedy(keyed.addresses, key, forwarding=True)) == 8
 
 
+def test_a_next_stage_gone_during_the_handshake_is_next_hop_not_a_refused_key(keyed, key_file) -> None:
+    """A next stage that accepts the connection and dies before the key handshake ends went away;
+    it did not refuse the key. The step's owner hears ``next_hop`` (the client then looks for a
+    dead stage and fails over), not ``unauthorized`` (a configuration error it would give up on)."""
+    key = load_key(key_file)
+    gone = socket.socket()
+    gone.bind(("127.0.0.1", 0))
+    gone.listen(4)
+
+    def accept_and_close() -> None:
+        try:
+            conn, _ = gone.accept()
+            conn.recv(4096)  # the stage's HELLO: then the "stage" dies
+            conn.close()
+        except OSError:
+            pass
+
+    t = threading.Thread(target=accept_and_close, daemon=True)
+    t.start()
+    try:
+        host, port = keyed.addresses[0].rsplit(":", 1)
+        owner = _nakshatra.StageClient(host, int(port), timeout_ms=20_000, key=key)
+        owner.hello()
+        owner.open(9, temp=0.0)
+        owner.send_forward(9, 0, [0, 1, 2], [1, 2, 3], False, f"127.0.0.1:{gone.getsockname()[1]}", "")
+        with pytest.raises(StageError) as e:
+            _nakshatra.wait_forward_ok([owner], 20_000, owner.last_request_id)
+        assert e.value.code == "next_hop" and "went away during the key handshake" in str(e.value), e.value
+        owner.close()
+    finally:
+        t.join(timeout=10)
+        gone.close()
+
+
 def test_a_keyed_client_cannot_use_another_clients_session(keyed, key_file) -> None:
     """The key admits a client to the stage, not to other clients' sessions."""
     from test_protocol import _intruder_is_refused
