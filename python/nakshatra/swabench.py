@@ -20,26 +20,17 @@ goes first alternates too):
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .bench import _prompt, _stat
 from .chain import Chain, SamplerParams
 from .errors import NakError
 
 GREEDY = SamplerParams(temp=0.0)
 SHORT_ROLLBACK = 4  # positions
-
-
-def _prompt(n: int, n_vocab: int) -> list[int]:
-    """A deterministic prompt of ``n`` ordinary token ids (as nakshatra.bench)."""
-    return [1 + (i * 7919) % (min(n_vocab, 32000) - 1) for i in range(n)]
-
-
-def _stat(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "spread": max(values) - min(values), "n": len(values)}
 
 
 def _own_bytes(chain: Chain) -> int:
