@@ -325,7 +325,7 @@ def keygen(
 
 @app.command()
 def serve(
-    model: Annotated[Path, typer.Argument(help="A slice from nak slice, or a whole GGUF (with --layers to cut it).")],
+    model: Annotated[str, typer.Argument(help="A slice from nak slice, a whole GGUF (with --layers to cut it), or the http(s) URL of a whole GGUF (with --layers: fetches only those layers' bytes).")],
     layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Inclusive layer range, e.g. 0-15.")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port).")] = 7071,
@@ -353,13 +353,15 @@ def serve(
     idle_timeout: Annotated[int, typer.Option("--idle-timeout", help="Free a session idle this many seconds.")] = 600,
     max_frame_mb: Annotated[int, typer.Option("--max-frame-mb", help="Largest frame accepted, MiB.")] = 64,
     fetch: Annotated[Optional[list[str]], typer.Option("--fetch", help="If the slice is missing, download it from this URL (nak up prints it; repeat for mirrors) and check it before serving.")] = None,
-    sha256: Annotated[str, typer.Option("--sha256", help="The slice file's sha256 (hex): required with --fetch, checked before serving.")] = "",
+    sha256: Annotated[str, typer.Option("--sha256", help="The slice file's sha256 (hex): required with --fetch, checked before serving (and, for a remote model, the slice cut from what was fetched).")] = "",
+    model_sha256: Annotated[str, typer.Option("--model-sha256", help="A remote model's sha256 (hex), when its server does not send it as the ETag.")] = "",
     announce: Annotated[Optional[bool], typer.Option("--announce/--no-announce", help="Announce this stage on the LAN (mDNS, _nakshatra._tcp) for nak run --discover (default: only when --host is not loopback).")] = None,
 ) -> None:
     """Serve one slice as a stage (C++ event loop; Ctrl-C stops it).
 
     Examples: [b]nak serve slices/smollm2.0-9.gguf --port 7071[/b];
-    [b]nak serve model.gguf --layers 0-15 --port 7071[/b]
+    [b]nak serve model.gguf --layers 0-15 --port 7071[/b];
+    [b]nak serve http://10.0.0.5:7070/slices/model.gguf --layers 16-31[/b] (fetches only those layers)
     """
     from nakshatra.serve import ServeOptions
     from nakshatra.serve import serve as do_serve
@@ -372,7 +374,8 @@ def serve(
                                  batch_hold_ms=batch_hold_ms, poll=poll, cpu_strict=bool(cpu_strict),
                                  no_repack=no_repack, mlock=mlock, swa_full=swa_full,
                                  cpu_lock=cpu_lock, idle_timeout_s=idle_timeout, max_frame_mb=max_frame_mb,
-                                 announce=announce, fetch=tuple(fetch or ()), sha256=sha256))
+                                 announce=announce, fetch=tuple(fetch or ()), sha256=sha256,
+                                 model_sha256=model_sha256))
     raise typer.Exit(code)
 
 

@@ -71,6 +71,15 @@ WINDOW = 1 << 20
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 
 
+class Truncated(ValueError):
+    """The file (or the head of it that :func:`scan` was allowed to read) ends before a value
+    does; ``needed`` is the byte offset up to which the file must extend for that value."""
+
+    def __init__(self, message: str, needed: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+
+
 @dataclass(frozen=True)
 class KVInfo:
     """Where one key-value pair lies in the file: the record ``[offset, end)`` (key length, key,
@@ -156,13 +165,13 @@ class _Cursor:
     def _need(self, n: int) -> int:
         """Make bytes ``[pos, pos+n)`` available; returns the index of ``pos`` in the window."""
         if self.pos + n > self.size:
-            raise ValueError(f"unexpected end of file at byte {self.pos} (needs {n} more bytes, "
-                             f"the file has {self.size})")
+            raise Truncated(f"unexpected end of file at byte {self.pos} (needs {n} more bytes, "
+                            f"the file has {self.size})", self.pos + n)
         i = self.pos - self.base
         if i < 0 or i + n > len(self.buf):
             self.buf, self.base, i = os.pread(self.fd, max(n, WINDOW), self.pos), self.pos, 0
             if len(self.buf) < n:
-                raise ValueError(f"unexpected end of file at byte {self.pos + len(self.buf)}")
+                raise Truncated(f"unexpected end of file at byte {self.pos + len(self.buf)}", self.pos + n)
         return i
 
     def read(self, n: int) -> bytes:
@@ -177,8 +186,8 @@ class _Cursor:
 
     def skip(self, n: int) -> None:
         if self.pos + n > self.size:
-            raise ValueError(f"unexpected end of file at byte {self.size} (a value at byte {self.pos} "
-                             f"needs {n} bytes)")
+            raise Truncated(f"unexpected end of file at byte {self.size} (a value at byte {self.pos} "
+                            f"needs {n} bytes)", self.pos + n)
         self.pos += n
 
     def read_string(self) -> bytes:
@@ -191,8 +200,8 @@ class _Cursor:
             i = self._need(8)
             n = u64.unpack_from(self.buf, i)[0]
             if self.pos + 8 + n > size:
-                raise ValueError(f"unexpected end of file at byte {size} (a string at byte {self.pos} "
-                                 f"has {n} bytes)")
+                raise Truncated(f"unexpected end of file at byte {size} (a string at byte {self.pos} "
+                                f"has {n} bytes)", self.pos + 8 + n)
             self.pos += 8 + n
 
     def value_type(self) -> GGUFValueType:
@@ -240,16 +249,21 @@ def _native_order() -> tuple[str, str]:
     return ("<", ">") if sys.byteorder == "little" else (">", "<")
 
 
-def scan(path: str | os.PathLike[str]) -> GGUFScan:
+def scan(path: str | os.PathLike[str], head: int | None = None) -> GGUFScan:
     """Scan a GGUF file's header, key-value pairs and tensor infos (see the module docstring).
 
+    ``head``: read only the first ``head`` bytes of the file (the rest may not be there yet: a
+    remote model being fetched into a sparse local copy, :mod:`nakshatra.remote`); the tensor
+    data must still lie within the file's full size.
+
     Raises ValueError (UnicodeDecodeError for a key or tensor name that is not UTF-8) for a file
-    ``GGUFReader`` would not open, OSError if it cannot be read.
+    ``GGUFReader`` would not open, :class:`Truncated` (a ValueError) where the file or its head
+    ends too early, OSError if it cannot be read.
     """
     path = Path(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        cur = _Cursor(f.fileno(), size, 0)
+        cur = _Cursor(f.fileno(), size if head is None else min(size, head), 0)
         if cur.unpack(_U32) != GGUF_MAGIC:
             raise ValueError("GGUF magic invalid")
         # as GGUFReader: read the version in host order; a zero low half means the other order

@@ -31,7 +31,7 @@ class ServeOptions:
     file that stages sharing one machine lock around each llama_decode, so they take turns with
     every core instead of spinning against each other (nakshatra.local sets it)."""
 
-    model: Path
+    model: Path | str  # a file, or the http(s) URL of a whole model (with layers: fetch just those)
     layers: str | None = None
     host: str = "127.0.0.1"
     port: int = 7071
@@ -61,6 +61,7 @@ class ServeOptions:
     max_frame_mb: int = 64
     fetch: tuple[str, ...] = ()  # URLs (mirrors) to fetch a missing slice from (nak up's file server)
     sha256: str = ""  # hex sha256 of the whole slice file: checked before serving (and after fetching)
+    model_sha256: str = ""  # a remote model's sha256, when its server does not tell it
     announce: bool | None = None  # LAN discovery (nakshatra.discovery); None: unless host is loopback
 
 
@@ -136,6 +137,32 @@ def kv_bytes_estimate(path: Path, ctx: int, max_sessions: int = 1, swa_full: boo
         return None
 
 
+def remote_slice(opts: ServeOptions, key: bytes | None, progress: bool) -> Path | None:
+    """For a model given as an http(s) URL: its slice of ``opts.layers``, fetched by range requests
+    (:func:`nakshatra.remote.fetch_slice`; with ``key``, the :func:`nakshatra.up.fetch_token`
+    ``nak up``'s file server wants). None for a local model. Raises NakError without --layers,
+    or as fetch_slice."""
+    from .remote import RemoteFile, fetch_slice, is_url
+
+    if not is_url(opts.model):
+        return None
+    if not opts.layers:
+        raise NakError(f"{opts.model} is a remote model: give --layers A-B, the layers this stage serves "
+                       "(it fetches only those)")
+    if opts.fetch:
+        raise NakError("--fetch is for a slice file; a remote model is fetched from its own URL: drop --fetch")
+    rf = RemoteFile(str(opts.model))
+    if key:
+        from .up import AUTH_HEADER, fetch_token
+
+        rf = RemoteFile(rf.url, {AUTH_HEADER: fetch_token(key, rf.name)})
+    got = fetch_slice(rf, parse_range(opts.layers), model_sha256=opts.model_sha256 or None,
+                      sha256=opts.sha256 or None, progress=progress)
+    print(f"nak serve: layers {opts.layers} of {rf.url}: {got.path} (fetched {_fmt_bytes(got.downloaded)})",
+          file=sys.stderr, flush=True)
+    return got.path
+
+
 def check_host(host: str, insecure: bool, key: bytes | None = None) -> None:
     """A stage listens on a non-loopback address only with a cluster key, or with ``--insecure``
     (then it warns loudly)."""
@@ -179,12 +206,13 @@ def serve(opts: ServeOptions) -> int:
     fa = {"auto": -1, "off": 0, "on": 1}.get(opts.flash_attn)
     if fa is None:
         raise NakError(f"--flash-attn {opts.flash_attn!r}: use auto, on or off")
-    if opts.fetch or opts.sha256:  # fetch the slice if missing (nakshatra.up), check its sha256
+    tty = sys.stderr.isatty()
+    model = remote_slice(opts, key, tty)
+    if model is None and (opts.fetch or opts.sha256):  # fetch the slice if missing (nakshatra.up), check its sha256
         from .up import fetch_slice
 
         fetch_slice(opts.fetch, Path(opts.model), opts.sha256, key=key)
-    tty = sys.stderr.isatty()
-    path, model_sha = resolve_slice(Path(opts.model), opts.layers, opts.verify, progress=tty)
+    path, model_sha = resolve_slice(model or Path(opts.model), opts.layers, opts.verify, progress=tty)
     from contextlib import nullcontext
 
     from rich.console import Console
@@ -252,7 +280,7 @@ def serve(opts: ServeOptions) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m nakshatra.serve MODEL [--layers A-B] [--port N] ...`` (see ServeOptions)."""
     ap = argparse.ArgumentParser(prog="python -m nakshatra.serve", description=__doc__.splitlines()[0])
-    ap.add_argument("model", type=Path)
+    ap.add_argument("model")
     ap.add_argument("--layers")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=7071)
@@ -282,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-frame-mb", type=int, default=64)
     ap.add_argument("--fetch", action="append", default=[])
     ap.add_argument("--sha256", default="")
+    ap.add_argument("--model-sha256", default="")
     ap.add_argument("--announce", action=argparse.BooleanOptionalAction, default=None)
     a = ap.parse_args(argv)
     opts = ServeOptions(model=a.model, layers=a.layers, host=a.host, port=a.port, insecure=a.insecure,
@@ -293,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                         wire=a.wire, batch_log=a.batch_log, poll=a.poll, cpu_strict=bool(a.cpu_strict),
                         cpu_lock=a.cpu_lock, batch_hold_ms=a.batch_hold_ms, idle_timeout_s=a.idle_timeout,
                         no_repack=a.no_repack, mlock=a.mlock, swa_full=a.swa_full,
-                        max_frame_mb=a.max_frame_mb, announce=a.announce, fetch=tuple(a.fetch), sha256=a.sha256)
+                        max_frame_mb=a.max_frame_mb, announce=a.announce, fetch=tuple(a.fetch), sha256=a.sha256,
+                        model_sha256=a.model_sha256)
     try:
         return serve(opts)
     except (NakError, SliceError) as e:

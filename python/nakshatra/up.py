@@ -568,7 +568,8 @@ def up(cf: ClusterFile, this_hosts: Sequence[str] = (), files_port: int = DEFAUL
         if remote:
             names = sorted({i.slice for i in insts})
             cmd = [sys.executable, "-m", "nakshatra.up", "files", "--dir", str(cf.slices_path), "--host", fhost,
-                   "--port", str(files_port), *(["--key-file", str(key_path)] if key_path else []), *names]
+                   "--port", str(files_port), *(["--key-file", str(key_path)] if key_path else []),
+                   *(f"--sha256={n}={slices[n].sha256}" for n in names if slices[n].sha256), *names]
             p = _spawn(cmd, rdir / "files.log", rdir / "files.ready")
             p.update(what=f"slice file server {fhost}:{files_port}", kind="files", host=fhost, port=files_port)
             procs.append(p)
@@ -652,14 +653,28 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with f:
             size = os.fstat(f.fileno()).st_size
-            self.send_response(200)
+            span = _byte_range(self.headers.get("Range", ""), size)
+            if span == "unsatisfiable":
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            start, end = span if isinstance(span, tuple) else (0, size)
+            self.send_response(206 if isinstance(span, tuple) else 200)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(size))
+            self.send_header("Accept-Ranges", "bytes")
+            etag = self.server.etag(name)
+            if etag:
+                self.send_header("ETag", f'"{etag}"')
+            if isinstance(span, tuple):
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+            self.send_header("Content-Length", str(end - start))
             self.end_headers()
-            if body:
+            if body and end > start:
                 try:
                     self.wfile.flush()
-                    self.connection.sendfile(f)
+                    self.connection.sendfile(f, start, end - start)
                 except (BrokenPipeError, ConnectionResetError):
                     self.log_message("%s: client went away", name)
 
@@ -668,20 +683,71 @@ class _Handler(BaseHTTPRequestHandler):
         sys.stderr.flush()
 
 
+def _byte_range(header: str, size: int) -> tuple[int, int] | str | None:
+    """The half-open byte range a ``Range`` header asks of a ``size``-byte file (RFC 9110 section
+    14.1.2: ``bytes=a-b``, ``bytes=a-``, ``bytes=-n``; the end is clamped to the file), None for
+    the whole file (no header, or one this server does not serve partially: several ranges, other
+    units), ``"unsatisfiable"`` for a range that starts past the end."""
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if not m or not (m.group(1) or m.group(2)):
+        return None
+    if not m.group(1):  # the last n bytes
+        n = int(m.group(2))
+        return (max(0, size - n), size) if n else "unsatisfiable"
+    start = int(m.group(1))
+    end = min(size, int(m.group(2)) + 1) if m.group(2) else size
+    if start >= size:
+        return "unsatisfiable"
+    return None if end <= start else (start, end)
+
+
 class SliceFileServer(ThreadingHTTPServer):
     """A read-only HTTP server of some files of one folder: ``GET /slices/<name>`` for each name
     given, nothing else (404). With ``key``, a request must carry :func:`fetch_token` in header
-    :data:`AUTH_HEADER` (else 403). ``port`` 0 picks a free port (``server_address`` tells)."""
+    :data:`AUTH_HEADER` (else 403). ``port`` 0 picks a free port (``server_address`` tells).
+
+    It answers single byte ranges (``Range: bytes=a-b``, 206), so a stage can fetch just its part
+    of a whole model (:mod:`nakshatra.remote`), and sends each file's sha256 as its ETag
+    where ``sha256s`` gives it (name -> hex)."""
 
     daemon_threads = True
 
     def __init__(self, folder: Path, names: Sequence[str], host: str = "127.0.0.1", port: int = 0,
-                 key: bytes | None = None) -> None:
+                 key: bytes | None = None, sha256s: dict[str, str] | None = None) -> None:
         self.files = {n: Path(folder) / n for n in names if Path(n).name == n}
         self.key = key
+        self._sha256s = dict(sha256s or {})
+        self._etag_lock = threading.Lock()
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, port), _Handler)
+
+    def etag(self, name: str) -> str | None:
+        """The hex sha256 of file ``name`` if it was given, else None."""
+        return self._sha256s.get(name)
+
+
+def _file_hashes(folder: Path, names: Sequence[str], given: Sequence[str]) -> dict[str, str]:
+    """sha256 of each file: ``NAME=HEX`` as given, else hashed (remembered by path, size and
+    mtime in the slice cache's index, as :func:`nakshatra.slicer.cached_slice` does). Raises
+    NakError for a malformed ``NAME=HEX``."""
+    from .paths import cache_dir
+    from .slicer import _known_sha256, _locked
+
+    out = {}
+    for item in given:
+        name, _, hexsum = item.partition("=")
+        if not _SHA256.match(hexsum.strip().lower()):
+            raise NakError(f"--sha256 {item!r}: give NAME=HEX with a 64-digit hex sha256")
+        out[name] = hexsum.strip().lower()
+    index = cache_dir() / "slices" / "index.json"
+    for name in names:
+        path = Path(folder) / name
+        if name not in out and path.is_file():
+            index.parent.mkdir(parents=True, exist_ok=True)
+            with _locked(index.parent / ".lock"):
+                out[name] = _known_sha256(path.absolute(), index)
+    return out
 
 
 def _files_main(argv: Sequence[str]) -> int:
@@ -694,10 +760,12 @@ def _files_main(argv: Sequence[str]) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=DEFAULT_FILES_PORT)
     ap.add_argument("--key-file", default="", help="require fetch_token() under this cluster key (default: $NAK_KEY)")
+    ap.add_argument("--sha256", action="append", default=[], metavar="NAME=HEX",
+                    help="a file's sha256, sent as its ETag (files not given are hashed at start)")
     a = ap.parse_args(list(argv))
     try:
         key = load_key(a.key_file or None)  # as the stages: the key file, else $NAK_KEY
-        srv = SliceFileServer(a.dir, a.names, a.host, a.port, key)
+        srv = SliceFileServer(a.dir, a.names, a.host, a.port, key, _file_hashes(a.dir, a.names, a.sha256))
     except (NakError, OSError) as e:
         print(f"nak files: error: cannot serve on {a.host}:{a.port}: {e}", file=sys.stderr)
         return 1
