@@ -333,6 +333,7 @@ def test_cli_plans_writes_and_slices(smollm2_path: Path, tmp_path: Path) -> None
     assert f"{latency(hosts, chain, 'ring'):.2f} ms" in r.stderr
     for h in hosts:
         assert h.name in r.stderr
+    assert "download" in r.stderr  # what each host fetches without the model (test_remote checks the figures)
     if len(cf.stages) < len(hosts):
         assert "left out" in r.stderr
 

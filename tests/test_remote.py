@@ -262,3 +262,35 @@ def test_serve_a_url_needs_layers(tmp_path: Path, cache: Path) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "give --layers" in r.stderr
+
+
+def test_follows_a_redirect_and_its_linked_etag(smollm2_path: Path, tmp_path: Path, cache: Path) -> None:
+    """As a Hugging Face file URL: a 302 to the storage server, whose own ETag is no sha256; the
+    redirect's ``X-Linked-Etag`` is the file's sha256."""
+    model = _model_dir(smollm2_path, tmp_path)
+    sha = sha256_file(model)
+    with Server([model], etags=False) as store:
+        target = store.url(model.name)
+
+        class Redirect(SimpleHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(302)
+                self.send_header("Location", target)
+                self.send_header("X-Linked-Etag", f'"{sha}"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a) -> None:  # noqa: ANN002
+                pass
+
+        front = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+        t = threading.Thread(target=front.serve_forever, daemon=True)
+        t.start()
+        try:
+            got = fetch_slice(RemoteFile(f"http://127.0.0.1:{front.server_address[1]}/org/repo/resolve/main/{model.name}"),
+                              LayerRange(20, 30), progress=False)
+        finally:
+            front.shutdown()
+            front.server_close()
+    assert got.model_sha256 == sha
+    assert got.path.read_bytes() == cut_locally(model, LayerRange(20, 30), tmp_path / "local-cache").read_bytes()

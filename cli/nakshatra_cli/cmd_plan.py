@@ -70,6 +70,7 @@ def register(app: typer.Typer) -> None:
             probe_host,
             render_plan,
             slice_command,
+            stage_downloads,
         )
         from rich.console import Console
 
@@ -110,7 +111,7 @@ def register(app: typer.Typer) -> None:
 
         mem = model_memory(model_path, ctx=ctx, max_sessions=max_sessions)
         result = plan_chain(mem, hosts, mode)
-        err.print(render_plan(result))
+        err.print(render_plan(result, stage_downloads(model_path, result)))
         for line in left_out_lines(result):
             err.print(line, markup=False, highlight=False)
 

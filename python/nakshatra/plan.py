@@ -455,26 +455,47 @@ def plan_chain(mem: MemoryModel, hosts: Sequence[HostSpec], mode: str = "ring") 
 
 # ---- output ---------------------------------------------------------------------------------
 
-def render_plan(plan: Plan) -> Table:
-    """The explanation table: per stage its host, layers, memory used / offered and the expected
-    ms per token (compute, and the hop after it); totals in the caption, left-out hosts below."""
+def stage_downloads(model_path: str | os.PathLike[str], plan: Plan) -> list[int]:
+    """Bytes each stage's host downloads to serve its layers when it does not have the model:
+    its slice's share of the file, the head and the tensors the slice keeps, as
+    ``nak serve URL --layers`` fetches them (:func:`nakshatra.remote.download_bytes`; a slice
+    fetched whole from ``nak up`` is the same size to within its metadata)."""
+    from .remote import download_bytes
+    from .slicer import scan_gguf
+
+    sc = scan_gguf(model_path)
+    return [download_bytes(sc, s.layers) for s in plan.stages]
+
+
+def render_plan(plan: Plan, downloads: Sequence[int] | None = None) -> Table:
+    """The explanation table: per stage its host, layers, memory used / offered, what it downloads
+    (``downloads``, bytes per stage, see :func:`stage_downloads`; column left out when None) and
+    the expected ms per token (compute, and the hop after it); totals in the caption, left-out
+    hosts below."""
     t = Table(title=f"plan ({plan.mode}): {plan.total_ms:.2f} ms per token expected", title_justify="left")
     t.add_column("host")
     t.add_column("layers")
     t.add_column("memory used / available", justify="right")
+    if downloads is not None:
+        t.add_column("download", justify="right")
     t.add_column("compute ms", justify="right")
     t.add_column("hop ms", justify="right")
     n = len(plan.stages)
     for i, s in enumerate(plan.stages):
         to = ("→ next" if i + 1 < n else "→ first") if s.hop_ms or i + 1 < n else ""
+        dl = [] if downloads is None else [f"{downloads[i] / MIB:,.0f} MiB"]
         t.add_row(f"{s.host.name} ({s.host.address})", str(s.layers),
-                  f"{s.memory_bytes / MIB:,.0f} / {s.host.memory_mb:,.0f} MiB",
+                  f"{s.memory_bytes / MIB:,.0f} / {s.host.memory_mb:,.0f} MiB", *dl,
                   f"{s.compute_ms:.2f}", f"{s.hop_ms:.2f} {to}".strip())
     for lo in plan.left_out:
-        t.add_row(f"{lo.host.name} ({lo.host.address})", "left out", f"— / {lo.host.memory_mb:,.0f} MiB", "", "")
+        dl = [] if downloads is None else ["—"]
+        t.add_row(f"{lo.host.name} ({lo.host.address})", "left out", f"— / {lo.host.memory_mb:,.0f} MiB", *dl, "", "")
     t.caption = (f"per token: compute {plan.compute_ms:.2f} ms + links {plan.link_ms:.2f} ms = "
                  f"{plan.total_ms:.2f} ms (about {1000.0 / plan.total_ms:.1f} tokens/s for one session)"
                  if plan.total_ms > 0 else "")
+    if downloads is not None:
+        t.caption += ("\ndownload: what a host without the model file fetches to serve its layers "
+                      "(nak serve URL --layers, or its slice from nak up)")
     t.caption_justify = "left"
     return t
 

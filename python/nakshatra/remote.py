@@ -18,7 +18,8 @@ at most one read window (1 MiB) of the head.
   (given up after :data:`ATTEMPTS` breaks in a row that brought nothing).
 - **Checked**: the model's sha256 (``nakshatra.model_sha256`` in the slice, what stages compare
   to know they serve one model) is given (``--model-sha256``), or known from the remote (a
-  Hugging Face LFS sha256, or an ETag that is a sha256, as ``nak up``'s file server sends). With
+  Hugging Face file URL's ``X-Linked-Etag``, its LFS sha256; or an ETag that is a sha256, as
+  ``nak up``'s file server sends). With
   the slice's expected sha256 (``--sha256``) the cut slice must match it, or the slice and the
   whole mirror are deleted: a bad download is never kept.
 - **Where**: mirrors live in ``cache_dir()/remote/<sha256 of the URL>[:16]/`` and are deleted
@@ -176,8 +177,10 @@ class _Mirror:
         headers = dict(self.rf.headers)
         headers["Range"] = f"bytes={start}-{end - 1}"
         headers["Accept-Encoding"] = "identity"
+        redirects = _Redirects()
         try:
-            resp = urllib.request.urlopen(urllib.request.Request(self.rf.url, headers=headers), timeout=TIMEOUT_S)
+            resp = urllib.request.build_opener(redirects).open(urllib.request.Request(self.rf.url, headers=headers),
+                                                               timeout=TIMEOUT_S)
         except urllib.error.HTTPError as e:
             e.close()
             raise NakError(_http_error(self.rf.url, e.code, str(e.reason))) from None
@@ -198,7 +201,7 @@ class _Mirror:
         size = int(m.group(3))
         validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified") or ""
         if self.size is None:
-            self._start(size, validator, resp.headers.get("ETag") or "")
+            self._start(size, validator, redirects.linked_etag or resp.headers.get("ETag") or "")
         elif size != self.size or (self.validator and validator and validator != self.validator):
             resp.close()
             self.discard()
@@ -293,6 +296,18 @@ class _Mirror:
                 self.ensure([(have, min(self.size, max(e.needed, have + HEAD_STEP)))])
             except ValueError as e:
                 raise SliceError(f"{self.rf.url} is not a GGUF file: {e}; give the URL of a .gguf model") from None
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects (keeping Range and auth headers, as urllib does) and keeps the
+    ``X-Linked-Etag`` a Hugging Face file URL's redirect carries: the file's sha256, which the
+    storage server the redirect leads to does not send."""
+
+    linked_etag: str | None = None
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        self.linked_etag = headers.get("X-Linked-Etag") or self.linked_etag
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _http_error(url: str, code: int, reason: str) -> str:
