@@ -212,6 +212,72 @@ def test_hf_online_lists_then_downloads_every_shard(hf_cache, monkeypatch, smoll
         hub.resolve("hf:org/other", progress=False)
 
 
+def _online(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return huggingface_hub
+
+
+def test_hf_hub_answers_become_one_line_with_the_fix(hf_cache, monkeypatch):
+    from types import SimpleNamespace
+
+    from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
+                                       RevisionNotFoundError)
+
+    hh = _online(monkeypatch)
+
+    def answer(err_class, status):
+        def list_repo_files(self, repo_id, revision=None, **kw):
+            raise err_class(f"{status} Client Error", response=SimpleNamespace(headers={}, request=None,
+                                                                               status_code=status))
+        monkeypatch.setattr(hh.HfApi, "list_repo_files", list_repo_files)
+
+    cases = [(RepositoryNotFoundError, 404, "no Hugging Face model repository hf:org/x; check the name, or set "
+              "HF_TOKEN or run `hf auth login` if it is private or gated"),
+             (GatedRepoError, 403, "hf:org/x is gated: accept its terms on its page, then set HF_TOKEN or run "
+              "`hf auth login`"),
+             (RevisionNotFoundError, 404, "hf:org/x has no revision 'v9'; give a branch, tag or commit that exists"),
+             (HfHubHTTPError, 401, "hf:org/x: access denied (HTTP 401); set HF_TOKEN or run `hf auth login` if "
+              "it is private or gated")]
+    for err_class, status, want in cases:
+        answer(err_class, status)
+        with pytest.raises(ModelError) as e:
+            resolve_model("hf:org/x@v9" if err_class is RevisionNotFoundError else "hf:org/x", progress=False)
+        assert str(e.value) == want
+
+
+def test_hf_remote_files_one_per_shard_with_size_sha256_and_token(hf_cache, monkeypatch):
+    """Only the parsing: the hub's answers (file list, commit, path infos) are fakes."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import hf_hub_url
+
+    hh = _online(monkeypatch)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    shards = [f"Q4_K_M/Big-Q4_K_M-{i:05d}-of-00002.gguf" for i in (1, 2)]
+    monkeypatch.setattr(hh.HfApi, "list_repo_files", lambda self, repo_id, revision=None, **kw: [*shards[::-1], "a.md"])
+    monkeypatch.setattr(hh.HfApi, "model_info", lambda self, repo_id, revision=None, **kw: SimpleNamespace(sha=COMMIT))
+    asked = []
+
+    def get_paths_info(self, repo_id, paths, revision=None, **kw):
+        asked.append((paths, revision))
+        return [SimpleNamespace(path=shards[0], size=1000, lfs=SimpleNamespace(sha256="d" * 64)),
+                SimpleNamespace(path=shards[1], size=7, lfs=None)]
+
+    monkeypatch.setattr(hh.HfApi, "get_paths_info", get_paths_info)
+    got = hub.hf_remote_files("hf:org/big")
+    assert asked == [(shards, COMMIT)]
+    assert [(f.path, f.url, f.size, f.sha256) for f in got] == [
+        (shards[0], hf_hub_url("org/big", shards[0], revision=COMMIT), 1000, "d" * 64),
+        (shards[1], hf_hub_url("org/big", shards[1], revision=COMMIT), 7, None)]
+    assert all(f.headers["authorization"] == "Bearer hf_not_a_real_token" for f in got)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="remote reads need the hub and HF_HUB_OFFLINE is set"):
+        hub.hf_remote_files("hf:org/big")
+
+
 def test_hf_verify_checks_the_blob_against_its_sha256(two_models, gemma3_path, tmp_path):
     path = hub.resolve("hf:org/mixed-GGUF:Q4_K_M", progress=False, verify=True)
     assert os.path.samefile(path, gemma3_path)
