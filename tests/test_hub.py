@@ -177,6 +177,16 @@ def test_quant_tokens():
         pick("Q4_XS")
 
 
+def _model_info(files: list[str]):
+    """A stand-in for HfApi.model_info: what the hub says of a repo (its files, its commit)."""
+    from types import SimpleNamespace
+
+    def model_info(self, repo_id, revision=None, timeout=None, **kw):
+        assert timeout == hub.HUB_TIMEOUT_S
+        return SimpleNamespace(sha=COMMIT, siblings=[SimpleNamespace(rfilename=f) for f in files])
+    return model_info
+
+
 def test_hf_online_lists_then_downloads_every_shard(hf_cache, monkeypatch, smollm2_path):
     """The online path with the hub's two calls answered from a cache layout: the file list, then
     one hf_hub_download per shard, into the cache named by the environment at call time."""
@@ -186,8 +196,7 @@ def test_hf_online_lists_then_downloads_every_shard(hf_cache, monkeypatch, smoll
     snap = hf_repo(hf_cache, "org/big", {**{s: b"GGUF" for s in shards}, "Big-Q4_1.gguf": smollm2_path})
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # read at call time; the library read it at its import
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
-                        lambda self, repo_id, revision=None, **kw: [*shards, "Big-Q4_1.gguf", "README.md"])
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", _model_info([*shards, "Big-Q4_1.gguf", "README.md"]))
     calls = []
 
     def fake_download(repo_id, filename, *, revision=None, cache_dir=None, **kw):
@@ -201,7 +210,7 @@ def test_hf_online_lists_then_downloads_every_shard(hf_cache, monkeypatch, smoll
     def network_down(self, *a, **kw):
         raise ConnectionError("Name or service not known")
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", network_down)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", network_down)
     calls.clear()
     with pytest.raises(ModelError, match=r"could not reach the hub for hf:org/big \(ConnectionError"):
         hub.hf_remote_files("hf:org/big")
@@ -229,10 +238,10 @@ def test_hf_hub_answers_become_one_line_with_the_fix(hf_cache, monkeypatch):
     hh = _online(monkeypatch)
 
     def answer(err_class, status):
-        def list_repo_files(self, repo_id, revision=None, **kw):
+        def model_info(self, repo_id, revision=None, **kw):
             raise err_class(f"{status} Client Error", response=SimpleNamespace(headers={}, request=None,
                                                                                status_code=status))
-        monkeypatch.setattr(hh.HfApi, "list_repo_files", list_repo_files)
+        monkeypatch.setattr(hh.HfApi, "model_info", model_info)
 
     cases = [(RepositoryNotFoundError, 404, "no Hugging Face model repository hf:org/x; check the name, or set "
               "HF_TOKEN or run `hf auth login` if it is private or gated"),
@@ -257,8 +266,7 @@ def test_hf_remote_files_one_per_shard_with_size_sha256_and_token(hf_cache, monk
     hh = _online(monkeypatch)
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     shards = [f"Q4_K_M/Big-Q4_K_M-{i:05d}-of-00002.gguf" for i in (1, 2)]
-    monkeypatch.setattr(hh.HfApi, "list_repo_files", lambda self, repo_id, revision=None, **kw: [*shards[::-1], "a.md"])
-    monkeypatch.setattr(hh.HfApi, "model_info", lambda self, repo_id, revision=None, **kw: SimpleNamespace(sha=COMMIT))
+    monkeypatch.setattr(hh.HfApi, "model_info", _model_info([*shards[::-1], "a.md"]))
     asked = []
 
     def get_paths_info(self, repo_id, paths, revision=None, **kw):

@@ -291,7 +291,7 @@ def inspect(
 
 @app.command()
 def pull(
-    name: Annotated[str, typer.Argument(help="A built-in model (smollm2, gemma3-270m), hf:ORG/REPO[@REVISION][:QUANT|:FILE.gguf] or ollama:NAME[:TAG].")],
+    name: Annotated[str, typer.Argument(help="A built-in model (smollm2, gemma3-270m), hf:ORG/REPO\\[@REVISION]\\[:QUANT|:FILE.gguf] or ollama:NAME\\[:TAG].")],
     verify: Annotated[bool, typer.Option("--verify", help="Also check the sha256 of an hf: or ollama: model on disk (reads all of it).")] = False,
 ) -> None:
     """Fetch a model and print its local path: a built-in one into Nakshatra's cache, a Hugging

@@ -217,16 +217,22 @@ def _token_hint() -> str:
     return "set HF_TOKEN or run `hf auth login` if it is private or gated"
 
 
-def _hub_files(ref: HfRef) -> list[str]:
-    """The repo's file list from the hub. Raises ModelError for answers that mean the reference
-    is wrong (not found, gated, no such revision, other HTTP errors); lets any other exception
-    (network down, offline mode) through for the caller to fall back to the cache."""
+HUB_TIMEOUT_S = 10.0  # one request, no retries: an unreachable hub falls back to the cache quickly
+
+
+def _hub_files(ref: HfRef) -> tuple[list[str], str | None]:
+    """The repo's file list and the commit its revision points at, from the hub (one
+    ``HfApi.model_info`` request, :data:`HUB_TIMEOUT_S` seconds at most). Raises ModelError for
+    answers that mean the reference is wrong (not found, gated, no such revision, other HTTP
+    errors); lets any other exception (network down, offline mode) through for the caller to fall
+    back to the cache."""
     from huggingface_hub import HfApi
     from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
                                        RevisionNotFoundError)
 
     try:
-        return HfApi().list_repo_files(ref.repo_id, revision=ref.revision)
+        info = HfApi().model_info(ref.repo_id, revision=ref.revision, timeout=HUB_TIMEOUT_S)
+        return [s.rfilename for s in info.siblings or []], info.sha
     except GatedRepoError:
         raise ModelError(f"hf:{ref.repo_id} is gated: accept its terms on its page, then set HF_TOKEN "
                          "or run `hf auth login`") from None
@@ -308,7 +314,7 @@ def resolve_hf(ref: str, progress: bool = True) -> Path:
     files: list[str] | None = None
     if offline_why is None:
         try:
-            files = _hub_files(r)
+            files, _ = _hub_files(r)
         except ModelError:
             raise
         except Exception as e:  # noqa: BLE001 - network down, DNS, offline mode: use the cache
@@ -409,12 +415,11 @@ def hf_remote_files(ref: str) -> list[RemoteFile]:
     if hf_offline():
         raise ModelError(f"{r}: remote reads need the hub and HF_HUB_OFFLINE is set; unset it, or "
                          f"`nak pull {r}` while online and use the local file")
-    files = _hub_files_or_fail(r)
+    files, sha = _hub_files_or_fail(r)
     group, _ = choose_model(r, files)
-    api = HfApi()
+    commit = sha or r.revision
     try:
-        commit = api.model_info(r.repo_id, revision=r.revision).sha or r.revision
-        infos = {i.path: i for i in api.get_paths_info(r.repo_id, group, revision=commit)}
+        infos = {i.path: i for i in HfApi().get_paths_info(r.repo_id, group, revision=commit)}
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"could not read file sizes of {r} from the hub ({e}); check the network") from None
     headers = build_hf_headers()
@@ -429,7 +434,7 @@ def hf_remote_files(ref: str) -> list[RemoteFile]:
     return out
 
 
-def _hub_files_or_fail(r: HfRef) -> list[str]:
+def _hub_files_or_fail(r: HfRef) -> tuple[list[str], str | None]:
     try:
         return _hub_files(r)
     except ModelError:

@@ -125,7 +125,7 @@ def pull(name: str, progress: bool = True) -> Path:
     spec = BUILTIN.get(name)
     if spec is None:
         raise ModelError(f"unknown model {name!r}; built-in models: {', '.join(sorted(BUILTIN))} "
-                         "(or give the path of a .gguf file)")
+                         "(or hf:ORG/REPO[:QUANT], ollama:NAME[:TAG], or the path of a .gguf file)")
     models = _models_dir()
     target = models / f"{name}.gguf"
     with open(models / f".{name}.lock", "a") as lock:
