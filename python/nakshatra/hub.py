@@ -23,6 +23,14 @@ Two kinds of reference, accepted wherever a model is (``--model``, ``nak pull``)
     directory is ``$OLLAMA_MODELS``, else ``~/.ollama/models``, else
     ``/usr/share/ollama/.ollama/models`` (Linux service installs). Nothing here uses the network.
 
+Formats, from their sources: the Hugging Face cache is huggingface_hub's (``models--ORG--REPO/``
+with ``blobs/<sha256 or git sha1>``, ``snapshots/<commit>/<path>`` relative symlinks into blobs,
+``refs/<branch or tag>`` holding the commit; see ``hf_hub_download``'s docstring) and is only read
+through its own functions (``scan_cache_dir``, ``hf_hub_download``); split names are llama.cpp's
+``llama_split_path``; Ollama's store is what ``ollama pull`` writes: a Docker image manifest v2
+(JSON) at ``manifests/<host>/<namespace>/<model>/<tag>`` whose layers name content-addressed
+blobs ``blobs/sha256-<hex>``.
+
 Every failure is a :class:`~nakshatra.errors.ModelError` whose one line names the file or
 reference at fault and the fix.
 """
