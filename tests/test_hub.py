@@ -432,3 +432,14 @@ def test_nak_pull_failure_is_one_line(hf_cache):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: hf:org/absent is not in the Hugging Face cache")
     assert "nak pull hf:org/absent" in lines[0]
+
+
+def test_nak_run_on_an_ollama_blob_in_place(ollama):
+    """The whole way: `nak run --model ollama:smollm2` slices the blob where Ollama keeps it and
+    answers as the built-in model does."""
+    r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "run", "--model", "ollama:smollm2", "--parts", "2",
+                        "--threads", "2", "--ctx", "256", "--temp", "0", "-n", "12", "What is the capital of France?"],
+                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert [p.name for p in (ollama / "blobs").iterdir()] == [f"sha256-{BUILTIN['smollm2'].sha256}"]
