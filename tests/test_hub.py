@@ -422,6 +422,9 @@ def test_nak_pull_prints_the_resolved_path(two_models, ollama, gemma3_path, smol
     r = runner.invoke(app, ["pull", "--verify", "ollama:smollm2"])
     assert r.exit_code == 0, r.output
     assert r.stdout == f"{ollama / 'blobs' / ('sha256-' + BUILTIN['smollm2'].sha256)}\n"
+    r = runner.invoke(app, ["pull", "smollm2"])  # built-in names as before
+    assert r.exit_code == 0, r.output
+    assert r.stdout == f"{smollm2_path}\n"
 
 
 def test_nak_pull_failure_is_one_line(hf_cache):
