@@ -290,14 +290,23 @@ def inspect(
 
 
 @app.command()
-def pull(name: Annotated[str, typer.Argument(help="smollm2 or gemma3-270m.")]) -> None:
-    """Fetch a built-in model into the cache and print its path.
+def pull(
+    name: Annotated[str, typer.Argument(help="A built-in model (smollm2, gemma3-270m), hf:ORG/REPO\\[@REVISION]\\[:QUANT|:FILE.gguf] or ollama:NAME\\[:TAG].")],
+    verify: Annotated[bool, typer.Option("--verify", help="Also check the sha256 of an hf: or ollama: model on disk (reads all of it).")] = False,
+) -> None:
+    """Fetch a model and print its local path: a built-in one into Nakshatra's cache, a Hugging
+    Face one into huggingface_hub's cache (all shards of a split model; the first one's path is
+    printed), an Ollama one found in Ollama's store (its blob, used in place).
 
-    Example: [b]nak pull gemma3-270m[/b]
+    Examples: [b]nak pull gemma3-270m[/b], [b]nak pull hf:ORG/REPO:Q4_K_M[/b], [b]nak pull ollama:llama3.2:1b[/b]
     """
+    from nakshatra import hub
     from nakshatra.models import pull as do_pull
 
-    print(do_pull(name, progress=True))
+    if hub.is_ref(name):
+        print(hub.resolve(name, progress=True, verify=verify))
+    else:
+        print(do_pull(name, progress=True))
 
 
 # ---- keygen ---------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def pull(name: str, progress: bool = True) -> Path:
     spec = BUILTIN.get(name)
     if spec is None:
         raise ModelError(f"unknown model {name!r}; built-in models: {', '.join(sorted(BUILTIN))} "
-                         "(or give the path of a .gguf file)")
+                         "(or hf:ORG/REPO[:QUANT], ollama:NAME[:TAG], or the path of a .gguf file)")
     models = _models_dir()
     target = models / f"{name}.gguf"
     with open(models / f".{name}.lock", "a") as lock:
@@ -158,8 +158,15 @@ def pull(name: str, progress: bool = True) -> Path:
 
 
 def resolve_model(name_or_path: str | os.PathLike[str], progress: bool = True) -> Path:
-    """A GGUF path for a built-in model name (pulled if needed, see :func:`pull`) or an existing
-    file. Raises ModelError if it is neither, or if pulling fails."""
+    """A GGUF path for a built-in model name (pulled if needed, see :func:`pull`), a Hugging Face
+    reference ``hf:ORG/REPO[@REVISION][:FILE|:QUANT]`` (fetched into huggingface_hub's cache if
+    needed; the first shard of a split model), an Ollama reference ``ollama:NAME[:TAG]`` (its
+    blob, in place), see :mod:`nakshatra.hub`, or an existing file. Raises ModelError if it is
+    none of these, or if pulling or resolving fails."""
+    from . import hub
+
+    if hub.is_ref(name_or_path):
+        return hub.resolve(os.fspath(name_or_path), progress=progress)
     p = Path(name_or_path)
     if p.is_file():
         return p
@@ -168,4 +175,4 @@ def resolve_model(name_or_path: str | os.PathLike[str], progress: bool = True) -
     if p.exists():
         raise ModelError(f"{p} is not a file; give a .gguf file or a built-in model name")
     raise ModelError(f"no such model file {str(p)!r} and no built-in model of that name; built-in "
-                     f"models: {', '.join(sorted(BUILTIN))}")
+                     f"models: {', '.join(sorted(BUILTIN))} (or hf:ORG/REPO[:QUANT], ollama:NAME[:TAG])")
