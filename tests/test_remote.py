@@ -294,3 +294,22 @@ def test_follows_a_redirect_and_its_linked_etag(smollm2_path: Path, tmp_path: Pa
             front.server_close()
     assert got.model_sha256 == sha
     assert got.path.read_bytes() == cut_locally(model, LayerRange(20, 30), tmp_path / "local-cache").read_bytes()
+
+
+def test_an_hf_reference_with_layers_fetches_only_them(smollm2_path: Path, tmp_path: Path, cache: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``nak serve hf:ORG/REPO --layers A-B`` with the model not in the Hugging Face cache: the
+    hub's file listing (its URL, token headers, size and LFS sha256; the hub itself cannot be
+    reached from the tests) leads to a range fetch of just those layers."""
+    from nakshatra import hub
+    from nakshatra.serve import ServeOptions, remote_slice
+
+    model = _model_dir(smollm2_path, tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    with Server([model], etags=False) as srv:
+        listing = [hub.RemoteFile(path=model.name, url=srv.url(model.name), headers={"authorization": "Bearer t"},
+                                  size=model.stat().st_size, sha256=sha256_file(model))]
+        monkeypatch.setattr(hub, "hf_remote_files", lambda ref: listing)
+        got = remote_slice(ServeOptions(model="hf:org/SmolLM2-GGUF:Q4_1", layers="0-9"), None, False)
+    assert got is not None
+    assert got.read_bytes() == cut_locally(model, LayerRange(0, 10), tmp_path / "local-cache").read_bytes()

@@ -15,11 +15,12 @@ _HOST_HELP = ("A host: NAME=ADDRESS,mem=MiB,speed=LAYERS_PER_S,link=MS (repeat f
 
 
 def _model_ref(model: str, model_path: Path, out_dir: Path) -> str:
-    """What the cluster file names: a built-in name as is, else the GGUF's path relative to the
-    file's folder when it lies under it, else absolute."""
+    """What the cluster file names: a built-in name or an hf:/ollama: reference as is, else the
+    GGUF's path relative to the file's folder when it lies under it, else absolute."""
+    from nakshatra.hub import is_ref
     from nakshatra.models import BUILTIN
 
-    if model in BUILTIN and not Path(model).is_file():
+    if (model in BUILTIN or is_ref(model)) and not Path(model).is_file():
         return model
     p, base = model_path.resolve(), out_dir.resolve()
     return str(p.relative_to(base)) if p.is_relative_to(base) else str(p)
@@ -80,7 +81,7 @@ def register(app: typer.Typer) -> None:
             if cf is None:
                 raise NakError("give a MODEL (a GGUF file or a built-in name) or a --cluster file that names one")
             model = cf.model
-            model_path = resolve_model(cf.model if cf.model in _builtin() else cf.resolve(cf.model))
+            model_path = resolve_model(cf.model if cf.model in _builtin() or _is_ref(cf.model) else cf.resolve(cf.model))
         else:
             model_path = resolve_model(model)
 
@@ -140,6 +141,12 @@ def register(app: typer.Typer) -> None:
             raise NakError(f"cannot write {output}: {e.strerror or e}") from e
         err.print(f"wrote {output}; make the slices with:", markup=False, highlight=False)
         print(cmd)
+
+
+def _is_ref(model: str) -> bool:
+    from nakshatra.hub import is_ref
+
+    return is_ref(model)
 
 
 def _builtin() -> dict:

@@ -344,6 +344,26 @@ def resolve_hf(ref: str, progress: bool = True) -> Path:
     return _download(r, group, progress)
 
 
+def cached_hf(ref: str) -> Path | None:
+    """The local path of the model ``ref`` names if every file of it (every shard) is already in
+    huggingface_hub's cache, else None; never uses the network. Raises ModelError for a malformed
+    reference or an ambiguous choice among the cached files."""
+    r = parse_hf_ref(ref)
+    snap = _cached_snapshot(r)
+    if snap is None:
+        return None
+    snap_dir, cached = snap
+    try:
+        group, _ = choose_model(r, cached)
+    except ModelError:
+        return None  # not cached (or not all of it): the hub decides
+    paths = [snap_dir / f for f in group]
+    if not all(p.is_file() for p in paths):
+        return None
+    first = paths[0]
+    return first if len(shard_paths(first)) == len(group) else None
+
+
 def _download(r: HfRef, group: list[str], progress: bool) -> Path:
     from huggingface_hub import hf_hub_download
 

@@ -138,29 +138,51 @@ def kv_bytes_estimate(path: Path, ctx: int, max_sessions: int = 1, swa_full: boo
 
 
 def remote_slice(opts: ServeOptions, key: bytes | None, progress: bool) -> Path | None:
-    """For a model given as an http(s) URL: its slice of ``opts.layers``, fetched by range requests
+    """For a model given as an http(s) URL, or as an ``hf:`` reference that is not in the Hugging
+    Face cache yet: its slice of ``opts.layers``, fetched by range requests
     (:func:`nakshatra.remote.fetch_slice`; with ``key``, the :func:`nakshatra.up.fetch_token`
-    ``nak up``'s file server wants). None for a local model. Raises NakError without --layers,
-    or as fetch_slice."""
+    ``nak up``'s file server wants). None for a local model (a file, a cached ``hf:`` model, an
+    ``ollama:`` one). Raises NakError without --layers, or as fetch_slice and
+    :func:`nakshatra.hub.hf_remote_files`."""
+    from . import hub
     from .remote import RemoteFile, fetch_slice, is_url
 
-    if not is_url(opts.model):
+    model = str(opts.model)
+    if not is_url(model) and not (model.startswith(hub.HF_PREFIX) and opts.layers and hub.cached_hf(model) is None):
         return None
     if not opts.layers:
-        raise NakError(f"{opts.model} is a remote model: give --layers A-B, the layers this stage serves "
+        raise NakError(f"{model} is a remote model: give --layers A-B, the layers this stage serves "
                        "(it fetches only those)")
     if opts.fetch:
         raise NakError("--fetch is for a slice file; a remote model is fetched from its own URL: drop --fetch")
-    rf = RemoteFile(str(opts.model))
-    if key:
-        from .up import AUTH_HEADER, fetch_token
+    if is_url(model):
+        files = [RemoteFile(model)]
+        if key:
+            from .up import AUTH_HEADER, fetch_token
 
-        rf = RemoteFile(rf.url, {AUTH_HEADER: fetch_token(key, rf.name)})
-    got = fetch_slice(rf, parse_range(opts.layers), model_sha256=opts.model_sha256 or None,
+            files = [RemoteFile(model, {AUTH_HEADER: fetch_token(key, files[0].name)})]
+    else:
+        files = [RemoteFile(f.url, f.headers, f.size, f.sha256) for f in hub.hf_remote_files(model)]
+    if len(files) > 1:
+        raise NakError(f"{model} is split into {len(files)} files; fetching a part of a split model is not "
+                       f"supported yet: drop --layers to download it whole (nak pull {model})")
+    got = fetch_slice(files[0], parse_range(opts.layers), model_sha256=opts.model_sha256 or None,
                       sha256=opts.sha256 or None, progress=progress)
-    print(f"nak serve: layers {opts.layers} of {rf.url}: {got.path} (fetched {_fmt_bytes(got.downloaded)})",
+    print(f"nak serve: layers {opts.layers} of {model}: {got.path} (fetched {_fmt_bytes(got.downloaded)})",
           file=sys.stderr, flush=True)
     return got.path
+
+
+def local_model(model: Path | str, progress: bool) -> Path:
+    """The file a model argument names: a path as is, an ``hf:`` / ``ollama:`` reference resolved
+    (:func:`nakshatra.models.resolve_model`: downloaded whole when not cached)."""
+    from .hub import is_ref
+
+    if is_ref(model):
+        from .models import resolve_model
+
+        return resolve_model(str(model), progress=progress)
+    return Path(model)
 
 
 def check_host(host: str, insecure: bool, key: bytes | None = None) -> None:
@@ -207,12 +229,12 @@ def serve(opts: ServeOptions) -> int:
     if fa is None:
         raise NakError(f"--flash-attn {opts.flash_attn!r}: use auto, on or off")
     tty = sys.stderr.isatty()
-    model = remote_slice(opts, key, tty)
-    if model is None and (opts.fetch or opts.sha256):  # fetch the slice if missing (nakshatra.up), check its sha256
+    model = remote_slice(opts, key, tty) or local_model(opts.model, tty)
+    if model == Path(opts.model) and (opts.fetch or opts.sha256):  # fetch a missing slice (nakshatra.up)
         from .up import fetch_slice
 
-        fetch_slice(opts.fetch, Path(opts.model), opts.sha256, key=key)
-    path, model_sha = resolve_slice(model or Path(opts.model), opts.layers, opts.verify, progress=tty)
+        fetch_slice(opts.fetch, model, opts.sha256, key=key)
+    path, model_sha = resolve_slice(model, opts.layers, opts.verify, progress=tty)
     from contextlib import nullcontext
 
     from rich.console import Console

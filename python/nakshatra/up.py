@@ -204,8 +204,11 @@ def _listed(slices_dir: Path) -> dict[str, SliceInfo]:
 
 
 def _model_path(cf: ClusterFile, progress: bool) -> Path:
+    from .hub import is_ref
     from .models import BUILTIN, resolve_model
 
+    if is_ref(cf.model):
+        return resolve_model(cf.model, progress=progress)
     p = cf.resolve(cf.model)
     if not p.is_file() and cf.model in BUILTIN:
         return resolve_model(cf.model, progress=progress)
