@@ -1,0 +1,258 @@
+"""Models split into shards (llama-gguf-split's NAME-00001-of-0000N.gguf): read as the one model
+they are everywhere a model goes in, slices byte-identical to the unsplit model's, and a missing
+or foreign shard refused, naming the file, before anything is written."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFWriter
+
+from nakshatra.errors import SliceError
+from nakshatra.inspection import inspect_gguf
+from nakshatra.manifest import sha256_file
+from nakshatra.ranges import LayerRange
+from nakshatra.serve import resolve_slice
+from nakshatra.shards import (
+    SPLIT_KEYS,
+    model_bytes,
+    model_sha256,
+    open_model,
+    shard_path,
+    shard_prefix,
+    write_shards,
+)
+from nakshatra.slicer import model_layout, scan_gguf, slice_model
+
+MODELS = ("smollm2_path", "gemma3_path")
+
+
+def tiny_writer(path: Path, **split: int) -> GGUFWriter:
+    """A small llama model (strings, arrays, F32 and F16 tensors) in a GGUFWriter, not yet written."""
+    rng = np.random.default_rng(1)
+    w = GGUFWriter(str(path), "llama", **split)
+    w.add_uint32("llama.block_count", 3)
+    w.add_uint32("llama.embedding_length", 8)
+    w.add_array("llama.attention.head_count", [2, 2, 2])
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    w.add_tensor("token_embd.weight", rng.standard_normal((3, 8), dtype=np.float32))
+    for i in range(3):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", rng.standard_normal(5, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", rng.standard_normal((16, 8)).astype(np.float16))
+    w.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+    return w
+
+
+def write_all(w: GGUFWriter) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_write_shards_is_gguf_writers_split(tmp_path):
+    """write_shards writes the bytes GGUFWriter's own split writes (split keys appended to shard
+    1's keys; the other shards hold only them), and reads back as the unsplit model."""
+    whole = tmp_path / "whole" / "tiny.gguf"
+    whole.parent.mkdir()
+    write_all(tiny_writer(whole))
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    write_all(tiny_writer(ref / "tiny.gguf", split_max_tensors=3))
+    mine = write_shards(whole, tmp_path / "mine", max_tensors=3)
+    names = sorted(p.name for p in ref.iterdir())
+    assert names == [f"tiny-0000{i}-of-00003.gguf" for i in (1, 2, 3)] == [p.name for p in mine]
+    for p in mine:
+        assert p.read_bytes() == (ref / p.name).read_bytes(), p.name
+    model = open_model(mine[1])
+    assert model.paths == tuple(mine) and model.stem == "tiny" and model.sharded
+    assert model_sha256(model) == sha256_file(whole) and model_bytes(model) == whole.stat().st_size
+    assert not any(k in model.scan.fields for k in SPLIT_KEYS)
+
+
+def test_shard_names():
+    assert shard_path("/m/gemma3", 0, 3) == Path("/m/gemma3-00001-of-00003.gguf")
+    assert shard_prefix("/m/gemma3-00002-of-00003.gguf", 1, 3) == Path("/m/gemma3")
+    assert shard_prefix("/m/gemma3-00002-of-00003.gguf", 0, 3) is None
+
+
+def _shard(model: Path, out: Path) -> list[Path]:
+    """``model`` in 3 shards named after it, cut every third of its tensors (llama-gguf-split
+    --split-max-tensors)."""
+    n = len(scan_gguf(model).tensors)
+    return write_shards(model, out, max_tensors=math.ceil(n / 3))
+
+
+@pytest.fixture(scope="module")
+def sharded(request, tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
+    """Both real models, whole and in three shards."""
+    out = {}
+    for fixture in MODELS:
+        whole = request.getfixturevalue(fixture)
+        out[fixture] = whole, _shard(whole, tmp_path_factory.mktemp("shards") / fixture)
+    return out
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+@pytest.mark.parametrize("fixture", MODELS)
+def test_slices_of_shards_are_the_unsplit_models(sharded, tmp_path, fixture):
+    whole, shards = sharded[fixture]
+    assert len(shards) == 3
+    for shard in shards:  # the shards really split the layers
+        assert scan_gguf(shard).tensors
+    a = slice_model(whole, n_parts=3, out_dir=tmp_path / "whole", progress=False)
+    b = slice_model(shards[1], n_parts=3, out_dir=tmp_path / "shards", progress=False)
+    assert a == b
+    assert b.model["sha256"] == sha256_file(whole) and b.model["bytes"] == whole.stat().st_size
+    assert _files(tmp_path / "whole") == _files(tmp_path / "shards")
+    assert len(_files(tmp_path / "shards")) == 4  # three slices and the manifest
+
+
+def test_a_range_across_a_shard_boundary(sharded, tmp_path):
+    """Explicit ranges, the middle one holding a layer whose tensors lie in two shards."""
+    whole, shards = sharded["smollm2_path"]
+    layers = [{int(t.name.split(".")[1]) for t in scan_gguf(s).tensors if t.name.startswith("blk.")}
+              for s in shards]
+    split = sorted((layers[0] & layers[1]) | (layers[1] & layers[2]))
+    assert split  # with this cut, some layer is in two shards
+    at = split[0]
+    ranges = [LayerRange(0, at - 1), LayerRange(at - 1, at + 2), LayerRange(at + 2, 30)]
+    slice_model(whole, ranges=ranges, out_dir=tmp_path / "whole", progress=False)
+    slice_model(shards[0], ranges=ranges, out_dir=tmp_path / "shards", progress=False)
+    assert _files(tmp_path / "whole") == _files(tmp_path / "shards")
+
+
+@pytest.mark.parametrize("fixture", MODELS)
+def test_layout_and_inspect_of_any_shard(sharded, fixture):
+    whole, shards = sharded[fixture]
+    want = model_layout(whole)
+    for shard in shards:
+        got = model_layout(shard)
+        assert got == replace(want, path=shards[0])
+        info, ref = inspect_gguf(shard), inspect_gguf(whole)
+        assert info["shards"] == [str(p) for p in shards] and ref["shards"] is None
+        assert {k: v for k, v in info.items() if k not in ("path", "shards")} == \
+               {k: v for k, v in ref.items() if k not in ("path", "shards")}
+        assert info["weights_bytes"] > 0.9 * whole.stat().st_size
+
+
+def test_nak_inspect_a_shard(sharded):
+    """`nak inspect SHARD`: the same weights and predicted footprint as the whole file (llama.cpp
+    loads the split model from shard 1)."""
+    whole, shards = sharded["smollm2_path"]
+
+    def inspect(path: Path) -> dict:
+        r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "inspect", str(path), "--ctx", "256", "--json"],
+                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    got, want = inspect(shards[2]), inspect(whole)
+    assert got["weights_bytes"] == want["weights_bytes"] > 90 << 20
+    assert got["footprint"]["total_bytes"] == want["footprint"]["total_bytes"]
+
+
+def _link_set(shards: list[Path], d: Path, replace_with: dict[int, Path] | None = None) -> list[Path]:
+    """Symlinks to ``shards`` in ``d`` (same names), some replaced by other files."""
+    d.mkdir()
+    out = []
+    for i, s in enumerate(shards):
+        (d / s.name).symlink_to((replace_with or {}).get(i, s))
+        out.append(d / s.name)
+    return out
+
+
+def test_missing_shard_names_it_and_writes_nothing(sharded, tmp_path):
+    _, shards = sharded["gemma3_path"]
+    links = _link_set(shards, tmp_path / "m")
+    links[2].unlink()
+    for given in links[:2]:
+        with pytest.raises(SliceError, match=f"{links[2]}: no such file, shard 3 of 3"):
+            slice_model(given, n_parts=3, out_dir=tmp_path / "out", progress=False)
+        with pytest.raises(SliceError, match="no such file"):
+            inspect_gguf(given)
+    assert not (tmp_path / "out").exists()
+
+
+def test_foreign_shard_names_it_and_writes_nothing(sharded, tmp_path):
+    _, gemma = sharded["gemma3_path"]
+    _, smol = sharded["smollm2_path"]
+    links = _link_set(gemma, tmp_path / "m", {1: smol[1]})
+    with pytest.raises(SliceError, match=f"{links[1]} is not a shard of the model"):
+        slice_model(links[0], n_parts=3, out_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+    # the same model cut in 3 elsewhere: the same split keys, but some tensors in two shards
+    other = write_shards(gemma[0], tmp_path / "other", max_tensors=100)
+    assert len(other) == 3
+    links = _link_set(gemma, tmp_path / "m2", {1: other[1]})
+    with pytest.raises(SliceError, match=f"{links[1]} is not a shard .* tensor .* is also in"):
+        slice_model(links[0], n_parts=3, out_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_renamed_or_truncated_shard(sharded, tmp_path):
+    _, shards = sharded["smollm2_path"]
+    d = tmp_path / "m"
+    d.mkdir()
+    renamed = d / "model-part2.gguf"
+    renamed.symlink_to(shards[1])
+    with pytest.raises(SliceError, match=f"{renamed} is shard 2 of 3 .* -00002-of-00003.gguf"):
+        open_model(renamed)
+    links = _link_set(shards, tmp_path / "t", {2: tmp_path / "short.gguf"})
+    (tmp_path / "short.gguf").write_bytes(shards[2].read_bytes()[:-1000])
+    with pytest.raises(SliceError, match=f"{links[2]} is not a GGUF file \\(or it is truncated\\)"):
+        slice_model(links[0], n_parts=3, out_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_serve_a_shard_with_layers_is_the_whole_models_cached_slice(sharded, tmp_path, monkeypatch):
+    """`nak serve SHARD --layers 3-5` loads the slice `nak serve MODEL --layers 3-5` loads: the
+    cache is keyed by the model's identity, and the split model's is the unsplit file's sha256.
+    The shards are found by their names through symlinks (a Hugging Face cache)."""
+    monkeypatch.setenv("NAKSHATRA_CACHE_DIR", str(tmp_path / "cache"))
+    whole, shards = sharded["smollm2_path"]
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for i, s in enumerate(shards):  # snapshot names -> blobs named by hash, as huggingface_hub does
+        (blobs / f"blob{i}").symlink_to(s)
+    links = _link_set(shards, tmp_path / "snapshot", {i: blobs / f"blob{i}" for i in range(3)})
+    sha = sha256_file(whole)
+    path, got_sha = resolve_slice(links[1], "3-5")
+    assert got_sha == sha
+    assert path == tmp_path / "cache" / "slices" / sha[:16] / "smollm2.3-5.gguf"
+    stamp = path.stat().st_mtime_ns
+    assert resolve_slice(whole, "3-5") == (path, sha)
+    assert path.stat().st_mtime_ns == stamp  # the same cached file, not cut again
+    index = json.loads((tmp_path / "cache" / "slices" / "index.json").read_text())
+    assert index[str(links[0])] == {"shards": [[s.stat().st_size, s.stat().st_mtime_ns] for s in links],
+                                    "sha256": sha}
+    assert resolve_slice(links[2], None) == (links[0], sha)  # served whole from shard 1
+
+
+def test_run_from_shards_answers_as_the_whole_model(sharded, tmp_path):
+    """`nak run --model SHARD --parts 2`: the same answer as from the whole file (one short run
+    each)."""
+    whole, shards = sharded["smollm2_path"]
+
+    def run(model: Path) -> str:
+        r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "run", "--model", str(model), "--parts", "2",
+                            "--temp", "0", "-n", "8", "--threads", "2", "--ctx", "256", "What is 2+2?"],
+                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+                           env={**os.environ, "NAKSHATRA_CACHE_DIR": str(tmp_path / "cache")})
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert run(shards[0]) == run(whole) != ""
