@@ -150,7 +150,7 @@ def test_layout_and_inspect_of_any_shard(sharded, fixture):
 
 def test_nak_inspect_a_shard(sharded):
     """`nak inspect SHARD`: the same weights and predicted footprint as the whole file (llama.cpp
-    loads the split model from shard 1)."""
+    loads the split model from shard 1, wherever the one given lies)."""
     whole, shards = sharded["smollm2_path"]
 
     def inspect(path: Path) -> dict:
@@ -161,7 +161,10 @@ def test_nak_inspect_a_shard(sharded):
 
     got, want = inspect(shards[2]), inspect(whole)
     assert got["weights_bytes"] == want["weights_bytes"] > 90 << 20
-    assert got["footprint"]["total_bytes"] == want["footprint"]["total_bytes"]
+    for key in ("mapped_weights_bytes", "copied_weights_bytes", "kv_bytes", "compute_bytes", "output_bytes"):
+        assert got["footprint"][key] == want["footprint"][key], key
+    # llama.cpp's heap figure varies by a few hundred KiB from one load to the next
+    assert abs(got["footprint"]["total_bytes"] - want["footprint"]["total_bytes"]) < 2 << 20
 
 
 def _link_set(shards: list[Path], d: Path, replace_with: dict[int, Path] | None = None) -> list[Path]:
@@ -198,7 +201,7 @@ def test_foreign_shard_names_it_and_writes_nothing(sharded, tmp_path):
     other = write_shards(gemma[0], tmp_path / "other", max_tensors=100)
     assert len(other) == 3
     links = _link_set(gemma, tmp_path / "m2", {1: other[1]})
-    with pytest.raises(SliceError, match=f"{links[1]} is not a shard .* tensor .* is also in"):
+    with pytest.raises(SliceError, match=f"{links[1]} and {links[2]} both hold tensor blk"):
         slice_model(links[0], n_parts=3, out_dir=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

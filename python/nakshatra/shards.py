@@ -273,8 +273,9 @@ def open_model(path: str | os.PathLike[str]) -> GGUFModel:
         _check_shard(s, i, count, total, scans[0])
         for t in s.tensors:
             if t.name in shard_of:
-                raise _foreign(s.path, f"tensor {t.name} is also in {paths[shard_of[t.name]].name}",
-                               paths[0])
+                raise SliceError(f"{paths[shard_of[t.name]]} and {s.path} both hold tensor {t.name}: one "
+                                 "of them is not a shard of this split (another model, or another cut "
+                                 "of it); download the shards again")
             shard_of[t.name] = i
     if len(shard_of) != total:
         raise SliceError(f"the shards of {prefix.name} hold {len(shard_of)} tensors, not the "
