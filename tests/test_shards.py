@@ -259,3 +259,15 @@ def test_run_from_shards_answers_as_the_whole_model(sharded, tmp_path):
         return r.stdout
 
     assert run(shards[0]) == run(whole) != ""
+
+
+def test_plan_memory_from_a_shard(sharded, tmp_path, monkeypatch):
+    """`nak plan SHARD`: the memory model of the split model is the unsplit file's (its fixed
+    costs up to llama.cpp's heap noise, see test_nak_inspect_a_shard)."""
+    from nakshatra.plan import model_memory
+
+    monkeypatch.setenv("NAKSHATRA_CACHE_DIR", str(tmp_path / "cache"))
+    whole, shards = sharded["smollm2_path"]
+    got, want = model_memory(shards[1], ctx=256, max_sessions=1), model_memory(whole, ctx=256, max_sessions=1)
+    assert replace(got, fixed=0) == replace(want, fixed=0)
+    assert all(abs(a - b) < 2 << 20 for a, b in zip(got.fixed, want.fixed)), (got.fixed, want.fixed)

@@ -166,7 +166,8 @@ def predict_stage(path: str | os.PathLike[str], ctx: int = 4096, max_sessions: i
     """
     from .shards import open_model
 
-    path = open_model(path).path
+    if Path(path).is_file():
+        path = open_model(path).path
     e = llama_estimate(path, ctx, max_sessions, **stage_options)
     host = [b for b in e["buffers"] if b["host"]]
     mapped = sum(b["model"] for b in host if b["mapped"])
