@@ -95,7 +95,7 @@ class ModelFiles:
     data from the file that holds it. A context manager; closes every file on exit."""
 
     def __init__(self, model: GGUFModel) -> None:
-        self.model, self._fds = model, []
+        self.model, self._fds = model, list[int]()
         try:
             for p in model.paths:
                 self._fds.append(os.open(p, os.O_RDONLY))
@@ -189,9 +189,9 @@ def _split_keys(scan: GGUFScan) -> tuple[Any, Any, Any]:
     return scan.value(SPLIT_NO), scan.value(SPLIT_COUNT), scan.value(SPLIT_TENSORS)
 
 
-def _foreign(path: Path, why: str, first: Path) -> SliceError:
-    return SliceError(f"{path} is not a shard of the model {first.name} belongs to ({why}); "
-                      "put the model's own shard there (download it again)")
+def _foreign(path: Path, why: str, given: Path) -> SliceError:
+    return SliceError(f"{path} is not a shard of the model {given.name} is ({why}); put that "
+                      "model's own shard there (download it again)")
 
 
 def _siblings(path: Path, no: int, count: int) -> tuple[Path, list[Path]]:
@@ -208,17 +208,22 @@ def _siblings(path: Path, no: int, count: int) -> tuple[Path, list[Path]]:
     return prefix, paths
 
 
-def _check_shard(scan: GGUFScan, i: int, count: int, total: Any, first: GGUFScan) -> None:
-    no, n, tensors = _split_keys(scan)
-    if (no, n, tensors) != (i, count, total):
-        raise _foreign(scan.path, f"its split.no/split.count/split.tensors.count are {no}/{n}/"
-                       f"{tensors}, not {i}/{count}/{total}", first.path)
+def _check_shard(scan: GGUFScan, i: int, keys: tuple[int, int, Any], first: GGUFScan, given: Path) -> None:
+    """Shard ``i`` carries ``split.no == i`` and the given shard's count and tensor total, and
+    a scalar or string key it shares with shard 1 has shard 1's value."""
+    count, total = keys[1:]
+    got = _split_keys(scan)
+    if got != (i, count, total):
+        raise _foreign(scan.path, "its split.no/split.count/split.tensors.count are "
+                       f"{'/'.join(map(str, got))}, not {i}/{count}/{total}", given)
+    if scan is first:
+        return
     for key, kv in scan.fields.items():
         other = first.fields.get(key)
-        if key in SPLIT_KEYS or kv.type == GGUFValueType.ARRAY:
+        if other is None or key in SPLIT_KEYS or kv.type == GGUFValueType.ARRAY:
             continue
-        if other is not None and (other.type != kv.type or first.value(key) != scan.value(key)):
-            raise _foreign(scan.path, f"its {key} differs from shard 1's", first.path)
+        if other.type != kv.type or first.value(key) != scan.value(key):
+            raise _foreign(scan.path, f"its {key} differs from shard 1's", given)
 
 
 def _check_layers(model: GGUFModel, scans: Sequence[GGUFScan]) -> None:
@@ -270,7 +275,7 @@ def open_model(path: str | os.PathLike[str]) -> GGUFModel:
     scans = [given if i == no else scan_gguf(q) for i, q in enumerate(paths)]
     shard_of: dict[str, int] = {}
     for i, s in enumerate(scans):
-        _check_shard(s, i, count, total, scans[0])
+        _check_shard(s, i, (no, count, total), scans[0], p)
         for t in s.tensors:
             if t.name in shard_of:
                 raise SliceError(f"{paths[shard_of[t.name]]} and {s.path} both hold tensor {t.name}: one "
