@@ -271,3 +271,24 @@ def test_plan_memory_from_a_shard(sharded, tmp_path, monkeypatch):
     got, want = model_memory(shards[1], ctx=256, max_sessions=1), model_memory(whole, ctx=256, max_sessions=1)
     assert replace(got, fixed=0) == replace(want, fixed=0)
     assert all(abs(a - b) < 2 << 20 for a, b in zip(got.fixed, want.fixed)), (got.fixed, want.fixed)
+
+
+@pytest.mark.parametrize("command", [
+    ("slice", "{shard}", "--parts", "3", "-o", "{out}"),
+    ("inspect", "{shard}"),
+    ("run", "--model", "{shard}", "--parts", "2", "-n", "4", "hi"),
+    ("serve", "{shard}", "--layers", "3-5", "--port", "0"),
+    ("plan", "{shard}", "--host", "a=127.0.0.1,mem=4G,speed=100"),
+])
+def test_every_command_names_a_missing_shard_in_one_line(sharded, tmp_path, command):
+    _, shards = sharded["smollm2_path"]
+    links = _link_set(shards, tmp_path / "m")
+    links[1].unlink()
+    args = [a.format(shard=links[2], out=tmp_path / "out") for a in command]
+    r = subprocess.run([sys.executable, "-m", "nakshatra_cli", *args], capture_output=True, text=True, timeout=120,
+                       stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "400",
+                                                      "NAKSHATRA_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"error: {links[1]}: no such file, shard 2 of 3 of smollm2; put all 3 "
+                                             f"shards in {links[1].parent}"], r.stderr
+    assert r.stdout == "" and not (tmp_path / "out").exists()
