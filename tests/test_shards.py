@@ -292,3 +292,53 @@ def test_every_command_names_a_missing_shard_in_one_line(sharded, tmp_path, comm
     assert r.stderr.strip().splitlines() == [f"error: {links[1]}: no such file, shard 2 of 3 of smollm2; put all 3 "
                                              f"shards in {links[1].parent}"], r.stderr
     assert r.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_serve_a_split_model_whole(sharded, tmp_path):
+    """`nak serve SHARD` (no --layers) serves the split model whole, loaded from shard 1: the
+    tokens of the unsplit model."""
+    from nakshatra import _nakshatra
+    from nakshatra.chain import Chain, SamplerParams
+
+    whole, shards = sharded["smollm2_path"]
+    p = subprocess.Popen([sys.executable, "-m", "nakshatra_cli", "serve", str(shards[2]), "--port", "0",
+                          "--ready-json", "--threads", "2", "--ctx", "256", "--max-sessions", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        line = p.stdout.readline()
+        assert line, p.stderr.read()
+        with Chain([f"127.0.0.1:{json.loads(line)['port']}"]) as c:
+            prompt = c.tokenize("The capital of France is")
+            got = [t for t, _ in c.generate_tokens(prompt, 8, SamplerParams(temp=0))]
+    finally:
+        p.terminate()
+        p.communicate(timeout=30)
+    assert got == _nakshatra.Reference(str(whole), n_ctx=256).generate(prompt, 8, temp=0.0)
+
+
+def test_a_sparse_copy_with_only_the_bytes_a_slice_reads(sharded, tmp_path, monkeypatch):
+    """What remote fetching builds: local files of the shards' names and sizes holding only the
+    bytes slice_byte_ranges lists (holes elsewhere); given the model's identity, the slice cut
+    from them is the one the whole model gives."""
+    from nakshatra.slicer import cached_slice, slice_byte_ranges
+
+    whole, shards = sharded["gemma3_path"]
+    rng = LayerRange(4, 8)  # layer 5 lies in shards 1 and 2
+    spans = slice_byte_ranges(shards[1], [rng])
+    assert [p.name for p in spans] == [s.name for s in shards] and spans[shards[0]][0][0] == 0
+    sparse = tmp_path / "sparse"
+    sparse.mkdir()
+    for src, parts in spans.items():
+        with open(src, "rb") as f, open(sparse / src.name, "wb") as out:
+            out.truncate(src.stat().st_size)
+            for offset, n in parts:
+                f.seek(offset)
+                out.seek(offset)
+                out.write(f.read(n))
+    read = sum(n for parts in spans.values() for _, n in parts)
+    assert read < 0.5 * whole.stat().st_size
+    monkeypatch.setenv("NAKSHATRA_CACHE_DIR", str(tmp_path / "a"))
+    want = cached_slice(whole, rng, 18, progress=False).read_bytes()
+    monkeypatch.setenv("NAKSHATRA_CACHE_DIR", str(tmp_path / "b"))
+    got = cached_slice(sparse / shards[2].name, rng, 18, progress=False, sha256=sha256_file(whole))
+    assert got.read_bytes() == want

@@ -69,12 +69,13 @@ class GGUFModel:
 
     ``paths``: its files, shard order (one for a single file; the path as given, not resolved);
     ``scan``: the merged view, shard 1's keys without ``split.*`` and all tensors in order (a
-    tensor's ``data_offset`` is in its own file); ``shard_of``: tensor name -> index into
-    ``paths``; ``stem``: the model's name (the file's stem, or the shards' prefix); ``sharded``:
+    tensor's ``data_offset`` is in its own file); ``files``: each file's own scan; ``shard_of``:
+    tensor name -> index into ``paths``; ``stem``: the model's name (the file's stem, or the shards' prefix); ``sharded``:
     the files carry ``split.*`` keys (then :func:`model_sha256` is the canonical stream's)."""
 
     paths: tuple[Path, ...]
     scan: GGUFScan
+    files: tuple[GGUFScan, ...]
     shard_of: dict[str, int]
     stem: str
     sharded: bool
@@ -226,7 +227,7 @@ def _check_shard(scan: GGUFScan, i: int, keys: tuple[int, int, Any], first: GGUF
             raise _foreign(scan.path, f"its {key} differs from shard 1's", given)
 
 
-def _check_layers(model: GGUFModel, scans: Sequence[GGUFScan]) -> None:
+def _check_layers(model: GGUFModel) -> None:
     """Every ``blk.N`` tensor within ``block_count`` and every layer present."""
     arch = model.scan.value("general.architecture")
     n_layer = model.scan.value(f"{arch}.block_count")
@@ -237,7 +238,7 @@ def _check_layers(model: GGUFModel, scans: Sequence[GGUFScan]) -> None:
         if t.name.startswith("blk."):
             il = int(t.name.split(".", 2)[1])
             if il >= n_layer:
-                raise _foreign(scans[model.shard_of[t.name]].path, f"it holds {t.name} but the model "
+                raise _foreign(model.paths[model.shard_of[t.name]], f"it holds {t.name} but the model "
                                f"has {n_layer} layers", model.path)
             seen.add(il)
     missing = sorted(set(range(n_layer)) - seen)
@@ -263,7 +264,7 @@ def open_model(path: str | os.PathLike[str]) -> GGUFModel:
     given = scan_gguf(p)
     no, count, total = _split_keys(given)
     if count is None:
-        return GGUFModel(paths=(p,), scan=given, shard_of={t.name: 0 for t in given.tensors},
+        return GGUFModel(paths=(p,), scan=given, files=(given,), shard_of={t.name: 0 for t in given.tensors},
                          stem=p.stem, sharded=False)
     if not isinstance(no, int) or not isinstance(count, int) or not 0 <= no < count:
         raise SliceError(f"{p}: invalid split.no {no!r} / split.count {count!r}; the shard is "
@@ -288,8 +289,9 @@ def open_model(path: str | os.PathLike[str]) -> GGUFModel:
                          "download them again")
     merged = replace(scans[0], fields={k: v for k, v in scans[0].fields.items() if k not in SPLIT_KEYS},
                      tensors=[t for s in scans for t in s.tensors])
-    model = GGUFModel(paths=tuple(paths), scan=merged, shard_of=shard_of, stem=prefix.name, sharded=True)
-    _check_layers(model, scans)
+    model = GGUFModel(paths=tuple(paths), scan=merged, files=tuple(scans), shard_of=shard_of,
+                      stem=prefix.name, sharded=True)
+    _check_layers(model)
     return model
 
 

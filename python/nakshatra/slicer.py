@@ -442,14 +442,17 @@ def _cut(model: GGUFModel, layout: ModelLayout, plan: list[tuple[LayerRange, int
 
 def slice_model(model_path: str | os.PathLike[str], ranges: list[LayerRange] | None = None,
                 n_parts: int | None = None, out_dir: str | os.PathLike[str] | None = None,
-                progress: bool = True) -> Manifest:
+                progress: bool = True, *, sha256: str | None = None) -> Manifest:
     """Cut a model into slices and write ``<out_dir>/<stem>.<a>-<b>.gguf`` (inclusive layer
     numbers) for each range, plus ``<out_dir>/<stem>.manifest.json``.
 
     ``model_path`` is a GGUF file or any shard of a split model (``<stem>-00001-of-0000N.gguf``,
     ...): then every shard is read and checked before anything is written, ``stem`` is the
     shards' prefix, and the slices, manifest included, are the bytes the unsplit model gives
-    (:mod:`nakshatra.shards`; a progress bar for hashing the shards too).
+    (:mod:`nakshatra.shards`; a progress bar for hashing the shards too). ``sha256``: the
+    model's identity (:func:`nakshatra.shards.model_sha256`, hex) when it is known, instead of
+    hashing the model; then only the bytes :func:`slice_byte_ranges` lists are read, so a
+    sparse copy of a remote model holding just those cuts the slices the whole model gives.
 
     Give exactly one of ``ranges`` (global, half-open, must cover every layer once) or ``n_parts``
     (planned by :func:`plan_parts` to balance bytes per stage). ``out_dir`` defaults to the current
@@ -473,7 +476,7 @@ def slice_model(model_path: str | os.PathLike[str], ranges: list[LayerRange] | N
         ranges = plan_parts(layout.layer_bytes, n_parts, layout.first_extra, layout.last_extra)
     ranges = check_cover(ranges or [], layout.n_layer)
     _prepare_out_dir(out)
-    layout = replace(layout, sha256=model_sha256(model, progress))
+    layout = replace(layout, sha256=sha256 or model_sha256(model, progress))
     stem = model.stem
     plan = [(r, i, len(ranges), out / f"{stem}.{r.inclusive()}.gguf") for i, r in enumerate(ranges)]
     infos = _cut(model, layout, plan, progress)
@@ -486,6 +489,34 @@ def slice_model(model_path: str | os.PathLike[str], ranges: list[LayerRange] | N
     except OSError as e:
         raise _io_error(e, target) from e
     return manifest
+
+
+def slice_byte_ranges(model_path: str | os.PathLike[str], ranges: list[LayerRange]) -> dict[Path, list[tuple[int, int]]]:
+    """The bytes of each model file that cutting ``ranges`` reads, file -> sorted, merged
+    ``(offset, length)`` pairs: every file's header, metadata and tensor infos (``[0, data
+    offset)``, what :func:`nakshatra.shards.open_model` reads) and the data of every tensor the
+    slices hold. ``model_path``: a GGUF file or any shard (whose own metadata must be present).
+    Raises SliceError as :func:`model_layout`, RangeError for ranges beyond the model."""
+    model = open_model(model_path)
+    layout = _model_layout(model, "")
+    spans = {p: [(0, s.data_offset)] for p, s in zip(model.paths, model.files)}
+    for rng in ranges:
+        if rng.end > layout.n_layer:
+            raise RangeError(f"layer range {rng.inclusive()} is beyond the model: it has {layout.n_layer} layers")
+        for _, t in _slice_tensors(model.scan, layout, rng):
+            spans[model.paths[model.shard_of[t.name]]].append((t.data_offset, t.n_bytes))
+    return {p: _merged(s) for p, s in spans.items()}
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for offset, n in sorted(spans):
+        if out and offset <= out[-1][0] + out[-1][1]:
+            start, length = out[-1]
+            out[-1] = (start, max(length, offset + n - start))
+        elif n:
+            out.append((offset, n))
+    return out
 
 
 # --- reading slices -------------------------------------------------------------------------
@@ -563,14 +594,15 @@ def _known_sha256(model: GGUFModel, index_path: Path, progress: bool = False) ->
 
 
 def cached_slice(model_path: str | os.PathLike[str], rng: LayerRange, n_layer: int,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, *, sha256: str | None = None) -> Path:
     """Path of a slice holding layers ``rng`` of a model of ``n_layer`` layers, cut into
     ``cache_dir()/slices/<model_sha256[:16]>/`` on first use and reused while it verifies.
 
     ``model_path`` is a GGUF file or any shard of a split model, whose identity
     (:func:`nakshatra.shards.model_sha256`) keys the cache: the same slice as for the unsplit
     file. The identity is remembered in ``cache_dir()/slices/index.json`` (see
-    :func:`_known_sha256`), so an unchanged model is not hashed again. Concurrent calls are
+    :func:`_known_sha256`), so an unchanged model is not hashed again; a trusted ``sha256`` skips
+    that (and then only the bytes :func:`slice_byte_ranges` lists are read). Concurrent calls are
     serialised by a file lock. Raises RangeError if ``rng`` goes beyond ``n_layer`` or ``n_layer``
     is not the model's layer count, SliceError as :func:`slice_model`.
     """
@@ -584,7 +616,7 @@ def cached_slice(model_path: str | os.PathLike[str], rng: LayerRange, n_layer: i
     root.mkdir(parents=True, exist_ok=True)
     model = open_model(model_path)
     with _locked(root / ".lock"):
-        sha = _known_sha256(model, root / "index.json", progress)
+        sha = sha256 or _known_sha256(model, root / "index.json", progress)
         path = root / sha[:16] / f"{model.stem}.{rng.inclusive()}.gguf"
         if path.exists():
             try:
