@@ -44,8 +44,9 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096, max_sessions: 
     """Describe a GGUF file, or a model split into shards given any of them (all its shards are
     read, see :func:`nakshatra.shards.open_model`). Sizes are bytes.
 
-    Returns a dict with ``path``, ``shards`` (the files of a split model, else None), ``arch``, ``kind`` (``"model"`` or ``"slice"``), ``range`` (the
-    global :class:`~nakshatra.ranges.LayerRange` of a slice, else None), ``slice_index``,
+    Returns a dict with ``path``, ``shards`` (the files of a split model, else None), ``arch``,
+    ``kind`` (``"model"`` or ``"slice"``), ``range`` (the global
+    :class:`~nakshatra.ranges.LayerRange` of a slice, else None), ``slice_index``,
     ``slice_count``, ``n_layer`` (layers in this file), ``n_layer_full``, ``n_embd``, ``n_head``
     and ``n_head_kv`` (ints, or per-layer lists when the model varies them), ``head_dim_k``,
     ``head_dim_v``, ``tensors`` (role -> ``{"count", "bytes"}`` for roles input / layers / output /
@@ -64,7 +65,8 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096, max_sessions: 
     one ``n_ubatch`` for a sliding-window layer, as a stage allocates it (the whole context with
     ``swa_full``, ``nak serve --swa-full``).
 
-    Raises SliceError if the file is missing or not a GGUF, or a shard is missing or foreign; with ``predict``, NakError as
+    Raises SliceError if the file is missing or not a GGUF, or a shard is missing or foreign; with
+    ``predict``, NakError as
     :func:`nakshatra.memory.predict_stage` (e.g. ``max_sessions`` < 1).
     """
     model = open_model(path)

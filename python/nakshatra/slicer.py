@@ -326,10 +326,12 @@ def _stream(fd: int, offset: int, n: int, sinks: list[Callable[[bytes], Any]]) -
 
 def tensor_data_sha256(tensors: list[Any], fd: int | ModelFiles, on_bytes: Any = None) -> str:
     """sha256 over the data bytes of ``tensors`` (tensor infos from :func:`scan_gguf`, or GGUFReader
-    tensors, of the file open as ``fd``; or of a model's open files), in the order given, each tensor's ``n_bytes`` bytes from
-    its ``data_offset``: alignment padding is not hashed. For a slice, the order is the file's tensor-info order, which is also the order
-    of the data; this is ``nakshatra.tensor_data_sha256``. ``on_bytes(n)``, if given, is called
-    after each tensor with its byte count (progress)."""
+    tensors, of the file open as ``fd``; or of a model's open files,
+    :class:`~nakshatra.shards.ModelFiles`), in the order given, each tensor's ``n_bytes`` bytes
+    from its ``data_offset``: alignment padding is not hashed. For a slice, the order is the file's
+    tensor-info order, which is also the order of the data; this is
+    ``nakshatra.tensor_data_sha256``. ``on_bytes(n)``, if given, is called after each tensor with
+    its byte count (progress)."""
     h = hashlib.sha256()
     for t in tensors:
         if isinstance(fd, ModelFiles):
@@ -491,7 +493,8 @@ def slice_model(model_path: str | os.PathLike[str], ranges: list[LayerRange] | N
     return manifest
 
 
-def slice_byte_ranges(model_path: str | os.PathLike[str], ranges: list[LayerRange]) -> dict[Path, list[tuple[int, int]]]:
+def slice_byte_ranges(model_path: str | os.PathLike[str],
+                      ranges: list[LayerRange]) -> dict[Path, list[tuple[int, int]]]:
     """The bytes of each model file that cutting ``ranges`` reads, file -> sorted, merged
     ``(offset, length)`` pairs: every file's header, metadata and tensor infos (``[0, data
     offset)``, what :func:`nakshatra.shards.open_model` reads) and the data of every tensor the
@@ -502,7 +505,8 @@ def slice_byte_ranges(model_path: str | os.PathLike[str], ranges: list[LayerRang
     spans = {p: [(0, s.data_offset)] for p, s in zip(model.paths, model.files)}
     for rng in ranges:
         if rng.end > layout.n_layer:
-            raise RangeError(f"layer range {rng.inclusive()} is beyond the model: it has {layout.n_layer} layers")
+            raise RangeError(f"layer range {rng.inclusive()} is beyond the model: it has "
+                             f"{layout.n_layer} layers, numbered 0..{layout.n_layer - 1}")
         for _, t in _slice_tensors(model.scan, layout, rng):
             spans[model.paths[model.shard_of[t.name]]].append((t.data_offset, t.n_bytes))
     return {p: _merged(s) for p, s in spans.items()}
@@ -585,7 +589,7 @@ def _known_sha256(model: GGUFModel, index_path: Path, progress: bool = False) ->
         st = model.path.stat()
         key, stamp = str(model.path.resolve()), {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     entry = index.get(key)
-    if isinstance(entry, dict) and "sha256" in entry and {k: v for k, v in entry.items() if k != "sha256"} == stamp:
+    if isinstance(entry, dict) and {k: v for k, v in entry.items() if k != "sha256"} == stamp and "sha256" in entry:
         return str(entry["sha256"])
     sha = model_sha256(model, progress)
     index[key] = {**stamp, "sha256": sha}
