@@ -59,9 +59,9 @@ def write_all(w: GGUFWriter) -> None:
     w.close()
 
 
-def test_write_shards_is_gguf_writers_split(tmp_path):
-    """write_shards writes the bytes GGUFWriter's own split writes (split keys appended to shard
-    1's keys; the other shards hold only them), and reads back as the unsplit model."""
+def test_gguf_writers_split_reads_as_the_model(tmp_path):
+    """GGUFWriter's own split (the split keys in another order than llama-gguf-split's) reads as
+    the unsplit model, and write_shards cuts the same tensors into files of the same sizes."""
     whole = tmp_path / "whole" / "tiny.gguf"
     whole.parent.mkdir()
     write_all(tiny_writer(whole))
@@ -72,11 +72,47 @@ def test_write_shards_is_gguf_writers_split(tmp_path):
     names = sorted(p.name for p in ref.iterdir())
     assert names == [f"tiny-0000{i}-of-00003.gguf" for i in (1, 2, 3)] == [p.name for p in mine]
     for p in mine:
-        assert p.read_bytes() == (ref / p.name).read_bytes(), p.name
-    model = open_model(mine[1])
-    assert model.paths == tuple(mine) and model.stem == "tiny" and model.sharded
-    assert model_sha256(model) == sha256_file(whole) and model_bytes(model) == whole.stat().st_size
-    assert not any(k in model.scan.fields for k in SPLIT_KEYS)
+        assert p.stat().st_size == (ref / p.name).stat().st_size, p.name
+    for shards in (mine, sorted(ref.iterdir())):
+        model = open_model(shards[1])
+        assert model.paths == tuple(shards) and model.stem == "tiny" and model.sharded
+        assert model_sha256(model) == sha256_file(whole) and model_bytes(model) == whole.stat().st_size
+        assert not any(k in model.scan.fields for k in SPLIT_KEYS)
+
+
+@pytest.fixture(scope="module")
+def llama_gguf_split(upstream_completion, tmp_path_factory) -> Path:
+    """Upstream's ``llama-gguf-split``, compiled from the pristine pinned source against the
+    oracle build's static libraries (a few seconds), into a temporary directory."""
+    b = upstream_completion
+    build = b.dir / "build"
+    ggml_lib = b.ggml_dir.parent.parent if b.ggml_dir else build / "ggml" / "src"
+    libs = [a for a in sorted(build.rglob("*.a")) if "completion" not in a.name] + sorted(ggml_lib.rglob("*.a"))
+    out = tmp_path_factory.mktemp("gguf-split") / "llama-gguf-split"
+    src = b.pristine
+    r = subprocess.run(["g++", "-O1", "-std=c++17", f"-I{src / 'include'}", f"-I{src / 'common'}",
+                        f"-I{build / 'common'}", f"-I{src / 'ggml' / 'include'}",
+                        str(src / "tools" / "gguf-split" / "gguf-split.cpp"), "-Wl,--start-group",
+                        *map(str, libs), "-Wl,--end-group", "-lpthread", "-ldl", "-o", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("fixture", MODELS)
+@pytest.mark.parametrize("limit", [("--split-max-size", "100M"), ("--split-max-tensors", "80")])
+def test_write_shards_is_llama_gguf_split(request, llama_gguf_split, tmp_path, fixture, limit):
+    """write_shards writes llama-gguf-split's files byte for byte (the issue's 100M cut of
+    Gemma 3 270M is three shards, the first without any layer)."""
+    whole = request.getfixturevalue(fixture)
+    (tmp_path / "up").mkdir()
+    subprocess.run([str(llama_gguf_split), "--split", *limit, str(whole), str(tmp_path / "up" / whole.stem)],
+                   check=True, capture_output=True, timeout=300)
+    kw = {"max_bytes": 100 * 1000 * 1000} if limit[0] == "--split-max-size" else {"max_tensors": 80}
+    mine = write_shards(whole, tmp_path / "mine", **kw)
+    assert [p.name for p in mine] == sorted(p.name for p in (tmp_path / "up").iterdir())
+    for p in mine:
+        assert sha256_file(p) == sha256_file(tmp_path / "up" / p.name), p.name
 
 
 def test_shard_names():

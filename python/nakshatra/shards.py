@@ -4,8 +4,8 @@ A split model is ``NAME-00001-of-0000N.gguf`` .. ``NAME-0000N-of-0000N.gguf`` (l
 ``llama_split_path``, numbers from 1). Its writers (``llama-gguf-split --split`` and
 ``gguf.GGUFWriter`` with ``split_max_size`` / ``split_max_tensors``) put all of the model's
 metadata in shard 1 followed by ``split.no`` (UINT16, 0-based), ``split.count`` (UINT16) and
-``split.tensors.count`` (INT32, tensors over all shards); every other shard holds only those three
-keys. Tensors keep the model's order across the shards.
+``split.tensors.count`` (INT32, tensors over all shards), in an order that differs between them;
+every other shard holds only those three keys. Tensors keep the model's order across the shards.
 
 :func:`open_model` takes any shard (or a plain single-file GGUF), finds its siblings by name in
 the same directory, checks that they belong together and returns a :class:`GGUFModel`: one merged
@@ -372,10 +372,11 @@ def write_shards(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[
                  max_bytes: int | None = None, max_tensors: int | None = None,
                  prefix: str | None = None, progress: bool = False) -> list[Path]:
     """Split a model into ``<out_dir>/<prefix>-0000i-of-0000n.gguf`` as ``llama-gguf-split
-    --split`` does (``--split-max-size max_bytes`` or ``--split-max-tensors max_tensors``; give
-    one): shard 1 holds every key of the model then ``split.no``, ``split.count``,
-    ``split.tensors.count``; the others those three keys; tensors in the model's order, data
-    padded to 32 bytes (shard 1: the model's alignment). Streamed in ``CHUNK`` reads.
+    --split`` does, byte for byte (``--split-max-size max_bytes`` or ``--split-max-tensors
+    max_tensors``; give one): shard 1 holds every key of the model then ``split.no``,
+    ``split.tensors.count``, ``split.count`` (in that order: llama-gguf-split sets the count
+    last; ``GGUFWriter`` puts it second), the others those three keys; tensors in the model's
+    order, data padded to 32 bytes (shard 1: the model's alignment). Streamed in ``CHUNK`` reads.
     ``out_dir`` is created if needed; ``prefix`` defaults to the model's stem; the model may
     itself be any shard of a split model.
     Returns the paths in order. A byte progress bar on stderr when ``progress``.
@@ -401,8 +402,8 @@ def write_shards(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[
         task = bar.add_task("sharding", total=sum(t.n_bytes for t in scan.tensors)) if bar else None
         for i, (path, group) in enumerate(zip(paths, groups)):
             split = [encode_kv(SPLIT_NO, i, GGUFValueType.UINT16),
-                     encode_kv(SPLIT_COUNT, len(groups), GGUFValueType.UINT16),
-                     encode_kv(SPLIT_TENSORS, total, GGUFValueType.INT32)]
+                     encode_kv(SPLIT_TENSORS, total, GGUFValueType.INT32),
+                     encode_kv(SPLIT_COUNT, len(groups), GGUFValueType.UINT16)]
             kvs: list[KVInfo | bytes] = [*scan.fields.values(), *split] if i == 0 else split
             alignment = scan.alignment if i == 0 else GGUF_DEFAULT_ALIGNMENT
             try:
