@@ -81,6 +81,16 @@ def test_gguf_writers_split_reads_as_the_model(tmp_path):
 
 
 @pytest.fixture(scope="module")
+def whole_slices(request, tmp_path_factory) -> dict[str, Path]:
+    """Each real model cut in 3 (`--parts 3`) from its unsplit file: fixture name -> directory."""
+    out = {}
+    for fixture in MODELS:
+        out[fixture] = tmp_path_factory.mktemp("whole") / fixture
+        slice_model(request.getfixturevalue(fixture), n_parts=3, out_dir=out[fixture], progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
 def llama_gguf_split(upstream_completion, tmp_path_factory) -> Path:
     """Upstream's ``llama-gguf-split``, compiled from the pristine pinned source against the
     oracle build's static libraries (a few seconds), into a temporary directory."""
@@ -101,18 +111,23 @@ def llama_gguf_split(upstream_completion, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("fixture", MODELS)
 @pytest.mark.parametrize("limit", [("--split-max-size", "100M"), ("--split-max-tensors", "80")])
-def test_write_shards_is_llama_gguf_split(request, llama_gguf_split, tmp_path, fixture, limit):
+def test_write_shards_is_llama_gguf_split(request, llama_gguf_split, whole_slices, tmp_path, fixture, limit):
     """write_shards writes llama-gguf-split's files byte for byte (the issue's 100M cut of
-    Gemma 3 270M is three shards, the first without any layer)."""
+    Gemma 3 270M is three shards, the first without any layer), and upstream's shards slice as
+    the unsplit model."""
     whole = request.getfixturevalue(fixture)
     (tmp_path / "up").mkdir()
     subprocess.run([str(llama_gguf_split), "--split", *limit, str(whole), str(tmp_path / "up" / whole.stem)],
                    check=True, capture_output=True, timeout=300)
     kw = {"max_bytes": 100 * 1000 * 1000} if limit[0] == "--split-max-size" else {"max_tensors": 80}
     mine = write_shards(whole, tmp_path / "mine", **kw)
-    assert [p.name for p in mine] == sorted(p.name for p in (tmp_path / "up").iterdir())
+    up = sorted((tmp_path / "up").iterdir())
+    assert [p.name for p in mine] == [p.name for p in up]
     for p in mine:
         assert sha256_file(p) == sha256_file(tmp_path / "up" / p.name), p.name
+    # and `nak slice FIRST-SHARD --parts 3` on upstream's shards: the unsplit model's slices
+    slice_model(up[0], n_parts=3, out_dir=tmp_path / "slices", progress=False)
+    assert _files(tmp_path / "slices") == _files(whole_slices[fixture])
 
 
 def test_shard_names():
@@ -143,16 +158,14 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("fixture", MODELS)
-def test_slices_of_shards_are_the_unsplit_models(sharded, tmp_path, fixture):
+def test_slices_of_shards_are_the_unsplit_models(sharded, whole_slices, tmp_path, fixture):
     whole, shards = sharded[fixture]
     assert len(shards) == 3
     for shard in shards:  # the shards really split the layers
         assert scan_gguf(shard).tensors
-    a = slice_model(whole, n_parts=3, out_dir=tmp_path / "whole", progress=False)
-    b = slice_model(shards[1], n_parts=3, out_dir=tmp_path / "shards", progress=False)
-    assert a == b
-    assert b.model["sha256"] == sha256_file(whole) and b.model["bytes"] == whole.stat().st_size
-    assert _files(tmp_path / "whole") == _files(tmp_path / "shards")
+    m = slice_model(shards[1], n_parts=3, out_dir=tmp_path / "shards", progress=False)
+    assert m.model["sha256"] == sha256_file(whole) and m.model["bytes"] == whole.stat().st_size
+    assert _files(tmp_path / "shards") == _files(whole_slices[fixture])
     assert len(_files(tmp_path / "shards")) == 4  # three slices and the manifest
 
 
