@@ -238,7 +238,7 @@ def _print_stats(st, stages) -> None:
 
 @app.command("slice")
 def slice_cmd(
-    model: Annotated[Path, typer.Argument(help="The GGUF model to cut.")],
+    model: Annotated[Path, typer.Argument(help="The GGUF model to cut: a file, or any shard of a split model (NAME-00001-of-00003.gguf; all its shards are read).")],
     parts: Annotated[Optional[int], typer.Option("--parts", "-p", help="Number of slices, balanced by bytes.")] = None,
     ranges: Annotated[Optional[str], typer.Option("--ranges", "-r", help="Inclusive ranges, e.g. 0-6,7-16,17-25,26-29.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("slices"),
@@ -267,7 +267,7 @@ def slice_cmd(
 
 @app.command()
 def inspect(
-    file: Annotated[Path, typer.Argument(help="A model or slice.")],
+    file: Annotated[Path, typer.Argument(help="A model (a file, or any shard of a split model) or slice.")],
     ctx: Annotated[int, typer.Option("--ctx", "-c", help="Context tokens per session for the KV estimate.")] = 4096,
     max_sessions: Annotated[int, typer.Option("--max-sessions", help="Sessions, each with its own KV (as nak serve --max-sessions).")] = 1,
     swa_full: Annotated[bool, typer.Option("--swa-full", help="Count sliding-window layers with the whole context, as nak serve --swa-full.")] = False,

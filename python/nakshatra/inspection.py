@@ -9,7 +9,8 @@ from typing import Any
 from rich.table import Table
 
 from .ranges import LayerRange
-from .slicer import kv_value, scan_gguf, swa_pattern, tensor_role
+from .shards import open_model
+from .slicer import kv_value, swa_pattern, tensor_role
 
 ROLES = ("input", "layers", "output", "global")
 KV_BYTES_PER_VALUE = 2  # f16 cache
@@ -40,10 +41,12 @@ def _per_layer(value: Any, n: int, default: int) -> list[int]:
 
 def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096, max_sessions: int = 1,
                  n_ubatch: int = DEFAULT_N_UBATCH, swa_full: bool = False, *, predict: bool = False) -> dict[str, Any]:
-    """Describe a GGUF file. Sizes are bytes.
+    """Describe a GGUF file, or a model split into shards given any of them (all its shards are
+    read, see :func:`nakshatra.shards.open_model`). Sizes are bytes.
 
-    Returns a dict with ``path``, ``arch``, ``kind`` (``"model"`` or ``"slice"``), ``range`` (the
-    global :class:`~nakshatra.ranges.LayerRange` of a slice, else None), ``slice_index``,
+    Returns a dict with ``path``, ``shards`` (the files of a split model, else None), ``arch``,
+    ``kind`` (``"model"`` or ``"slice"``), ``range`` (the global
+    :class:`~nakshatra.ranges.LayerRange` of a slice, else None), ``slice_index``,
     ``slice_count``, ``n_layer`` (layers in this file), ``n_layer_full``, ``n_embd``, ``n_head``
     and ``n_head_kv`` (ints, or per-layer lists when the model varies them), ``head_dim_k``,
     ``head_dim_v``, ``tensors`` (role -> ``{"count", "bytes"}`` for roles input / layers / output /
@@ -62,10 +65,12 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096, max_sessions: 
     one ``n_ubatch`` for a sliding-window layer, as a stage allocates it (the whole context with
     ``swa_full``, ``nak serve --swa-full``).
 
-    Raises SliceError if the file is missing or not a GGUF; with ``predict``, NakError as
+    Raises SliceError if the file is missing or not a GGUF, or a shard is missing or foreign; with
+    ``predict``, NakError as
     :func:`nakshatra.memory.predict_stage` (e.g. ``max_sessions`` < 1).
     """
-    reader = scan_gguf(path)  # metadata without materialising the vocabulary
+    model = open_model(path)
+    reader = model.scan  # metadata without materialising the vocabulary
     arch = kv_value(reader, "general.architecture") or "?"
     n_layer = int(kv_value(reader, f"{arch}.block_count") or 0)
     n_embd = int(kv_value(reader, f"{arch}.embedding_length") or 0)
@@ -100,7 +105,8 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096, max_sessions: 
         return values[0] if values and len(set(values)) == 1 else values
 
     info = {
-        "path": str(Path(path)), "arch": arch, "kind": "slice" if is_slice else "model",
+        "path": str(Path(path)), "shards": [str(p) for p in model.paths] if model.sharded else None,
+        "arch": arch, "kind": "slice" if is_slice else "model",
         "range": LayerRange(start, end) if is_slice else None,
         "slice_index": kv_value(reader, "nakshatra.slice_index"),
         "slice_count": kv_value(reader, "nakshatra.slice_count"),
@@ -115,7 +121,7 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096, max_sessions: 
     if predict:
         from .memory import predict_stage
 
-        fp = predict_stage(path, ctx=n_ctx, max_sessions=max_sessions, n_ubatch=n_ubatch, swa_full=swa_full)
+        fp = predict_stage(model.path, ctx=n_ctx, max_sessions=max_sessions, n_ubatch=n_ubatch, swa_full=swa_full)
         fp.pop("estimate")
         info["max_sessions"] = max_sessions
         info["footprint"] = fp
@@ -137,6 +143,8 @@ def render_inspection(info: dict[str, Any]) -> Table:
         count = info["slice_count"]
         which = f"slice {info['slice_index'] + 1} of {count}" if count else "slice"
         table.add_row("kind", f"{which}: layers {info['range']} of {info['n_layer_full']}")
+    elif info.get("shards"):
+        table.add_row("kind", f"whole model in {len(info['shards'])} shards")
     else:
         table.add_row("kind", "whole model")
     table.add_row("architecture", info["arch"])

@@ -174,17 +174,21 @@ class LocalStages:
 def cached_parts(model_path: Path, n_parts: int, progress: bool = True) -> list[Path]:
     """Slices of ``model_path`` cut into ``n_parts`` (planned by bytes), cut once into
     ``cache_dir()/slices/<sha256[:16]>/parts-<n>/`` and reused while the manifest's files are
-    there with their recorded sizes. Raises RangeError / SliceError as :func:`slice_model`."""
+    there with their recorded sizes. ``model_path``: a GGUF file or any shard of a split model
+    (keyed by the model's identity, :func:`nakshatra.shards.model_sha256`). Raises RangeError /
+    SliceError as :func:`slice_model`."""
     from .manifest import Manifest
     from .paths import cache_dir
+    from .shards import open_model
     from .slicer import _known_sha256, slice_model
 
-    model_path = Path(model_path).resolve()
+    model_path = Path(model_path).absolute()  # not resolved: a shard's siblings are found by name
+    model = open_model(model_path)
     root = cache_dir() / "slices"
     root.mkdir(parents=True, exist_ok=True)
-    sha = _known_sha256(model_path, root / "index.json")
+    sha = _known_sha256(model, root / "index.json", progress)
     out = root / sha[:16] / f"parts-{n_parts}"
-    manifest_path = out / f"{model_path.stem}.manifest.json"
+    manifest_path = out / f"{model.stem}.manifest.json"
     if manifest_path.exists():
         try:
             m = Manifest.load(manifest_path)

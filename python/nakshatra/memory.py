@@ -138,9 +138,9 @@ def _input_embedding(path: str | os.PathLike[str], is_last: bool) -> tuple[int, 
     """(bytes, rows) of the token embedding in ``path`` when a stage uses it only as the input
     lookup table; (0, 0) when there is none, or when it is also the LM head (a tied model's last
     stage, or whole model, reads every row every token)."""
-    from .slicer import scan_gguf
+    from .shards import open_model
 
-    reader = scan_gguf(path)
+    reader = open_model(path).scan
     names = {t.name for t in reader.tensors}
     if is_last and "output.weight" not in names:
         return 0, 0
@@ -159,10 +159,15 @@ def predict_stage(path: str | os.PathLike[str], ctx: int = 4096, max_sessions: i
     ``compute_bytes``, ``output_bytes``, ``llama_heap_bytes``, ``io_bytes``, ``baseline_bytes`` and their sum
     ``total_bytes``; also ``embd_rows_bytes`` (the part of mapped_weights that is the first
     stage's touched embedding rows), ``device_bytes`` (buffers off the host, not in the total)
-    and ``estimate`` (:func:`llama_estimate`'s dict).
+    and ``estimate`` (:func:`llama_estimate`'s dict). ``path`` may be any shard of a split model:
+    llama.cpp loads it from shard 1.
 
-    Raises NakError as :func:`llama_estimate`.
+    Raises NakError as :func:`llama_estimate`, SliceError for a missing or foreign shard.
     """
+    from .shards import open_model
+
+    if Path(path).is_file():
+        path = open_model(path).path
     e = llama_estimate(path, ctx, max_sessions, **stage_options)
     host = [b for b in e["buffers"] if b["host"]]
     mapped = sum(b["model"] for b in host if b["mapped"])

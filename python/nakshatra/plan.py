@@ -621,7 +621,7 @@ def probe_host(model_path: str | os.PathLike[str], *, n_decode: int = 16, budget
     from .slicer import model_layout
 
     layout = model_layout(model_path, sha256="-")
-    ref = _nakshatra.Reference(str(model_path), n_ctx=64, n_threads=threads)
+    ref = _nakshatra.Reference(str(layout.path), n_ctx=64, n_threads=threads)  # a split model: shard 1
     prompt = ref.tokenize("The stars are")[:8]
     t0, runs, windows, best_us_per_step = time.monotonic(), 0, 0, math.inf
     ref.time_run(prompt, 2)  # warm-up: first touch of the weights, thread pool start

@@ -77,8 +77,10 @@ def resolve_slice(model: Path, layers: str | None, verify: bool = True, progress
     """The file a stage loads and the whole model's sha256.
 
     A slice is served as is (``layers``, if given, must match it; its tensor data is verified
-    against its metadata). A whole model is served whole, or, with ``layers``, cut to that
-    inclusive range on the fly and cached. Raises NakError naming the file and the fix.
+    against its metadata). A whole model (a file, or any shard of a split model) is served whole
+    (a split model from shard 1), or, with ``layers``, cut to that inclusive range on the fly and
+    cached (a split model's slice is the unsplit model's). Raises NakError naming the file and
+    the fix.
     """
     from .slicer import cached_slice, model_layout, read_slice_meta, verify_slice
 
@@ -95,9 +97,9 @@ def resolve_slice(model: Path, layers: str | None, verify: bool = True, progress
             verify_slice(model, progress=progress)
             check_against_manifest(model, meta)
         return model, str(meta.get("nakshatra.model_sha256") or "")
-    layout = model_layout(model)
+    layout = model_layout(model, progress=progress)
     if want is None:
-        return model, layout.sha256
+        return layout.path, layout.sha256
     if want.end > layout.n_layer:
         raise NakError(f"--layers {want.inclusive()} is beyond the model's {layout.n_layer} "
                        f"layers (0-{layout.n_layer - 1})")

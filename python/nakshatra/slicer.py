@@ -12,6 +12,9 @@ metadata copied pair by pair (re-encoded only where a value changes), then the t
 the tensor data copied byte for byte, all streamed one 1 MiB chunk at a time. The bytes are the
 ones ``gguf.GGUFWriter`` writes for the same metadata and tensors.
 
+A model may be one file or any shard of a split model (:mod:`nakshatra.shards`): the shards are
+read as the one model they are, and the slices are the bytes slices of the unsplit file would be.
+
 Sliding-window models: a period restarts at a slice's local layer 0 in llama.cpp, so a slice gets
 an explicit per-layer BOOL ``<arch>.attention.sliding_window_pattern`` computed from the global
 layout (:func:`swa_pattern`); a slice with no sliding layer at all gets
@@ -28,7 +31,6 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
@@ -39,19 +41,12 @@ import numpy as np
 from gguf import GGUFReader, GGUFValueType
 
 from .errors import RangeError, SliceError
-from .gguf_scan import (
-    GGUFScan,
-    TensorInfo,
-    copy_kv,
-    encode_kv,
-    encode_string,
-    header,
-    pad,
-)
+from .gguf_scan import GGUFScan, KVInfo, encode_kv
 from .gguf_scan import scan as _scan
 from .manifest import CHUNK, Manifest, SliceInfo, sha256_file, write_atomic
 from .paths import cache_dir
 from .ranges import LayerRange, check_cover, plan_parts
+from .shards import GGUFModel, ModelFiles, model_bytes, model_sha256, open_model, shard_stats, write_gguf
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "phi3")
 """Architectures whose slices are known to load and run on the patched llama.cpp."""
@@ -160,8 +155,9 @@ class ModelLayout:
     ``layer_bytes[i]``: tensors of ``blk.i``; ``input_bytes``: input tensors (``token_embd`` and
     the like); ``output_bytes``: ``output_norm`` and ``output``; ``token_embd_bytes``: the token
     embedding alone; ``tied``: there is no ``output.weight`` (the LM head reuses ``token_embd``);
-    ``global_tensors``: names of tensors every stage keeps; ``sha256``: hex of the whole file;
-    ``file_bytes``: its size.
+    ``global_tensors``: names of tensors every stage keeps; ``sha256``: hex of the whole file
+    (of a split model: its identity, :func:`nakshatra.shards.model_sha256`); ``file_bytes``: its
+    size (a split model's: :func:`nakshatra.shards.model_bytes`). ``path``: the file, or shard 1.
     """
 
     path: Path
@@ -191,7 +187,7 @@ class ModelLayout:
         return self.output_bytes + (self.token_embd_bytes if self.tied else 0)
 
 
-def _layout(reader: Reader, path: Path, sha256: str) -> ModelLayout:
+def _layout(reader: Reader, path: Path, sha256: str, file_bytes: int) -> ModelLayout:
     arch = kv_value(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise SliceError(f"{path}: architecture {arch!r} is not supported for slicing; supported: "
@@ -221,16 +217,22 @@ def _layout(reader: Reader, path: Path, sha256: str) -> ModelLayout:
                        input_bytes=sums["input"], output_bytes=sums["output"],
                        token_embd_bytes=token_embd, tied="output.weight" not in names,
                        global_tensors=[n for n in names if tensor_role(n) == "global"],
-                       global_bytes=sums["global"], sha256=sha256, file_bytes=path.stat().st_size)
+                       global_bytes=sums["global"], sha256=sha256, file_bytes=file_bytes)
 
 
-def model_layout(path: str | os.PathLike[str], *, sha256: str | None = None) -> ModelLayout:
-    """Read a model's layout (metadata and tensor sizes) and hash the file (streamed, 1 MiB
-    chunks) unless a trusted ``sha256`` is given. Raises SliceError if the file is missing, not a
-    GGUF, already a slice, or of an unsupported architecture (the message lists supported ones)."""
-    p = Path(path)
-    layout = _layout(scan_gguf(p), p, sha256 or "")
-    return layout if sha256 else replace(layout, sha256=sha256_file(p))
+def _model_layout(model: GGUFModel, sha256: str) -> ModelLayout:
+    return _layout(model.scan, model.path, sha256, model_bytes(model))
+
+
+def model_layout(path: str | os.PathLike[str], *, sha256: str | None = None,
+                 progress: bool = False) -> ModelLayout:
+    """Read a model's layout (metadata and tensor sizes) and hash it (streamed, 1 MiB chunks; a
+    byte progress bar on stderr when ``progress`` and the model is split) unless a trusted
+    ``sha256`` is given. ``path`` is a GGUF file or any shard of a split model. Raises SliceError
+    if a file is missing, not a GGUF, already a slice, of an unsupported architecture (the message
+    lists supported ones), or a shard is missing or foreign (:func:`nakshatra.shards.open_model`)."""
+    model = open_model(path)
+    return _model_layout(model, sha256 or model_sha256(model, progress))
 
 
 # --- metadata -------------------------------------------------------------------------------
@@ -322,15 +324,20 @@ def _stream(fd: int, offset: int, n: int, sinks: list[Callable[[bytes], Any]]) -
         offset += len(chunk)
 
 
-def tensor_data_sha256(tensors: list[Any], fd: int, on_bytes: Any = None) -> str:
+def tensor_data_sha256(tensors: list[Any], fd: int | ModelFiles, on_bytes: Any = None) -> str:
     """sha256 over the data bytes of ``tensors`` (tensor infos from :func:`scan_gguf`, or GGUFReader
-    tensors, of the file open as ``fd``), in the order given, each tensor's ``n_bytes`` bytes from
-    its ``data_offset``: alignment padding is not hashed. For a slice, the order is the file's tensor-info order, which is also the order
-    of the data; this is ``nakshatra.tensor_data_sha256``. ``on_bytes(n)``, if given, is called
-    after each tensor with its byte count (progress)."""
+    tensors, of the file open as ``fd``; or of a model's open files,
+    :class:`~nakshatra.shards.ModelFiles`), in the order given, each tensor's ``n_bytes`` bytes
+    from its ``data_offset``: alignment padding is not hashed. For a slice, the order is the file's
+    tensor-info order, which is also the order of the data; this is
+    ``nakshatra.tensor_data_sha256``. ``on_bytes(n)``, if given, is called after each tensor with
+    its byte count (progress)."""
     h = hashlib.sha256()
     for t in tensors:
-        _stream(fd, int(t.data_offset), int(t.n_bytes), [h.update])
+        if isinstance(fd, ModelFiles):
+            fd.stream(t, [h.update])
+        else:
+            _stream(fd, int(t.data_offset), int(t.n_bytes), [h.update])
         if on_bytes is not None:
             on_bytes(int(t.n_bytes))
     return h.hexdigest()
@@ -344,49 +351,27 @@ def _io_error(e: OSError, path: Path) -> SliceError:
     return SliceError(f"cannot write {path}: {e.strerror or e}; choose a writable output directory")
 
 
-def _tensor_infos(tensors: list[tuple[str, TensorInfo]], alignment: int) -> bytes:
-    """The tensor-info section as GGUFWriter writes it: data offsets from 0, each tensor padded to
-    ``alignment``."""
-    out, offset = bytearray(), 0
-    for name, t in tensors:
-        dims = len(t.shape)
-        out += encode_string(name) + struct.pack(f"<I{dims}QIQ", dims, *t.shape, t.tensor_type, offset)
-        offset += pad(t.n_bytes, alignment)
-    return bytes(out)
-
-
-def _write_slice(scan: GGUFScan, src_fd: int, layout: ModelLayout, swa: list[bool] | None,
+def _write_slice(model: GGUFModel, files: ModelFiles, layout: ModelLayout, swa: list[bool] | None,
                  rng: LayerRange, index: int, count: int, path: Path,
                  advance: Callable[[int], Any]) -> SliceInfo:
     """Write one slice to ``path`` via ``<path>.tmp``; the temp file never survives an error.
 
-    The layout is GGUFWriter's: header, every key of the original in its order (copied, or
-    re-encoded where :func:`_slice_metadata` changes it), the added keys, tensor infos, then each
-    tensor's data padded to the alignment."""
+    The layout is GGUFWriter's (:func:`nakshatra.shards.write_gguf`): header, every key of the
+    original in its order (copied, or re-encoded where :func:`_slice_metadata` changes it), the
+    added keys, tensor infos, then each tensor's data padded to the alignment."""
+    scan = model.scan
     tensors = _slice_tensors(scan, layout, rng)
-    data_sha = tensor_data_sha256([t for _, t in tensors], src_fd)
-    changes = _slice_metadata(scan, src_fd, layout, swa, rng, index, count, data_sha)
-    keys = [k for k in scan.fields if not k.startswith("GGUF.")]
-    added = [k for k in changes if k not in scan.fields]
+    data_sha = tensor_data_sha256([t for _, t in tensors], files)
+    changes = _slice_metadata(scan, files.kv_fd, layout, swa, rng, index, count, data_sha)
+    kvs: list[KVInfo | bytes] = [encode_kv(k, *changes[k]) if k in changes else kv
+                                 for k, kv in scan.fields.items() if not k.startswith("GGUF.")]
+    kvs += [encode_kv(k, *v) for k, v in changes.items() if k not in scan.fields]
     tmp = path.with_name(path.name + ".tmp")
     fout = None
     try:
         try:
             fout = open(tmp, "wb")  # noqa: SIM115 - closed below, also when a write fails
-            fout.write(header(len(tensors), len(keys) + len(added)))
-            for key in keys:
-                if key in changes:
-                    fout.write(encode_kv(key, *changes[key]))
-                else:
-                    copy_kv(scan, src_fd, scan.fields[key], fout.write)
-            for key in added:
-                fout.write(encode_kv(key, *changes[key]))
-            fout.write(_tensor_infos(tensors, scan.alignment))
-            for _, t in tensors:
-                pos = fout.tell()
-                fout.write(bytes(pad(pos, scan.alignment) - pos))
-                _stream(src_fd, t.data_offset, t.n_bytes, [fout.write, lambda c: advance(len(c))])
-                fout.write(bytes(pad(t.n_bytes, scan.alignment) - t.n_bytes))
+            write_gguf(fout.write, files, kvs, tensors, scan.alignment, advance)
             fout.flush()
             os.fsync(fout.fileno())
             fout.close()
@@ -434,9 +419,10 @@ def byte_progress(enabled: bool) -> Any:
                     TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
 
 
-def _cut(scan: GGUFScan, layout: ModelLayout, plan: list[tuple[LayerRange, int, int, Path]],
+def _cut(model: GGUFModel, layout: ModelLayout, plan: list[tuple[LayerRange, int, int, Path]],
          progress: bool) -> list[SliceInfo]:
     """Write each (range, index, count, path) of ``plan``; returns their SliceInfo in order."""
+    scan = model.scan
     _check_copyable(scan)
     swa = swa_pattern(scan, layout.arch, layout.n_layer)
     sizes = [sum(t.n_bytes for _, t in _slice_tensors(scan, layout, r)) for r, *_ in plan]
@@ -446,22 +432,29 @@ def _cut(scan: GGUFScan, layout: ModelLayout, plan: list[tuple[LayerRange, int, 
         raise SliceError(f"disk full writing {out_dir}: the slices need about {sum(sizes)} bytes, "
                          f"free {free} bytes; free some space or choose another output directory")
     infos = []
-    with byte_progress(progress) as bar, open(layout.path, "rb") as src:
+    with byte_progress(progress) as bar, model.open() as files:
         task = bar.add_task("slicing", total=sum(sizes)) if bar is not None else None
         for rng, index, count, path in plan:
             if bar is not None:
                 bar.update(task, description=f"slicing {path.name}")
             advance = (lambda n: bar.advance(task, n)) if bar is not None else (lambda n: None)
-            infos.append(_write_slice(scan, src.fileno(), layout, swa, rng, index, count, path,
-                                      advance))
+            infos.append(_write_slice(model, files, layout, swa, rng, index, count, path, advance))
     return infos
 
 
 def slice_model(model_path: str | os.PathLike[str], ranges: list[LayerRange] | None = None,
                 n_parts: int | None = None, out_dir: str | os.PathLike[str] | None = None,
-                progress: bool = True) -> Manifest:
+                progress: bool = True, *, sha256: str | None = None) -> Manifest:
     """Cut a model into slices and write ``<out_dir>/<stem>.<a>-<b>.gguf`` (inclusive layer
     numbers) for each range, plus ``<out_dir>/<stem>.manifest.json``.
+
+    ``model_path`` is a GGUF file or any shard of a split model (``<stem>-00001-of-0000N.gguf``,
+    ...): then every shard is read and checked before anything is written, ``stem`` is the
+    shards' prefix, and the slices, manifest included, are the bytes the unsplit model gives
+    (:mod:`nakshatra.shards`; a progress bar for hashing the shards too). ``sha256``: the
+    model's identity (:func:`nakshatra.shards.model_sha256`, hex) when it is known, instead of
+    hashing the model; then only the bytes :func:`slice_byte_ranges` lists are read, so a
+    sparse copy of a remote model holding just those cuts the slices the whole model gives.
 
     Give exactly one of ``ranges`` (global, half-open, must cover every layer once) or ``n_parts``
     (planned by :func:`plan_parts` to balance bytes per stage). ``out_dir`` defaults to the current
@@ -473,22 +466,22 @@ def slice_model(model_path: str | os.PathLike[str], ranges: list[LayerRange] | N
     SmolLM2-135M (98 MB) into three, of which 35.5 MB is Python with numpy and gguf imported.
 
     Raises RangeError for bad ranges or part counts, SliceError for a missing / non-GGUF /
-    unsupported model, an output directory that cannot be created or written, or a full disk.
+    unsupported model, a missing or foreign shard, an output directory that cannot be created or
+    written, or a full disk.
     """
     if (ranges is None) == (n_parts is None):
         raise RangeError("give exactly one of explicit layer ranges or a number of parts")
-    model_path = Path(model_path)
     out = Path.cwd() if out_dir is None else Path(out_dir)
-    scanned = scan_gguf(model_path)
-    layout = _layout(scanned, model_path, "")
+    model = open_model(model_path)
+    layout = _model_layout(model, "")
     if n_parts is not None:
         ranges = plan_parts(layout.layer_bytes, n_parts, layout.first_extra, layout.last_extra)
     ranges = check_cover(ranges or [], layout.n_layer)
     _prepare_out_dir(out)
-    layout = replace(layout, sha256=sha256_file(model_path))
-    stem = model_path.stem
+    layout = replace(layout, sha256=sha256 or model_sha256(model, progress))
+    stem = model.stem
     plan = [(r, i, len(ranges), out / f"{stem}.{r.inclusive()}.gguf") for i, r in enumerate(ranges)]
-    infos = _cut(scanned, layout, plan, progress)
+    infos = _cut(model, layout, plan, progress)
     manifest = Manifest(model={"name": stem, "arch": layout.arch, "n_embd": layout.n_embd,
                                "n_layer": layout.n_layer, "sha256": layout.sha256,
                                "bytes": layout.file_bytes}, slices=infos)
@@ -498,6 +491,36 @@ def slice_model(model_path: str | os.PathLike[str], ranges: list[LayerRange] | N
     except OSError as e:
         raise _io_error(e, target) from e
     return manifest
+
+
+def slice_byte_ranges(model_path: str | os.PathLike[str],
+                      ranges: list[LayerRange]) -> dict[Path, list[tuple[int, int]]]:
+    """The bytes of each model file that cutting ``ranges`` reads, file -> sorted, merged
+    ``(offset, length)`` pairs: every file's header, metadata and tensor infos (``[0, data
+    offset)``, what :func:`nakshatra.shards.open_model` reads) and the data of every tensor the
+    slices hold. ``model_path``: a GGUF file or any shard (whose own metadata must be present).
+    Raises SliceError as :func:`model_layout`, RangeError for ranges beyond the model."""
+    model = open_model(model_path)
+    layout = _model_layout(model, "")
+    spans = {p: [(0, s.data_offset)] for p, s in zip(model.paths, model.files)}
+    for rng in ranges:
+        if rng.end > layout.n_layer:
+            raise RangeError(f"layer range {rng.inclusive()} is beyond the model: it has "
+                             f"{layout.n_layer} layers, numbered 0..{layout.n_layer - 1}")
+        for _, t in _slice_tensors(model.scan, layout, rng):
+            spans[model.paths[model.shard_of[t.name]]].append((t.data_offset, t.n_bytes))
+    return {p: _merged(s) for p, s in spans.items()}
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for offset, n in sorted(spans):
+        if out and offset <= out[-1][0] + out[-1][1]:
+            start, length = out[-1]
+            out[-1] = (start, max(length, offset + n - start))
+        elif n:
+            out.append((offset, n))
+    return out
 
 
 # --- reading slices -------------------------------------------------------------------------
@@ -550,35 +573,44 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _known_sha256(path: Path, index_path: Path) -> str:
-    """sha256 of ``path``, remembered in ``index_path`` by (absolute path, size, mtime)."""
+def _known_sha256(model: GGUFModel, index_path: Path, progress: bool = False) -> str:
+    """The identity of ``model`` (:func:`nakshatra.shards.model_sha256`), remembered in
+    ``index_path``: a single file by (resolved path, size, mtime), a split model by (shard 1's
+    absolute path, every shard's size and mtime)."""
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         if not isinstance(index, dict):
             index = {}
     except (OSError, ValueError):
         index = {}
-    st = path.stat()
-    entry = index.get(str(path))
-    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+    if model.sharded:
+        key, stamp = str(model.path.absolute()), {"shards": shard_stats(model)}
+    else:
+        st = model.path.stat()
+        key, stamp = str(model.path.resolve()), {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    entry = index.get(key)
+    if isinstance(entry, dict) and {k: v for k, v in entry.items() if k != "sha256"} == stamp and "sha256" in entry:
         return str(entry["sha256"])
-    sha = sha256_file(path)
-    index[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+    sha = model_sha256(model, progress)
+    index[key] = {**stamp, "sha256": sha}
     write_atomic(index_path, json.dumps(index, indent=1))
     return sha
 
 
 def cached_slice(model_path: str | os.PathLike[str], rng: LayerRange, n_layer: int,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, *, sha256: str | None = None) -> Path:
     """Path of a slice holding layers ``rng`` of a model of ``n_layer`` layers, cut into
     ``cache_dir()/slices/<model_sha256[:16]>/`` on first use and reused while it verifies.
 
-    The model's sha256 is remembered by (absolute path, size, mtime) in
-    ``cache_dir()/slices/index.json``, so an unchanged model is not hashed again. Concurrent calls
-    are serialised by a file lock. Raises RangeError if ``rng`` goes beyond ``n_layer`` or
-    ``n_layer`` is not the model's layer count, SliceError as :func:`slice_model`.
+    ``model_path`` is a GGUF file or any shard of a split model, whose identity
+    (:func:`nakshatra.shards.model_sha256`) keys the cache: the same slice as for the unsplit
+    file. The identity is remembered in ``cache_dir()/slices/index.json`` (see
+    :func:`_known_sha256`), so an unchanged model is not hashed again; a trusted ``sha256`` skips
+    that (and then only the bytes :func:`slice_byte_ranges` lists are read). Concurrent calls are
+    serialised by a file lock. Raises RangeError if ``rng`` goes beyond ``n_layer`` or ``n_layer``
+    is not the model's layer count, SliceError as :func:`slice_model`.
     """
-    model_path = Path(model_path).resolve()
+    model_path = Path(model_path).absolute()  # not resolved: a shard's siblings are found by name
     if not model_path.is_file():
         raise SliceError(f"{model_path}: no such model file; give the path of a .gguf file")
     if rng.end > n_layer:
@@ -586,9 +618,10 @@ def cached_slice(model_path: str | os.PathLike[str], rng: LayerRange, n_layer: i
                          f"layers, numbered 0..{n_layer - 1}")
     root = cache_dir() / "slices"
     root.mkdir(parents=True, exist_ok=True)
+    model = open_model(model_path)
     with _locked(root / ".lock"):
-        sha = _known_sha256(model_path, root / "index.json")
-        path = root / sha[:16] / f"{model_path.stem}.{rng.inclusive()}.gguf"
+        sha = sha256 or _known_sha256(model, root / "index.json", progress)
+        path = root / sha[:16] / f"{model.stem}.{rng.inclusive()}.gguf"
         if path.exists():
             try:
                 meta = _checked_meta(path)
@@ -598,10 +631,9 @@ def cached_slice(model_path: str | os.PathLike[str], rng: LayerRange, n_layer: i
             except SliceError:
                 pass
             path.unlink()
-        scanned = scan_gguf(model_path)
-        layout = _layout(scanned, model_path, sha)
+        layout = _model_layout(model, sha)
         if layout.n_layer != n_layer:
             raise RangeError(f"{model_path} has {layout.n_layer} layers, not {n_layer}")
         _prepare_out_dir(path.parent)
-        _cut(scanned, layout, [(rng, 0, 0, path)], progress)
+        _cut(model, layout, [(rng, 0, 0, path)], progress)
     return path
