@@ -132,7 +132,7 @@ def test_fetches_only_the_slice_and_cuts_the_same_bytes(which: str, ranges: list
             # the slice's own bytes, plus at most one read window of the head past the metadata
             size = want.stat().st_size
             assert size <= got.downloaded <= size * 1.03 + remote.HEAD_STEP, (rng, got.downloaded, size)
-            assert got.downloaded == pytest.approx(remote.download_bytes(scan_gguf(model), rng), rel=0.03,
+            assert got.downloaded == pytest.approx(remote.download_bytes(model, rng), rel=0.03,
                                                    abs=remote.HEAD_STEP)
         # a second start fetches nothing: the slice is cached under the model's sha256
         again = fetch_slice(RemoteFile(srv.url(model.name), sha256=model_sha), ranges[0], progress=False)
@@ -313,3 +313,23 @@ def test_an_hf_reference_with_layers_fetches_only_them(smollm2_path: Path, tmp_p
         got = remote_slice(ServeOptions(model="hf:org/SmolLM2-GGUF:Q4_1", layers="0-9"), None, False)
     assert got is not None
     assert got.read_bytes() == cut_locally(model, LayerRange(0, 10), tmp_path / "local-cache").read_bytes()
+
+
+def test_a_split_model_fetches_only_the_slice_from_its_shards(gemma3_path: Path, tmp_path: Path, cache: Path) -> None:
+    """A split model (three shards, as llama-gguf-split cuts it) on a server: the heads of every
+    shard and the slice's tensors from whichever shards hold them; the slice equals the unsplit
+    model's."""
+    from nakshatra.shards import write_shards
+
+    shards = write_shards(gemma3_path, tmp_path / "served", max_bytes=100 * 10**6)
+    assert len(shards) == 3
+    rng = LayerRange(4, 12)
+    with Server(shards) as srv:
+        files = [RemoteFile(srv.url(p.name)) for p in shards]
+        got = fetch_slice(files, rng, model_sha256=sha256_file(gemma3_path), progress=False)
+        with pytest.raises(NakError, match="split into 3 files.*--model-sha256"):
+            fetch_slice(files, LayerRange(0, 4), progress=False)
+    want = cut_locally(gemma3_path, rng, tmp_path / "local-cache")
+    assert got.path.read_bytes() == want.read_bytes()
+    assert got.downloaded == pytest.approx(remote.download_bytes(shards[0], rng), rel=0.03, abs=3 * remote.HEAD_STEP)
+    assert got.downloaded <= want.stat().st_size * 1.03 + 3 * remote.HEAD_STEP

@@ -461,10 +461,8 @@ def stage_downloads(model_path: str | os.PathLike[str], plan: Plan) -> list[int]
     ``nak serve URL --layers`` fetches them (:func:`nakshatra.remote.download_bytes`; a slice
     fetched whole from ``nak up`` is the same size to within its metadata)."""
     from .remote import download_bytes
-    from .slicer import scan_gguf
 
-    sc = scan_gguf(model_path)
-    return [download_bytes(sc, s.layers) for s in plan.stages]
+    return [download_bytes(model_path, s.layers) for s in plan.stages]
 
 
 def render_plan(plan: Plan, downloads: Sequence[int] | None = None) -> Table:

@@ -43,7 +43,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +51,7 @@ from typing import Any
 
 from .errors import NakError, SliceError
 from .gguf_scan import GGUFScan, Truncated, scan
+from .slicer import _locked
 from .manifest import CHUNK, sha256_file, write_atomic
 from .paths import cache_dir
 from .ranges import LayerRange
@@ -344,24 +345,15 @@ def _bar(progress: bool, description: str, total: int | None = None) -> Iterator
         yield lambda n: bar.advance(task, n)
 
 
-def slice_spans(sc: GGUFScan, rng: LayerRange) -> list[tuple[int, int]]:
-    """Byte intervals of a model's file that the slice of layers ``rng`` is cut from: the head
-    (header, metadata and tensor infos, up to the data section) and the data of each tensor the
-    slice keeps (:func:`nakshatra.slicer.slice_tensors_of`). Raises SliceError as the slicer."""
-    from .slicer import _layout, _slice_tensors
+def download_bytes(model_path: str | os.PathLike[str], rng: LayerRange) -> int:
+    """Bytes :func:`fetch_slice` downloads for layers ``rng`` of the model at ``model_path`` (a
+    file or any shard; none of it there yet): each file's head and the data of the tensors the
+    slice keeps (:func:`nakshatra.slicer.slice_byte_ranges`), merged as they are fetched. Raises
+    SliceError / RangeError as that function."""
+    from .slicer import slice_byte_ranges
 
-    layout = _layout(sc, sc.path, "")
-    if rng.end > layout.n_layer:
-        raise SliceError(f"layer range {rng.inclusive()} is beyond the model: it has {layout.n_layer} layers, "
-                         f"numbered 0..{layout.n_layer - 1}")
-    return [(0, sc.data_offset)] + [(t.data_offset, t.data_offset + t.n_bytes)
-                                    for _, t in _slice_tensors(sc, layout, rng)]
-
-
-def download_bytes(sc: GGUFScan, rng: LayerRange) -> int:
-    """Bytes :func:`fetch_slice` downloads for layers ``rng`` of the model scanned as ``sc``
-    (none already there): the head plus the slice's tensor data, intervals merged as fetched."""
-    return sum(b - a for a, b in merge_intervals(slice_spans(sc, rng), MERGE_GAP))
+    return sum(b - a for spans in slice_byte_ranges(model_path, [rng]).values()
+               for a, b in merge_intervals([(o, o + n) for o, n in spans], MERGE_GAP))
 
 
 @dataclass(frozen=True)
@@ -374,71 +366,94 @@ class Fetched:
     downloaded: int
 
 
-def fetch_slice(rf: RemoteFile, rng: LayerRange, *, model_sha256: str | None = None, sha256: str | None = None,
-                progress: bool | None = None) -> Fetched:
-    """The slice of layers ``rng`` (global, half-open) of the remote GGUF ``rf``, fetching only its
-    bytes (see the module docstring) and reusing a slice already cut.
+def _slice_path(model_sha: str, stem: str, rng: LayerRange) -> Path:
+    """Where :func:`nakshatra.slicer.cached_slice` puts that slice of a local copy of the model."""
+    return cache_dir() / "slices" / model_sha[:16] / f"{stem}.{rng.inclusive()}.gguf"
 
-    ``model_sha256``: hex sha256 of the whole remote file, when the remote cannot tell it (else
-    ``rf.sha256`` or a sha256 ETag is used, and a given one must agree). ``sha256``: the expected
-    sha256 of the slice file (what ``nak up`` prints): a mismatch deletes the slice and the
-    mirror. ``progress``: byte progress bars on stderr (default: when stderr is a terminal).
 
-    Raises NakError (HTTP, range support, unknown model sha256, mismatch, a file that changed
-    while fetched) or SliceError (not a GGUF, not sliceable, range beyond the model), each naming
-    the URL and the fix.
+def fetch_slice(files: RemoteFile | Sequence[RemoteFile], rng: LayerRange, *, model_sha256: str | None = None,
+                sha256: str | None = None, progress: bool | None = None) -> Fetched:
+    """The slice of layers ``rng`` (global, half-open) of the remote GGUF ``files`` (one file, or
+    every shard of a split model in order), fetching only its bytes (see the module docstring)
+    and reusing a slice already cut.
+
+    ``model_sha256``: hex identity of the model (:func:`nakshatra.shards.model_sha256`: the sha256
+    of the whole file) when the remote cannot tell it: a single file's comes from the remote when
+    it says (``RemoteFile.sha256``, a sha256 ETag), a split model's needs the whole model and so
+    must be given. ``sha256``: the expected sha256 of the slice file (what ``nak up`` prints): a
+    mismatch deletes the slice and the fetched bytes. ``progress``: byte progress bars on stderr
+    (default: when stderr is a terminal).
+
+    Raises NakError (HTTP, range support, unknown or contradicting identity, mismatch, a file that
+    changed while fetched) or SliceError / RangeError (not a GGUF, shards that do not belong
+    together, not sliceable, range beyond the model), each naming the URL or file and the fix.
     """
-    from .slicer import _cut, _layout, _locked, _prepare_out_dir
+    from .shards import open_model
+    from .slicer import _model_layout, cached_slice, slice_byte_ranges
 
+    files = [files] if isinstance(files, RemoteFile) else list(files)
     progress = sys.stderr.isatty() if progress is None else progress
     want_model = _hex(model_sha256, "--model-sha256")
     want_slice = _hex(sha256, "--sha256")
-    listed = _hex(rf.sha256, "the remote file's sha256")
+    listed = _hex(files[0].sha256, "the remote file's sha256") if len(files) == 1 else None
     if want_model and listed and want_model != listed:
-        raise NakError(f"{rf.url}: its sha256 is {listed}, not the --model-sha256 {want_model} given; "
+        raise NakError(f"{files[0].url}: its sha256 is {listed}, not the --model-sha256 {want_model} given; "
                        "check which file you meant")
-
-    def slice_path(msha: str) -> Path:  # where cached_slice puts the slice of a local copy
-        return cache_dir() / "slices" / msha[:16] / f"{Path(rf.name).stem}.{rng.inclusive()}.gguf"
-
     first = want_model or listed
-    if first and _reuse(slice_path(first), first, rng, want_slice):
-        return Fetched(slice_path(first), first, 0)
-    mdir = _mirror_dir(rf.url)
+    if len(files) == 1 and first:
+        out = _slice_path(first, Path(files[0].name).stem, rng)
+        if _reuse(out, first, rng, want_slice):
+            return Fetched(out, first, 0)
+    mdir = _mirror_dir(files[0].url)
     mdir.mkdir(parents=True, exist_ok=True)
     with _locked(mdir / ".lock"):
-        with _bar(progress, f"reading the header of {rf.name}") as advance:
-            mirror = _Mirror(rf, mdir / rf.name, advance)
-            sc = mirror.head()
-        known = mirror.sha256
-        if want_model and known and want_model != known:
-            raise NakError(f"{rf.url}: its sha256 is {known}, not the --model-sha256 {want_model} given; "
-                           "check which file you meant")
-        msha = want_model or known
-        if not msha:
-            raise NakError(f"{rf.url}: the server does not say the file's sha256 (no sha256 ETag); pass "
-                           "--model-sha256 HEX (sha256sum of the file where it lives) so that every stage "
-                           "knows they serve one model")
-        out = slice_path(msha)
+        with _bar(progress, f"reading the header of {files[0].name}") as advance:
+            mirrors = [_Mirror(rf, mdir / rf.name, advance) for rf in files]
+            for m in mirrors:
+                m.head()
+        model = open_model(mirrors[0].path)
+        msha = _identity(files, mirrors, want_model)
+        out = _slice_path(msha, model.stem, rng)
         if _reuse(out, msha, rng, want_slice):
-            return Fetched(out, msha, mirror.fetched)
-        spans = slice_spans(sc, rng)
-        with _bar(progress, f"fetching layers {rng.inclusive()} of {rf.name}", mirror.missing(spans)) as advance:
-            mirror.on_bytes = advance
-            mirror.ensure(spans)
-        layout = _layout(sc, mirror.path, msha)
-        _prepare_out_dir(out.parent)
-        with _locked(out.parent.parent / ".lock"):
-            _cut(sc, layout, [(rng, 0, 0, out)], progress)
-        if want_slice and sha256_file(out) != want_slice:
-            out.unlink(missing_ok=True)
-            mirror.discard()
-            raise NakError(f"{rf.url}: the slice cut from the fetched bytes does not have the sha256 "
+            return Fetched(out, msha, sum(m.fetched for m in mirrors))
+        spans = {p.name: [(o, o + n) for o, n in v] for p, v in slice_byte_ranges(mirrors[0].path, [rng]).items()}
+        todo = sum(m.missing(spans.get(m.path.name, [])) for m in mirrors)
+        with _bar(progress, f"fetching layers {rng.inclusive()} of {model.stem}", todo) as advance:
+            for m in mirrors:
+                m.on_bytes = advance
+                m.ensure(spans.get(m.path.name, []))
+        n_layer = _model_layout(model, msha).n_layer
+        got = cached_slice(mirrors[0].path, rng, n_layer, progress, sha256=msha)
+        fetched = sum(m.fetched for m in mirrors)
+        if want_slice and sha256_file(got) != want_slice:
+            got.unlink(missing_ok=True)
+            for m in mirrors:
+                m.discard()
+            raise NakError(f"{files[0].url}: the slice cut from the fetched bytes does not have the sha256 "
                            f"{want_slice} given; deleted it and the fetched bytes. The remote file is not "
                            "the one the slice was planned from (or the transfer was corrupted): check the "
                            "URL and run the command again")
-        mirror.discard()
-        return Fetched(out, msha, mirror.fetched)
+        for m in mirrors:
+            m.discard()
+        return Fetched(got, msha, fetched)
+
+
+def _identity(files: list[RemoteFile], mirrors: list[_Mirror], given: str | None) -> str:
+    """The model's identity: as given, else a single file's sha256 from the remote. Raises
+    NakError when neither is known, or the remote's contradicts the one given."""
+    known = mirrors[0].sha256 if len(mirrors) == 1 else None
+    if given and known and given != known:
+        raise NakError(f"{files[0].url}: its sha256 is {known}, not the --model-sha256 {given} given; "
+                       "check which file you meant")
+    if given or known:
+        return str(given or known)
+    if len(files) > 1:
+        raise NakError(f"{files[0].url} is split into {len(files)} files: the model's sha256 (that of the "
+                       "model as one file, what every stage compares) needs all of it; pass --model-sha256 HEX, "
+                       "the model.sha256 in the manifest `nak slice` writes where the whole model is")
+    raise NakError(f"{files[0].url}: the server does not say the file's sha256 (no sha256 ETag); pass "
+                   "--model-sha256 HEX (sha256sum of the file where it lives) so that every stage knows "
+                   "they serve one model")
 
 
 def _reuse(path: Path, model_sha: str, rng: LayerRange, want: str | None) -> bool:

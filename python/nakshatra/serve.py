@@ -165,10 +165,7 @@ def remote_slice(opts: ServeOptions, key: bytes | None, progress: bool) -> Path 
             files = [RemoteFile(model, {AUTH_HEADER: fetch_token(key, files[0].name)})]
     else:
         files = [RemoteFile(f.url, f.headers, f.size, f.sha256) for f in hub.hf_remote_files(model)]
-    if len(files) > 1:
-        raise NakError(f"{model} is split into {len(files)} files; fetching a part of a split model is not "
-                       f"supported yet: drop --layers to download it whole (nak pull {model})")
-    got = fetch_slice(files[0], parse_range(opts.layers), model_sha256=opts.model_sha256 or None,
+    got = fetch_slice(files, parse_range(opts.layers), model_sha256=opts.model_sha256 or None,
                       sha256=opts.sha256 or None, progress=progress)
     print(f"nak serve: layers {opts.layers} of {model}: {got.path} (fetched {_fmt_bytes(got.downloaded)})",
           file=sys.stderr, flush=True)

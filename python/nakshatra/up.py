@@ -731,26 +731,40 @@ class SliceFileServer(ThreadingHTTPServer):
 
 
 def _file_hashes(folder: Path, names: Sequence[str], given: Sequence[str]) -> dict[str, str]:
-    """sha256 of each file: ``NAME=HEX`` as given, else hashed (remembered by path, size and
-    mtime in the slice cache's index, as :func:`nakshatra.slicer.cached_slice` does). Raises
-    NakError for a malformed ``NAME=HEX``."""
-    from .paths import cache_dir
-    from .slicer import _known_sha256, _locked
-
+    """sha256 of each file: ``NAME=HEX`` as given, else hashed (a whole GGUF's remembered by path,
+    size and mtime in the slice cache's index, as :func:`nakshatra.slicer.cached_slice` does).
+    Raises NakError for a malformed ``NAME=HEX``."""
     out = {}
     for item in given:
         name, _, hexsum = item.partition("=")
         if not _SHA256.match(hexsum.strip().lower()):
             raise NakError(f"--sha256 {item!r}: give NAME=HEX with a 64-digit hex sha256")
         out[name] = hexsum.strip().lower()
-    index = cache_dir() / "slices" / "index.json"
     for name in names:
         path = Path(folder) / name
         if name not in out and path.is_file():
-            index.parent.mkdir(parents=True, exist_ok=True)
-            with _locked(index.parent / ".lock"):
-                out[name] = _known_sha256(path.absolute(), index)
+            out[name] = _file_sha256(path)
     return out
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of the file ``path``: remembered in the slice cache's index for a whole single-file
+    GGUF (the identity :func:`nakshatra.slicer.cached_slice` keeps there is that hash), else
+    hashed now."""
+    from .paths import cache_dir
+    from .shards import open_model
+    from .slicer import _known_sha256, _locked
+
+    try:
+        model = open_model(path)
+    except SliceError:
+        return sha256_file(path)
+    if model.sharded:  # a shard's identity is the whole model's, not the file's
+        return sha256_file(path)
+    root = cache_dir() / "slices"
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".lock"):
+        return _known_sha256(model, root / "index.json")
 
 
 def _files_main(argv: Sequence[str]) -> int:
