@@ -238,7 +238,7 @@ def _print_stats(st, stages) -> None:
 
 @app.command("slice")
 def slice_cmd(
-    model: Annotated[Path, typer.Argument(help="The GGUF model to cut: a file, or any shard of a split model (NAME-00001-of-00003.gguf; all its shards are read).")],
+    model: Annotated[str, typer.Argument(help="The GGUF model to cut: a file, any shard of a split model (NAME-00001-of-00003.gguf; all its shards are read), a built-in name, hf:ORG/REPO\\[:QUANT] or ollama:NAME\\[:TAG].")],
     parts: Annotated[Optional[int], typer.Option("--parts", "-p", help="Number of slices, balanced by bytes.")] = None,
     ranges: Annotated[Optional[str], typer.Option("--ranges", "-r", help="Inclusive ranges, e.g. 0-6,7-16,17-25,26-29.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("slices"),
@@ -247,15 +247,17 @@ def slice_cmd(
 
     Example: [b]nak slice model.gguf --parts 5 -o slices/[/b]
     """
+    from nakshatra.models import resolve_model
     from nakshatra.ranges import parse_ranges
     from nakshatra.slicer import model_layout, slice_model
 
     if (parts is None) == (ranges is None):
         raise NakError("give exactly one of --parts N or --ranges A-B,C-D,...")
+    model_path = resolve_model(model)
     rl = None
     if ranges is not None:
-        rl = parse_ranges(ranges, model_layout(model, sha256="-").n_layer)
-    m = slice_model(model, ranges=rl, n_parts=parts, out_dir=out, progress=True)
+        rl = parse_ranges(ranges, model_layout(model_path, sha256="-").n_layer)
+    m = slice_model(model_path, ranges=rl, n_parts=parts, out_dir=out, progress=True)
     t = Table(title=f"{m.model['name']}: {m.model['arch']}, {m.model['n_layer']} layers", title_justify="left")
     t.add_column("slice")
     t.add_column("layers")
@@ -267,7 +269,7 @@ def slice_cmd(
 
 @app.command()
 def inspect(
-    file: Annotated[Path, typer.Argument(help="A model (a file, or any shard of a split model) or slice.")],
+    file: Annotated[str, typer.Argument(help="A model (a file, any shard of a split model, a built-in name, hf:ORG/REPO\\[:QUANT] or ollama:NAME\\[:TAG]) or slice.")],
     ctx: Annotated[int, typer.Option("--ctx", "-c", help="Context tokens per session for the KV estimate.")] = 4096,
     max_sessions: Annotated[int, typer.Option("--max-sessions", help="Sessions, each with its own KV (as nak serve --max-sessions).")] = 1,
     swa_full: Annotated[bool, typer.Option("--swa-full", help="Count sliding-window layers with the whole context, as nak serve --swa-full.")] = False,
@@ -279,10 +281,11 @@ def inspect(
     Example: [b]nak inspect slices/smollm2.0-9.gguf --ctx 8192[/b]
     """
     from nakshatra.inspection import inspect_gguf, render_inspection
+    from nakshatra.models import resolve_model
 
     if ctx < 1 or max_sessions < 1:
         raise NakError(f"--ctx {ctx} and --max-sessions {max_sessions} must both be >= 1")
-    info = inspect_gguf(file, n_ctx=ctx, max_sessions=max_sessions, swa_full=swa_full, predict=True)
+    info = inspect_gguf(resolve_model(file), n_ctx=ctx, max_sessions=max_sessions, swa_full=swa_full, predict=True)
     if as_json:
         print(json.dumps(info, indent=1, default=str))
     else:

@@ -173,13 +173,13 @@ def remote_slice(opts: ServeOptions, key: bytes | None, progress: bool) -> Path 
 
 
 def local_model(model: Path | str, progress: bool) -> Path:
-    """The file a model argument names: a path as is, an ``hf:`` / ``ollama:`` reference resolved
-    (:func:`nakshatra.models.resolve_model`: downloaded whole when not cached)."""
+    """The file a model argument names: a path as is; an ``hf:`` / ``ollama:`` reference or a
+    built-in name (no such file) resolved by :func:`nakshatra.models.resolve_model` (downloaded
+    whole when not cached)."""
     from .hub import is_ref
+    from .models import BUILTIN, resolve_model
 
-    if is_ref(model):
-        from .models import resolve_model
-
+    if is_ref(model) or (str(model) in BUILTIN and not Path(model).exists()):
         return resolve_model(str(model), progress=progress)
     return Path(model)
 
