@@ -22,7 +22,7 @@ def _model_ref(model: str, model_path: Path, out_dir: Path) -> str:
 
     if (model in BUILTIN or is_ref(model)) and not Path(model).is_file():
         return model
-    p, base = model_path.resolve(), out_dir.resolve()
+    p, base = model_path.absolute(), out_dir.absolute()  # not resolved: a snapshot's shards are found by name
     return str(p.relative_to(base)) if p.is_relative_to(base) else str(p)
 
 

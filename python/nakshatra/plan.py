@@ -518,6 +518,8 @@ def plan_cluster(plan: Plan, model: str, model_path: Path, *, ctx: int, max_sess
 
     Raises NakError if a port would exceed 65535.
     """
+    # a split model's slices are named by the shards' prefix (nakshatra.shards), as nak slice does
+    stem = re.sub(r"-\d{5}-of-\d{5}$", "", Path(model_path).stem)
     per_address: dict[str, int] = {}
     stages = []
     for s in plan.stages:
@@ -526,7 +528,7 @@ def plan_cluster(plan: Plan, model: str, model_path: Path, *, ctx: int, max_sess
         if not 0 < port < 65536:
             raise NakError(f"--port {base_port}: stage ports run to {port}; choose a base port in 1..{65535 - len(plan.stages)}")
         stages.append(StageSpec(host=s.host.address, port=port, layers=s.layers,
-                                slice=f"{Path(model_path).stem}.{s.layers.inclusive()}.gguf"))
+                                slice=f"{stem}.{s.layers.inclusive()}.gguf"))
     return ClusterFile(model=model, stages=stages, hosts=list(hosts), key_file=key_file, slices_dir=slices_dir,
                        options={"ctx": ctx, "max_sessions": max_sessions, "mode": plan.mode})
 
