@@ -14,7 +14,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,8 +27,8 @@ from nakshatra.errors import NakError
 from nakshatra.manifest import Manifest, sha256_file
 from nakshatra.ranges import LayerRange
 from nakshatra.slicer import slice_model
+from fileserver import FileServer
 from nakshatra.up import (
-    SliceFileServer,
     fetch_slice,
     is_this_host,
     plan_instances,
@@ -66,26 +65,6 @@ def sliced(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     m = slice_model(smollm2_path, ranges=[LayerRange(0, 10), LayerRange(10, 20), LayerRange(20, 30)], out_dir=out,
                     progress=False)
     return out, m
-
-
-class FileServer:
-    """A SliceFileServer in a thread of this process, on a free port."""
-
-    def __init__(self, folder: Path, names: list[str], key: bytes | None = None) -> None:
-        self.srv = SliceFileServer(folder, names, "127.0.0.1", 0, key)
-        self.thread = threading.Thread(target=self.srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.srv.server_address[1]}/slices/{name}"
-
-    def __enter__(self) -> FileServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.srv.shutdown()
-        self.srv.server_close()
-        self.thread.join()
 
 
 def serve_fetch(dest: Path, url: str, sha: str, *extra: str) -> subprocess.CompletedProcess:

@@ -12,6 +12,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fileserver import FileServer
 from nakshatra import _nakshatra, remote
 from nakshatra.chain import Chain, SamplerParams
 from nakshatra.errors import NakError
@@ -19,19 +20,19 @@ from nakshatra.manifest import sha256_file
 from nakshatra.ranges import LayerRange
 from nakshatra.remote import RemoteFile, fetch_slice, merge_intervals, missing_intervals
 from nakshatra.slicer import cached_slice, scan_gguf
-from nakshatra.up import SliceFileServer, _byte_range
+from nakshatra.up import _byte_range
 
 
-class Server:
-    """``nak up``'s file server (range requests, sha256 ETags) in a thread, serving ``files``;
-    ``cut_after``: bytes of a body after which every transfer breaks (a flaky link)."""
+class Server(FileServer):
+    """``nak up``'s file server (range requests, sha256 ETags unless ``etags`` is false) serving
+    ``files``; ``cut_after``: bytes of a body after which every transfer breaks (a flaky link);
+    ``requests``: the Range header of each request."""
 
     def __init__(self, files: list[Path], etags: bool = True, cut_after: int | None = None) -> None:
         sums = {f.name: sha256_file(f) for f in files} if etags else {}
-        self.srv = SliceFileServer(files[0].parent, [f.name for f in files], sha256s=sums)
-        self.srv.cut_after = cut_after  # read by the patched sendfile below
+        super().__init__(files[0].parent, [f.name for f in files], sha256s=sums)
+        self.cut_after = cut_after
         self.requests: list[str] = []
-        handler = self.srv.RequestHandlerClass
         server = self
 
         class Cut:
@@ -41,32 +42,19 @@ class Server:
                 self.sock = sock
 
             def sendfile(self, f: object, offset: int = 0, count: int | None = None) -> int:
-                return self.sock.sendfile(f, offset, min(count or 0, server.srv.cut_after))
+                return self.sock.sendfile(f, offset, min(count or 0, server.cut_after))
 
             def __getattr__(self, name: str) -> object:
                 return getattr(self.sock, name)
 
-        class Handler(handler):  # type: ignore[misc, valid-type]
+        class Handler(self.srv.RequestHandlerClass):  # type: ignore[misc, name-defined]
             def _serve(self, body: bool) -> None:
                 server.requests.append(self.headers.get("Range", ""))
-                if server.srv.cut_after is not None:
+                if server.cut_after is not None:
                     self.connection = Cut(self.connection)
                 super()._serve(body)
 
         self.srv.RequestHandlerClass = Handler
-        self.thread = threading.Thread(target=self.srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.srv.server_address[1]}/slices/{name}"
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.srv.shutdown()
-        self.srv.server_close()
-        self.thread.join()
 
 
 @pytest.fixture
@@ -152,7 +140,7 @@ def test_a_broken_transfer_resumes_where_it_stopped(smollm2_path: Path, tmp_path
         rec = json.loads(next((cache / "remote").glob("*/*.fetch.json")).read_text())
         kept = sum(b - a for a, b in rec["have"])
         assert kept >= 5 << 20
-        srv.srv.cut_after = None
+        srv.cut_after = None
         got = fetch_slice(RemoteFile(url), rng, progress=False)
     want = cut_locally(model, rng, tmp_path / "local-cache")
     assert got.path.read_bytes() == want.read_bytes()
