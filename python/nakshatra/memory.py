@@ -51,7 +51,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import NakError, StageError
+from .errors import NakError
 
 MIB = 1 << 20
 
@@ -70,8 +70,6 @@ nakshatra.footprint --baseline`` (root) bisects, to 1 MiB, the footprint of a st
 one-layer, n_embd 64 model (:func:`nakshatra.footprint.baseline_model`) and subtracts its
 predicted llama.cpp terms (68.0 MiB - 31.8 MiB on the 2-core x86-64 Linux VM, Python 3.11)."""
 
-_estimated_here = False  # whether this process has run an estimate already (see llama_estimate)
-
 
 def llama_estimate(path: str | os.PathLike[str], ctx: int = 4096, max_sessions: int = 8, *,
                    n_batch: int = 2048, n_ubatch: int = 512, n_gpu_layers: int = -1, flash_attn: str = "auto",
@@ -88,8 +86,6 @@ def llama_estimate(path: str | os.PathLike[str], ctx: int = 4096, max_sessions: 
     Raises NakError for a missing file, a file that is not a GGUF, bad parameters (ctx or
     max_sessions < 1, an unknown cache type or flash-attn mode), or a model llama.cpp cannot load.
     """
-    from . import _nakshatra
-
     fa = {"auto": -1, "off": 0, "on": 1}.get(flash_attn)
     if fa is None:
         raise NakError(f"--flash-attn {flash_attn!r}: use auto, on or off")
@@ -100,17 +96,11 @@ def llama_estimate(path: str | os.PathLike[str], ctx: int = 4096, max_sessions: 
     kw = dict(n_ctx=ctx, max_sessions=max_sessions, n_batch=n_batch, n_ubatch=n_ubatch, n_gpu_layers=n_gpu_layers,
               flash_attn=fa, cache_type_k=cache_type_k, cache_type_v=cache_type_v, no_repack=no_repack, mlock=mlock,
               swa_full=swa_full)
-    global _estimated_here
-    if _estimated_here:
-        # llama.cpp initialises some tables once per process (about 2 MiB): a stage pays for them,
-        # and a second estimate in one process would not see them in its heap figure, so every
-        # estimate after the first runs in a fresh process
-        return _estimate_in_subprocess(path, kw)
-    _estimated_here = True
-    try:
-        return _nakshatra.estimate_memory(str(path), **kw)
-    except StageError as e:
-        raise NakError(f"cannot estimate the memory of {path}: {e}") from None
+    # always in a fresh process: the heap figure is the process's growth during the estimate, so
+    # in a process that does anything else at the same time (threads of a server, a test) it
+    # would count their allocations too, and llama.cpp initialises some tables once per process
+    # (about 2 MiB) that a stage pays for but a second estimate in one process would not see
+    return _estimate_in_subprocess(path, kw)
 
 
 def _estimate_in_subprocess(path: str | os.PathLike[str], kw: dict[str, Any]) -> dict[str, Any]:
