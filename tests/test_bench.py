@@ -18,7 +18,7 @@ def test_bench_writes_single_chain_and_ratios(smollm2_path: Path, tmp_path: Path
              else ["--sessions", "0", "--wire", ""] + (["--key"] if mode == "forwarding" else []))
     r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "bench", "--model", str(smollm2_path),
                         "--stages", "2", "--threads", "1", "--stage-threads", "1", "--reps", "1", "--n-decode", "8",
-                        "--prompt-lens", "16,32", "--json", str(out), "--mode", mode, *extra],
+                        "--prompt-lens", "16,32", "--pairs", "2", "--json", str(out), "--mode", mode, *extra],
                        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
@@ -36,6 +36,12 @@ def test_bench_writes_single_chain_and_ratios(smollm2_path: Path, tmp_path: Path
     assert hidden <= per_token <= hidden + 600
     ratios = res["ratios"]
     assert ratios["decode_chain_over_single"] > 0
+    # interleaved: one ratio per pair, their median is the headline paired ratio
+    paired = chain["paired"]
+    assert len(paired["ratios"]) == 2 and paired["ratio"]["n"] == 2
+    assert ratios["decode_chain_over_single_paired"] == pytest.approx(sorted(paired["ratios"])[0] / 2
+                                                                      + sorted(paired["ratios"])[1] / 2)
+    assert "interleaved" in r.stdout
     assert ratios["prefill_chain_over_single"] == ratios["prefill16_chain_over_single"]
     assert "decode tok/s" in r.stdout and "chain / single" in r.stdout
     if mode == "forwarding":  # --key: the same chain with a cluster key, side by side

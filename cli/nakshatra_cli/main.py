@@ -472,6 +472,7 @@ def bench(
     threads: Annotated[int, typer.Option("--threads", "-t", help="llama.cpp threads of the single process.")] = 2,
     stage_threads: Annotated[int, typer.Option("--stage-threads", help="Threads per stage (0: cores shared between stages).")] = 0,
     reps: Annotated[int, typer.Option("--reps", help="Repetitions after one warm-up (median and spread).")] = 3,
+    pairs: Annotated[int, typer.Option("--pairs", help="Single and chain decode measured interleaved, this many pairs (median of the pair ratios; 0: skip).")] = 21,
     n_decode: Annotated[int, typer.Option("--n-decode", help="Decode steps measured.")] = 128,
     prompt_lens: Annotated[str, typer.Option("--prompt-lens", help="Prefill lengths, comma separated.")] = "128,512",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON to this file.")] = None,
@@ -501,6 +502,8 @@ def bench(
         raise NakError(f"--prompt-lens {prompt_lens!r}: give token counts like 128,512") from None
     if not lens or min(lens) < 1 or n_decode < 1 or reps < 1 or stages < 1:
         raise NakError("--prompt-lens, --n-decode, --reps and --stages must be positive")
+    if pairs < 0:
+        raise NakError(f"--pairs {pairs} must be >= 0 (0: no interleaved decode pairs)")
     if mode not in ("ring", "forwarding", "relay"):
         raise NakError(f"--mode {mode!r}: use ring, forwarding or relay")
     wires = [w.strip() for w in wire.split(",") if w.strip()]
@@ -529,7 +532,7 @@ def bench(
     cfg = BenchConfig(model=model_path, stages=stages, prompt_lens=lens, n_decode=n_decode,
                       reps=reps, threads=threads, stage_threads=stage_threads, mode=mode,
                       sessions=sessions, wire=wires, link_delay_ms=link_delay_ms, rpc_baseline=rpc_baseline,
-                      key=key, no_repack=no_repack)
+                      key=key, no_repack=no_repack, pairs=pairs)
     with err_console.status("measuring ...") as st:
         res = run_bench(cfg, status=lambda text: st.update(f"measuring: {text} ..."))
     print_bench(res, cfg)
@@ -579,6 +582,10 @@ def print_bench(res: dict, cfg) -> None:
     row(f"decode tok/s ({cfg.n_decode} steps)", single["decode_tps"], chain["decode_tps"],
         f"{r['decode_chain_over_single']:.2f}x", rpc["decode_tps"] if rpc else None,
         f"{r['decode_chain_over_rpc']:.2f}x" if "decode_chain_over_rpc" in r else "")
+    paired = chain.get("paired")
+    if paired:
+        row(f"decode tok/s, interleaved ({paired['ratio']['n']} pairs)", paired["single_tps"], paired["chain_tps"],
+            f"{paired['ratio']['median']:.2f}x ± {paired['ratio']['spread'] / 2:.2f}")
     t.add_row("per-hop overhead us", "", fmt(chain["per_hop_overhead_us"]), "")
     t.add_row("wire bytes / token / hop", "", f"{chain['wire_bytes_per_token_per_hop']['median']:.0f}", "")
     ses = chain.get("sessions")

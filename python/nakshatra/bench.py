@@ -17,6 +17,12 @@ Definitions:
   a ring N (first -> ... -> last -> first; the copy of each token sent to the client is off the path).
 * per-hop overhead (us) = (chain ms per decoded token - sum of stage compute ms per token) / hops.
 * wire bytes per token per hop = bytes sent and received for the decode steps / steps / hops.
+* paired decode ratio = the median over ``pairs`` of chain decode tok/s / single decode tok/s,
+  each pair measured back to back (single, chain; the next pair chain, single), so a drift of the
+  machine's speed (other work on shared cores, thermal state) lands on both sides of a pair
+  instead of on one configuration (:func:`paired_decode`). Its spread (max - min of the pair
+  ratios) says how far one pair can be off; the separate single and chain medians above are
+  measured one configuration after the other and drift with the machine.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class BenchConfig:
     rpc_baseline: bool = False
     key: bool = False           # also a chain with a cluster key (authenticated, every frame MACed)
     no_repack: bool = False     # also a chain whose stages keep no repacked weight copy (--no-repack)
+    pairs: int = 21             # interleaved single / chain decode pairs (paired_decode; 0: skip)
 
 
 def _stat(values: list[float]) -> dict[str, float]:
@@ -180,6 +187,9 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
     prefill length, concurrent sessions / one, and over emulated links latency / expected."""
     single, chain = res["single"], res["chain"]
     r = {"decode_chain_over_single": chain["decode_tps"]["median"] / single["decode_tps"]["median"]}
+    if "paired" in chain:
+        r["decode_chain_over_single_paired"] = chain["paired"]["ratio"]["median"]
+        r["decode_chain_over_single_paired_spread"] = chain["paired"]["ratio"]["spread"]
     for n, s in single["prefill_tps"].items():
         r[f"prefill{n}_chain_over_single"] = chain["prefill_tps"][n]["median"] / s["median"]
     first = next(iter(single["prefill_tps"]))
@@ -230,6 +240,47 @@ def _memory_split(chain: dict[str, Any], addresses: list[str]) -> None:
         st["rss_file_bytes"] = int(h.get("rss_file_bytes", 0))
 
 
+def _ring_decode_tps(chain: Chain, mode: str, prompt: list[int], n_decode: int) -> float:
+    """Decode tok/s of one greedy session of ``n_decode`` steps after ``prompt`` (end of
+    generation ignored), timed from the first sampled token to the last."""
+    with chain.session(GREEDY, n_predict=n_decode + 1, ignore_eog=True) as sess:
+        replies = sess.ring(prompt, n_decode + 1) if mode == "ring" else sess.relay(prompt, n_decode + 1)
+        times = [time.perf_counter() for _ in replies]
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def paired_decode(cfg: BenchConfig, addresses: list[str], n_vocab: int) -> dict[str, Any]:
+    """Decode tok/s of the unsplit model (this process) and of the chain at ``addresses``,
+    measured interleaved: ``cfg.pairs`` pairs, each a single run and a chain run back to back (in
+    alternating order, after one warm-up of each), ``cfg.n_decode`` steps after the first prompt
+    length. Returns ``{"ratio": stat of chain/single per pair, "ratios": [...], "single_tps",
+    "chain_tps": stats}`` (stat: median, spread = max - min, n)."""
+    from . import _nakshatra
+
+    prompt = _prompt(cfg.prompt_lens[0], n_vocab)
+    ref = _nakshatra.Reference(str(cfg.model), n_ctx=len(prompt) + cfg.n_decode + 16, n_threads=cfg.threads)
+    mode = cfg.mode
+
+    def single() -> float:
+        return cfg.n_decode / (ref.time_run(prompt, cfg.n_decode)[1] / 1e6)
+
+    with Chain(addresses, forwarding=mode != "relay", ring=mode == "ring") as chain:
+        def chained() -> float:
+            return _ring_decode_tps(chain, mode, prompt, cfg.n_decode)
+
+        single(), chained()  # warm-up
+        s_tps, c_tps = [], []
+        for i in range(cfg.pairs):
+            if i % 2 == 0:
+                s_tps.append(single())
+                c_tps.append(chained())
+            else:
+                c_tps.append(chained())
+                s_tps.append(single())
+    pair = [c / s for s, c in zip(s_tps, c_tps)]
+    return {"ratio": _stat(pair), "ratios": pair, "single_tps": _stat(s_tps), "chain_tps": _stat(c_tps)}
+
+
 def run_bench(cfg: BenchConfig, status: Any = None) -> dict[str, Any]:
     """Measure single and chain (and, as configured, concurrent sessions, wire formats, emulated
     links and llama.cpp RPC) in one run; returns ``{"config", "single", "chain", ["rpc"], ["wire"],
@@ -252,6 +303,9 @@ def run_bench(cfg: BenchConfig, status: Any = None) -> dict[str, Any]:
             st["kv_bytes"] = kv_bytes_estimate(Path(path), n_ctx, max_sessions) or 0
         with Chain(ls.addresses) as c:
             n_vocab = c.stages[0].n_vocab
+        if cfg.pairs > 0:
+            say(f"single and chain decode, interleaved ({cfg.pairs} pairs)")
+            chain["paired"] = paired_decode(cfg, ls.addresses, n_vocab)
         # peak RSS is read once every measurement on these stages is done
         for st, pid in zip(chain["stages"], ls.pids):
             st["peak_rss_bytes"] = peak_rss_bytes(pid)
@@ -281,7 +335,7 @@ def run_bench(cfg: BenchConfig, status: Any = None) -> dict[str, Any]:
         "config": {"model": str(cfg.model), "stages": len(slices), "prompt_lens": list(cfg.prompt_lens),
                    "n_decode": cfg.n_decode, "reps": cfg.reps, "threads": cfg.threads,
                    "stage_threads": ls.threads, "mode": cfg.mode, "sessions": cfg.sessions,
-                   "link_delay_ms": cfg.link_delay_ms, "wire": list(cfg.wire)},
+                   "link_delay_ms": cfg.link_delay_ms, "wire": list(cfg.wire), "pairs": cfg.pairs},
         "single": single, "chain": chain}
     if chain_key is not None:
         res["chain_key"] = chain_key
