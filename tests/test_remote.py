@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -55,6 +57,27 @@ class Server(FileServer):
                 super()._serve(body)
 
         self.srv.RequestHandlerClass = Handler
+
+
+class Quiet(SimpleHTTPRequestHandler):
+    """The standard library's request handler, without a log line per request."""
+
+    def log_message(self, *a: object) -> None:
+        pass
+
+
+@contextmanager
+def stdlib_server(handler: type[SimpleHTTPRequestHandler]) -> Iterator[int]:
+    """A ``ThreadingHTTPServer`` with ``handler`` in a thread; yields its port."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join()
 
 
 @pytest.fixture
@@ -184,23 +207,12 @@ def test_model_sha256_needed_when_the_server_does_not_say(smollm2_path: Path, tm
 def test_a_server_without_ranges_is_refused(smollm2_path: Path, tmp_path: Path, cache: Path) -> None:
     model = _model_dir(smollm2_path, tmp_path)
 
-    class Quiet(SimpleHTTPRequestHandler):
+    class Plain(Quiet):  # the standard library's file server: no range requests
         def __init__(self, *a, **k) -> None:  # noqa: ANN002, ANN003
             super().__init__(*a, directory=str(model.parent), **k)
 
-        def log_message(self, *a) -> None:  # noqa: ANN002
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        with pytest.raises(NakError, match="does not answer range requests"):
-            fetch_slice(RemoteFile(f"http://127.0.0.1:{srv.server_address[1]}/{model.name}"), LayerRange(0, 10),
-                        progress=False)
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with stdlib_server(Plain) as port, pytest.raises(NakError, match="does not answer range requests"):
+        fetch_slice(RemoteFile(f"http://127.0.0.1:{port}/{model.name}"), LayerRange(0, 10), progress=False)
     assert not list((cache / "slices").glob("*/*.gguf"))
 
 
@@ -260,7 +272,7 @@ def test_follows_a_redirect_and_its_linked_etag(smollm2_path: Path, tmp_path: Pa
     with Server([model], etags=False) as store:
         target = store.url(model.name)
 
-        class Redirect(SimpleHTTPRequestHandler):
+        class Redirect(Quiet):
             def do_GET(self) -> None:
                 self.send_response(302)
                 self.send_header("Location", target)
@@ -268,18 +280,9 @@ def test_follows_a_redirect_and_its_linked_etag(smollm2_path: Path, tmp_path: Pa
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            def log_message(self, *a) -> None:  # noqa: ANN002
-                pass
-
-        front = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
-        t = threading.Thread(target=front.serve_forever, daemon=True)
-        t.start()
-        try:
-            got = fetch_slice(RemoteFile(f"http://127.0.0.1:{front.server_address[1]}/org/repo/resolve/main/{model.name}"),
+        with stdlib_server(Redirect) as port:
+            got = fetch_slice(RemoteFile(f"http://127.0.0.1:{port}/org/repo/resolve/main/{model.name}"),
                               LayerRange(20, 30), progress=False)
-        finally:
-            front.shutdown()
-            front.server_close()
     assert got.model_sha256 == sha
     assert got.path.read_bytes() == cut_locally(model, LayerRange(20, 30), tmp_path / "local-cache").read_bytes()
 
