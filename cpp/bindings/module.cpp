@@ -189,8 +189,9 @@ struct py_stage_client {
     // (positions the stage holds for the session, its KV sequence id)
     py::tuple open(uint64_t session, float temp, int32_t top_k, float top_p, float min_p, float repeat_penalty,
                    int32_t repeat_last_n, uint32_t seed, int32_t n_predict, const std::vector<int32_t> & stop_tokens,
-                   int32_t seq, bool ignore_eog, bool reuse, uint64_t token) {
+                   int32_t seq, bool ignore_eog, bool reuse, uint64_t token, int32_t draft_max) {
         nak_open m;
+        m.draft_max  = draft_max;
         m.token      = token;
         m.ignore_eog = ignore_eog ? 1 : 0;
         m.reuse      = reuse ? 1 : 0;
@@ -211,7 +212,7 @@ struct py_stage_client {
                                                 const std::optional<std::vector<int32_t>> & tokens,
                                                 const std::optional<py::bytes> & embd, bool sample,
                                                 const std::string & next_hop, const std::string & ring = "",
-                                                uint64_t token = 0) {
+                                                uint64_t token = 0, bool spec = false) {
         nak_forward f;
         f.token    = token;
         f.step     = step;
@@ -239,6 +240,9 @@ struct py_stage_client {
         if (sample) {
             f.flags |= NAK_FWD_SAMPLE;
         }
+        if (spec) {
+            f.flags |= NAK_FWD_SPEC;
+        }
         nak_writer w;
         nak_encode(w, f);
         return std::move(w.buf);
@@ -246,8 +250,8 @@ struct py_stage_client {
 
     py::dict forward(uint64_t session, uint64_t step, const std::vector<int32_t> & pos,
                      const std::optional<std::vector<int32_t>> & tokens, const std::optional<py::bytes> & embd,
-                     bool sample, uint8_t dtype) {
-        const std::vector<uint8_t> payload = forward_payload(step, pos, tokens, embd, sample, "");
+                     bool sample, uint8_t dtype, bool spec) {
+        const std::vector<uint8_t> payload = forward_payload(step, pos, tokens, embd, sample, "", "", 0, spec);
         nak_frame r = call(NAK_MSG_FORWARD, session, embd ? dtype : (uint8_t) NAK_DTYPE_NONE, payload, NAK_MSG_FORWARD_OK);
         py::dict d = forward_ok_dict(r);
         d["wire_bytes"] = (uint64_t) (NAK_HEADER_SIZE * 2 + payload.size() + r.payload.size());
@@ -259,8 +263,8 @@ struct py_stage_client {
     // wait_forward_ok. Returns the bytes sent.
     uint64_t send_forward(uint64_t session, uint64_t step, const std::vector<int32_t> & pos,
                           const std::vector<int32_t> & tokens, bool sample, const std::string & route,
-                          const std::string & ring, uint64_t token) {
-        const std::vector<uint8_t> payload = forward_payload(step, pos, tokens, std::nullopt, sample, route, ring, token);
+                          const std::string & ring, uint64_t token, bool spec) {
+        const std::vector<uint8_t> payload = forward_payload(step, pos, tokens, std::nullopt, sample, route, ring, token, spec);
         nak_header h;
         h.type       = NAK_MSG_FORWARD;
         h.session_id = session;
@@ -296,6 +300,16 @@ struct py_stage_client {
         d["piece"]      = py::bytes(ok.piece);
         d["embd"]       = ok.embd_bytes ? py::bytes((const char *) ok.embd, ok.embd_bytes) : py::bytes();
         d["dtype"]      = r.hdr.dtype; // of embd (the sending stage's --wire)
+        if (ok.spec) {
+            py::list pieces;
+            for (const auto & p : ok.pieces) {
+                pieces.append(py::bytes(p));
+            }
+            d["tokens"]      = ok.tokens;
+            d["pieces"]      = pieces;
+            d["drafts"]      = ok.drafts;
+            d["next_drafts"] = ok.next_drafts;
+        }
         return d;
     }
 
@@ -814,16 +828,20 @@ PYBIND11_MODULE(_nakshatra, m) {
              py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
              py::arg("repeat_last_n") = 64, py::arg("seed") = 0xFFFFFFFFu, py::arg("n_predict") = -1,
              py::arg("stop_tokens") = std::vector<int32_t>{}, py::arg("seq") = -1,
-             py::arg("ignore_eog") = false, py::arg("reuse") = false, py::arg("token") = 0,
+             py::arg("ignore_eog") = false, py::arg("reuse") = false, py::arg("token") = 0, py::arg("draft_max") = 0,
              "Open a session: returns (n_ctx positions it may hold, its KV sequence id); seq -1 lets the stage pick. "
              "reuse: the session is open already; give it these settings and keep its KV cache. token: the "
              "session's secret (random, the same on every stage), which steps forwarded by other stages carry; "
-             "0: only this connection may use the session.")
+             "0: only this connection may use the session. draft_max: speculative decoding, at most this many "
+             "n-gram draft tokens per window (the last stage drafts; 0: off).")
         .def("forward", &py_stage_client::forward, py::arg("session"), py::arg("step"), py::arg("pos"),
              py::arg("tokens") = py::none(), py::arg("embd") = py::none(), py::arg("sample") = false,
-             py::arg("dtype") = (uint8_t) NAK_DTYPE_F32)
+             py::arg("dtype") = (uint8_t) NAK_DTYPE_F32, py::arg("spec") = false,
+             "One step on this stage; spec: the rows after the first are drafts (the last stage verifies them: "
+             "the reply then has tokens, pieces, drafts and next_drafts).")
         .def("send_forward", &py_stage_client::send_forward, py::arg("session"), py::arg("step"), py::arg("pos"),
              py::arg("tokens"), py::arg("sample"), py::arg("route"), py::arg("ring") = "", py::arg("token") = 0,
+             py::arg("spec") = false,
              "Forwarding: send a step whose hidden state travels stage to stage along route; see wait_forward_ok. "
              "With ring (every stage's address, first first) the last stage starts each next step itself. "
              "token: the session's token given to open() on every stage (the stages after the first need it).")

@@ -229,8 +229,11 @@ void nak_encode(nak_writer & w, const nak_open & m) {
     w.i32(m.seq);
     w.u8(m.ignore_eog);
     w.u64(m.token);
-    if (m.reuse) {
-        w.u8(1);
+    if (m.reuse || m.draft_max != 0) {
+        w.u8(m.reuse ? 1 : 0);
+    }
+    if (m.draft_max != 0) {
+        w.i32(m.draft_max);
     }
 }
 
@@ -249,10 +252,16 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_open & m) {
     m.ignore_eog             = r.u8();
     m.token                  = r.u64();
     m.reuse                  = 0;
+    m.draft_max              = 0;
     if (r.ok && !r.done()) {
         m.reuse = r.u8();
-        if (m.reuse != 1) {
+        if (m.reuse > 1) {
             return false;
+        }
+        if (r.ok && !r.done()) {
+            m.draft_max = r.i32();
+        } else if (m.reuse != 1) {
+            return false; // the trailing byte alone is sent only when set
         }
     }
     return r.done();
@@ -315,6 +324,7 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_forward & m) {
 
 // FORWARD_OK payload:
 // | step u64 | n_tokens u32 | n_past u32 | compute_us u64 | token i32 | is_eog u8 | piece str | embd_bytes u32 | embd |
+// then, only for a speculative step: | tokens i32s | n_pieces u32 | piece str ... | drafts i32s | next_drafts i32s |
 void nak_encode(nak_writer & w, const nak_forward_ok & m) {
     w.u64(m.step);
     w.u32(m.n_tokens);
@@ -325,6 +335,15 @@ void nak_encode(nak_writer & w, const nak_forward_ok & m) {
     w.str(m.piece);
     w.u32((uint32_t) m.embd_bytes);
     w.bytes(m.embd, m.embd_bytes);
+    if (m.spec) {
+        w.i32s(m.tokens);
+        w.u32((uint32_t) m.pieces.size());
+        for (const auto & p : m.pieces) {
+            w.str(p);
+        }
+        w.i32s(m.drafts);
+        w.i32s(m.next_drafts);
+    }
 }
 
 bool nak_decode(const std::vector<uint8_t> & p, nak_forward_ok & m) {
@@ -338,6 +357,20 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_forward_ok & m) {
     m.piece      = r.str();
     m.embd_bytes = r.u32();
     m.embd       = r.view(m.embd_bytes);
+    m.spec       = r.ok && !r.done();
+    if (m.spec) {
+        m.tokens = r.i32s();
+        const uint32_t n = r.u32();
+        if (!r.ok || n != m.tokens.size()) {
+            return false;
+        }
+        m.pieces.resize(n);
+        for (uint32_t i = 0; i < n && r.ok; i++) {
+            m.pieces[i] = r.str();
+        }
+        m.drafts      = r.i32s();
+        m.next_drafts = r.i32s();
+    }
     return r.done();
 }
 

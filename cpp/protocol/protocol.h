@@ -102,6 +102,11 @@ enum nak_dtype : uint8_t {
 #define NAK_FWD_EMBD   (1u << 1) // payload carries hidden states [n_tokens, n_embd]
 #define NAK_FWD_SAMPLE (1u << 2) // the last stage samples a token from the last row
 #define NAK_FWD_RING   (1u << 3) // ring: the last stage sends the sampled token on to the first stage
+// speculative window: the rows after the first carry draft tokens. The last stage samples every
+// row and keeps the rows up to the first draft that differs from its sampler's token (see
+// nak_forward_ok::tokens); every other stage keeps all rows and lets the session's next step start
+// at any of these rows' positions: the rejected rows leave its KV cache then, in the same trip.
+#define NAK_FWD_SPEC   (1u << 4)
 
 struct nak_header {
     uint32_t magic       = NAK_PROTO_MAGIC;
@@ -251,6 +256,10 @@ struct nak_open {
     // its route: forwarding, ring) must carry it. 0: none (only the opening connection may use it).
     // Never shown (stats, health): the session id is no secret.
     uint64_t             token = 0;
+    // speculative decoding for this session (ring and forwarding): the last stage drafts at most
+    // this many tokens per window with llama.cpp's n-gram drafter (0: off). On the wire after
+    // `reuse` (which is then sent as 0 or 1), only when set.
+    int32_t              draft_max = 0;
 };
 
 struct nak_forward {
@@ -282,6 +291,17 @@ struct nak_forward_ok {
     std::string piece;                // detokenized sampled token
     const uint8_t * embd = nullptr;   // hidden states out (non-last stage), a view
     size_t      embd_bytes = 0;
+    // Speculative decoding (on the wire after embd, only when `spec` is set). A window step
+    // (NAK_FWD_SPEC) yields every token the last stage sampled, in order: `token` and `piece` above
+    // are the last of them, `n_past` counts the rows kept (the window's start + tokens.size()).
+    // `drafts` are the draft tokens this step verified (the window after its first row), and
+    // `next_drafts` the tokens drafted to follow `token`: a client that drives the chain itself
+    // (no ring) sends [token, next_drafts...] as the next window; a ring has already sent it.
+    bool                     spec = false;
+    std::vector<int32_t>     tokens;
+    std::vector<std::string> pieces;
+    std::vector<int32_t>     drafts;
+    std::vector<int32_t>     next_drafts;
 };
 
 // One session's step inside a BATCH: the fields of a FORWARD, plus who asked and the KV sequence.

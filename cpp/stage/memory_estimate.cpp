@@ -143,9 +143,11 @@ bool nak_estimate_memory(const nak_stage_params & params, nak_memory_estimate & 
     // llama_context::output_reserve allocates the output buffer outside the breakdown: one row of
     // logits (a stage with the LM head) or of hidden states (embeddings, every other stage) per
     // output, for max(outputs of a decode, n_seq_max) outputs. The last stage asks for one output
-    // per sampled step, at most one per session; every other stage marks every row an output, and
-    // a decode holds at most n_batch rows and never more than the KV cache takes.
-    const uint32_t rows = out.is_last ? out.n_seq_max : std::max(out.n_seq_max, std::min(out.n_batch, out.n_ctx));
+    // per sampled step, or every row of a speculative window, one step per session; every other stage
+    // marks every row an output, and a decode holds at most n_batch rows and never more than the KV
+    // cache takes.
+    const uint32_t rows = out.is_last ? std::max(out.n_seq_max, cp.n_outputs_max)
+                                      : std::max(out.n_seq_max, std::min(out.n_batch, out.n_ctx));
     const uint64_t per_row = (cp.embeddings ? out.n_embd_out : 0) + (out.is_last ? out.n_vocab : 0);
     out.output_rows_max = rows;
     out.output_bytes    = (uint64_t) rows * per_row * sizeof(float);

@@ -261,6 +261,16 @@ std::vector<llama_token> nak_reference::decode_batch(const std::vector<int32_t> 
         err = "a batch holds 1.." + std::to_string(n_batch) + " rows";
         return out;
     }
+    // a row at a position the sequence already holds replays a stage's roll-back of a rejected
+    // speculative window: those positions and everything after leave the sequence first
+    std::map<int32_t, int32_t> first_pos;
+    for (int32_t i = 0; i < n; i++) {
+        auto it = first_pos.find(seq[i]);
+        first_pos[seq[i]] = it == first_pos.end() ? pos[i] : std::min(it->second, pos[i]);
+    }
+    for (const auto & sp : first_pos) {
+        llama_memory_seq_rm(llama_get_memory(ctx), sp.first, sp.second, -1);
+    }
     llama_batch batch = llama_batch_init(n, 0, 1);
     batch.n_tokens = n;
     for (int32_t i = 0; i < n; i++) {

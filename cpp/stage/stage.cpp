@@ -17,6 +17,9 @@
 #include <signal.h>
 #include <thread>
 
+// most draft tokens a session may ask for per window (nak_open::draft_max)
+#define NAK_DRAFT_MAX_LIMIT 64
+
 int64_t nak_now_ms() {
     using namespace std::chrono;
     return duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
@@ -184,11 +187,12 @@ llama_context_params nak_stage_context_params(const nak_stage_params & params, b
         cp.pooling_type          = LLAMA_POOLING_TYPE_NONE;
         cp.n_outputs_max_per_seq = 0;
     } else {
-        // the last stage samples one row per step, and a batch holds one step per session: reserve
-        // the compute buffer for that many rows of logits, not n_batch (the default): n_vocab x
-        // n_ubatch floats never used, 96 MiB for SmolLM2 at 512, device memory on a GPU. A larger
-        // ubatch would still run (the scheduler grows the buffer); the memory estimate reads this.
-        cp.n_outputs_max = params.max_sessions;
+        // the last stage samples one row per step, or every row of a speculative window (at most
+        // 1 + NAK_STAGE_DRAFT_MAX), and a batch holds one step per session: reserve the compute
+        // buffer for that many rows of logits, not n_batch (the default): n_vocab x n_ubatch
+        // floats never used, 96 MiB for SmolLM2 at 512, device memory on a GPU. The memory
+        // estimate reads this.
+        cp.n_outputs_max = std::min<uint32_t>(params.n_batch, params.max_sessions * (1 + NAK_STAGE_DRAFT_MAX));
     }
     return cp;
 }
@@ -434,10 +438,13 @@ std::string nak_stage::stats_json() const {
              "\"tokens_in\": %" PRIu64 ", \"n_decode\": %" PRIu64 ", \"compute_us\": %" PRIu64 ", "
              "\"bytes_in\": %" PRIu64 ", \"bytes_out\": %" PRIu64 ", \"rss_bytes\": %" PRIu64 ", "
              "\"kv_tokens_used\": %" PRIu64 ", \"uptime_ms\": %" PRIu64 ", \"batch_entries\": %" PRIu64 ", "
-             "\"max_batch_entries\": %" PRIu64 ", \"seq_mismatches\": %" PRIu64 ", \"wire\": \"%s\", \"sessions\": {",
+             "\"max_batch_entries\": %" PRIu64 ", \"seq_mismatches\": %" PRIu64 ", \"wire\": \"%s\", "
+             "\"spec_windows\": %" PRIu64 ", \"spec_drafted\": %" PRIu64 ", \"spec_accepted\": %" PRIu64 ", "
+             "\"spec_rolled_back\": %" PRIu64 ", \"sessions\": {",
              layer_start_, layer_end_, h.sessions_active, h.max_sessions, tokens_in_, n_decode_, compute_us_,
              bytes_in_, bytes_out_, h.rss_bytes, h.kv_tokens_used, h.uptime_ms, n_batch_entries_, max_batch_entries_,
-             seq_mismatches_, nak_wire_name(wire_dtype_));
+             seq_mismatches_, nak_wire_name(wire_dtype_), spec_windows_, spec_drafted_, spec_accepted_,
+             spec_rolled_back_);
     out += buf;
     bool first = true;
     for (const auto & kv : sessions_) {
@@ -521,6 +528,7 @@ void nak_stage::reconfigure(nak_session & s, const nak_open & m) {
     s.ignore_eog   = m.ignore_eog != 0;
     s.n_generated  = 0; // n_predict counts from this generation
     s.last_used_ms = nak_now_ms();
+    s.spec.reset(std::min<int32_t>(m.draft_max, NAK_STAGE_DRAFT_MAX));
     rebuild_sampler(s);
 }
 
@@ -625,6 +633,14 @@ void nak_stage::on_open(const nak_frame & req, int32_t conn, nak_writer & w, nak
         m.sampler.top_p < 0.0f || m.sampler.top_p > 1.0f || m.sampler.min_p < 0.0f || m.sampler.min_p > 1.0f) {
         throw nak_reject{ NAK_ERR_BAD_REQUEST, "sampler parameters out of range (temp >= 0, top_p and min_p in [0, 1], repeat_penalty > 0)" };
     }
+    if (m.draft_max < 0 || (uint32_t) m.draft_max >= params_.n_batch || m.draft_max > NAK_DRAFT_MAX_LIMIT) {
+        throw nak_reject{ NAK_ERR_BAD_REQUEST, "draft_max " + std::to_string(m.draft_max) + " out of range: 0 (off) to " +
+                          std::to_string(std::min<int64_t>(NAK_DRAFT_MAX_LIMIT, (int64_t) params_.n_batch - 1)) };
+    }
+    if (m.draft_max > 0 && (llama_model_is_recurrent(model_) || llama_model_is_hybrid(model_))) {
+        throw nak_reject{ NAK_ERR_BAD_REQUEST, "speculative decoding needs a KV cache that can drop rejected rows; " +
+                          arch_ + " keeps a recurrent state: open the session with draft_max 0" };
+    }
     auto it = sessions_.find(req.hdr.session_id);
     if (m.reuse) {
         if (it == sessions_.end()) {
@@ -680,7 +696,7 @@ static nak_step step_from_forward(const nak_frame & req, int32_t conn, std::stri
     st.e.session_id = req.hdr.session_id;
     st.e.request_id = req.hdr.request_id;
     st.e.step       = f.step;
-    st.e.flags      = f.flags & (NAK_FWD_TOKENS | NAK_FWD_SAMPLE | NAK_FWD_RING);
+    st.e.flags      = f.flags & (NAK_FWD_TOKENS | NAK_FWD_SAMPLE | NAK_FWD_RING | NAK_FWD_SPEC);
     st.e.n_tokens   = f.n_tokens;
     st.e.pos0       = f.n_tokens > 0 ? f.pos[0] : 0;
     st.e.tokens     = std::move(f.tokens);
@@ -736,13 +752,18 @@ void nak_stage::check_step(nak_step & st, const std::string & next_hop) {
         throw nak_reject{ NAK_ERR_BAD_REQUEST, "a FORWARD carries 1.." + std::to_string(params_.n_batch) +
                           " tokens, not " + std::to_string(n) };
     }
-    if (st.e.pos0 != (int32_t) s->n_past) {
+    // a step continues the cached positions, or starts inside the last speculative window (its
+    // rejected rows are dropped first, roll_back)
+    if (st.e.pos0 > (int32_t) s->n_past || st.e.pos0 < (int32_t) (s->n_past - s->spec_tail)) {
         throw nak_reject{ NAK_ERR_BAD_REQUEST, "position " + std::to_string(st.e.pos0) + " does not continue the " +
                           std::to_string(s->n_past) + " cached positions; TRUNCATE first" };
     }
-    if ((uint64_t) s->n_past + n > params_.n_ctx_session) {
-        throw nak_reject{ NAK_ERR_CTX_FULL, "session context full: " + std::to_string(s->n_past) + " + " +
+    if ((uint64_t) st.e.pos0 + n > params_.n_ctx_session) {
+        throw nak_reject{ NAK_ERR_CTX_FULL, "session context full: " + std::to_string(st.e.pos0) + " + " +
                           std::to_string(n) + " tokens > --ctx " + std::to_string(params_.n_ctx_session) };
+    }
+    if ((st.e.flags & NAK_FWD_SPEC) && n < 2) {
+        throw nak_reject{ NAK_ERR_BAD_REQUEST, "a speculative window holds the sampled token and at least one draft" };
     }
     if ((st.e.flags & NAK_FWD_SAMPLE) && !is_last() && next_hop.empty()) {
         throw nak_reject{ NAK_ERR_BAD_REQUEST, "only the last stage samples (no route to it given)" };
@@ -806,6 +827,7 @@ void nak_stage::on_forwards(const std::vector<const nak_frame *> & reqs, const s
             }
             next_hop = hop;
             check_step(st, next_hop);
+            roll_back(st);
             st.wire_in = NAK_HEADER_SIZE + reqs[i]->payload.size();
             auto it = ring_trips_.find(st.e.session_id);
             if (it != ring_trips_.end() && it->second.out) {
@@ -849,6 +871,7 @@ void nak_stage::on_batch(const nak_frame & req, int32_t conn, std::vector<nak_se
         st.e = std::move(e);
         try {
             check_step(st, b.next_hop);
+            roll_back(st);
             if (st.e.seq != st.s->seq) {
                 // decoded all the same, but the batch may be cut into other ubatches than upstream
                 seq_mismatches_++;
@@ -944,7 +967,9 @@ void nak_stage::run_steps(std::vector<nak_step> & steps, const std::string & nex
             batch.pos[row]       = st.e.pos0 + (int32_t) i;
             batch.n_seq_id[row]  = 1;
             batch.seq_id[row][0] = st.s->seq;
-            batch.logits[row]    = is_last() ? (sample && i == st.e.n_tokens - 1) : 1;
+            // the last stage samples the last row, or every row of a speculative window
+            const bool spec      = (st.e.flags & NAK_FWD_SPEC) != 0;
+            batch.logits[row]    = is_last() ? (sample && (spec || i == st.e.n_tokens - 1)) : 1;
         }
     }
     nak_debug_kill_point(steps, "before", abort_);
@@ -1012,8 +1037,11 @@ void nak_stage::run_steps(std::vector<nak_step> & steps, const std::string & nex
 // the session's state after its rows were decoded
 void nak_stage::advance(nak_step & st) {
     nak_session * s = st.s;
+    // a window the last stage verifies: only its first row is known to stay; verify_step adds
+    // the drafts the sampler agrees with
+    const bool verify = is_last() && (st.e.flags & NAK_FWD_SPEC) && (st.e.flags & NAK_FWD_SAMPLE);
     if (st.e.flags & NAK_FWD_TOKENS) {
-        for (uint32_t i = 0; i < st.e.n_tokens; i++) {
+        for (uint32_t i = 0; i < (verify ? 1 : st.e.n_tokens); i++) {
             if ((size_t) (st.e.pos0 + i) == s->history.size()) {
                 s->history.push_back(st.e.tokens[i]);
                 // the sampler already accepted the token it sampled for this position
@@ -1024,11 +1052,101 @@ void nak_stage::advance(nak_step & st) {
         }
     }
     s->pending_sampled = false;
-    s->n_past += st.e.n_tokens;
+    s->n_past = (uint32_t) st.e.pos0 + st.e.n_tokens;
+    s->spec_tail = (st.e.flags & NAK_FWD_SPEC) ? st.e.n_tokens - 1 : 0;
     s->next_step++;
     s->tokens_in += st.e.n_tokens;
     s->last_used_ms = nak_now_ms();
     tokens_in_ += st.e.n_tokens;
+}
+
+static std::string token_piece(const llama_vocab * vocab, llama_token tok) {
+    char buf[256];
+    const int32_t k = llama_token_to_piece(vocab, tok, buf, sizeof(buf), 0, false);
+    return k > 0 ? std::string(buf, k) : std::string();
+}
+
+// whether the token sampled for position `pos` is the last one the session generates: an
+// end-of-generation or stop token, n_predict reached, or no position left for the token after
+// it (the client stops by the same rule: python/nakshatra/chain.py, Session._last)
+bool nak_stage::ends_generation(const nak_session & s, llama_token tok, uint32_t pos) const {
+    const bool stop = std::find(s.stop_tokens.begin(), s.stop_tokens.end(), tok) != s.stop_tokens.end();
+    return (llama_vocab_is_eog(vocab_, tok) && !s.ignore_eog) || stop ||
+           (s.n_predict >= 0 && s.n_generated >= s.n_predict) || pos + 1 > params_.n_ctx_session;
+}
+
+// The last stage's side of a speculative window. Row i holds the token at position pos0 + i: the
+// token sampled last, then the drafts. Rows are sampled in order exactly as one-token steps would
+// sample them (the draw keyed to the position the token takes, every token fed to the penalties
+// before the next row), and sampling goes on while the token drawn equals the next draft: that
+// draft's row was then computed from the right input. The rows after the first mismatch leave this
+// stage's KV cache now; every other stage drops them when the session's next step arrives
+// (roll_back), so a rejection costs no extra message.
+void nak_stage::verify_step(nak_step & st, nak_forward_ok & ok) {
+    nak_session * s = st.s;
+    const int32_t n    = (int32_t) st.e.n_tokens;
+    const int32_t pos0 = st.e.pos0;
+    ok.spec = true;
+    ok.drafts.assign(st.e.tokens.begin() + 1, st.e.tokens.end());
+    int32_t kept = 0;
+    for (int32_t i = 0; i < n; i++) {
+        const uint32_t pos = (uint32_t) (pos0 + i + 1); // where the token sampled from row i goes
+        nak_sampler_seed_at(s->smpl, s->sp, (int32_t) pos);
+        const llama_token tok = llama_sampler_sample(s->smpl, ctx_, st.row0 + i); // and accepts it
+        s->n_generated++;
+        kept = i + 1;
+        ok.tokens.push_back(tok);
+        ok.pieces.push_back(token_piece(vocab_, tok));
+        if (ends_generation(*s, tok, pos)) {
+            const bool stop = std::find(s->stop_tokens.begin(), s->stop_tokens.end(), tok) != s->stop_tokens.end();
+            ok.is_eog = (llama_vocab_is_eog(vocab_, tok) && !s->ignore_eog) || stop ? 1 : 0;
+            break;
+        }
+        if (i + 1 >= n || tok != st.e.tokens[i + 1]) {
+            break;
+        }
+        s->history.push_back(tok); // the draft at position pos was right: its row stays
+    }
+    if (kept < n) {
+        llama_memory_seq_rm(llama_get_memory(ctx_), s->seq, pos0 + kept, -1);
+    }
+    s->n_past          = (uint32_t) (pos0 + kept);
+    s->spec_tail       = 0;
+    s->pending_sampled = true;
+    s->last_sampled    = ok.tokens.back();
+    s->spec.update(n - 1, kept - 1);
+    spec_windows_++;
+    spec_drafted_  += (uint64_t) (n - 1);
+    spec_accepted_ += (uint64_t) (kept - 1);
+    ok.token  = ok.tokens.back();
+    ok.piece  = ok.pieces.back();
+    ok.n_past = s->n_past;
+}
+
+// A step that starts inside the session's last speculative window: the rows from its first
+// position on were rejected by the last stage. Drop them from the KV cache and the token history
+// before the step's rows are decoded (throws nak_reject when the cache cannot).
+void nak_stage::roll_back(nak_step & st) {
+    nak_session * s = st.s;
+    if (st.e.pos0 >= (int32_t) s->n_past) {
+        return;
+    }
+    if (!window_kept(*s, st.e.pos0)) {
+        throw nak_reject{ NAK_ERR_WINDOW_LOST, "cannot drop the rejected rows from position " + std::to_string(st.e.pos0) +
+                          ": the sliding-window KV cache no longer holds the positions before them" };
+    }
+    if (!llama_memory_seq_rm(llama_get_memory(ctx_), s->seq, st.e.pos0, -1)) {
+        throw nak_reject{ NAK_ERR_BAD_REQUEST, "this model's memory cannot drop the rejected rows of a speculative "
+                          "window (recurrent state): open the session with draft_max 0" };
+    }
+    spec_rolled_back_ += s->n_past - (uint32_t) st.e.pos0;
+    s->n_past    = (uint32_t) st.e.pos0;
+    s->spec_tail = 0;
+    if (s->history.size() > (size_t) st.e.pos0) {
+        s->history.resize(st.e.pos0);
+        s->pending_sampled = false;
+        rebuild_sampler(*s);
+    }
 }
 
 // FORWARD_OK to the session's owner: the sampled token (last stage) or the hidden state (relay)
@@ -1046,20 +1164,41 @@ void nak_stage::reply_step(nak_step & st, uint64_t compute_us, std::vector<nak_s
     std::vector<uint8_t> wire;
     if (is_last()) {
         if (st.e.flags & NAK_FWD_SAMPLE) {
-            nak_sampler_seed_at(s->smpl, s->sp, s->n_past);
-            const llama_token tok = llama_sampler_sample(s->smpl, ctx_, st.row0 + (int32_t) st.e.n_tokens - 1);
-            ok.token = tok;
-            const bool stop = std::find(s->stop_tokens.begin(), s->stop_tokens.end(), tok) != s->stop_tokens.end();
-            ok.is_eog = (llama_vocab_is_eog(vocab_, tok) && !s->ignore_eog) || stop ? 1 : 0;
-            char buf[256];
-            const int32_t k = llama_token_to_piece(vocab_, tok, buf, sizeof(buf), 0, false);
-            ok.piece = k > 0 ? std::string(buf, k) : std::string();
-            s->pending_sampled = true;
-            s->last_sampled    = tok;
-            s->n_generated++;
+            if (st.e.flags & NAK_FWD_SPEC) {
+                verify_step(st, ok);
+            } else {
+                nak_sampler_seed_at(s->smpl, s->sp, s->n_past);
+                const llama_token tok = llama_sampler_sample(s->smpl, ctx_, st.row0 + (int32_t) st.e.n_tokens - 1);
+                ok.token = tok;
+                const bool stop = std::find(s->stop_tokens.begin(), s->stop_tokens.end(), tok) != s->stop_tokens.end();
+                ok.is_eog = (llama_vocab_is_eog(vocab_, tok) && !s->ignore_eog) || stop ? 1 : 0;
+                ok.piece = token_piece(vocab_, tok);
+                s->pending_sampled = true;
+                s->last_sampled    = tok;
+                s->n_generated++;
+            }
+            // the next window: drafted here, where every token is seen
+            std::vector<int32_t> drafts;
+            if (s->spec.draft_max > 0 && !ok.is_eog) {
+                const int64_t room = std::min<int64_t>({
+                    s->n_predict >= 0 ? (int64_t) s->n_predict - s->n_generated - 1 : INT32_MAX,
+                    (int64_t) params_.n_ctx_session - s->n_past - 1,
+                    (int64_t) params_.n_batch - 1 });
+                if (room > 0 && !(s->n_predict >= 0 && s->n_generated >= s->n_predict)) {
+                    drafts = s->spec.draft(s->history, ok.token, (int32_t) room);
+                }
+                if (!(st.e.flags & NAK_FWD_RING)) {
+                    ok.spec        = true;
+                    ok.next_drafts = drafts;
+                }
+            }
+            if (ok.spec && ok.tokens.empty()) {
+                ok.tokens = { ok.token };
+                ok.pieces = { ok.piece };
+            }
             // the ring's next step leaves before the client's copy: it is on the critical path
             if ((st.e.flags & NAK_FWD_RING) && !ok.is_eog) {
-                ring_next(*s, st, tok, out);
+                ring_next(*s, st, ok.token, drafts, out);
             }
         }
     } else {
@@ -1137,16 +1276,20 @@ void nak_stage::pass_on(const std::vector<nak_step> & steps, const std::string &
 
 // ring: start the next decode step at the first stage, as the client would have, while the
 // session wants more tokens (the client applies the same rule to know when the stream ends)
-void nak_stage::ring_next(const nak_session & s, const nak_step & st, llama_token tok, std::vector<nak_send> & out) {
+void nak_stage::ring_next(const nak_session & s, const nak_step & st, llama_token tok, const std::vector<int32_t> & drafts,
+                          std::vector<nak_send> & out) {
     if ((s.n_predict >= 0 && s.n_generated >= s.n_predict) || s.n_past + 1 > params_.n_ctx_session || st.e.ring.empty()) {
         return;
     }
     nak_forward nf;
     nf.step     = st.e.step + 1;
-    nf.flags    = NAK_FWD_TOKENS | NAK_FWD_SAMPLE | NAK_FWD_RING;
-    nf.n_tokens = 1;
-    nf.pos      = { (int32_t) s.n_past };
+    nf.flags    = NAK_FWD_TOKENS | NAK_FWD_SAMPLE | NAK_FWD_RING | (drafts.empty() ? 0 : NAK_FWD_SPEC);
+    nf.n_tokens = 1 + (uint32_t) drafts.size();
     nf.tokens   = { tok };
+    nf.tokens.insert(nf.tokens.end(), drafts.begin(), drafts.end());
+    for (uint32_t i = 0; i < nf.n_tokens; i++) {
+        nf.pos.push_back((int32_t) s.n_past + (int32_t) i);
+    }
     nf.ring     = st.e.ring;
     nf.token    = s.token;
     const size_t comma = st.e.ring.find(',');
@@ -1176,7 +1319,8 @@ void nak_stage::log_batch(const std::vector<nak_step> & steps, uint64_t batch_id
         line += "{\"session\": " + std::to_string(e.session_id) + ", \"seq\": " + std::to_string(steps[i].s->seq) +
                 ", \"step\": " + std::to_string(e.step) + ", \"pos\": " + std::to_string(e.pos0) +
                 ", \"n_tokens\": " + std::to_string(e.n_tokens) +
-                ", \"sample\": " + ((e.flags & NAK_FWD_SAMPLE) ? "true" : "false") + ", \"tokens\": [";
+                ", \"sample\": " + ((e.flags & NAK_FWD_SAMPLE) ? "true" : "false") +
+                ", \"spec\": " + ((e.flags & NAK_FWD_SPEC) ? "true" : "false") + ", \"tokens\": [";
         for (size_t k = 0; k < e.tokens.size(); k++) {
             line += (k ? ", " : "") + std::to_string(e.tokens[k]);
         }

@@ -7,6 +7,7 @@
 
 #include "platform.h" // nak_rss_bytes, nak_mem_available_bytes
 #include "protocol.h"
+#include "speculate.h"
 
 #include "llama.h"
 
@@ -17,6 +18,11 @@
 #include <mutex>
 #include <string>
 #include <vector>
+
+// most draft tokens a speculative window holds on this stage: the last stage reserves logits for
+// max_sessions x (1 + this) rows (llama.cpp asserts a decode never outputs more rows than its
+// context was created for), and clamps a session's nak_open::draft_max to it
+#define NAK_STAGE_DRAFT_MAX 8
 
 #ifndef NAK_BACKEND_NAME
 #define NAK_BACKEND_NAME "cpu"
@@ -103,6 +109,11 @@ struct nak_session {
     uint64_t                 decode_us    = 0; // compute of one-token steps (decode), for per-token figures
     uint64_t                 decode_steps = 0;
     uint64_t                 decode_bytes_in = 0; // bytes of the frames that brought those steps
+    // speculative decoding: the last stage's drafter and window (nak_open::draft_max)
+    nak_spec_state           spec;
+    // rows of the last step after its first that the session's next step may start at (the
+    // rejected part of a speculative window leaves the KV cache then); 0 after an ordinary step
+    uint32_t                 spec_tail = 0;
 };
 
 // one session's step inside the batch being decoded
@@ -186,6 +197,9 @@ class nak_stage {
     void run_steps  (std::vector<nak_step> & steps, const std::string & next_hop, uint64_t batch_id, std::vector<nak_send> & out);
     void advance    (nak_step & st);
     void reply_step (nak_step & st, uint64_t compute_us, std::vector<nak_send> & out);
+    void verify_step(nak_step & st, nak_forward_ok & ok);
+    void roll_back  (nak_step & st);
+    bool ends_generation(const nak_session & s, llama_token tok, uint32_t n_past) const;
     void pass_on    (const std::vector<nak_step> & steps, const std::string & next_hop, uint64_t batch_id, std::vector<nak_send> & out);
     void log_batch  (const std::vector<nak_step> & steps, uint64_t batch_id);
     void on_truncate(const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h);
@@ -195,7 +209,8 @@ class nak_stage {
     void on_detokenize(const nak_frame & req, nak_writer & w, nak_header & h);
     void on_template  (const nak_frame & req, nak_writer & w, nak_header & h);
 
-    void ring_next(const nak_session & s, const nak_step & st, llama_token tok, std::vector<nak_send> & out);
+    void ring_next(const nak_session & s, const nak_step & st, llama_token tok, const std::vector<int32_t> & drafts,
+                   std::vector<nak_send> & out);
     nak_session * find_session(uint64_t id);
     void free_session(nak_session & s);
     void rebuild_sampler(nak_session & s);
@@ -237,6 +252,10 @@ class nak_stage {
     uint64_t              n_batch_entries_   = 0; // steps decoded, over all batches
     uint64_t              max_batch_entries_ = 0;
     uint64_t              seq_mismatches_    = 0; // BATCH entries whose sequence id differs here
+    uint64_t              spec_windows_  = 0; // speculative windows verified (last stage)
+    uint64_t              spec_drafted_  = 0; // draft tokens in them
+    uint64_t              spec_accepted_ = 0; // draft tokens the sampler agreed with
+    uint64_t              spec_rolled_back_ = 0; // rows dropped from the KV cache by a next step (any stage)
 
     // liveness, read by the network thread
     std::atomic<uint64_t> progress_{ 0 };

@@ -213,12 +213,36 @@ class FailoverError(StageError):
         self.tokens = list(tokens or [])
 
 
-def _open_args(sampler: SamplerParams, stop_tokens: Sequence[int], n_predict: int, ignore_eog: bool) -> dict:
+DRAFT_MAX_LIMIT = 64  # most draft tokens per speculative window a stage accepts (cpp/stage/stage.cpp)
+
+
+def _open_args(sampler: SamplerParams, stop_tokens: Sequence[int], n_predict: int, ignore_eog: bool,
+               draft_max: int = 0) -> dict:
     """The keyword arguments of StageClient.open for these settings; ``seed=None`` draws one."""
     seed = sampler.seed if sampler.seed is not None else random.getrandbits(32) % (2**32 - 1)
     return dict(temp=sampler.temp, top_k=sampler.top_k, top_p=sampler.top_p, min_p=sampler.min_p,
                 repeat_penalty=sampler.repeat_penalty, repeat_last_n=sampler.repeat_last_n, seed=seed,
-                stop_tokens=list(stop_tokens), n_predict=n_predict, ignore_eog=ignore_eog)
+                stop_tokens=list(stop_tokens), n_predict=n_predict, ignore_eog=ignore_eog, draft_max=draft_max)
+
+
+def _check_draft_max(draft_max: int) -> None:
+    """Raise ChainError unless ``draft_max`` is 0 (speculative decoding off) .. DRAFT_MAX_LIMIT."""
+    if not 0 <= draft_max <= DRAFT_MAX_LIMIT:
+        raise ChainError(f"--draft-max {draft_max} must be in 0..{DRAFT_MAX_LIMIT} (0: no speculative decoding)")
+
+
+def _tokens_of(reply: dict) -> Iterator[dict]:
+    """The last stage's reply as one reply per generated token: a speculative window's reply
+    carries several (``tokens``, ``pieces``), each with the ``n_past`` the session had after it;
+    ``is_eog`` belongs to the last one."""
+    if "tokens" not in reply:
+        yield reply
+        return
+    toks, pieces = reply["tokens"], reply["pieces"]
+    n0 = reply["n_past"] - len(toks)
+    for j, (t, p) in enumerate(zip(toks, pieces, strict=True)):
+        last = j == len(toks) - 1
+        yield dict(reply, token=t, piece=p, n_past=n0 + j + 1, is_eog=reply["is_eog"] and last)
 
 
 class Session:
@@ -230,8 +254,11 @@ class Session:
     """
 
     def __init__(self, chain: Chain, sampler: SamplerParams, capture: bool = False,
-                 stop_tokens: Sequence[int] = (), n_predict: int = -1, ignore_eog: bool = False) -> None:
+                 stop_tokens: Sequence[int] = (), n_predict: int = -1, ignore_eog: bool = False,
+                 draft_max: int | None = None) -> None:
         sampler.check()
+        self.draft_max = chain.draft_max if draft_max is None else draft_max
+        _check_draft_max(self.draft_max)
         if capture and chain.forwarding:
             raise ChainError("capturing hidden states needs the client-relayed path (forwarding=False)")
         self.chain = chain
@@ -246,11 +273,16 @@ class Session:
         self.compute_us = [0] * len(chain.stages)
         self.rtt_us = [0] * len(chain.stages)
         self.wire_bytes = [0] * len(chain.stages)
-        self._open_args = _open_args(sampler, stop_tokens, n_predict, ignore_eog)
+        self._open_args = _open_args(sampler, stop_tokens, n_predict, ignore_eog, self.draft_max)
         self._opened: list[int] = []
-        # the token chunks fed so far, in order (the batch boundaries): a replica that takes over
-        # a layer range is rebuilt by replaying exactly these
+        # the token chunks fed so far, in order (the batch boundaries), as the KV cache keeps
+        # them; ``fed[j]`` is what step j decoded: log[j] followed by the rejected drafts of a
+        # speculative window. A replica that takes over a layer range is rebuilt by replaying
+        # exactly these steps (the same rows, the same roll-backs).
         self.log: list[list[int]] = []
+        self.fed: list[list[int]] = []
+        # speculative decoding: windows verified, draft tokens sent and accepted (this session)
+        self.spec_windows = self.spec_drafted = self.spec_accepted = 0
         self.n_generated = 0  # tokens a ring has delivered (the last stage counts them for n_predict)
         # called as on_prefill(done, total) tokens after each n_batch chunk of a multi-chunk feed
         self.on_prefill: Callable[[int, int], None] | None = None
@@ -278,7 +310,7 @@ class Session:
         :meth:`truncate` to the common prompt prefix. Raises StageError when a stage dropped the
         session (e.g. it expired): open a new one then."""
         sampler.check()
-        self._open_args = _open_args(sampler, stop_tokens, n_predict, ignore_eog)
+        self._open_args = _open_args(sampler, stop_tokens, n_predict, ignore_eog, self.draft_max)
         for i in self._opened:
             self.chain.clients[i].open(self.id, seq=self.seq, reuse=True, token=self.token, **self._open_args)
         self.n_generated = 0
@@ -317,18 +349,33 @@ class Session:
                 self.on_prefill(min(i + self.chain.n_batch, len(tokens)), len(tokens))
         return result
 
-    def _forward(self, chunk: list[int], sample: bool) -> dict:
+    def _forward(self, chunk: list[int], sample: bool, spec: bool = False) -> dict:
         """One step through the chain; when a stage has died or stopped answering, its range goes
-        to a replica rebuilt by replaying this session's chunks, and the step is retried."""
+        to a replica rebuilt by replaying this session's chunks, and the step is retried.
+        ``spec``: ``chunk`` is a speculative window (the sampled token, then drafts) that the
+        last stage verifies; the session keeps the rows it accepted."""
         while True:
             try:
-                reply = self._forward_once(chunk, sample)
-                self.log.append(list(chunk))
+                pos0 = self.n_past
+                reply = self._forward_once(chunk, sample, spec)
+                self._commit(chunk, reply["n_past"] - pos0 if spec else len(chunk), reply)
                 return reply
             except StageError as e:
                 if e.code not in RETRY_CODES or isinstance(e, FailoverError):
                     raise
                 self.recover(e)
+
+    def _commit(self, fed: list[int], kept: int, reply: dict | None = None) -> None:
+        """Record a step that decoded ``fed`` at the next positions, of which the first ``kept``
+        rows stay in every stage's KV cache (all of them but a speculative window's rejected
+        drafts, which the stages drop when the next step arrives)."""
+        self.log.append(list(fed[:kept]))
+        self.fed.append(list(fed))
+        self.n_past += kept
+        if reply is not None and reply.get("drafts"):
+            self.spec_windows += 1
+            self.spec_drafted += len(reply["drafts"])
+            self.spec_accepted += kept - 1
 
     def recover(self, error: StageError) -> None:
         """Move every layer range whose stage no longer answers to a live replica, rebuild that
@@ -352,7 +399,7 @@ class Session:
         # a stage that computed part of the failed step drops it; its sliding-window cache may
         # have lost what that takes (window_lost): then every stage is fed the session again
         if self._truncate_all(self.n_past, self.step, self.n_generated):
-            self._refeed(self.log)
+            self._refeed()
 
     def _replay(self, i: int) -> None:
         """Rebuild range ``i``'s KV on its (new) stage: the logged chunks go through stages
@@ -367,16 +414,18 @@ class Session:
                 clients[j].open(tmp, temp=0.0)
                 opened.append(j)
             pos = 0
-            for step, chunk in enumerate(self.log):
+            for step, (kept, chunk) in enumerate(zip(self.log, self.fed, strict=True)):
+                # a window with rejected rows: its next step starts inside it (the roll-back)
+                spec = len(chunk) > len(kept)
                 positions = list(range(pos, pos + len(chunk)))
                 embd, dtype = None, 1
                 for j in range(i):
                     r = clients[j].forward(tmp, step, positions, tokens=chunk if j == 0 else None, embd=embd,
-                                           sample=False, dtype=dtype)
+                                           sample=False, dtype=dtype, spec=spec)
                     embd, dtype = r["embd"], r["dtype"] or 1
                 clients[i].forward(self.id, step, positions, tokens=chunk if (i == 0 or last) else None,
-                                   embd=embd, sample=False, dtype=dtype)
-                pos += len(chunk)
+                                   embd=embd, sample=False, dtype=dtype, spec=spec)
+                pos += len(kept)
         finally:
             for j in opened:
                 try:
@@ -384,9 +433,9 @@ class Session:
                 except StageError:
                     pass
 
-    def _forward_once(self, chunk: list[int], sample: bool) -> dict:
+    def _forward_once(self, chunk: list[int], sample: bool, spec: bool = False) -> dict:
         if self.chain.forwarding and len(self.chain.clients) > 1:
-            return self._forward_routed(chunk, sample)
+            return self._forward_routed(chunk, sample, spec)
         pos = list(range(self.n_past, self.n_past + len(chunk)))
         embd = None
         dtype = 1  # NAK_DTYPE_F32; a stage started with --wire sends bf16 or q8r
@@ -398,7 +447,7 @@ class Session:
             try:
                 reply = c.forward(self.id, self.step, pos,
                                   tokens=chunk if (i == 0 or last) else None,
-                                  embd=embd, sample=sample and last, dtype=dtype)
+                                  embd=embd, sample=sample and last, dtype=dtype, spec=spec)
             except StageError as e:
                 s = self.chain.stages[i]
                 raise StageError(f"stage {s.address} (layers {s.layers}): {e}", e.code) from None
@@ -409,7 +458,6 @@ class Session:
             dtype = reply["dtype"] or 1
             if self.capture and not last:
                 self.hidden[i].append(embd)
-        self.n_past += len(chunk)
         self.step += 1
         return reply
 
@@ -420,17 +468,21 @@ class Session:
         reply = self.feed(prompt_tokens, sample=True)
         produced = 0
         while True:
-            yield reply
-            produced += 1
-            if self._last(reply, produced, n_predict):
-                return
-            reply = self.feed([reply["token"]], sample=True)
+            for r in _tokens_of(reply):
+                yield r
+                produced += 1
+                if self._last(r, produced, n_predict):
+                    return
+            # speculative decoding: the last stage drafted what may follow; send it as a window
+            drafts = list(reply.get("next_drafts") or ())
+            reply = self._forward([reply["token"]] + drafts, True, spec=bool(drafts))
 
     def _last(self, reply: dict, produced: int, n_predict: int) -> bool:
-        """Whether generation ends with this reply: end of generation, ``n_predict`` tokens, or a
-        full context. The last stage applies the same rule to stop a ring (cpp/stage/stage.cpp,
-        ring_next), so client and stages stop together."""
-        return bool(reply["is_eog"]) or produced == n_predict or self.n_past + 1 > self.n_ctx
+        """Whether generation ends with this reply (one token's): end of generation,
+        ``n_predict`` tokens, or a full context. The last stage applies the same rule to stop a
+        ring and a speculative window (cpp/stage/stage.cpp, ring_next and ends_generation), so
+        client and stages stop together."""
+        return bool(reply["is_eog"]) or produced == n_predict or reply["n_past"] + 1 > self.n_ctx
 
     def ring(self, prompt_tokens: Sequence[int], n_predict: int) -> Iterator[dict]:
         """Ring mode: prefill through the forwarding chain, then the last stage hands each sampled
@@ -465,26 +517,29 @@ class Session:
                                                            self.chain.clients[0].last_request_id)
                     except StageError as e:
                         raise StageError(f"ring step {self.step}: {e}", e.code) from None
-                    self.log.append(feed)  # what the stages consumed to produce this reply
+                    # what the stages consumed to produce this reply: the token (or prompt chunk)
+                    # sent, and the drafts of a speculative window, of which n_past says how many stay
+                    fed = feed + list(reply.get("drafts") or ())
+                    self._commit(fed, reply["n_past"] - self.n_past, reply)
                     feed = [reply["token"]]
-                    self.n_past = reply["n_past"]
                     self.step = reply["step"] + 1
-                    self.n_generated += 1
-                    yield reply
-                    if self._last(reply, self.n_generated, n_predict):
-                        return
+                    for r in _tokens_of(reply):
+                        self.n_generated += 1
+                        yield r
+                        if self._last(r, self.n_generated, n_predict):
+                            return
             except StageError as e:
                 if e.code not in RETRY_CODES or isinstance(e, FailoverError):
                     raise
                 self.recover(e)  # then start the ring again with the token not yet consumed
 
-    def _forward_routed(self, chunk: list[int], sample: bool) -> dict:
+    def _forward_routed(self, chunk: list[int], sample: bool, spec: bool = False) -> dict:
         """Forwarding: the first stage sends its hidden state straight to the next and so on; the
         last stage answers this client. One client round trip per step instead of one per stage."""
         pos = list(range(self.n_past, self.n_past + len(chunk)))
         t0 = time.perf_counter_ns()
         sent = self.chain.clients[0].send_forward(self.id, self.step, pos, chunk, sample, self.chain.route,
-                                                  "", self.token)
+                                                  "", self.token, spec)
         try:
             reply = _nakshatra.wait_forward_ok(self.chain.clients, int(self.chain.timeout_s * 1000),
                                                     self.chain.clients[0].last_request_id)
@@ -494,7 +549,6 @@ class Session:
         self.compute_us[-1] += reply["compute_us"]
         self.wire_bytes[0] += sent
         self.wire_bytes[-1] += reply["wire_bytes"]
-        self.n_past += len(chunk)
         self.step += 1
         return reply
 
@@ -512,15 +566,17 @@ class Session:
             raise ChainError(f"cannot truncate to {pos}: the session holds {self.n_past} positions")
         lost = self._truncate_all(pos)
         self.n_past = pos
-        kept, n = [], 0
-        for chunk in self.log:
+        kept, fed, n = [], [], 0
+        for chunk, rows in zip(self.log, self.fed, strict=True):
             if n >= pos:
                 break
             kept.append(chunk[:pos - n])
+            # a step cut short keeps only what stays; a whole one keeps its roll-back
+            fed.append(rows if len(kept[-1]) == len(chunk) else kept[-1])
             n += len(kept[-1])
-        self.log = kept
+        self.log, self.fed = kept, fed
         if lost:
-            self._refeed(kept)
+            self._refeed()
 
     def _truncate_all(self, pos: int, *step_and_generated: int) -> bool:
         """TRUNCATE every stage to ``pos`` (with the step and generated counters when given);
@@ -536,13 +592,16 @@ class Session:
                 lost = True
         return lost
 
-    def _refeed(self, chunks: list[list[int]]) -> None:
-        """Empty the session on every stage and feed it ``chunks`` again, without sampling: the
-        KV cache is rebuilt exactly as the original steps built it."""
+    def _refeed(self) -> None:
+        """Empty the session on every stage and feed it its logged steps again, without
+        sampling: the KV cache is rebuilt exactly as the original steps built it (a speculative
+        window's rejected rows included, and dropped by the step after it)."""
+        steps = list(zip(self.log, self.fed, strict=True))
         self._truncate_all(0, self.step, self.n_generated)  # position 0 is always kept; align counters
-        self.n_past, self.log = 0, []
-        for chunk in chunks:
-            self._forward(chunk, False)
+        self.n_past, self.log, self.fed = 0, [], []
+        for kept, rows in steps:
+            self._forward_once(rows, False, len(rows) > len(kept))
+            self._commit(rows, len(kept))
         self.refeeds += 1
 
     def close(self) -> None:
@@ -572,14 +631,19 @@ class Chain:
     ``ring_route``), e.g. a relay in front of it. ``key``: the 32-byte cluster key
     (:func:`nakshatra.auth.load_key`) when the stages have one; it is kept as ``self.key`` and
     given to every connection the chain opens later too (the probes of :meth:`alive`, the replica
-    :meth:`next_replica` switches to). Raises ChainError when a stage is unreachable, refuses the
-    key (``unauthorized``) or the chain is malformed.
+    :meth:`next_replica` switches to). ``draft_max`` > 0 turns on speculative decoding for the
+    sessions it opens: the last stage drafts up to that many tokens per window with llama.cpp's
+    n-gram drafter and a window travels the chain as one step (see cpp/stage/speculate.h). Raises
+    ChainError when a stage is unreachable, refuses the key (``unauthorized``) or the chain is
+    malformed.
     """
 
     def __init__(self, stages: Sequence[str | tuple[str, int]], timeout_s: float = 60.0,
                  connect_timeout_s: float = 5.0, n_batch: int = DEFAULT_N_BATCH,
                  forwarding: bool = False, ring: bool = False, hop_addresses: dict[str, str] | None = None,
-                 key: bytes | None = None) -> None:
+                 key: bytes | None = None, draft_max: int = 0) -> None:
+        _check_draft_max(draft_max)
+        self.draft_max = draft_max
         addrs = [parse_stage_address(s) if isinstance(s, str) else s for s in stages]
         if not addrs:
             raise ChainError("the chain is empty: give --chain host:port,host:port,...")
@@ -694,11 +758,13 @@ class Chain:
         return self.clients[0]
 
     def session(self, sampler: SamplerParams | None = None, capture: bool = False,
-                stop_tokens: Sequence[int] = (), n_predict: int = -1, ignore_eog: bool = False) -> Session:
+                stop_tokens: Sequence[int] = (), n_predict: int = -1, ignore_eog: bool = False,
+                draft_max: int | None = None) -> Session:
         """Open a session on every stage (see :class:`Session`); the last stage ends the generation
         (``is_eog``) at an end-of-generation token (unless ``ignore_eog``, as llama.cpp's
-        ``--ignore-eos``) or one of ``stop_tokens``; ``n_predict`` bounds a ring's generation."""
-        return Session(self, sampler or SamplerParams(), capture, stop_tokens, n_predict, ignore_eog)
+        ``--ignore-eos``) or one of ``stop_tokens``; ``n_predict`` bounds a ring's generation.
+        ``draft_max``: speculative decoding for this session (None: the chain's setting)."""
+        return Session(self, sampler or SamplerParams(), capture, stop_tokens, n_predict, ignore_eog, draft_max)
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Token ids of ``text`` by the first stage's vocabulary (llama_tokenize)."""
