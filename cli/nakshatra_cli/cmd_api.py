@@ -85,6 +85,7 @@ def register(app: typer.Typer) -> None:
         ctx: Ctx = 4096,
         timeout: Annotated[float, typer.Option("--timeout", help="Seconds a stage may go without answering or making progress before its range fails over (a slow stage that computes is waited for).")] = 60.0,
         key_file: KeyFile = "",
+        draft_max: Annotated[int, typer.Option("--draft-max", help="Speculative decoding: the last stage drafts up to this many tokens per window with llama.cpp's n-gram drafter; 0 turns it off. A stage grants at most 8.")] = 0,
     ) -> None:
         """OpenAI-compatible HTTP API and live dashboard over a chain (local stages by default).
 
@@ -107,7 +108,7 @@ def register(app: typer.Typer) -> None:
             raise NakError("--model-sha picks the model of discovered stages: add --discover")
         with chain_addresses(model, parts, chain, cluster, discover, discover_timeout, threads, ctx, parallel,
                              key_file, model_sha) as (addresses, default_id):
-            engine = Engine(addresses, model_id="", parallel=parallel, key=key, timeout_s=timeout)
+            engine = Engine(addresses, model_id="", parallel=parallel, key=key, timeout_s=timeout, draft_max=draft_max)
             engine.model_id = model_id or default_id or f"{engine.arch}-{engine.model_sha256[:8]}"
             try:
                 def ready(url: str) -> None:

@@ -87,6 +87,7 @@ def run(
     stats: Annotated[bool, typer.Option("--stats", help="Print timings per stage to stderr.")] = False,
     forwarding: Annotated[bool, typer.Option("--forwarding/--relay", help="Stages pass hidden states to each other (forwarding) or through the client (relay).")] = False,
     ring: Annotated[bool, typer.Option("--ring", help="Forwarding, and the last stage hands each token straight back to the first.")] = False,
+    draft_max: Annotated[int, typer.Option("--draft-max", help="Speculative decoding: the last stage drafts up to this many tokens per window with llama.cpp's n-gram drafter (prompt lookup) and the chain verifies them in one trip; 0 turns it off. A stage grants at most 8.")] = 0,
     threads: Threads = 0,
     ctx: Ctx = 4096,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds a stage may go without answering or making progress before its range fails over to a replica (a slow stage that computes is waited for).")] = 60.0,
@@ -117,7 +118,7 @@ def run(
     def generate(addresses: list[str]) -> None:
         if timeout <= 0:
             raise NakError(f"--timeout {timeout} must be > 0 seconds")
-        with Chain(addresses, forwarding=forwarding, ring=ring, timeout_s=timeout, key=key) as c:
+        with Chain(addresses, forwarding=forwarding, ring=ring, timeout_s=timeout, key=key, draft_max=draft_max) as c:
             if stats:
                 err_console.print(" → ".join(f"{s.address} ({s.layers})" for s in c.stages), markup=False)
             use_chat = _use_chat_template(c, prompt, chat)
@@ -438,6 +439,33 @@ def _bench_swa(model_path: Path, *, stages: int, stage_threads: int, n_decode: i
     Console().print(t)
 
 
+def _bench_speculate(model_path: Path, *, stages: int, stage_threads: int, n_predict: int, reps: int,
+                     delay_ms: float, json_out: Optional[Path]) -> None:
+    from nakshatra.bench import bench_speculation
+    from nakshatra.local import cached_parts
+
+    slices = cached_parts(model_path, stages, progress=sys.stderr.isatty())
+    with err_console.status("measuring speculative decoding ..."):
+        res = bench_speculation(slices, delay_ms, n_predict, reps, stage_threads)
+    links = f"{delay_ms:g} ms links" if delay_ms > 0 else "direct links"
+    t = _side_by_side(f"ring, {stages} stages, {links}, greedy, draft-max {res['draft_max']}, median of {reps}",
+                      ("", "rewrite", "free"))
+    w = [res["rewrite"], res["free"]]
+    t.add_row("prompt tokens", *(str(x["prompt_tokens"]) for x in w))
+    t.add_row("tokens generated (plain / speculative)", *(f"{x['tokens']} / {x['spec_tokens']}" for x in w))
+    t.add_row("decode tok/s, plain ring", *(f"{x['plain_tps']['median']:.1f}" for x in w))
+    t.add_row("decode tok/s, speculative", *(f"{x['spec_tps']['median']:.1f}" for x in w))
+    t.add_row("speculative / plain", *(f"{x['speedup']:.2f}x" for x in w))
+    t.add_row("acceptance (accepted / drafted)", *(f"{x['acceptance']:.0%}" for x in w))
+    t.add_row("tokens per ring trip", *(f"{x['tokens_per_trip']:.2f}" for x in w))
+    t.add_row("windows verified", *(f"{x['windows']:.0f}" for x in w))
+    t.add_row("greedy agreement with plain", *(f"{x['agreement']:.0%}" + (f" (first difference at token {x['first_divergence']})" if x["first_divergence"] >= 0 else "") for x in w))
+    Console().print(t)
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=1) + "\n")
+        err_console.print(f"wrote {json_out}", markup=False)
+
+
 def _bench_hosts(model_path: Path, hosts: str, *, n_decode: int, reps: int, json_out: Optional[Path]) -> None:
     """nak bench --hosts: probe, plan and measure on emulated hosts (nakshatra.hostbench)."""
     from nakshatra.hostbench import parse_hosts, run_hosts_bench
@@ -485,6 +513,7 @@ def bench(
     key: Annotated[bool, typer.Option("--key", help="Also measure the chain with a fresh cluster key (authenticated handshake, a MAC on every frame), side by side with the chain without one.")] = False,
     no_repack: Annotated[bool, typer.Option("--no-repack", help="Also measure the chain with stages started --no-repack (no repacked weight copy), side by side: decode speed and each stage's own memory.")] = False,
     swa: Annotated[bool, typer.Option("--swa", help="Instead: sliding-window KV as the stages keep it (the window plus one ubatch) against --swa-full (the whole context), side by side: own memory, prefill, decode and rollback times (a model with sliding-window layers: --model gemma3-270m).")] = False,
+    speculate: Annotated[int, typer.Option("--speculate", help="Instead: speculative decoding against the same ring without it, side by side (interleaved), on the two fixed workloads (rewrite, free: nakshatra.workloads), generating up to this many tokens each; with --link-delay-ms over emulated links.")] = 0,
     hosts: Annotated[Optional[str], typer.Option("--hosts", help="Instead: emulate mismatched hosts with cgroup CPU quotas (root), e.g. fast=1.0,slow=0.25 (shares of one CPU); probe each, plan, and measure the planned chain against an even split side by side.")] = None,
 ) -> None:
     """Measure the unsplit model (one process) and a chain of local stages side by side, and as
@@ -528,6 +557,12 @@ def bench(
         return
     if hosts is not None:
         _bench_hosts(model_path, hosts, n_decode=min(n_decode, 64), reps=reps, json_out=json_out)
+        return
+    if speculate < 0:
+        raise NakError(f"--speculate {speculate} must be >= 0 (tokens to generate per workload; 0: skip)")
+    if speculate:
+        _bench_speculate(model_path, stages=stages, stage_threads=stage_threads, n_predict=speculate, reps=reps,
+                         delay_ms=link_delay_ms, json_out=json_out)
         return
     cfg = BenchConfig(model=model_path, stages=stages, prompt_lens=lens, n_decode=n_decode,
                       reps=reps, threads=threads, stage_threads=stage_threads, mode=mode,

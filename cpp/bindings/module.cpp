@@ -634,6 +634,12 @@ struct py_reference {
         return out;
     }
 
+    py::array_t<float> last_logits() const {
+        const py::ssize_t n_vocab = llama_vocab_n_tokens(ref.vocab);
+        const py::ssize_t n_rows  = (py::ssize_t) (ref.last_logits.size() / (size_t) n_vocab);
+        return py::array_t<float>({ n_rows, n_vocab }, ref.last_logits.data()); // a copy
+    }
+
     py::array_t<float> step_logits(const std::vector<int32_t> & prompt, const std::vector<int32_t> & continuation) {
         auto * rows = new std::vector<float>();
         // owns the rows once the array exists; frees them on every error path before that
@@ -874,7 +880,10 @@ PYBIND11_MODULE(_nakshatra, m) {
         .def("decode_batch", &py_reference::decode_batch, py::arg("seq"), py::arg("pos"), py::arg("tokens"),
              py::arg("sample"),
              "One llama_decode of the given rows (one entry per row); returns the greedy token of every row "
-             "whose sample flag is set, in row order. Replays a stage's --batch-log.")
+             "whose sample flag is set, in row order. Replays a stage's --batch-log. A row at a position its "
+             "sequence holds drops that position and the ones after it first (a speculative window's roll-back).")
+        .def("last_logits", &py_reference::last_logits,
+             "Logits of the rows the last decode_batch sampled: float32 [n_sampled, n_vocab] (a copy).")
         .def("step_logits", &py_reference::step_logits, py::arg("prompt"), py::arg("continuation"),
              "Teacher-forced logits: prefill prompt (n_batch chunks, as generate), then decode each\n"
              "continuation token one per llama_decode. float32 array [1 + len(continuation), n_vocab]:\n"

@@ -289,8 +289,11 @@ std::vector<llama_token> nak_reference::decode_batch(const std::vector<int32_t> 
     if (!greedy) {
         greedy = llama_sampler_init_greedy();
     }
+    last_logits.clear();
     for (int32_t i = 0; i < n; i++) {
         if (sample[i]) {
+            const float * l = llama_get_logits_ith(ctx, i);
+            last_logits.insert(last_logits.end(), l, l + n_vocab);
             out.push_back(llama_sampler_sample(greedy, ctx, i));
         }
     }

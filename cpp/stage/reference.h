@@ -29,6 +29,8 @@ struct nak_reference {
               uint32_t n_seq_max = 1, bool swa_full = false);
     // one llama_decode of the given rows; the greedy token of each row flagged in `sample`, in row
     // order (a replay of a stage's batch log: same rows, same sequence ids, same ubatch cuts)
+    // logits of the rows the last decode_batch sampled, [n_sampled, n_vocab] row-major
+    std::vector<float> last_logits;
     std::vector<llama_token> decode_batch(const std::vector<int32_t> & seq, const std::vector<int32_t> & pos,
                                           const std::vector<int32_t> & tokens, const std::vector<int32_t> & sample,
                                           std::string & err);

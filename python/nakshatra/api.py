@@ -199,7 +199,7 @@ class Engine:
     """
 
     def __init__(self, addresses: Sequence[str], model_id: str, parallel: int = 4, key: bytes | None = None,
-                 timeout_s: float = 60.0, forwarding: bool = True) -> None:
+                 timeout_s: float = 60.0, forwarding: bool = True, draft_max: int = 0) -> None:
         if parallel < 1:
             raise NakError(f"--parallel {parallel} must be >= 1")
         self.addresses = list(addresses)
@@ -208,6 +208,7 @@ class Engine:
         self.key = key
         self.timeout_s = timeout_s
         self.forwarding = forwarding
+        self.draft_max = draft_max  # speculative decoding per session (Chain's draft_max; 0: off)
         self.created = int(time.time())
         self._meta = self._new_chain()  # tokenizer, template, detokenizer: no session
         self._meta_lock = threading.Lock()
@@ -224,7 +225,8 @@ class Engine:
         self._cluster_cache: tuple[float, list[dict]] | None = None
 
     def _new_chain(self) -> Chain:
-        return Chain(self.addresses, timeout_s=self.timeout_s, forwarding=self.forwarding, key=self.key)
+        return Chain(self.addresses, timeout_s=self.timeout_s, forwarding=self.forwarding, key=self.key,
+                     draft_max=self.draft_max)
 
     def close(self) -> None:
         with self._cv:

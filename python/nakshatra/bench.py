@@ -63,6 +63,7 @@ class BenchConfig:
     key: bool = False           # also a chain with a cluster key (authenticated, every frame MACed)
     no_repack: bool = False     # also a chain whose stages keep no repacked weight copy (--no-repack)
     pairs: int = 21             # interleaved single / chain decode pairs (paired_decode; 0: skip)
+    speculate: int = 0          # > 0: speculative decoding on the fixed workloads, this many tokens each
 
 
 def _stat(values: list[float]) -> dict[str, float]:
@@ -355,6 +356,9 @@ def run_bench(cfg: BenchConfig, status: Any = None) -> dict[str, Any]:
         res["links"] = bench_links(slices, cfg.link_delay_ms, min(cfg.n_decode, 64), cfg.reps,
                                    max(cfg.sessions, 4), cfg.stage_threads,
                                    rpc_model=cfg.model if cfg.rpc_baseline else None, rpc_threads=cfg.threads)
+    if cfg.speculate > 0:
+        say(f"speculative decoding ({cfg.link_delay_ms:g} ms links)")
+        res["speculation"] = bench_speculation(slices, cfg.link_delay_ms, cfg.speculate, cfg.reps, cfg.stage_threads)
     res["ratios"] = ratios(res)
     return res
 
@@ -554,4 +558,82 @@ def bench_wire(slices: Sequence[Path], formats: Sequence[str], n_predict: int, s
                     "prompts_identical": sum(ta == tb for ta, tb in zip(r["tokens"], base["tokens"])),
                     "prompts": len(WIRE_PROMPTS),
                     "max_abs_diff": diffs, "max_rel_diff": rels}
+    return out
+
+
+# ---- speculative decoding on the two fixed workloads -----------------------------------------
+
+SPEC_DRAFT_MAX = 8  # what `nak bench --speculate` asks for (a stage grants at most 8)
+
+
+def _spec_run(addresses: list[str], hop: dict[str, str] | None, prompt: str, n_predict: int,
+              draft_max: int) -> dict[str, Any]:
+    """One greedy ring generation of the chat turn ``prompt``: the tokens, decode tok/s (first
+    token to last), ring trips (replies: one per trip, a window's tokens arrive together) and the
+    session's draft counts."""
+    with Chain(addresses, ring=True, hop_addresses=hop, draft_max=draft_max, timeout_s=300) as c:
+        toks = c.tokenize(c.apply_chat_template([("user", prompt)]), parse_special=True)
+        with c.session(GREEDY, n_predict=n_predict) as sess:
+            out: list[int] = []
+            trips, last_step, t_first, t_last = 0, -1, 0.0, 0.0
+            for r in sess.ring(toks, n_predict):
+                t_last = time.perf_counter()
+                if not out:
+                    t_first = t_last
+                if r["step"] != last_step:
+                    trips, last_step = trips + 1, r["step"]
+                if r["is_eog"]:
+                    break
+                out.append(r["token"])
+            n = len(out)
+            return {"tokens": out, "tps": (n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else 0.0,
+                    "trips": max(trips, 1), "windows": sess.spec_windows, "drafted": sess.spec_drafted,
+                    "accepted": sess.spec_accepted, "prompt_tokens": len(toks)}
+
+
+def bench_speculation(slices: Sequence[Path], delay_ms: float, n_predict: int, reps: int,
+                      stage_threads: int) -> dict[str, Any]:
+    """Speculative decoding against the same ring without it, on the workloads of
+    :mod:`nakshatra.workloads`, over emulated links of ``delay_ms`` one way (0: direct), the two
+    configurations interleaved (plain, speculative, plain, ...). Per workload: decode tok/s of
+    each (median of ``reps``), their ratio, the acceptance rate (accepted / drafted tokens),
+    tokens per ring trip, and the agreement of the greedy outputs (tokens equal up to the first
+    difference, over the plain run's length; ``first_divergence`` -1 when they agree
+    throughout)."""
+    from contextlib import nullcontext
+
+    from .linkdelay import LinkDelay
+    from .local import LocalStages
+    from .workloads import WORKLOADS
+
+    out: dict[str, Any] = {"delay_ms": delay_ms, "draft_max": SPEC_DRAFT_MAX, "n_predict": n_predict, "reps": reps}
+    with LocalStages(slices, threads=stage_threads or 1, ctx=2048, max_sessions=1, cpu_lock=False) as ls, \
+            (LinkDelay(delay_ms) if delay_ms > 0 else nullcontext()) as link:
+        if link is not None:
+            delayed = {a: link.relay(a) for a in ls.addresses}
+            client = [ls.addresses[0]] + [delayed[a] for a in ls.addresses[1:]]
+            hop = {ls.addresses[0]: delayed[ls.addresses[0]], **{delayed[a]: delayed[a] for a in ls.addresses[1:]}}
+        else:
+            client, hop = list(ls.addresses), None
+        _spec_run(client, hop, WORKLOADS["free"], 8, 0)  # warm-up (connections, pages)
+        for name, prompt in WORKLOADS.items():
+            runs: dict[int, list[dict[str, Any]]] = {0: [], SPEC_DRAFT_MAX: []}
+            for _ in range(reps):
+                for dm in runs:
+                    runs[dm].append(_spec_run(client, hop, prompt, n_predict, dm))
+            plain, spec = runs[0], runs[SPEC_DRAFT_MAX]
+            a, b = plain[0]["tokens"], spec[0]["tokens"]
+            diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), -1)
+            if diff < 0 and len(a) != len(b):
+                diff = min(len(a), len(b))
+            drafted = sum(r["drafted"] for r in spec)
+            res = {"plain_tps": _stat([r["tps"] for r in plain]), "spec_tps": _stat([r["tps"] for r in spec]),
+                   "acceptance": sum(r["accepted"] for r in spec) / drafted if drafted else 0.0,
+                   "tokens_per_trip": statistics.median(len(r["tokens"]) / r["trips"] for r in spec),
+                   "windows": statistics.median(r["windows"] for r in spec),
+                   "tokens": len(a), "spec_tokens": len(b), "prompt_tokens": plain[0]["prompt_tokens"],
+                   "first_divergence": diff,
+                   "agreement": (diff if diff >= 0 else len(a)) / len(a) if a else 1.0}
+            res["speedup"] = res["spec_tps"]["median"] / res["plain_tps"]["median"] if res["plain_tps"]["median"] else 0.0
+            out[name] = res
     return out
