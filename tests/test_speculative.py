@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 import seeded_rule as rule
-from nakshatra import _nakshatra
+from replay import greedy as _greedy
+from replay import replay, sampling_session as _session_of
 from nakshatra.chain import Chain, ChainError, SamplerParams
 from nakshatra.local import LocalStages
 from nakshatra.ranges import LayerRange
@@ -48,52 +48,6 @@ def slices(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> list
     m = slice_model(smollm2_path, [LayerRange(0, 9), LayerRange(9, 21), LayerRange(21, 30)], out_dir=out,
                     progress=False)
     return [out / s.file for s in m.slices]
-
-
-def _replay(model: Path, log: Path, pick) -> dict[int, list[int]]:
-    """Feed every logged batch, in order, to the unsplit model; per session, the tokens the
-    acceptance rule yields: the token drawn from a sampled entry's last row, or from a window's
-    rows in order while each draws the next row's draft. ``pick(logits, pos)`` draws one token."""
-    ref = _nakshatra.Reference(str(model), n_ctx=CTX * 2, n_seq_max=2, n_threads=2)
-    out: dict[int, list[int]] = defaultdict(list)
-    for line in log.read_text().splitlines():
-        batch = json.loads(line)
-        seq, pos, tokens, sample = [], [], [], []
-        for e in batch["entries"]:
-            for i, t in enumerate(e["tokens"]):
-                seq.append(e["seq"])
-                pos.append(e["pos"] + i)
-                tokens.append(t)
-                sample.append(int(e["sample"] and (e["spec"] or i == e["n_tokens"] - 1)))
-        ref.decode_batch(seq, pos, tokens, sample)
-        logits = ref.last_logits()
-        row = 0
-        for e in batch["entries"]:
-            if not e["sample"]:
-                continue
-            if not e["spec"]:
-                out[e["session"]].append(pick(logits[row], e["pos"] + e["n_tokens"]))
-                row += 1
-                continue
-            for i in range(e["n_tokens"]):
-                tok = pick(logits[row + i], e["pos"] + i + 1)
-                out[e["session"]].append(tok)
-                if i + 1 == e["n_tokens"] or tok != e["tokens"][i + 1]:
-                    break
-            row += e["n_tokens"]
-    return out
-
-
-def _greedy(logits, pos: int) -> int:
-    return int(logits.argmax())
-
-
-def _session_of(log: Path) -> int:
-    """The one session that sampled (a failover's replay runs under a temporary one that does not)."""
-    sessions = {e["session"] for line in log.read_text().splitlines() for e in json.loads(line)["entries"]
-                if e["sample"]}
-    assert len(sessions) == 1, sessions
-    return sessions.pop()
 
 
 def _run(addresses: list[str], path: str, sampler: SamplerParams, draft_max: int) -> tuple[list[int], object]:
@@ -121,7 +75,7 @@ def test_greedy_speculation_equals_the_unsplit_model_fed_the_same_batches(
     assert stats["spec_windows"] == sess.spec_windows and stats["spec_accepted"] == sess.spec_accepted
     entries = [e for line in log.read_text().splitlines() for e in json.loads(line)["entries"]]
     assert sum(e["spec"] for e in entries) == sess.spec_windows
-    want = _replay(smollm2_path, log, _greedy)[_session_of(log)]
+    want = replay(smollm2_path, log, CTX)[_session_of(log)]
     # the chain does not yield an end-of-generation token; the replay draws it too
     assert want[:len(got)] == got
     assert len(want) - len(got) in (0, 1)
@@ -143,10 +97,10 @@ def test_seeded_speculation_follows_the_seeded_rule_on_the_same_batches(
     def pick(logits, pos: int) -> int:
         return rule.sample(logits, pos, seed, temp, top_k, top_p, min_p).token
 
-    want = _replay(smollm2_path, log, pick)[_session_of(log)]
+    want = replay(smollm2_path, log, CTX, pick=pick)[_session_of(log)]
     assert want[:len(got)] == got
     # and the position keys the draw: drawing each row one position late picks otherwise
-    late = _replay(smollm2_path, log, lambda logits, pos: pick(logits, pos + 1))[_session_of(log)]
+    late = replay(smollm2_path, log, CTX, pick=lambda logits, pos: pick(logits, pos + 1))[_session_of(log)]
     assert late[:len(got)] != got
 
 
@@ -205,7 +159,7 @@ def test_failover_in_the_middle_of_a_window(smollm2_path: Path, slices: list[Pat
         assert proc.wait(timeout=10) == -signal.SIGKILL, "the stage did not die"
         assert c.stages[victim].address != dead, "no failover happened"
         c.close()
-    want = _replay(smollm2_path, logs[1], _greedy)[_session_of(logs[1])]
+    want = replay(smollm2_path, logs[1], CTX)[_session_of(logs[1])]
     assert want[:len(got)] == got
     assert len(got) == len(plain)
     assert not os.path.exists(kill_dir / str(pid))

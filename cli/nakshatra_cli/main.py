@@ -440,14 +440,32 @@ def _bench_swa(model_path: Path, *, stages: int, stage_threads: int, n_decode: i
 
 
 def _bench_speculate(model_path: Path, *, stages: int, stage_threads: int, n_predict: int, reps: int,
-                     delay_ms: float, json_out: Optional[Path]) -> None:
-    from nakshatra.bench import bench_speculation
+                     delay_ms: float, pipeline_prompt: int, json_out: Optional[Path]) -> None:
+    from nakshatra.bench import bench_prefill_pipeline, bench_speculation
     from nakshatra.local import cached_parts
 
-    slices = cached_parts(model_path, stages, progress=sys.stderr.isatty())
-    with err_console.status("measuring speculative decoding ..."):
-        res = bench_speculation(slices, delay_ms, n_predict, reps, stage_threads)
     links = f"{delay_ms:g} ms links" if delay_ms > 0 else "direct links"
+    out: dict = {}
+    if n_predict:
+        slices = cached_parts(model_path, stages, progress=sys.stderr.isatty())
+        with err_console.status("measuring speculative decoding ..."):
+            out["speculation"] = bench_speculation(slices, delay_ms, n_predict, reps, stage_threads)
+        _print_speculation(out["speculation"], stages, links, reps)
+    if pipeline_prompt:
+        with err_console.status("measuring pipelined prefill ..."):
+            p = out["prefill_pipeline"] = bench_prefill_pipeline(model_path, delay_ms, pipeline_prompt, reps)
+        t = _side_by_side(f"time to first token, {pipeline_prompt}-token prompt, 2 stages on a core each, {links}, "
+                          f"median of {reps}", ("", "ms"))
+        t.add_row("one n_batch chunk, stage after stage", f"{p['sequential_ttft_ms']['median']:.0f}")
+        t.add_row(f"pipelined, micro-batches of {p['micro_batch']}", f"{p['pipelined_ttft_ms']['median']:.0f}")
+        t.add_row("pipelined / sequential", f"{p['pipelined_over_sequential']:.2f}x")
+        Console().print(t)
+    if json_out:
+        json_out.write_text(json.dumps(out, indent=1) + "\n")
+        err_console.print(f"wrote {json_out}", markup=False)
+
+
+def _print_speculation(res: dict, stages: int, links: str, reps: int) -> None:
     t = _side_by_side(f"ring, {stages} stages, {links}, greedy, draft-max {res['draft_max']}, median of {reps}",
                       ("", "rewrite", "free"))
     w = [res["rewrite"], res["free"]]
@@ -461,9 +479,6 @@ def _bench_speculate(model_path: Path, *, stages: int, stage_threads: int, n_pre
     t.add_row("windows verified", *(f"{x['windows']:.0f}" for x in w))
     t.add_row("greedy agreement with plain", *(f"{x['agreement']:.0%}" + (f" (first difference at token {x['first_divergence']})" if x["first_divergence"] >= 0 else "") for x in w))
     Console().print(t)
-    if json_out:
-        json_out.write_text(json.dumps(res, indent=1) + "\n")
-        err_console.print(f"wrote {json_out}", markup=False)
 
 
 def _bench_hosts(model_path: Path, hosts: str, *, n_decode: int, reps: int, json_out: Optional[Path]) -> None:
@@ -514,6 +529,7 @@ def bench(
     no_repack: Annotated[bool, typer.Option("--no-repack", help="Also measure the chain with stages started --no-repack (no repacked weight copy), side by side: decode speed and each stage's own memory.")] = False,
     swa: Annotated[bool, typer.Option("--swa", help="Instead: sliding-window KV as the stages keep it (the window plus one ubatch) against --swa-full (the whole context), side by side: own memory, prefill, decode and rollback times (a model with sliding-window layers: --model gemma3-270m).")] = False,
     speculate: Annotated[int, typer.Option("--speculate", help="Instead: speculative decoding against the same ring without it, side by side (interleaved), on the two fixed workloads (rewrite, free: nakshatra.workloads), generating up to this many tokens each; with --link-delay-ms over emulated links.")] = 0,
+    pipeline_prompt: Annotated[int, typer.Option("--pipeline-prompt", help="Instead (with --speculate, in the same run): time to first token of a prompt of this many tokens through 2 stages, each pinned to its own core, fed in one n_batch chunk and pipelined in micro-batches of 512, side by side (interleaved); with --link-delay-ms over emulated links.")] = 0,
     hosts: Annotated[Optional[str], typer.Option("--hosts", help="Instead: emulate mismatched hosts with cgroup CPU quotas (root), e.g. fast=1.0,slow=0.25 (shares of one CPU); probe each, plan, and measure the planned chain against an even split side by side.")] = None,
 ) -> None:
     """Measure the unsplit model (one process) and a chain of local stages side by side, and as
@@ -558,11 +574,11 @@ def bench(
     if hosts is not None:
         _bench_hosts(model_path, hosts, n_decode=min(n_decode, 64), reps=reps, json_out=json_out)
         return
-    if speculate < 0:
-        raise NakError(f"--speculate {speculate} must be >= 0 (tokens to generate per workload; 0: skip)")
-    if speculate:
+    if speculate < 0 or pipeline_prompt < 0:
+        raise NakError("--speculate (tokens per workload) and --pipeline-prompt (prompt tokens) must be >= 0 (0: skip)")
+    if speculate or pipeline_prompt:
         _bench_speculate(model_path, stages=stages, stage_threads=stage_threads, n_predict=speculate, reps=reps,
-                         delay_ms=link_delay_ms, json_out=json_out)
+                         delay_ms=link_delay_ms, pipeline_prompt=pipeline_prompt, json_out=json_out)
         return
     cfg = BenchConfig(model=model_path, stages=stages, prompt_lens=lens, n_decode=n_decode,
                       reps=reps, threads=threads, stage_threads=stage_threads, mode=mode,

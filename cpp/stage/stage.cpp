@@ -1002,7 +1002,7 @@ void nak_stage::run_steps(std::vector<nak_step> & steps, const std::string & nex
         return;
     }
     nak_debug_kill_point(steps, "after", abort_);
-    log_batch(steps, batch_id);
+    log_batch(steps, batch_id, t0, now_us());
     n_decode_++;
     n_batch_entries_ += steps.size();
     max_batch_entries_ = std::max<uint64_t>(max_batch_entries_, steps.size());
@@ -1308,11 +1308,13 @@ void nak_stage::ring_next(const nak_session & s, const nak_step & st, llama_toke
 }
 
 // one JSON line per decoded batch (--batch-log): enough to replay it through the unsplit model
-void nak_stage::log_batch(const std::vector<nak_step> & steps, uint64_t batch_id) {
+void nak_stage::log_batch(const std::vector<nak_step> & steps, uint64_t batch_id, int64_t t_start_us, int64_t t_end_us) {
     if (!batch_log_) {
         return;
     }
-    std::string line = "{\"batch\": " + std::to_string(batch_id) + ", \"entries\": [";
+    // when llama_decode ran (steady clock, us: comparable between the stages of one machine)
+    std::string line = "{\"batch\": " + std::to_string(batch_id) + ", \"t_start_us\": " + std::to_string(t_start_us) +
+                       ", \"t_end_us\": " + std::to_string(t_end_us) + ", \"entries\": [";
     for (size_t i = 0; i < steps.size(); i++) {
         const nak_batch_entry & e = steps[i].e;
         line += i ? ", " : "";

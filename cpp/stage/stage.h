@@ -201,7 +201,7 @@ class nak_stage {
     void roll_back  (nak_step & st);
     bool ends_generation(const nak_session & s, llama_token tok, uint32_t n_past) const;
     void pass_on    (const std::vector<nak_step> & steps, const std::string & next_hop, uint64_t batch_id, std::vector<nak_send> & out);
-    void log_batch  (const std::vector<nak_step> & steps, uint64_t batch_id);
+    void log_batch  (const std::vector<nak_step> & steps, uint64_t batch_id, int64_t t_start_us, int64_t t_end_us);
     void on_truncate(const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h);
     void on_close   (const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h);
     void check_owner(const nak_session & s, int32_t conn, const char * what) const;

@@ -637,3 +637,53 @@ def bench_speculation(slices: Sequence[Path], delay_ms: float, n_predict: int, r
             res["speedup"] = res["spec_tps"]["median"] / res["plain_tps"]["median"] if res["plain_tps"]["median"] else 0.0
             out[name] = res
     return out
+
+
+# ---- pipelined prefill ---------------------------------------------------------------------------
+
+def _ttft_ms(addresses: list[str], hop: dict[str, str] | None, prompt: list[int], prefill_chunk: int) -> float:
+    """Time to the first token of a ring session given ``prompt``, ms."""
+    with Chain(addresses, ring=True, hop_addresses=hop, prefill_chunk=prefill_chunk, timeout_s=300) as c, \
+            c.session(GREEDY, n_predict=1) as sess:
+        t0 = time.perf_counter()
+        for _ in sess.ring(prompt, 1):
+            break
+        return (time.perf_counter() - t0) * 1e3
+
+
+def bench_prefill_pipeline(model: Path, delay_ms: float, prompt_len: int, reps: int) -> dict[str, Any]:
+    """Time to first token of a ``prompt_len``-token prompt through 2 stages, each pinned to its
+    own core (one thread), over emulated links of ``delay_ms`` one way (0: direct), fed as one
+    n_batch chunk after another (``prefill_chunk`` 0) and pipelined in micro-batches of 512
+    (the default), interleaved; the median of ``reps`` each and their ratio."""
+    import os
+    from contextlib import nullcontext
+
+    from .chain import DEFAULT_PREFILL_CHUNK
+    from .linkdelay import LinkDelay
+    from .local import LocalStages, cached_parts
+
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        raise StageError("pipelined prefill is measured with 2 stages on 2 cores of their own (sched_setaffinity)")
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    slices = cached_parts(model, 2, progress=False)
+    pin = [lambda c=c: os.sched_setaffinity(0, {c}) for c in cores]
+    with LocalStages(slices, threads=1, ctx=prompt_len + 256, max_sessions=1, cpu_lock=False, preexec=pin) as ls, \
+            (LinkDelay(delay_ms) if delay_ms > 0 else nullcontext()) as link:
+        if link is not None:
+            delayed = {a: link.relay(a) for a in ls.addresses}
+            client = [ls.addresses[0]] + [delayed[a] for a in ls.addresses[1:]]
+            hop = {ls.addresses[0]: delayed[ls.addresses[0]], **{delayed[a]: delayed[a] for a in ls.addresses[1:]}}
+        else:
+            client, hop = list(ls.addresses), None
+        with Chain(client, hop_addresses=hop) as c:
+            prompt = _prompt(prompt_len, c.stages[0].n_vocab)
+        _ttft_ms(client, hop, prompt[:64], DEFAULT_PREFILL_CHUNK)  # warm-up
+        runs: dict[int, list[float]] = {0: [], DEFAULT_PREFILL_CHUNK: []}
+        for _ in range(reps):
+            for chunk in runs:
+                runs[chunk].append(_ttft_ms(client, hop, prompt, chunk))
+    out = {"prompt_len": prompt_len, "delay_ms": delay_ms, "stages": 2, "micro_batch": DEFAULT_PREFILL_CHUNK,
+           "sequential_ttft_ms": _stat(runs[0]), "pipelined_ttft_ms": _stat(runs[DEFAULT_PREFILL_CHUNK])}
+    out["pipelined_over_sequential"] = out["pipelined_ttft_ms"]["median"] / out["sequential_ttft_ms"]["median"]
+    return out
