@@ -1,9 +1,10 @@
 """Pipelined prefill: a forwarding chain feeds a long prompt in micro-batches
-(``Chain.prefill_chunk`` tokens, short ones first and last) that flow through the stages in a
-pipeline: the first stage runs chunk c+1 while the next runs chunk c, a bounded number in flight.
-The output equals the unsplit model fed the same micro-batches (the first stage's batch log,
-replayed), and with micro-batches of n_ubatch (512) cut as llama.cpp cuts one n_batch chunk, the
-unsplit model fed the prompt in one piece (``Reference.generate``)."""
+(``Chain.prefill_chunk`` tokens) that flow through the stages in a pipeline: the first stage runs
+chunk c+1 while the next runs chunk c, a bounded number in flight. By default the micro-batches
+are n_ubatch (512) tokens, cut where llama.cpp cuts one n_batch chunk into ubatches: the output
+equals the unsplit model fed the prompt in one piece (``Reference.generate``). Smaller ones with
+short ends (``prefill_ramp``) equal the unsplit model fed the same micro-batches (the first
+stage's batch log, replayed)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def test_pipelined_prefill_equals_the_unsplit_model_fed_the_same_ubatches(
     logs = [tmp_path / f"stage{i}.jsonl" for i in range(3)]
     with LocalStages(slices, threads=1, ctx=CTX, max_sessions=1, cpu_lock=False,
                      stage_args=[["--batch-log", str(p)] for p in logs]) as st:
-        with Chain(st.addresses, forwarding=True, ring=path == "ring") as c:
+        with Chain(st.addresses, forwarding=True, ring=path == "ring", prefill_chunk=256, prefill_ramp=True) as c:
             done: list[tuple[int, int]] = []
             got = [t for t, _ in c.generate_tokens(prompt, N_PREDICT, GREEDY,
                                                    on_prefill=lambda d, n: done.append((d, n)))]
@@ -69,16 +70,24 @@ def test_pipelined_prefill_equals_the_unsplit_model_fed_the_same_ubatches(
     assert len(overlap) >= 2, [(b["t_start_us"], b["t_end_us"]) for stage in batches for b in stage[:len(cuts)]]
 
 
-def test_micro_batches_of_n_ubatch_equal_one_n_batch_chunk(smollm2_path: Path, slices: list[Path],
-                                                           prompt: list[int]) -> None:
-    """Micro-batches cut where llama.cpp cuts an n_batch chunk into ubatches (prefill_chunk =
-    n_ubatch = 512, no short ends) build the same KV cache as one chunk: the output equals the
-    unsplit model fed the prompt in one piece."""
+@pytest.mark.parametrize("path", ["ring", "forwarding"])
+def test_default_micro_batches_equal_one_n_batch_chunk(smollm2_path: Path, slices: list[Path],
+                                                       prompt: list[int], tmp_path: Path, path: str) -> None:
+    """The default micro-batches are cut where llama.cpp cuts an n_batch chunk into ubatches
+    (prefill_chunk = n_ubatch = 512): they build the same KV cache as one chunk, so the output
+    equals the unsplit model fed the prompt in one piece, and the relayed chain's."""
     want = _nakshatra.Reference(str(smollm2_path), n_ctx=CTX, n_threads=2).generate(prompt, N_PREDICT)
-    with LocalStages(slices, threads=1, ctx=CTX, max_sessions=1) as st:
-        with Chain(st.addresses, ring=True, prefill_chunk=512, prefill_ramp=False) as c:
+    logs = [tmp_path / f"stage{i}.jsonl" for i in range(3)]
+    with LocalStages(slices, threads=1, ctx=CTX, max_sessions=1, cpu_lock=False,
+                     stage_args=[["--batch-log", str(p)] for p in logs]) as st:
+        with Chain(st.addresses, forwarding=True, ring=path == "ring") as c:
             got = [t for t, _ in c.generate_tokens(prompt, N_PREDICT, GREEDY)]
     assert got == want[:len(got)] and len(got) >= N_PREDICT - 1
+    batches = [[json.loads(line) for line in p.read_text().splitlines()] for p in logs]
+    sizes = [b["entries"][0]["n_tokens"] for b in batches[0][:4]]
+    assert sizes == [512, 512, 512, len(prompt) - 1536]
+    overlap = [c for c in range(1, 4) if batches[0][c]["t_start_us"] < batches[2][c - 1]["t_end_us"]]
+    assert overlap
 
 
 def test_prefill_chunk_off_feeds_n_batch_chunks(slices: list[Path], prompt: list[int], tmp_path: Path) -> None:

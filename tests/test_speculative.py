@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 import seeded_rule as rule
-from replay import greedy as _greedy
 from replay import replay, sampling_session as _session_of
 from nakshatra.chain import Chain, ChainError, SamplerParams
 from nakshatra.local import LocalStages

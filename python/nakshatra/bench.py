@@ -641,9 +641,11 @@ def bench_speculation(slices: Sequence[Path], delay_ms: float, n_predict: int, r
 
 # ---- pipelined prefill ---------------------------------------------------------------------------
 
-def _ttft_ms(addresses: list[str], hop: dict[str, str] | None, prompt: list[int], prefill_chunk: int) -> float:
+def _ttft_ms(addresses: list[str], hop: dict[str, str] | None, prompt: list[int], prefill_chunk: int,
+             ramp: bool = False) -> float:
     """Time to the first token of a ring session given ``prompt``, ms."""
-    with Chain(addresses, ring=True, hop_addresses=hop, prefill_chunk=prefill_chunk, timeout_s=300) as c, \
+    with Chain(addresses, ring=True, hop_addresses=hop, prefill_chunk=prefill_chunk, prefill_ramp=ramp,
+               timeout_s=300) as c, \
             c.session(GREEDY, n_predict=1) as sess:
         t0 = time.perf_counter()
         for _ in sess.ring(prompt, 1):
@@ -654,8 +656,9 @@ def _ttft_ms(addresses: list[str], hop: dict[str, str] | None, prompt: list[int]
 def bench_prefill_pipeline(model: Path, delay_ms: float, prompt_len: int, reps: int) -> dict[str, Any]:
     """Time to first token of a ``prompt_len``-token prompt through 2 stages, each pinned to its
     own core (one thread), over emulated links of ``delay_ms`` one way (0: direct), fed as one
-    n_batch chunk after another (``prefill_chunk`` 0) and pipelined in micro-batches of 512
-    (the default), interleaved; the median of ``reps`` each and their ratio."""
+    n_batch chunk after another (``prefill_chunk`` 0), pipelined in micro-batches of 512 (the
+    default: the same output) and in micro-batches of 256 with short ends (``prefill_ramp``),
+    interleaved; the median of ``reps`` each and the ratios to the first."""
     import os
     from contextlib import nullcontext
 
@@ -679,11 +682,15 @@ def bench_prefill_pipeline(model: Path, delay_ms: float, prompt_len: int, reps: 
         with Chain(client, hop_addresses=hop) as c:
             prompt = _prompt(prompt_len, c.stages[0].n_vocab)
         _ttft_ms(client, hop, prompt[:64], DEFAULT_PREFILL_CHUNK)  # warm-up
-        runs: dict[int, list[float]] = {0: [], DEFAULT_PREFILL_CHUNK: []}
+        configs = {"sequential": (0, False), "pipelined": (DEFAULT_PREFILL_CHUNK, False), "pipelined_ramp": (256, True)}
+        runs: dict[str, list[float]] = {k: [] for k in configs}
         for _ in range(reps):
-            for chunk in runs:
-                runs[chunk].append(_ttft_ms(client, hop, prompt, chunk))
-    out = {"prompt_len": prompt_len, "delay_ms": delay_ms, "stages": 2, "micro_batch": DEFAULT_PREFILL_CHUNK,
-           "sequential_ttft_ms": _stat(runs[0]), "pipelined_ttft_ms": _stat(runs[DEFAULT_PREFILL_CHUNK])}
-    out["pipelined_over_sequential"] = out["pipelined_ttft_ms"]["median"] / out["sequential_ttft_ms"]["median"]
+            for name, (chunk, ramp) in configs.items():
+                runs[name].append(_ttft_ms(client, hop, prompt, chunk, ramp))
+    out: dict[str, Any] = {"prompt_len": prompt_len, "delay_ms": delay_ms, "stages": 2,
+                           "micro_batch": DEFAULT_PREFILL_CHUNK}
+    for name in configs:
+        out[f"{name}_ttft_ms"] = _stat(runs[name])
+    for name in ("pipelined", "pipelined_ramp"):
+        out[f"{name}_over_sequential"] = out[f"{name}_ttft_ms"]["median"] / out["sequential_ttft_ms"]["median"]
     return out

@@ -22,13 +22,13 @@ from .errors import ChainError, StageError
 from .ranges import LayerRange
 
 DEFAULT_N_BATCH = 2048  # llama.cpp's default n_batch: prompts are cut into chunks of this size
-# a forwarding chain feeds a prompt in micro-batches of this many tokens, pipelined through the
-# stages (Session._prefill). Smaller ones fill and drain the pipeline sooner, larger ones run each
-# stage's matrix products more efficiently; on this project's 2-core test machine 128, 256 and 512
-# gave a 2,048-token prompt through 2 stages 0.64x, 0.66x and 0.66x the sequential time to first
-# token (nak bench --pipeline-prompt 2048, one run each, +-0.03)
-DEFAULT_PREFILL_CHUNK = 256
-PREFILL_RAMP = 4  # the first and last micro-batches of a pipelined prompt are prefill_chunk / this
+# A forwarding chain feeds a prompt in micro-batches of this many tokens, pipelined through the
+# stages (Session._prefill). 512 is a stage's n_ubatch (llama.cpp's default): the micro-batches
+# are the very ubatches llama.cpp cuts one n_batch chunk into, so pipelining changes no bit of the
+# output. Smaller ones, with short first and last ones (prefill_ramp), fill and drain the pipeline
+# sooner but cut other ubatches, and llama.cpp's kernels are not batch-invariant.
+DEFAULT_PREFILL_CHUNK = 512
+PREFILL_RAMP = 4  # with prefill_ramp, the first and last micro-batches are prefill_chunk / this
 
 
 def parse_stage_address(text: str) -> tuple[str, int]:
@@ -716,9 +716,10 @@ class Chain:
     (:func:`nakshatra.auth.load_key`) when the stages have one; it is kept as ``self.key`` and
     given to every connection the chain opens later too (the probes of :meth:`alive`, the replica
     :meth:`next_replica` switches to). ``prefill_chunk``: a forwarding chain feeds a prompt in
-    micro-batches of this many tokens that flow through the stages in a pipeline, the first and
-    last a quarter of it unless ``prefill_ramp`` is off (0: chunks of ``n_batch``, one after the
-    other). ``draft_max`` > 0 turns on speculative decoding for the
+    micro-batches of this many tokens that flow through the stages in a pipeline (0: chunks of
+    ``n_batch``, one after the other); with ``prefill_ramp`` the first and last are a quarter of
+    it (the pipeline fills and drains sooner, but the ubatches differ from an unpipelined feed's).
+    ``draft_max`` > 0 turns on speculative decoding for the
     sessions it opens: the last stage drafts up to that many tokens per window with llama.cpp's
     n-gram drafter and a window travels the chain as one step (see cpp/stage/speculate.h). Raises
     ChainError when a stage is unreachable, refuses the key (``unauthorized``) or the chain is
@@ -729,7 +730,7 @@ class Chain:
                  connect_timeout_s: float = 5.0, n_batch: int = DEFAULT_N_BATCH,
                  forwarding: bool = False, ring: bool = False, hop_addresses: dict[str, str] | None = None,
                  key: bytes | None = None, draft_max: int = 0, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefill_ramp: bool = True) -> None:
+                 prefill_ramp: bool = False) -> None:
         _check_draft_max(draft_max)
         if prefill_chunk < 0:
             raise ChainError(f"--prefill-chunk {prefill_chunk} must be >= 0 (0: chunks of n_batch, no pipeline)")
