@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from nakshatra.chain import Chain, SamplerParams
 from nakshatra.local import LocalStages
 from nakshatra.ranges import LayerRange
 from nakshatra.slicer import slice_model
+from replay import replay as _replay
 
 pytestmark = pytest.mark.slow
 
@@ -60,29 +60,6 @@ def _run_concurrently(addresses: list[str], prompts: list[str], ring: bool) -> l
     return [results[i] for i in range(len(prompts))]
 
 
-def _replay(model: Path, log: Path) -> dict[int, list[int]]:
-    """Feed every logged batch, in order, to the unsplit model with the same KV layout; the greedy
-    token of every sampled entry, per session."""
-    ref = _nakshatra.Reference(str(model), n_ctx=CTX * MAX_SESSIONS, n_seq_max=MAX_SESSIONS, n_threads=2)
-    out: dict[int, list[int]] = defaultdict(list)
-    for line in log.read_text().splitlines():
-        batch = json.loads(line)
-        seq, pos, tokens, sample, owners = [], [], [], [], []
-        for e in batch["entries"]:
-            assert len(e["tokens"]) == e["n_tokens"]
-            for i, t in enumerate(e["tokens"]):
-                seq.append(e["seq"])
-                pos.append(e["pos"] + i)
-                tokens.append(t)
-                last = e["sample"] and i == e["n_tokens"] - 1
-                sample.append(int(last))
-                if last:
-                    owners.append(e["session"])
-        for session, tok in zip(owners, ref.decode_batch(seq, pos, tokens, sample), strict=True):
-            out[session].append(tok)
-    return out
-
-
 @pytest.mark.parametrize("ring", [True, False], ids=["ring", "forwarding"])
 def test_batched_sessions_equal_the_unsplit_model_fed_the_same_batches(
         smollm2_path: Path, smol_slices: list[Path], tmp_path: Path, ring: bool) -> None:
@@ -93,7 +70,7 @@ def test_batched_sessions_equal_the_unsplit_model_fed_the_same_batches(
     batches = [json.loads(line) for line in log.read_text().splitlines()]
     # batching really happened: some llama_decode carried several sessions
     assert max(len(b["entries"]) for b in batches) >= 2
-    replay = _replay(smollm2_path, log)
+    replay = _replay(smollm2_path, log, CTX, n_seq_max=MAX_SESSIONS)
     # a session's first entry carries its prompt: that names which prompt each session ran
     ref = _nakshatra.Reference(str(smollm2_path), n_ctx=CTX, n_threads=1)
     prompt_of = {tuple(ref.tokenize(p)): i for i, p in enumerate(PROMPTS)}

@@ -774,6 +774,7 @@ PYBIND11_MODULE(_nakshatra, m) {
     m.doc() = "Nakshatra core: stage executor and event loop, protocol client, reference runner";
 
     m.attr("PROTOCOL_VERSION") = NAK_PROTO_VERSION;
+    m.attr("STAGE_DRAFT_MAX") = NAK_STAGE_DRAFT_MAX; // most draft tokens a stage verifies per window
     m.attr("HEADER_SIZE")      = NAK_HEADER_SIZE;
     m.attr("MAX_PAYLOAD")      = NAK_MAX_PAYLOAD_DEFAULT;
 

@@ -440,6 +440,18 @@ def bench_sessions(addresses: list[str], sessions: Sequence[int], n_decode: int,
     return out
 
 
+def _behind_links(addresses: list[str], link: Any) -> tuple[list[str], dict[str, str] | None]:
+    """The stage addresses a client uses with every stage behind an emulated link (``link``: a
+    LinkDelay, or None for direct connections), and the hop addresses the stages use for each
+    other: the client shares the first stage's host, so its link to the first stage is direct."""
+    if link is None:
+        return list(addresses), None
+    delayed = {a: link.relay(a) for a in addresses}
+    client = [addresses[0]] + [delayed[a] for a in addresses[1:]]
+    hop = {addresses[0]: delayed[addresses[0]], **{delayed[a]: delayed[a] for a in addresses[1:]}}
+    return client, hop
+
+
 def bench_links(slices: Sequence[Path], delay_ms: float, n_decode: int, reps: int, sessions: int,
                 stage_threads: int, rpc_model: Path | None = None,
                 rpc_threads: int = 2) -> dict[str, Any]:
@@ -468,9 +480,7 @@ def bench_links(slices: Sequence[Path], delay_ms: float, n_decode: int, reps: in
             for _ in sess.ring(_prompt(SESSION_PROMPT, c.stages[0].n_vocab), n_decode + 1):
                 pass
             compute_ms = sum(x["decode_us"] / 1e3 / max(1, x["decode_steps"]) for x in _session_stats(c, sess.id))
-        delayed = {a: link.relay(a) for a in ls.addresses}
-        client = [ls.addresses[0]] + [delayed[a] for a in ls.addresses[1:]]
-        hop = {ls.addresses[0]: delayed[ls.addresses[0]], **{delayed[a]: delayed[a] for a in ls.addresses[1:]}}
+        client, hop = _behind_links(ls.addresses, link)
         out: dict[str, Any] = {"delay_ms": delay_ms, "stages": n, "compute_ms_per_token": compute_ms,
                                "expected_ms_per_token": n * delay_ms + compute_ms}
         for mode in ("relay", "forwarding", "ring"):
@@ -609,12 +619,7 @@ def bench_speculation(slices: Sequence[Path], delay_ms: float, n_predict: int, r
     out: dict[str, Any] = {"delay_ms": delay_ms, "draft_max": SPEC_DRAFT_MAX, "n_predict": n_predict, "reps": reps}
     with LocalStages(slices, threads=stage_threads or 1, ctx=2048, max_sessions=1, cpu_lock=False) as ls, \
             (LinkDelay(delay_ms) if delay_ms > 0 else nullcontext()) as link:
-        if link is not None:
-            delayed = {a: link.relay(a) for a in ls.addresses}
-            client = [ls.addresses[0]] + [delayed[a] for a in ls.addresses[1:]]
-            hop = {ls.addresses[0]: delayed[ls.addresses[0]], **{delayed[a]: delayed[a] for a in ls.addresses[1:]}}
-        else:
-            client, hop = list(ls.addresses), None
+        client, hop = _behind_links(ls.addresses, link)
         _spec_run(client, hop, WORKLOADS["free"], 8, 0)  # warm-up (connections, pages)
         for name, prompt in WORKLOADS.items():
             runs: dict[int, list[dict[str, Any]]] = {0: [], SPEC_DRAFT_MAX: []}
@@ -673,12 +678,7 @@ def bench_prefill_pipeline(model: Path, delay_ms: float, prompt_len: int, reps: 
     pin = [lambda c=c: os.sched_setaffinity(0, {c}) for c in cores]
     with LocalStages(slices, threads=1, ctx=prompt_len + 256, max_sessions=1, cpu_lock=False, preexec=pin) as ls, \
             (LinkDelay(delay_ms) if delay_ms > 0 else nullcontext()) as link:
-        if link is not None:
-            delayed = {a: link.relay(a) for a in ls.addresses}
-            client = [ls.addresses[0]] + [delayed[a] for a in ls.addresses[1:]]
-            hop = {ls.addresses[0]: delayed[ls.addresses[0]], **{delayed[a]: delayed[a] for a in ls.addresses[1:]}}
-        else:
-            client, hop = list(ls.addresses), None
+        client, hop = _behind_links(ls.addresses, link)
         with Chain(client, hop_addresses=hop) as c:
             prompt = _prompt(prompt_len, c.stages[0].n_vocab)
         _ttft_ms(client, hop, prompt[:64], DEFAULT_PREFILL_CHUNK)  # warm-up
