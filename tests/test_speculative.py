@@ -122,6 +122,18 @@ def test_draft_max_out_of_range_is_refused_before_any_stage_sees_it(slices: list
         c = Chain(st.addresses)
         with pytest.raises(Exception, match="draft_max -1 out of range"):
             c.clients[0].open(99, draft_max=-1)
+        # a window is the sampled token and at least one draft; a step may start inside the last
+        # step only when that step was a window
+        first = c.clients[0]
+        first.open(7, temp=0.0)
+        with pytest.raises(Exception, match="a speculative window holds the sampled token and at least one draft"):
+            first.forward(7, 0, [0], tokens=[1], spec=True)
+        first.forward(7, 0, [0, 1, 2], tokens=[1, 2, 3])
+        with pytest.raises(Exception, match="does not continue the 3 cached positions"):
+            first.forward(7, 1, [1], tokens=[5])
+        first.forward(7, 1, [3, 4, 5], tokens=[4, 5, 6], spec=True)
+        r = first.forward(7, 2, [4], tokens=[9])  # drops position 5 (and the draft at 4) first
+        assert r["n_past"] == 5
         c.close()
 
 
