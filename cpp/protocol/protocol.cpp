@@ -258,10 +258,15 @@ bool nak_decode(const std::vector<uint8_t> & p, nak_open & m) {
         if (m.reuse > 1) {
             return false;
         }
+        // one encoding per message (the fuzzer checks decode-encode round trips): draft_max is
+        // sent only when set, and the `reuse` byte alone only when it is 1
         if (r.ok && !r.done()) {
             m.draft_max = r.i32();
+            if (m.draft_max == 0) {
+                return false;
+            }
         } else if (m.reuse != 1) {
-            return false; // the trailing byte alone is sent only when set
+            return false;
         }
     }
     return r.done();
