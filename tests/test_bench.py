@@ -42,6 +42,18 @@ def test_bench_writes_single_chain_and_ratios(smollm2_path: Path, tmp_path: Path
     assert ratios["decode_chain_over_single_paired"] == pytest.approx(sorted(paired["ratios"])[0] / 2
                                                                       + sorted(paired["ratios"])[1] / 2)
     assert "interleaved" in r.stdout
+    # the unsplit model with the stages' thread pool (workers sleeping between graphs), interleaved too
+    assert paired["single_poll0_tps"]["n"] == 2 and paired["poll0_ratio"]["median"] > 0
+    # where a chain's decode token goes, from the stages' own counters: each step's time at a stage
+    # (arrival to frames ready) holds its llama_decode and lock wait, and more (wire decoding, framing)
+    split = paired["split"]
+    if relay:
+        assert split == {}
+    else:
+        assert set(split) == {"llama_decode", "cpu_lock", "in_stages", "links"}
+        assert split["llama_decode"]["median"] > 0 and split["cpu_lock"]["median"] >= 0
+        assert split["in_stages"]["median"] > 0
+        assert "where a decode token goes" in r.stdout
     assert ratios["prefill_chain_over_single"] == ratios["prefill16_chain_over_single"]
     assert "decode tok/s" in r.stdout and "chain / single" in r.stdout
     if mode == "forwarding":  # --key: the same chain with a cluster key, side by side

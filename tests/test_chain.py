@@ -146,6 +146,14 @@ def test_kv_reuse_sends_one_token_per_decode_step(smol_chain) -> None:
             per_step = [(w - w0) / 5 for w, w0 in zip(sess.wire_bytes, wire_after_prefill)]
             assert per_step[0] < n_embd * 4 + 300
             assert per_step[1] < 2 * n_embd * 4 + 300
+            # where each decode step's time went at each stage (nak bench's time split): the 5
+            # one-token steps, not the prompt; each step's time from arrival to frames ready holds
+            # its llama_decode and its wait for the CPU lock
+            for addr in smol_chain.addresses:
+                st = _session_stats(addr, sess.id)
+                assert st["decode_steps"] == st["decode_turns"] == 5, st
+                assert st["decode_llama_us"] > 0
+                assert st["decode_turn_us"] > st["decode_llama_us"] + st["decode_lock_us"], st
 
 
 def _generate(addresses, prompt: str, n: int, sampler=GREEDY) -> list[int]:

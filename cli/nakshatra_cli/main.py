@@ -604,6 +604,27 @@ def _peak_rss_cell(n_bytes: int) -> str:
     return "n/a: needs Linux /proc" if not procfs.available() else "n/a"
 
 
+def _print_time_split(paired: dict, n_stages: int) -> None:
+    """Where one decode token's time goes, chain against one process (medians over the pairs)."""
+    sp, one = paired["split"], paired["single_ms"]["median"]
+    t = _side_by_side(f"where a decode token goes (ms, medians of {paired['ratio']['n']} interleaved runs)",
+                      ("part", "ms / token", "share of one process"))
+    t.add_row("one process (llama.cpp's default polling)", f"{one:.2f}", "1.00")
+    poll0 = paired["poll0_ratio"]["median"]
+    t.add_row("one process, workers sleeping between graphs (poll 0, as stages run)",
+              f"{one / poll0:.2f}", f"{1 / poll0:.2f}")
+    names = {"llama_decode": f"chain: llama_decode, {n_stages} stages", "cpu_lock": "chain: waiting for the CPU lock",
+             "in_stages": "chain: in the stages outside llama_decode (hand-offs, sampling, framing)",
+             "links": "chain: links (kernel, waking the next stage)"}
+    total = 0.0
+    for part, name in names.items():
+        ms = sp[part]["median"]
+        total += ms
+        t.add_row(name, f"{ms:.2f}", f"{ms / one:.2f}")
+    t.add_row("chain: sum", f"{total:.2f}", f"{total / one:.2f}")
+    Console().print(t)
+
+
 def print_bench(res: dict, cfg) -> None:
     """The Rich tables of one `nak bench` run."""
     single, chain, r = res["single"], res["chain"], res["ratios"]
@@ -647,6 +668,8 @@ def print_bench(res: dict, cfg) -> None:
         t.add_row(f"aggregate decode tok/s, {n} sessions", "", fmt(ses[n]["aggregate_tps"]),
                   f"{ses[f'ratio_{n}_over_1']:.2f}x one session")
     Console().print(t)
+    if paired and paired.get("split"):
+        _print_time_split(paired, res["config"]["stages"])
     ck = res.get("chain_key")
     if ck:
         k = _side_by_side("cluster key: the same chain with an authenticated handshake and a MAC on every frame",

@@ -589,13 +589,13 @@ struct py_reference {
     nak_reference ref;
 
     py_reference(const std::string & path, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, int32_t n_threads,
-                 const std::vector<int> & capture_layers, uint32_t n_seq_max, bool swa_full) {
+                 const std::vector<int> & capture_layers, uint32_t n_seq_max, bool swa_full, int32_t poll) {
         ensure_backend();
         std::string err;
         bool ok;
         {
             py::gil_scoped_release nogil;
-            ok = ref.load(path, n_ctx, n_batch, n_ubatch, n_threads, capture_layers, err, n_seq_max, swa_full);
+            ok = ref.load(path, n_ctx, n_batch, n_ubatch, n_threads, capture_layers, err, n_seq_max, swa_full, poll);
         }
         if (!ok) {
             raise_stage_error(err, "load");
@@ -869,12 +869,13 @@ PYBIND11_MODULE(_nakshatra, m) {
                       "Request id of the last send_forward (replies to older steps are skipped).");
 
     py::class_<py_reference>(m, "Reference", "The unsplit model on llama.cpp's stock path (see cpp/stage/reference.h).")
-        .def(py::init<const std::string &, uint32_t, uint32_t, uint32_t, int32_t, const std::vector<int> &, uint32_t, bool>(),
+        .def(py::init<const std::string &, uint32_t, uint32_t, uint32_t, int32_t, const std::vector<int> &, uint32_t, bool, int32_t>(),
              py::arg("model_path"), py::arg("n_ctx") = 4096, py::arg("n_batch") = 2048, py::arg("n_ubatch") = 512,
-             py::arg("n_threads") = 0, py::arg("capture_layers") = std::vector<int>{}, py::arg("n_seq_max") = 1, py::arg("swa_full") = false,
+             py::arg("n_threads") = 0, py::arg("capture_layers") = std::vector<int>{}, py::arg("n_seq_max") = 1, py::arg("swa_full") = false, py::arg("poll") = -1,
              "n_seq_max > 1: that many KV sequences of n_ctx / n_seq_max positions each, one stream per\n"
              "sequence, as a stage with --max-sessions n_seq_max (for decode_batch replays). swa_full: keep the\n"
-             "whole context in sliding-window layers, as a stage with --swa-full.")
+             "whole context in sliding-window layers, as a stage with --swa-full. poll: the thread pool's polling\n"
+             "level (llama.cpp's --poll; -1: its default, 50; 0: as stages run, workers sleep between graphs).")
         .def("generate", &py_reference::generate, py::arg("prompt"), py::arg("n_predict"), py::arg("temp") = 0.0f,
              py::arg("top_k") = 40, py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
              py::arg("repeat_last_n") = 64, py::arg("seed") = 0xFFFFFFFFu)

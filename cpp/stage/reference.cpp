@@ -46,7 +46,7 @@ nak_reference::~nak_reference() {
 
 bool nak_reference::load(const std::string & path, uint32_t n_ctx, uint32_t n_batch_, uint32_t n_ubatch,
                          int32_t n_threads, const std::vector<int> & capture_layers, std::string & err,
-                         uint32_t n_seq_max, bool swa_full) {
+                         uint32_t n_seq_max, bool swa_full, int32_t poll) {
     llama_model_params mp = llama_model_default_params();
     model = llama_model_load_from_file(path.c_str(), mp);
     if (!model) {
@@ -78,8 +78,12 @@ bool nak_reference::load(const std::string & path, uint32_t n_ctx, uint32_t n_ba
         err = "llama.cpp could not create a context";
         return false;
     }
-    // as llama-cli and llama-bench do: a persistent pool with the default polling
+    // as llama-cli and llama-bench do: a persistent pool, with the default polling unless `poll` >= 0
+    // (0: workers sleep as soon as a graph ends, as stages sharing a machine's cores run)
     ggml_threadpool_params tpp = ggml_threadpool_params_default(nt);
+    if (poll >= 0) {
+        tpp.poll = poll;
+    }
     threadpool = ggml_threadpool_new(&tpp);
     if (threadpool) {
         llama_attach_threadpool(ctx, threadpool, threadpool);

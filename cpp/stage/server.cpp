@@ -126,8 +126,8 @@ class compute_worker {
         cv_.notify_one();
     }
 
-    // the finished job's frames to send; false while it still runs
-    bool collect(std::vector<nak_send> & out, int32_t & conn, bool & close_conn) {
+    // the finished job's frames to send and the requests it ran; false while it still runs
+    bool collect(std::vector<nak_send> & out, std::vector<queued_request> & done, int32_t & conn, bool & close_conn) {
         char buf[64];
         while (read(wake_[0], buf, sizeof(buf)) > 0) {
         }
@@ -143,6 +143,7 @@ class compute_worker {
         out        = std::move(out_);
         conn       = picked_.empty() ? -1 : picked_[0].conn;
         close_conn = close_conn_;
+        done       = std::move(picked_);
         picked_.clear();
         busy_ = false;
         return true;
@@ -781,9 +782,20 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
         // the compute thread finished a job: send what it produced
         {
             std::vector<nak_send> out;
+            std::vector<queued_request> done;
             int32_t from = -1;
             bool close_conn = false;
-            if (worker.collect(out, from, close_conn)) {
+            if (worker.collect(out, done, from, close_conn)) {
+                // a decode step's time here, from its arrival to its frames ready to send (nak
+                // bench's where-the-time-goes). Stamped before sending: on shared cores the send
+                // wakes the next stage, which may take the CPU from this thread for milliseconds
+                // before the send returns, though its frame has already arrived.
+                const int64_t t_ready = nak_now_us();
+                for (const auto & q : done) {
+                    for (const auto & sr : q.work) {
+                        stage.note_done(sr.first, q.t_arrival_us, t_ready);
+                    }
+                }
                 for (auto & s : out) {
                     deliver(conns, next_id, stage, params, s);
                 }

@@ -451,14 +451,24 @@ std::string nak_stage::stats_json() const {
         const nak_session & s = kv.second;
         snprintf(buf, sizeof(buf), "%s\"%" PRIu64 "\": {\"n_past\": %u, \"tokens_in\": %" PRIu64
                  ", \"compute_us\": %" PRIu64 ", \"next_step\": %" PRIu64 ", \"decode_us\": %" PRIu64
-                 ", \"decode_steps\": %" PRIu64 ", \"decode_bytes_in\": %" PRIu64 "}",
+                 ", \"decode_steps\": %" PRIu64 ", \"decode_bytes_in\": %" PRIu64 ", \"decode_llama_us\": %" PRIu64
+                 ", \"decode_lock_us\": %" PRIu64 ", \"decode_turn_us\": %" PRIu64 ", \"decode_turns\": %" PRIu64 "}",
                  first ? "" : ", ", s.id, s.n_past, s.tokens_in, s.compute_us, s.next_step, s.decode_us, s.decode_steps,
-                 s.decode_bytes_in);
+                 s.decode_bytes_in, s.decode_llama_us, s.decode_lock_us, s.decode_turn_us, s.decode_turns);
         out += buf;
         first = false;
     }
     out += "}}";
     return out;
+}
+
+void nak_stage::note_done(uint64_t session, int64_t t_arrival_us, int64_t t_ready_us) {
+    nak_session * s = find_session(session);
+    if (s && s->turn_open && t_ready_us >= t_arrival_us) {
+        s->decode_turn_us += (uint64_t) (t_ready_us - t_arrival_us);
+        s->decode_turns++;
+        s->turn_open = false;
+    }
 }
 
 nak_session * nak_stage::find_session(uint64_t id) {
@@ -980,7 +990,9 @@ void nak_stage::run_steps(std::vector<nak_step> & steps, const std::string & nex
         while (flock(cpu_lock_fd_, LOCK_EX) != 0 && errno == EINTR) {
         }
     }
+    const int64_t t_locked = now_us();
     const int32_t rc = llama_decode(ctx_, batch);
+    const int64_t t_decoded = now_us();
     if (cpu_lock_fd_ >= 0) {
         flock(cpu_lock_fd_, LOCK_UN);
     }
@@ -1002,7 +1014,7 @@ void nak_stage::run_steps(std::vector<nak_step> & steps, const std::string & nex
         return;
     }
     nak_debug_kill_point(steps, "after", abort_);
-    log_batch(steps, batch_id, t0, now_us());
+    log_batch(steps, batch_id, t0, t_locked, t_decoded);
     n_decode_++;
     n_batch_entries_ += steps.size();
     max_batch_entries_ = std::max<uint64_t>(max_batch_entries_, steps.size());
@@ -1030,6 +1042,9 @@ void nak_stage::run_steps(std::vector<nak_step> & steps, const std::string & nex
             st.s->decode_us += share;
             st.s->decode_steps++;
             st.s->decode_bytes_in += st.wire_in;
+            st.s->decode_llama_us += (uint64_t) (t_decoded - t_locked) / n_rows;
+            st.s->decode_lock_us += (uint64_t) (t_locked - t0) / n_rows;
+            st.s->turn_open = true;
         }
     }
 }
@@ -1308,12 +1323,15 @@ void nak_stage::ring_next(const nak_session & s, const nak_step & st, llama_toke
 }
 
 // one JSON line per decoded batch (--batch-log): enough to replay it through the unsplit model
-void nak_stage::log_batch(const std::vector<nak_step> & steps, uint64_t batch_id, int64_t t_start_us, int64_t t_end_us) {
+void nak_stage::log_batch(const std::vector<nak_step> & steps, uint64_t batch_id, int64_t t_start_us,
+                          int64_t t_locked_us, int64_t t_end_us) {
     if (!batch_log_) {
         return;
     }
-    // when llama_decode ran (steady clock, us: comparable between the stages of one machine)
+    // when the decode was due, when it had the CPU lock and when llama_decode returned (steady
+    // clock, us: comparable between the stages of one machine)
     std::string line = "{\"batch\": " + std::to_string(batch_id) + ", \"t_start_us\": " + std::to_string(t_start_us) +
+                       ", \"t_locked_us\": " + std::to_string(t_locked_us) +
                        ", \"t_end_us\": " + std::to_string(t_end_us) + ", \"entries\": [";
     for (size_t i = 0; i < steps.size(); i++) {
         const nak_batch_entry & e = steps[i].e;

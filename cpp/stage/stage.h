@@ -108,6 +108,15 @@ struct nak_session {
     uint64_t                 compute_us = 0;
     uint64_t                 decode_us    = 0; // compute of one-token steps (decode), for per-token figures
     uint64_t                 decode_steps = 0;
+    // where a decode step's time at this stage goes (one-token steps, us): inside llama_decode,
+    // waiting for the CPU lock (--cpu-lock), and from the step's frame arriving at the event loop
+    // to its frames ready to send (the rest of turn_us is queueing, thread hand-offs, wire
+    // decoding, sampling and framing)
+    uint64_t                 decode_llama_us = 0;
+    uint64_t                 decode_lock_us  = 0;
+    uint64_t                 decode_turn_us  = 0;
+    uint64_t                 decode_turns    = 0;
+    bool                     turn_open       = false; // its last step was a decode step not yet sent
     uint64_t                 decode_bytes_in = 0; // bytes of the frames that brought those steps
     // speculative decoding: the last stage's drafter and window (nak_open::draft_max)
     nak_spec_state           spec;
@@ -177,6 +186,10 @@ class nak_stage {
     uint64_t progress() const { return progress_.load(std::memory_order_relaxed); }
     // the connection that owns `session` (opened it), or -1; safe from any thread
     int32_t  owner_conn(uint64_t session) const;
+    // the event loop collected a finished job: the decode step of `session` in it, whose frame
+    // arrived at `t_arrival_us`, has its frames ready to send at `t_ready_us` (steady clock, us).
+    // Called only while the compute thread is idle, which alone otherwise touches the sessions.
+    void     note_done(uint64_t session, int64_t t_arrival_us, int64_t t_ready_us);
     // make a running llama_decode return early (shutdown): it fails with "aborted"
     void     request_abort() { abort_.store(true); }
 
@@ -201,7 +214,8 @@ class nak_stage {
     void roll_back  (nak_step & st);
     bool ends_generation(const nak_session & s, llama_token tok, uint32_t n_past) const;
     void pass_on    (const std::vector<nak_step> & steps, const std::string & next_hop, uint64_t batch_id, std::vector<nak_send> & out);
-    void log_batch  (const std::vector<nak_step> & steps, uint64_t batch_id, int64_t t_start_us, int64_t t_end_us);
+    void log_batch  (const std::vector<nak_step> & steps, uint64_t batch_id, int64_t t_start_us, int64_t t_locked_us,
+                     int64_t t_end_us);
     void on_truncate(const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h);
     void on_close   (const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h);
     void check_owner(const nak_session & s, int32_t conn, const char * what) const;

@@ -17,6 +17,10 @@ Definitions:
   a ring N (first -> ... -> last -> first; the copy of each token sent to the client is off the path).
 * per-hop overhead (us) = (chain ms per decoded token - sum of stage compute ms per token) / hops.
 * wire bytes per token per hop = bytes sent and received for the decode steps / steps / hops.
+* time split (:func:`time_split`) = where a chain's decode token goes, ms per token summed over the
+  stages: inside llama_decode, waiting for the CPU lock, in the stages outside llama_decode, and on
+  the links; beside the unsplit model with llama.cpp's default polling and with ``poll=0`` (the
+  stages' thread pool), all from the interleaved runs of :func:`paired_decode`.
 * paired decode ratio = the median over ``pairs`` of chain decode tok/s / single decode tok/s,
   each pair measured back to back (single, chain; the next pair chain, single), so a drift of the
   machine's speed (other work on shared cores, thermal state) lands on both sides of a pair
@@ -191,6 +195,8 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
     if "paired" in chain:
         r["decode_chain_over_single_paired"] = chain["paired"]["ratio"]["median"]
         r["decode_chain_over_single_paired_spread"] = chain["paired"]["ratio"]["spread"]
+        if "poll0_ratio" in chain["paired"]:
+            r["decode_single_poll0_over_single_paired"] = chain["paired"]["poll0_ratio"]["median"]
     for n, s in single["prefill_tps"].items():
         r[f"prefill{n}_chain_over_single"] = chain["prefill_tps"][n]["median"] / s["median"]
     first = next(iter(single["prefill_tps"]))
@@ -241,45 +247,76 @@ def _memory_split(chain: dict[str, Any], addresses: list[str]) -> None:
         st["rss_file_bytes"] = int(h.get("rss_file_bytes", 0))
 
 
-def _ring_decode_tps(chain: Chain, mode: str, prompt: list[int], n_decode: int) -> float:
+# where a chain's decode token goes (ms per token, summed over the stages; see time_split)
+SPLIT_PARTS = ("llama_decode", "cpu_lock", "in_stages", "links")
+
+
+def time_split(stats: Sequence[dict[str, int]], ms_per_token: float) -> dict[str, float]:
+    """Where one session's decode time went, in ms per token, from each stage's STATS counters
+    for it (``stats``: one dict per stage, as :func:`_session_stats` returns) and the client's
+    ``ms_per_token``: ``llama_decode`` (inside llama_decode, summed over the stages),
+    ``cpu_lock`` (waiting for the CPU lock, ``--cpu-lock``), ``in_stages`` (the rest of the time
+    from a step's frame arriving at a stage's event loop to its frames ready to send: queueing,
+    the hand-off to the compute thread and back, wire decoding, sampling, framing) and ``links``
+    (everything else: the send calls, the kernel moving the frames, waking the next stage's
+    event loop, and in forwarding mode the client's round trip)."""
+    def per(field: str, count: str) -> float:
+        return sum(s.get(field, 0) / max(1, s.get(count, 0)) for s in stats) / 1e3
+
+    llama, lock, turn = per("decode_llama_us", "decode_steps"), per("decode_lock_us", "decode_steps"), \
+        per("decode_turn_us", "decode_turns")
+    return {"llama_decode": llama, "cpu_lock": lock, "in_stages": turn - llama - lock, "links": ms_per_token - turn}
+
+
+def _ring_decode(chain: Chain, mode: str, prompt: list[int], n_decode: int) -> tuple[float, dict[str, float]]:
     """Decode tok/s of one greedy session of ``n_decode`` steps after ``prompt`` (end of
-    generation ignored), timed from the first sampled token to the last."""
+    generation ignored), timed from the first sampled token to the last, and where its time went
+    (:func:`time_split`, ms per token)."""
     with chain.session(GREEDY, n_predict=n_decode + 1, ignore_eog=True) as sess:
         replies = sess.ring(prompt, n_decode + 1) if mode == "ring" else sess.relay(prompt, n_decode + 1)
         times = [time.perf_counter() for _ in replies]
-    return (len(times) - 1) / (times[-1] - times[0])
+        tps = (len(times) - 1) / (times[-1] - times[0])
+        split = time_split(_session_stats(chain, sess.id), 1e3 / tps) if mode != "relay" else {}
+    return tps, split
 
 
 def paired_decode(cfg: BenchConfig, addresses: list[str], n_vocab: int) -> dict[str, Any]:
     """Decode tok/s of the unsplit model (this process) and of the chain at ``addresses``,
-    measured interleaved: ``cfg.pairs`` pairs, each a single run and a chain run back to back (in
-    alternating order, after one warm-up of each), ``cfg.n_decode`` steps after the first prompt
-    length. Returns ``{"ratio": stat of chain/single per pair, "ratios": [...], "single_tps",
-    "chain_tps": stats}`` (stat: median, spread = max - min, n)."""
+    measured interleaved: ``cfg.pairs`` rounds, each a single run, a run of the unsplit model
+    whose thread-pool workers sleep between graphs (``poll=0``, as the stages run) and a chain run
+    back to back (in alternating order, after one warm-up of each), ``cfg.n_decode`` steps after
+    the first prompt length. Returns ``{"ratio": stat of chain/single per pair, "ratios": [...],
+    "single_tps", "chain_tps", "single_poll0_tps": stats, "poll0_ratio": stat of poll-0/single,
+    "split": {part: stat of ms per token} (:func:`time_split`; empty in relay mode),
+    "single_ms": stat of the single run's ms per token}`` (stat: median, spread = max - min, n)."""
     from . import _nakshatra
 
     prompt = _prompt(cfg.prompt_lens[0], n_vocab)
-    ref = _nakshatra.Reference(str(cfg.model), n_ctx=len(prompt) + cfg.n_decode + 16, n_threads=cfg.threads)
+    n_ctx = len(prompt) + cfg.n_decode + 16
+    ref = _nakshatra.Reference(str(cfg.model), n_ctx=n_ctx, n_threads=cfg.threads)
+    ref0 = _nakshatra.Reference(str(cfg.model), n_ctx=n_ctx, n_threads=cfg.threads, poll=0)
     mode = cfg.mode
 
-    def single() -> float:
-        return cfg.n_decode / (ref.time_run(prompt, cfg.n_decode)[1] / 1e6)
+    def single(r: Any) -> float:
+        return cfg.n_decode / (r.time_run(prompt, cfg.n_decode)[1] / 1e6)
 
     with Chain(addresses, forwarding=mode != "relay", ring=mode == "ring") as chain:
-        def chained() -> float:
-            return _ring_decode_tps(chain, mode, prompt, cfg.n_decode)
-
-        single(), chained()  # warm-up
-        s_tps, c_tps = [], []
+        runs = {"single": lambda: single(ref), "poll0": lambda: single(ref0),
+                "chain": lambda: _ring_decode(chain, mode, prompt, cfg.n_decode)}
+        for run in runs.values():
+            run()  # warm-up
+        got: dict[str, list[Any]] = {k: [] for k in runs}
         for i in range(cfg.pairs):
-            if i % 2 == 0:
-                s_tps.append(single())
-                c_tps.append(chained())
-            else:
-                c_tps.append(chained())
-                s_tps.append(single())
+            for k in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+                got[k].append(runs[k]())
+    s_tps, s0_tps = got["single"], got["poll0"]
+    c_tps = [tps for tps, _ in got["chain"]]
     pair = [c / s for s, c in zip(s_tps, c_tps)]
-    return {"ratio": _stat(pair), "ratios": pair, "single_tps": _stat(s_tps), "chain_tps": _stat(c_tps)}
+    splits = [sp for _, sp in got["chain"] if sp]
+    return {"ratio": _stat(pair), "ratios": pair, "single_tps": _stat(s_tps), "chain_tps": _stat(c_tps),
+            "single_poll0_tps": _stat(s0_tps), "poll0_ratio": _stat([b / a for a, b in zip(s_tps, s0_tps)]),
+            "single_ms": _stat([1e3 / s for s in s_tps]),
+            "split": {k: _stat([sp[k] for sp in splits]) for k in SPLIT_PARTS} if splits else {}}
 
 
 def run_bench(cfg: BenchConfig, status: Any = None) -> dict[str, Any]:
