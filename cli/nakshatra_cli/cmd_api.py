@@ -1,5 +1,5 @@
 """``nak api`` (OpenAI-compatible server + dashboard) and ``nak chat`` (a conversation in the
-terminal); added to the app by register() (cli/nakshatra_cli/main.py)."""
+terminal)."""
 
 
 import contextlib
@@ -12,6 +12,8 @@ from typing import Annotated, Optional
 import typer
 
 from nakshatra.errors import NakError
+
+from .app import Ctx, KeyFile, Threads, app, cluster_key, err_console
 
 
 @contextlib.contextmanager
@@ -59,119 +61,113 @@ def _key(key_file: str, cluster: Optional[Path]) -> bytes | None:
     """The key for the stages: --key-file, else the --cluster file's key_file, else $NAK_KEY."""
     from nakshatra.cluster import load_cluster
 
-    from .main import cluster_key
-
     return cluster_key(key_file, load_cluster(cluster) if cluster else None)
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``api`` and ``chat`` to ``app``."""
-    from .main import Ctx, KeyFile, Threads, err_console
+@app.command()
+def api(
+    model: ModelOpt = "smollm2",
+    parts: PartsOpt = 3,
+    chain: ChainOpt = None,
+    cluster: ClusterOpt = None,
+    discover: DiscoverOpt = False,
+    discover_timeout: Annotated[float, typer.Option("--discover-timeout", help="Seconds to listen for stages.")] = 3.0,
+    model_sha: Annotated[Optional[str], typer.Option("--model-sha", help="With --discover: the model's sha256 (a prefix will do) when stages of several models answer.")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address the HTTP server listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="HTTP port (0: any free one).")] = 8080,
+    model_id: Annotated[str, typer.Option("--model-id", help="The model name clients send (default: the --model name, or the cluster file's).")] = "",
+    parallel: Annotated[int, typer.Option("--parallel", "-np", help="Requests served at once (each a session on every stage, kept between requests as a prompt cache).")] = 4,
+    threads: Threads = 0,
+    ctx: Ctx = 4096,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds a stage may go without answering or making progress before its range fails over (a slow stage that computes is waited for).")] = 60.0,
+    key_file: KeyFile = "",
+    draft_max: Annotated[int, typer.Option("--draft-max", help="Speculative decoding: the last stage drafts up to this many tokens per window with llama.cpp's n-gram drafter; 0 turns it off. A stage grants at most 8.")] = 0,
+) -> None:
+    """OpenAI-compatible HTTP API and live dashboard over a chain (local stages by default).
 
-    @app.command()
-    def api(
-        model: ModelOpt = "smollm2",
-        parts: PartsOpt = 3,
-        chain: ChainOpt = None,
-        cluster: ClusterOpt = None,
-        discover: DiscoverOpt = False,
-        discover_timeout: Annotated[float, typer.Option("--discover-timeout", help="Seconds to listen for stages.")] = 3.0,
-        model_sha: Annotated[Optional[str], typer.Option("--model-sha", help="With --discover: the model's sha256 (a prefix will do) when stages of several models answer.")] = None,
-        host: Annotated[str, typer.Option("--host", help="Address the HTTP server listens on.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option("--port", help="HTTP port (0: any free one).")] = 8080,
-        model_id: Annotated[str, typer.Option("--model-id", help="The model name clients send (default: the --model name, or the cluster file's).")] = "",
-        parallel: Annotated[int, typer.Option("--parallel", "-np", help="Requests served at once (each a session on every stage, kept between requests as a prompt cache).")] = 4,
-        threads: Threads = 0,
-        ctx: Ctx = 4096,
-        timeout: Annotated[float, typer.Option("--timeout", help="Seconds a stage may go without answering or making progress before its range fails over (a slow stage that computes is waited for).")] = 60.0,
-        key_file: KeyFile = "",
-        draft_max: Annotated[int, typer.Option("--draft-max", help="Speculative decoding: the last stage drafts up to this many tokens per window with llama.cpp's n-gram drafter; 0 turns it off. A stage grants at most 8.")] = 0,
-    ) -> None:
-        """OpenAI-compatible HTTP API and live dashboard over a chain (local stages by default).
+    Serves /v1/models, /v1/completions, /v1/chat/completions (stream: true for server-sent
+    events), /health, /metrics (Prometheus) and the dashboard at /. A conversation resent in
+    full each turn reuses the stages' KV cache for the common prefix.
 
-        Serves /v1/models, /v1/completions, /v1/chat/completions (stream: true for server-sent
-        events), /health, /metrics (Prometheus) and the dashboard at /. A conversation resent in
-        full each turn reuses the stages' KV cache for the common prefix.
+    Examples: [b]nak api[/b] (SmolLM2 in 3 local stages at http://127.0.0.1:8080);
+    [b]nak api --chain hostA:7071,hostB:7072 --host 0.0.0.0 --model-id my-model[/b];
+    then [b]curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}'[/b]
+    """
+    from nakshatra.api import Engine, serve_api
 
-        Examples: [b]nak api[/b] (SmolLM2 in 3 local stages at http://127.0.0.1:8080);
-        [b]nak api --chain hostA:7071,hostB:7072 --host 0.0.0.0 --model-id my-model[/b];
-        then [b]curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}'[/b]
-        """
-        from nakshatra.api import Engine, serve_api
+    def on_term(signum, frame) -> None:
+        raise KeyboardInterrupt  # uvicorn re-raises SIGTERM after its shutdown: stop local stages too
 
-        def on_term(signum, frame) -> None:
-            raise KeyboardInterrupt  # uvicorn re-raises SIGTERM after its shutdown: stop local stages too
+    signal.signal(signal.SIGTERM, on_term)
+    key = _key(key_file, cluster)
+    if model_sha and not discover:
+        raise NakError("--model-sha picks the model of discovered stages: add --discover")
+    with chain_addresses(model, parts, chain, cluster, discover, discover_timeout, threads, ctx, parallel,
+                         key_file, model_sha) as (addresses, default_id):
+        engine = Engine(addresses, model_id="", parallel=parallel, key=key, timeout_s=timeout, draft_max=draft_max)
+        engine.model_id = model_id or default_id or f"{engine.arch}-{engine.model_sha256[:8]}"
+        try:
+            def ready(url: str) -> None:
+                err_console.print(f"nak api: model [b]{engine.model_id}[/b] on {len(addresses)} stages; "
+                                  f"listening on {url} (dashboard: {url}/)", highlight=False)
+                print(url, flush=True)
 
-        signal.signal(signal.SIGTERM, on_term)
-        key = _key(key_file, cluster)
-        if model_sha and not discover:
-            raise NakError("--model-sha picks the model of discovered stages: add --discover")
-        with chain_addresses(model, parts, chain, cluster, discover, discover_timeout, threads, ctx, parallel,
-                             key_file, model_sha) as (addresses, default_id):
-            engine = Engine(addresses, model_id="", parallel=parallel, key=key, timeout_s=timeout, draft_max=draft_max)
-            engine.model_id = model_id or default_id or f"{engine.arch}-{engine.model_sha256[:8]}"
-            try:
-                def ready(url: str) -> None:
-                    err_console.print(f"nak api: model [b]{engine.model_id}[/b] on {len(addresses)} stages; "
-                                      f"listening on {url} (dashboard: {url}/)", highlight=False)
-                    print(url, flush=True)
+            serve_api(engine, host=host, port=port, ready=ready)
+        finally:
+            engine.close()
 
-                serve_api(engine, host=host, port=port, ready=ready)
-            finally:
-                engine.close()
+@app.command()
+def chat(
+    model: ModelOpt = "smollm2",
+    parts: PartsOpt = 3,
+    chain: ChainOpt = None,
+    cluster: ClusterOpt = None,
+    discover: DiscoverOpt = False,
+    system: Annotated[str, typer.Option("--system", help="A system message.")] = "",
+    n_predict: Annotated[int, typer.Option("--n-predict", "-n", help="Most tokens per answer.")] = 512,
+    temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.")] = 0.7,
+    seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Sampling seed (default: random).")] = None,
+    threads: Threads = 0,
+    ctx: Ctx = 4096,
+    key_file: KeyFile = "",
+) -> None:
+    """An interactive conversation in the terminal; each turn reuses the KV cache of the
+    conversation so far (only the new turn is prefilled). Empty line or Ctrl-D ends it.
 
-    @app.command()
-    def chat(
-        model: ModelOpt = "smollm2",
-        parts: PartsOpt = 3,
-        chain: ChainOpt = None,
-        cluster: ClusterOpt = None,
-        discover: DiscoverOpt = False,
-        system: Annotated[str, typer.Option("--system", help="A system message.")] = "",
-        n_predict: Annotated[int, typer.Option("--n-predict", "-n", help="Most tokens per answer.")] = 512,
-        temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.")] = 0.7,
-        seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Sampling seed (default: random).")] = None,
-        threads: Threads = 0,
-        ctx: Ctx = 4096,
-        key_file: KeyFile = "",
-    ) -> None:
-        """An interactive conversation in the terminal; each turn reuses the KV cache of the
-        conversation so far (only the new turn is prefilled). Empty line or Ctrl-D ends it.
+    Examples: [b]nak chat[/b]; [b]nak chat --chain hostA:7071,hostB:7072 --system "Be brief."[/b]
+    """
+    from rich.console import Console
 
-        Examples: [b]nak chat[/b]; [b]nak chat --chain hostA:7071,hostB:7072 --system "Be brief."[/b]
-        """
-        from rich.console import Console
+    from nakshatra.api import ApiError, Engine, GenRequest
+    from nakshatra.chain import SamplerParams
 
-        from nakshatra.api import ApiError, Engine, GenRequest
-        from nakshatra.chain import SamplerParams
-
-        key = _key(key_file, cluster)
-        out = Console()
-        with chain_addresses(model, parts, chain, cluster, discover, 3.0, threads, ctx, 1, key_file) as (addresses, _):
-            engine = Engine(addresses, model_id="chat", parallel=1, key=key)
-            turns: list[tuple[str, str]] = [("system", system)] if system else []
-            try:
-                while True:
-                    try:
-                        line = out.input("[bold green]you>[/bold green] ")
-                    except EOFError:
-                        break
-                    if not line.strip():
-                        break
-                    turns.append(("user", line))
-                    tokens = engine.tokenize(engine.chat_prompt(turns), special=True)
-                    room = engine.n_ctx - len(tokens)
-                    if room < 1:
-                        raise NakError(f"the conversation ({len(tokens)} tokens) no longer fits --ctx {engine.n_ctx}")
-                    req = GenRequest(tokens, min(n_predict, room), SamplerParams(temp=temp, seed=seed))
-                    out.print("[bold cyan]model>[/bold cyan] ", end="")
-                    try:
-                        res = engine.generate(req, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
-                    except ApiError as e:
-                        raise NakError(e.message) from None
-                    sys.stdout.write("\n")
-                    turns.append(("assistant", res.text))
-                    err_console.print(f"[dim]{res.n_completion} tokens, {res.n_reused} of {res.n_prompt} prompt "
-                                      f"tokens from the cache[/dim]")
-            finally:
-                engine.close()
+    key = _key(key_file, cluster)
+    out = Console()
+    with chain_addresses(model, parts, chain, cluster, discover, 3.0, threads, ctx, 1, key_file) as (addresses, _):
+        engine = Engine(addresses, model_id="chat", parallel=1, key=key)
+        turns: list[tuple[str, str]] = [("system", system)] if system else []
+        try:
+            while True:
+                try:
+                    line = out.input("[bold green]you>[/bold green] ")
+                except EOFError:
+                    break
+                if not line.strip():
+                    break
+                turns.append(("user", line))
+                tokens = engine.tokenize(engine.chat_prompt(turns), special=True)
+                room = engine.n_ctx - len(tokens)
+                if room < 1:
+                    raise NakError(f"the conversation ({len(tokens)} tokens) no longer fits --ctx {engine.n_ctx}")
+                req = GenRequest(tokens, min(n_predict, room), SamplerParams(temp=temp, seed=seed))
+                out.print("[bold cyan]model>[/bold cyan] ", end="")
+                try:
+                    res = engine.generate(req, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+                except ApiError as e:
+                    raise NakError(e.message) from None
+                sys.stdout.write("\n")
+                turns.append(("assistant", res.text))
+                err_console.print(f"[dim]{res.n_completion} tokens, {res.n_reused} of {res.n_prompt} prompt "
+                                  f"tokens from the cache[/dim]")
+        finally:
+            engine.close()

@@ -1,6 +1,4 @@
-"""`nak` commands of this module are added to the app by register() (cli/nakshatra_cli/main.py).
-
-``nak discover``: list the stages that announce themselves on the LAN (DNS-SD over mDNS,
+"""``nak discover``: list the stages that announce themselves on the LAN (DNS-SD over mDNS,
 ``_nakshatra._tcp``; see nakshatra.discovery) and the chain ``nak run --discover`` would build.
 """
 
@@ -17,12 +15,10 @@ from rich.table import Table
 
 from nakshatra.errors import NakError
 
-
-def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
-    app.command("discover")(discover)
+from .app import app
 
 
+@app.command("discover")
 def discover(
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to listen for stages.")] = 2.0,
     model_sha: Annotated[Optional[str], typer.Option("--model-sha", help="Only stages of this model (sha256, a prefix will do).")] = None,

@@ -157,7 +157,7 @@ struct py_stage_client {
 
     py::dict hello(const std::string & client_name, const std::string & want_model_sha256) {
         nak_hello m;
-        m.caps        = NAK_CAP_F32_WIRE;
+        m.caps        = 0; // nak_client::hello adds NAK_CAP_AUTH with a key
         m.client_name = client_name;
         m.want_model_sha256 = want_model_sha256;
         std::random_device rd; // the nonce matters once the handshake authenticates
@@ -370,43 +370,6 @@ struct py_stage_client {
         nak_frame r = call(NAK_MSG_TEMPLATE, 0, NAK_DTYPE_NONE, w.buf, NAK_MSG_TEMPLATE_OK);
         nak_reader rd(r.payload);
         return rd.str();
-    }
-
-    // raw bytes out, one frame back (protocol tests): returns (type, payload) or raises on transport failure
-    py::tuple raw(const py::bytes & data, bool expect_reply) {
-        std::string buf = data;
-        std::string err;
-        nak_frame reply;
-        bool ok;
-        {
-            py::gil_scoped_release nogil;
-            ok = nak_send_all(c.fd, (const uint8_t *) buf.data(), buf.size(), c.timeout_ms, err);
-            while (ok && expect_reply) {
-                uint8_t hdr[NAK_HEADER_SIZE];
-                ok = nak_recv_exact(c.fd, hdr, NAK_HEADER_SIZE, c.timeout_ms, err) && nak_header_decode(hdr, reply.hdr);
-                if (ok) {
-                    reply.payload.resize(std::min<uint32_t>(reply.hdr.payload_len, c.max_payload));
-                    ok = nak_recv_exact(c.fd, reply.payload.data(), reply.payload.size(), c.timeout_ms, err);
-                }
-                if (reply.hdr.type != NAK_MSG_PROGRESS) {
-                    break; // PROGRESS of a session of this connection: not the reply
-                }
-            }
-        }
-        if (!ok) {
-            raise_stage_error(where() + ": " + (err.empty() ? "bad reply header" : err), "transport");
-        }
-        if (!expect_reply) {
-            return py::make_tuple(0, py::bytes(), std::string());
-        }
-        std::string msg;
-        if (reply.hdr.type == NAK_MSG_ERROR) {
-            nak_error e;
-            if (nak_decode(reply.payload, e)) {
-                msg = std::string(nak_error_code_name(e.code)) + ": " + e.message;
-            }
-        }
-        return py::make_tuple(reply.hdr.type, py::bytes((const char *) reply.payload.data(), reply.payload.size()), msg);
     }
 
     void close() { c.close(); }
@@ -863,7 +826,6 @@ PYBIND11_MODULE(_nakshatra, m) {
              py::arg("parse_special") = false)
         .def("detokenize", &py_stage_client::detokenize, py::arg("tokens"), py::arg("special") = false)
         .def("apply_template", &py_stage_client::apply_template, py::arg("messages"), py::arg("add_assistant") = true)
-        .def("raw", &py_stage_client::raw, py::arg("data"), py::arg("expect_reply") = true)
         .def("close", &py_stage_client::close)
         .def_readonly("last_request_id", &py_stage_client::last_request_id,
                       "Request id of the last send_forward (replies to older steps are skipped).");

@@ -213,7 +213,7 @@ int main(int argc, char ** argv) {
     const float rows[2 * 4] = { 0.5f, -1.0f, 2.0f, 3.5f, -0.25f, 8.0f, 0.0f, 1.0f };
 
     nak_hello hello;
-    hello.caps        = NAK_CAP_F32_WIRE | NAK_CAP_SAMPLING;
+    hello.caps        = 0;
     hello.client_name = "fuzz";
     nak_writer w_hello;
     nak_encode(w_hello, hello);

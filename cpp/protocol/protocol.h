@@ -1,4 +1,4 @@
-// Nakshatra wire protocol: frames between a client and a stage, and (later) between stages.
+// Nakshatra wire protocol: frames between a client and a stage, and between stages.
 //
 // No llama.cpp headers here on purpose: the stage, the client bound for Python, and fuzz and
 // sanitizer builds all link this library without compiling llama.cpp.
@@ -26,6 +26,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__)
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+              "the Nakshatra wire copies numbers as they are in memory: little-endian hosts only");
+#endif
 #define NAK_PROTO_MAGIC         0x534b414eu // "NAKS" read as a little-endian u32
 #define NAK_PROTO_VERSION       3 // 2: OPEN names a KV sequence, BATCH between stages, wire dtypes;
                                   // 3: PROGRESS while a stage computes, health busy/stalled, session tokens
@@ -34,10 +38,8 @@
 #define NAK_NONCE_SIZE          32
 #define NAK_PROGRESS_INTERVAL_MS 500 // PROGRESS frames at most this often per step
 
-// capability bits exchanged in HELLO / HELLO_OK
-#define NAK_CAP_F32_WIRE (1ull << 0)
-#define NAK_CAP_SAMPLING (1ull << 1)
-#define NAK_CAP_VOCAB    (1ull << 2)
+// capability bits exchanged in HELLO / HELLO_OK. Bits 0-2 were sent by earlier versions and never
+// read: a receiver ignores them (and any bit it does not know)
 #define NAK_CAP_AUTH     (1ull << 3) // this end has a cluster key: AUTH / AUTH_OK follow (auth.h)
 
 // header flags
@@ -148,7 +150,8 @@ struct nak_writer {
     void i32s(const std::vector<int32_t> & v) { u32((uint32_t) v.size()); put(v.data(), v.size() * 4); }
 
   private:
-    // the wire is little-endian; so are all hosts we build for (x86-64, arm64), checked at startup
+    // the wire is little-endian, and so are all hosts we build for (x86-64, arm64): numbers are
+    // copied as they are in memory (a static_assert at the top refuses a big-endian build)
     void put(const void * p, size_t n) {
         const uint8_t * b = (const uint8_t *) p;
         buf.insert(buf.end(), b, b + n);
@@ -332,11 +335,6 @@ struct nak_batch {
 struct nak_error {
     uint16_t    code = NAK_ERR_INTERNAL;
     std::string message;
-};
-
-struct nak_chat_msg {
-    std::string role;
-    std::string content;
 };
 
 // encode appends the payload; decode returns false on a malformed payload

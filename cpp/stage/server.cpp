@@ -127,7 +127,7 @@ class compute_worker {
     }
 
     // the finished job's frames to send and the requests it ran; false while it still runs
-    bool collect(std::vector<nak_send> & out, std::vector<queued_request> & done, int32_t & conn, bool & close_conn) {
+    bool collect(std::vector<nak_outgoing> & out, std::vector<queued_request> & done, int32_t & conn, bool & close_conn) {
         char buf[64];
         while (read(wake_[0], buf, sizeof(buf)) > 0) {
         }
@@ -200,7 +200,7 @@ class compute_worker {
     // read by the event loop again after collect (the mutex orders the hand-overs)
     bool                        busy_ = false;     // event loop side
     std::vector<queued_request> picked_;
-    std::vector<nak_send>       out_;
+    std::vector<nak_outgoing>       out_;
     bool                        close_conn_ = false;
 };
 
@@ -575,14 +575,14 @@ bool may_dial(const std::string & address, const nak_server_params & params, std
 }
 
 void deliver(std::vector<conn_state> & conns, int32_t & next_id, const nak_stage & stage,
-             const nak_server_params & params, nak_send & s) {
+             const nak_server_params & params, nak_outgoing & s) {
     const std::vector<uint8_t> & key = params.key;
     if (!s.address.empty()) {
         std::string ferr;
         if (!may_dial(s.address, params, ferr)) {
             fprintf(stderr, "nak stage: %s\n", ferr.c_str());
             for (const auto & f : s.fail_to) {
-                nak_send e;
+                nak_outgoing e;
                 e.conn  = f.first;
                 e.frame = nak_error_frame(f.second, NAK_ERR_UNAUTHORIZED, ferr);
                 deliver(conns, next_id, stage, params, e);
@@ -597,7 +597,7 @@ void deliver(std::vector<conn_state> & conns, int32_t & next_id, const nak_stage
             return;
         }
         for (const auto & f : s.fail_to) {
-            nak_send e;
+            nak_outgoing e;
             e.conn  = f.first;
             e.frame = nak_error_frame(f.second, NAK_ERR_NEXT_HOP, "next stage " + s.address + " unreachable: " + ferr);
             deliver(conns, next_id, stage, params, e);
@@ -781,7 +781,7 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
 
         // the compute thread finished a job: send what it produced
         {
-            std::vector<nak_send> out;
+            std::vector<nak_outgoing> out;
             std::vector<queued_request> done;
             int32_t from = -1;
             bool close_conn = false;
@@ -840,14 +840,14 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
         // drop dead connections: free their sessions' KV (once the worker is idle) and their
         // queued requests
         {
-        std::vector<nak_send> refused; // steps held for a next stage never reached or never authenticated
+        std::vector<nak_outgoing> refused; // steps held for a next stage never reached or never authenticated
         for (size_t i = 0; i < conns.size();) {
             if (!conns[i].dead) {
                 i++;
                 continue;
             }
             for (const auto & f : conns[i].pending_owners) {
-                nak_send e;
+                nak_outgoing e;
                 e.conn  = f.first;
                 e.frame = nak_error_frame(f.second, conns[i].fail_code, conns[i].fail_msg);
                 refused.push_back(std::move(e));

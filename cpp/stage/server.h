@@ -1,6 +1,6 @@
 // The stage's event loop: one thread, non-blocking sockets, poll(). Frames are cut as they
-// arrive and queued; the scheduler hands one request per llama_decode to the stage (batching
-// across sessions later changes only this policy). An idle stage sleeps in poll().
+// arrive and queued; the scheduler hands the compute thread one request, or at the first stage
+// the steps of several sessions as one batch, per llama_decode. An idle stage sleeps in poll().
 #pragma once
 
 #include "stage.h"

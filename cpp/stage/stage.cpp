@@ -10,14 +10,21 @@
 #include <sys/resource.h>
 #include <unistd.h>
 #include <chrono>
-#include <cinttypes>
 #include <cstdio>
 #include <cstring>
 #include <random>
 #include <signal.h>
 #include <thread>
 
-// most draft tokens a session may ask for per window (nak_open::draft_max)
+// JSON (STATS, --batch-log) through the library in llama.cpp's vendor/ tree; ordered_json keeps
+// the keys in the order written
+#include <nlohmann/json.hpp>
+using json = nlohmann::ordered_json;
+
+// most draft tokens a session may ask for per window (nak_open::draft_max; the client checks the
+// same bound, chain.py DRAFT_MAX_LIMIT). A stage then drafts at most NAK_STAGE_DRAFT_MAX (stage.h),
+// what its output buffers were sized for: the request is a ceiling, the stage's own limit the
+// window it actually runs.
 #define NAK_DRAFT_MAX_LIMIT 64
 
 int64_t nak_now_ms() {
@@ -412,7 +419,7 @@ nak_health nak_stage::health() const {
 
 nak_hello_ok nak_stage::info() const {
     nak_hello_ok m;
-    m.caps = NAK_CAP_F32_WIRE | NAK_CAP_VOCAB | (is_last() ? NAK_CAP_SAMPLING : 0);
+    m.caps = 0; // the server adds NAK_CAP_AUTH when this stage has a cluster key
     std::random_device rd;
     for (int i = 0; i < NAK_NONCE_SIZE; i++) {
         m.nonce[i] = (uint8_t) rd();
@@ -431,35 +438,32 @@ nak_hello_ok nak_stage::info() const {
 
 std::string nak_stage::stats_json() const {
     const nak_health h = health();
-    std::string out;
-    char buf[1024];
-    snprintf(buf, sizeof(buf),
-             "{\"layer_start\": %u, \"layer_end\": %u, \"sessions_active\": %u, \"max_sessions\": %u, "
-             "\"tokens_in\": %" PRIu64 ", \"n_decode\": %" PRIu64 ", \"compute_us\": %" PRIu64 ", "
-             "\"bytes_in\": %" PRIu64 ", \"bytes_out\": %" PRIu64 ", \"rss_bytes\": %" PRIu64 ", "
-             "\"kv_tokens_used\": %" PRIu64 ", \"uptime_ms\": %" PRIu64 ", \"batch_entries\": %" PRIu64 ", "
-             "\"max_batch_entries\": %" PRIu64 ", \"seq_mismatches\": %" PRIu64 ", \"wire\": \"%s\", "
-             "\"spec_windows\": %" PRIu64 ", \"spec_drafted\": %" PRIu64 ", \"spec_accepted\": %" PRIu64 ", "
-             "\"spec_rolled_back\": %" PRIu64 ", \"sessions\": {",
-             layer_start_, layer_end_, h.sessions_active, h.max_sessions, tokens_in_, n_decode_, compute_us_,
-             bytes_in_, bytes_out_, h.rss_bytes, h.kv_tokens_used, h.uptime_ms, n_batch_entries_, max_batch_entries_,
-             seq_mismatches_, nak_wire_name(wire_dtype_), spec_windows_, spec_drafted_, spec_accepted_,
-             spec_rolled_back_);
-    out += buf;
-    bool first = true;
+    json sessions = json::object();
     for (const auto & kv : sessions_) {
         const nak_session & s = kv.second;
-        snprintf(buf, sizeof(buf), "%s\"%" PRIu64 "\": {\"n_past\": %u, \"tokens_in\": %" PRIu64
-                 ", \"compute_us\": %" PRIu64 ", \"next_step\": %" PRIu64 ", \"decode_us\": %" PRIu64
-                 ", \"decode_steps\": %" PRIu64 ", \"decode_bytes_in\": %" PRIu64 ", \"decode_llama_us\": %" PRIu64
-                 ", \"decode_lock_us\": %" PRIu64 ", \"decode_turn_us\": %" PRIu64 ", \"decode_turns\": %" PRIu64 "}",
-                 first ? "" : ", ", s.id, s.n_past, s.tokens_in, s.compute_us, s.next_step, s.decode_us, s.decode_steps,
-                 s.decode_bytes_in, s.decode_llama_us, s.decode_lock_us, s.decode_turn_us, s.decode_turns);
-        out += buf;
-        first = false;
+        sessions[std::to_string(s.id)] = {
+            { "n_past", s.n_past },                   { "tokens_in", s.tokens_in },
+            { "compute_us", s.compute_us },           { "next_step", s.next_step },
+            { "decode_us", s.decode_us },             { "decode_steps", s.decode_steps },
+            { "decode_bytes_in", s.decode_bytes_in }, { "decode_llama_us", s.decode_llama_us },
+            { "decode_lock_us", s.decode_lock_us },   { "decode_turn_us", s.decode_turn_us },
+            { "decode_turns", s.decode_turns },
+        };
     }
-    out += "}}";
-    return out;
+    const json j = {
+        { "layer_start", layer_start_ },             { "layer_end", layer_end_ },
+        { "sessions_active", h.sessions_active },    { "max_sessions", h.max_sessions },
+        { "tokens_in", tokens_in_ },                 { "n_decode", n_decode_ },
+        { "compute_us", compute_us_ },               { "bytes_in", bytes_in_ },
+        { "bytes_out", bytes_out_ },                 { "rss_bytes", h.rss_bytes },
+        { "kv_tokens_used", h.kv_tokens_used },      { "uptime_ms", h.uptime_ms },
+        { "batch_entries", n_batch_entries_ },       { "max_batch_entries", max_batch_entries_ },
+        { "seq_mismatches", seq_mismatches_ },       { "wire", nak_wire_name(wire_dtype_) },
+        { "spec_windows", spec_windows_ },           { "spec_drafted", spec_drafted_ },
+        { "spec_accepted", spec_accepted_ },         { "spec_rolled_back", spec_rolled_back_ },
+        { "sessions", std::move(sessions) },
+    };
+    return j.dump();
 }
 
 void nak_stage::note_done(uint64_t session, int64_t t_arrival_us, int64_t t_ready_us) {
@@ -580,7 +584,7 @@ std::vector<uint8_t> nak_stage::hello_reply(const nak_frame & req) const {
     return nak_frame_bytes(h, w.buf);
 }
 
-void nak_stage::handle(const nak_frame & req, int32_t conn, bool & close_conn, std::vector<nak_send> & out) {
+void nak_stage::handle(const nak_frame & req, int32_t conn, bool & close_conn, std::vector<nak_outgoing> & out) {
     close_conn = false;
     if (req.hdr.type == NAK_MSG_FORWARD) {
         on_forwards({ &req }, { conn }, out);
@@ -625,7 +629,7 @@ void nak_stage::handle(const nak_frame & req, int32_t conn, bool & close_conn, s
         reply = nak_error_frame(req.hdr, NAK_ERR_INTERNAL, e.what());
     }
     bytes_out_ += reply.size();
-    nak_send s;
+    nak_outgoing s;
     s.conn  = conn;
     s.frame = std::move(reply);
     out.push_back(std::move(s));
@@ -809,11 +813,11 @@ void nak_stage::check_step(nak_step & st, const std::string & next_hop) {
 }
 
 void nak_stage::reject_step(const nak_step & st, int32_t conn, uint16_t code, const std::string & msg,
-                            std::vector<nak_send> & out) {
+                            std::vector<nak_outgoing> & out) {
     nak_header req = st.req;
     req.request_id = st.e.request_id;
     req.session_id = st.e.session_id;
-    nak_send s;
+    nak_outgoing s;
     s.conn  = st.s ? st.s->conn : conn;
     s.frame = nak_error_frame(req, code, msg);
     bytes_out_ += s.frame.size();
@@ -821,7 +825,7 @@ void nak_stage::reject_step(const nak_step & st, int32_t conn, uint16_t code, co
 }
 
 void nak_stage::on_forwards(const std::vector<const nak_frame *> & reqs, const std::vector<int32_t> & conns,
-                            std::vector<nak_send> & out) {
+                            std::vector<nak_outgoing> & out) {
     std::vector<nak_step> steps;
     std::string next_hop;
     for (size_t i = 0; i < reqs.size(); i++) {
@@ -854,11 +858,11 @@ void nak_stage::on_forwards(const std::vector<const nak_frame *> & reqs, const s
     }
 }
 
-void nak_stage::on_batch(const nak_frame & req, int32_t conn, std::vector<nak_send> & out) {
+void nak_stage::on_batch(const nak_frame & req, int32_t conn, std::vector<nak_outgoing> & out) {
     bytes_in_ += NAK_HEADER_SIZE + req.payload.size();
     nak_batch b;
     if (!nak_decode(req.payload, b)) {
-        nak_send s;
+        nak_outgoing s;
         s.conn  = conn;
         s.frame = nak_error_frame(req.hdr, NAK_ERR_BAD_REQUEST, "malformed BATCH payload");
         out.push_back(std::move(s));
@@ -949,7 +953,7 @@ static void nak_debug_kill_point(const std::vector<nak_step> & steps, const char
 }
 
 void nak_stage::run_steps(std::vector<nak_step> & steps, const std::string & next_hop, uint64_t batch_id,
-                          std::vector<nak_send> & out) {
+                          std::vector<nak_outgoing> & out) {
     uint32_t n_rows = 0;
     for (const auto & st : steps) {
         n_rows += st.e.n_tokens;
@@ -1165,7 +1169,7 @@ void nak_stage::roll_back(nak_step & st) {
 }
 
 // FORWARD_OK to the session's owner: the sampled token (last stage) or the hidden state (relay)
-void nak_stage::reply_step(nak_step & st, uint64_t compute_us, std::vector<nak_send> & out) {
+void nak_stage::reply_step(nak_step & st, uint64_t compute_us, std::vector<nak_outgoing> & out) {
     nak_session * s = st.s;
     nak_header h;
     h.type       = NAK_MSG_FORWARD_OK;
@@ -1229,7 +1233,7 @@ void nak_stage::reply_step(nak_step & st, uint64_t compute_us, std::vector<nak_s
     }
     nak_writer w;
     nak_encode(w, ok);
-    nak_send s_out;
+    nak_outgoing s_out;
     s_out.conn  = s->conn;
     s_out.frame = nak_frame_bytes(h, w.buf);
     bytes_out_ += s_out.frame.size();
@@ -1238,7 +1242,7 @@ void nak_stage::reply_step(nak_step & st, uint64_t compute_us, std::vector<nak_s
 
 // forwarding: the whole batch, rows in the same order, to the next stage with the rest of the route
 void nak_stage::pass_on(const std::vector<nak_step> & steps, const std::string & next_hop, uint64_t batch_id,
-                        std::vector<nak_send> & out) {
+                        std::vector<nak_outgoing> & out) {
     const float * e = llama_get_embeddings(ctx_);
     if (!e) {
         for (const auto & st : steps) {
@@ -1276,7 +1280,7 @@ void nak_stage::pass_on(const std::vector<nak_step> & steps, const std::string &
             }
         }
     }
-    nak_send s;
+    nak_outgoing s;
     s.address = next_hop.substr(0, comma);
     for (const auto & st : steps) {
         nak_header req = st.req;
@@ -1292,7 +1296,7 @@ void nak_stage::pass_on(const std::vector<nak_step> & steps, const std::string &
 // ring: start the next decode step at the first stage, as the client would have, while the
 // session wants more tokens (the client applies the same rule to know when the stream ends)
 void nak_stage::ring_next(const nak_session & s, const nak_step & st, llama_token tok, const std::vector<int32_t> & drafts,
-                          std::vector<nak_send> & out) {
+                          std::vector<nak_outgoing> & out) {
     if ((s.n_predict >= 0 && s.n_generated >= s.n_predict) || s.n_past + 1 > params_.n_ctx_session || st.e.ring.empty()) {
         return;
     }
@@ -1315,7 +1319,7 @@ void nak_stage::ring_next(const nak_session & s, const nak_step & st, llama_toke
     h.session_id = st.e.session_id;
     nak_writer w;
     nak_encode(w, nf);
-    nak_send o;
+    nak_outgoing o;
     o.address = st.e.ring.substr(0, comma);
     o.fail_to.push_back({ s.conn, h });
     o.frame   = nak_frame_bytes(h, w.buf);
@@ -1328,25 +1332,23 @@ void nak_stage::log_batch(const std::vector<nak_step> & steps, uint64_t batch_id
     if (!batch_log_) {
         return;
     }
+    json entries = json::array();
+    for (const auto & st : steps) {
+        const nak_batch_entry & e = st.e;
+        entries.push_back({
+            { "session", e.session_id }, { "seq", st.s->seq },   { "step", e.step },
+            { "pos", e.pos0 },           { "n_tokens", e.n_tokens },
+            { "sample", (e.flags & NAK_FWD_SAMPLE) != 0 },        { "spec", (e.flags & NAK_FWD_SPEC) != 0 },
+            { "tokens", e.tokens },
+        });
+    }
     // when the decode was due, when it had the CPU lock and when llama_decode returned (steady
     // clock, us: comparable between the stages of one machine)
-    std::string line = "{\"batch\": " + std::to_string(batch_id) + ", \"t_start_us\": " + std::to_string(t_start_us) +
-                       ", \"t_locked_us\": " + std::to_string(t_locked_us) +
-                       ", \"t_end_us\": " + std::to_string(t_end_us) + ", \"entries\": [";
-    for (size_t i = 0; i < steps.size(); i++) {
-        const nak_batch_entry & e = steps[i].e;
-        line += i ? ", " : "";
-        line += "{\"session\": " + std::to_string(e.session_id) + ", \"seq\": " + std::to_string(steps[i].s->seq) +
-                ", \"step\": " + std::to_string(e.step) + ", \"pos\": " + std::to_string(e.pos0) +
-                ", \"n_tokens\": " + std::to_string(e.n_tokens) +
-                ", \"sample\": " + ((e.flags & NAK_FWD_SAMPLE) ? "true" : "false") +
-                ", \"spec\": " + ((e.flags & NAK_FWD_SPEC) ? "true" : "false") + ", \"tokens\": [";
-        for (size_t k = 0; k < e.tokens.size(); k++) {
-            line += (k ? ", " : "") + std::to_string(e.tokens[k]);
-        }
-        line += "]}";
-    }
-    line += "]}\n";
+    const json j = {
+        { "batch", batch_id },       { "t_start_us", t_start_us }, { "t_locked_us", t_locked_us },
+        { "t_end_us", t_end_us },    { "entries", std::move(entries) },
+    };
+    const std::string line = j.dump() + "\n";
     fputs(line.c_str(), batch_log_);
     fflush(batch_log_);
 }

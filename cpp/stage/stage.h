@@ -46,8 +46,8 @@ struct nak_stage_params {
     bool        cpu_strict    = false; // pin thread i to CPU i (llama.cpp --cpu-strict)
     std::string cpu_lock;             // a file every stage on this machine locks around llama_decode
     int32_t     self_bench_steps = 4; // decode steps timed at start for health.layers_per_s (0: none)
-    uint32_t    max_batch     = 8;
-    uint32_t    batch_hold_ms = 0;    // first stage: hold a ring step this long at most for sessions due back (0: never)    // first stage: session steps per llama_decode (1: one at a time)
+    uint32_t    max_batch     = 8;    // first stage: session steps per llama_decode (1: one at a time)
+    uint32_t    batch_hold_ms = 0;    // first stage: hold a ring step this long at most for sessions due back (0: never)
     std::string wire          = "f32"; // hidden states sent as f32 | bf16 | q8r (see cpp/protocol/wire.h)
     std::string batch_log;            // file to append one JSON line per decoded batch (replay tests)
     bool        no_repack     = false; // llama.cpp use_extra_bufts = false: no repacked weight copy
@@ -80,7 +80,7 @@ bool nak_parse_cache_type(const std::string & name, ggml_type & out);
 // A frame the event loop must send: to an accepted connection, or to the next stage by address
 // (stage-to-stage forwarding). A frame that cannot reach `address` is answered with an error to
 // `error_conn` (the session's owner), built from `req`.
-struct nak_send {
+struct nak_outgoing {
     int32_t              conn = -1;
     std::string          address;
     std::vector<std::pair<int32_t, nak_header>> fail_to; // (owner, request) of each step in the frame
@@ -151,11 +151,11 @@ class nak_stage {
     // answer one request frame that arrived on connection `conn`: `out` receives the frames to
     // send (a reply to `conn`, or for FORWARD/BATCH the reply to the session's owner or the batch
     // forwarded to the next stage named in the route)
-    void handle(const nak_frame & req, int32_t conn, bool & close_conn, std::vector<nak_send> & out);
+    void handle(const nak_frame & req, int32_t conn, bool & close_conn, std::vector<nak_outgoing> & out);
     // several FORWARD frames of different sessions, with one route, decoded as one batch (the
     // first stage's continuous batching; the event loop picks them)
     void on_forwards(const std::vector<const nak_frame *> & reqs, const std::vector<int32_t> & conns,
-                     std::vector<nak_send> & out);
+                     std::vector<nak_outgoing> & out);
     // whether a FORWARD may join a batch (it names a next hop: the batch travels on unchanged);
     // `route` receives that route
     static bool batchable(const nak_frame & req, std::string & route);
@@ -204,16 +204,16 @@ class nak_stage {
 
   private:
     void on_open    (const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h);
-    void on_batch   (const nak_frame & req, int32_t conn, std::vector<nak_send> & out);
+    void on_batch   (const nak_frame & req, int32_t conn, std::vector<nak_outgoing> & out);
     void check_step (nak_step & st, const std::string & next_hop);
-    void reject_step(const nak_step & st, int32_t conn, uint16_t code, const std::string & msg, std::vector<nak_send> & out);
-    void run_steps  (std::vector<nak_step> & steps, const std::string & next_hop, uint64_t batch_id, std::vector<nak_send> & out);
+    void reject_step(const nak_step & st, int32_t conn, uint16_t code, const std::string & msg, std::vector<nak_outgoing> & out);
+    void run_steps  (std::vector<nak_step> & steps, const std::string & next_hop, uint64_t batch_id, std::vector<nak_outgoing> & out);
     void advance    (nak_step & st);
-    void reply_step (nak_step & st, uint64_t compute_us, std::vector<nak_send> & out);
+    void reply_step (nak_step & st, uint64_t compute_us, std::vector<nak_outgoing> & out);
     void verify_step(nak_step & st, nak_forward_ok & ok);
     void roll_back  (nak_step & st);
     bool ends_generation(const nak_session & s, llama_token tok, uint32_t n_past) const;
-    void pass_on    (const std::vector<nak_step> & steps, const std::string & next_hop, uint64_t batch_id, std::vector<nak_send> & out);
+    void pass_on    (const std::vector<nak_step> & steps, const std::string & next_hop, uint64_t batch_id, std::vector<nak_outgoing> & out);
     void log_batch  (const std::vector<nak_step> & steps, uint64_t batch_id, int64_t t_start_us, int64_t t_locked_us,
                      int64_t t_end_us);
     void on_truncate(const nak_frame & req, int32_t conn, nak_writer & w, nak_header & h);
@@ -224,7 +224,7 @@ class nak_stage {
     void on_template  (const nak_frame & req, nak_writer & w, nak_header & h);
 
     void ring_next(const nak_session & s, const nak_step & st, llama_token tok, const std::vector<int32_t> & drafts,
-                   std::vector<nak_send> & out);
+                   std::vector<nak_outgoing> & out);
     nak_session * find_session(uint64_t id);
     void free_session(nak_session & s);
     void rebuild_sampler(nak_session & s);

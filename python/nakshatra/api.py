@@ -210,12 +210,12 @@ class Engine:
         self.forwarding = forwarding
         self.draft_max = draft_max  # speculative decoding per session (Chain's draft_max; 0: off)
         self.created = int(time.time())
-        self._meta = self._new_chain()  # tokenizer, template, detokenizer: no session
+        self._meta_chain = self._new_chain()  # tokenizer, template, detokenizer: no session
         self._meta_lock = threading.Lock()
-        self.n_ctx = min(s.health["n_ctx_session"] for s in self._meta.stages)
-        self.model_sha256 = self._meta.stages[0].model_sha256
-        self.arch = self._meta.stages[0].arch
-        self.n_layer = self._meta.stages[0].n_layer_full
+        self.n_ctx = min(s.health["n_ctx_session"] for s in self._meta_chain.stages)
+        self.model_sha256 = self._meta_chain.stages[0].model_sha256
+        self.arch = self._meta_chain.stages[0].arch
+        self.n_layer = self._meta_chain.stages[0].n_layer_full
         self.workers: list[Worker] = []
         self._cv = threading.Condition()
         self.active = 0
@@ -235,7 +235,7 @@ class Engine:
                     w.session.close()
                 w.chain.close()
             self.workers.clear()
-        self._meta.close()
+        self._meta_chain.close()
 
     # ---- the model's text side, through the first stage ----
 
@@ -245,14 +245,14 @@ class Engine:
         with self._meta_lock:
             for attempt in (0, 1):
                 try:
-                    return fn(self._meta)
+                    return fn(self._meta_chain)
                 except (StageError, ChainError) as e:
                     if attempt == 1:
                         raise ApiError(503, f"the chain does not answer: {e}", "server_error",
                                        code="stage_unavailable") from None
                     try:
-                        self._meta.close()
-                        self._meta = self._new_chain()
+                        self._meta_chain.close()
+                        self._meta_chain = self._new_chain()
                     except (StageError, ChainError) as e2:
                         raise ApiError(503, f"the chain does not answer: {e2}", "server_error",
                                        code="stage_unavailable") from None

@@ -1,11 +1,13 @@
 """The client side of a chain of stages: validate the chain, open sessions, run prefill and
 decode through every stage, sample on the last one, and stream text back.
 
-How a token flows (client-relayed; stage-to-stage forwarding comes with the performance issue):
-the client sends token ids to the first stage, which embeds them, runs its layers and returns the
-hidden state ``[n_tokens, n_embd] float32``; the client hands that state to the next stage, and
-so on; the last stage runs its layers, the output norm and the LM head, samples one token with
-llama.cpp's samplers and returns it with its text piece.
+How a token flows, client-relayed: the client sends token ids to the first stage, which embeds
+them, runs its layers and returns the hidden state ``[n_tokens, n_embd] float32``; the client hands
+that state to the next stage, and so on; the last stage runs its layers, the output norm and the LM
+head, samples one token with llama.cpp's samplers and returns it with its text piece. With
+forwarding (``Chain(forwarding=True)``) each stage sends its hidden state straight to the next and
+only the last answers the client; in a ring (``ring=True``) the last stage also hands each sampled
+token to the first, so the client only receives (see docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -341,7 +341,7 @@ def resolve_hf(ref: str, progress: bool = True) -> Path:
     group, note = choose_model(r, files)
     if note:
         _note(progress, note)
-    return _download(r, group, progress)
+    return _download_group(r, group, progress)
 
 
 def cached_hf(ref: str) -> Path | None:
@@ -364,7 +364,7 @@ def cached_hf(ref: str) -> Path | None:
     return first if len(shard_paths(first)) == len(group) else None
 
 
-def _download(r: HfRef, group: list[str], progress: bool) -> Path:
+def _download_group(r: HfRef, group: list[str], progress: bool) -> Path:
     from huggingface_hub import hf_hub_download
 
     paths = []

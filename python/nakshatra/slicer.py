@@ -35,9 +35,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import numpy as np
 from gguf import GGUFReader, GGUFValueType
 
 from .errors import RangeError, SliceError
@@ -71,35 +70,8 @@ A slice cut alone by :func:`cached_slice` has ``slice_index`` 0 and ``slice_coun
 _A = GGUFValueType
 
 Reader = GGUFReader | GGUFScan
-"""A parsed GGUF: ``gguf.GGUFReader`` (:func:`open_gguf`) or the lighter
+"""A parsed GGUF: ``gguf.GGUFReader`` or the lighter
 :class:`~nakshatra.gguf_scan.GGUFScan` (:func:`scan_gguf`)."""
-
-
-class _Reader(GGUFReader):
-    """GGUFReader whose parsed parts are views of a plain ndarray (not ``np.memmap`` objects) with
-    shared dtype objects: same parser and results, but on a 262k-token vocabulary (gemma3) it
-    needs 220 MB and 2 s instead of 720 MB and 10 s."""
-
-    _dtypes: ClassVar[dict[Any, np.dtype[Any]]] = {}
-
-    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
-        order = self.byte_order if override_order is None else override_order
-        dt = self._dtypes.get((dtype, order))
-        if dt is None:
-            dt = self._dtypes[(dtype, order)] = np.dtype(dtype).newbyteorder(order)
-        plain = self.__dict__.get("_plain")
-        if plain is None:
-            plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
-        return plain[offset:offset + dt.itemsize * int(count)].view(dt)
-
-
-def open_gguf(path: str | os.PathLike[str]) -> GGUFReader:
-    """Open a GGUF file for reading (memory-mapped; metadata parsed, tensor data untouched). Every
-    metadata value is materialised; :func:`scan_gguf` is the light way to read a model.
-
-    Raises SliceError naming the file if it is missing, unreadable, or not a valid GGUF.
-    """
-    return _opened(path, _Reader)
 
 
 def scan_gguf(path: str | os.PathLike[str]) -> GGUFScan:
@@ -525,19 +497,19 @@ def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 # --- reading slices -------------------------------------------------------------------------
 
-def _meta(reader: Reader) -> dict[str, Any]:
+def _slice_keys(reader: Reader) -> dict[str, Any]:
     return {k: kv_value(reader, k) for k in NAK_KEYS}
 
 
 def read_slice_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``nakshatra.*`` keys of a GGUF (see :data:`NAK_KEYS`), full key names to values; all
     None for a whole model. Raises SliceError if the file is missing or not a GGUF."""
-    return _meta(scan_gguf(path))
+    return _slice_keys(scan_gguf(path))
 
 
 def _checked_meta(path: Path, progress: bool = False) -> dict[str, Any]:
     scanned = scan_gguf(path)
-    meta = _meta(scanned)
+    meta = _slice_keys(scanned)
     want = meta["nakshatra.tensor_data_sha256"]
     if want is None:
         raise SliceError(f"{path} is not a Nakshatra slice (no nakshatra.tensor_data_sha256); "

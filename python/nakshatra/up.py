@@ -818,7 +818,7 @@ def _progress_bar(enabled: bool) -> Any:
     return byte_progress(enabled) if enabled else None
 
 
-def _download(url: str, dest: Path, want: str, key: bytes | None, progress: bool) -> None:
+def _download_slice(url: str, dest: Path, want: str, key: bytes | None, progress: bool) -> None:
     """Fetch ``url`` into a temporary file beside ``dest``, check it, rename it to ``dest``;
     raises _FetchFailed naming the URL and the fix (the temporary file is deleted)."""
     from .slicer import verify_slice
@@ -924,7 +924,7 @@ def fetch_slice(urls: Sequence[str], dest: Path | str, sha256: str, key: bytes |
     errors = []
     for url in urls:
         try:
-            _download(url, dest, want, key, progress)
+            _download_slice(url, dest, want, key, progress)
             print(f"nak serve: fetched {dest} from {url} ({dest.stat().st_size / 2**20:.1f} MiB, sha256 ok)",
                   file=sys.stderr, flush=True)
             return True
