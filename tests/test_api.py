@@ -35,7 +35,7 @@ MODEL_ID = "smollm2"
 def stages(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("smol-api")
     m = slice_model(smollm2_path, RANGES, out_dir=out, progress=False)
-    # batching off: every session then equals its run alone (README, Batching and exactness)
+    # batching off: every session then equals its run alone (docs/performance.md, Batching and exactness)
     with LocalStages([out / s.file for s in m.slices], threads=1, ctx=CTX, max_sessions=5,
                      extra_args=["--max-batch", "1"], cpu_lock=False) as ls:
         yield ls

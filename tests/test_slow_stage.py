@@ -225,7 +225,7 @@ def test_bench_hosts_gives_the_slow_host_fewer_layers(smollm2_path: Path, tmp_pa
     """`nak bench --hosts`: the probe, run inside each emulated host's CPU quota, measures the
     slow host slower (its windows span several quota periods, so the quota cannot hide in one
     burst), the plan gives it fewer layers, and both chains are measured side by side. (Which
-    chain is faster is the benchmark's figure, in the README, not this test's.)"""
+    chain is faster is the benchmark's figure, in docs/performance.md, not this test's.)"""
     require_cgroup_cpu()
     out = tmp_path / "hosts.json"
     r = subprocess.run([sys.executable, "-m", "nakshatra_cli", "bench", "--model", str(smollm2_path),

@@ -105,7 +105,7 @@ def test_seeded_speculation_follows_the_seeded_rule_on_the_same_batches(
 
 def test_speculation_off_and_on_agree_and_stats_add_up(slices: list[Path]) -> None:
     """Greedy agreement with the run without speculation is measured, not assumed: on this
-    prompt the two agree (the README reports the agreement on the bench workloads)."""
+    prompt the two agree (docs/performance.md reports the agreement on the bench workloads)."""
     with LocalStages(slices, threads=1, ctx=CTX) as st:
         plain, _ = _run(st.addresses, "ring", GREEDY, draft_max=0)
         spec, sess = _run(st.addresses, "ring", GREEDY, draft_max=8)

@@ -1,4 +1,4 @@
-"""Cluster keys (see README "Security" and cpp/protocol/auth.h).
+"""Cluster keys (see docs/security.md and cpp/protocol/auth.h).
 
 A key is 32 random bytes, kept as 64 hex digits in a file of mode 0600 (``nak keygen``). Stages
 and clients read it from ``--key-file FILE`` or the environment variable ``NAK_KEY`` (hex). With

@@ -1,6 +1,6 @@
 """The memory a stage needs, as users see it: its **footprint**, the smallest memory limit (a
 cgroup's ``memory.limit_in_bytes``) under which it completes a full-context generation at speed
-(``python -m nakshatra.footprint`` measures it; the README has the table).
+(``python -m nakshatra.footprint`` measures it; docs/performance.md has the table).
 
 :func:`predict_stage` predicts it from what llama.cpp itself says it will allocate for the stage
 (:func:`llama_estimate`: the slice loaded with ``no_alloc``, a context created with exactly the

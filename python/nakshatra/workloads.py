@@ -7,7 +7,7 @@
   stand down rather than cost.
 
 Both are chat turns (the model's chat template applies). Fixed here so that every run and every
-figure in the README measures the same thing.
+figure in docs/performance.md measures the same thing.
 """
 
 from __future__ import annotations
