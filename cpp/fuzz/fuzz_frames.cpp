@@ -5,8 +5,9 @@
 //   n_embd seed the stage's n_embd (1..256) for the hidden-state size checks and nak_wire_decode
 //
 // Every frame cut is decoded by the decoder of its type (as the stage and the client do), checked
-// like cpp/stage/stage.cpp checks it, and its hidden state decoded with nak_wire_decode. A payload
-// that decodes must encode back to the same bytes: the encoder and decoder agree on the layout.
+// like cpp/stage/executor.cpp checks it, and its hidden state decoded with nak_wire_decode. A
+// payload that decodes must encode back to the same bytes: the encoder and decoder agree on the
+// layout.
 //
 // Build and run: cpp/fuzz/run.sh SECONDS. Write the seed corpus: fuzz_frames --write-corpus DIR.
 #include "protocol.h"

@@ -3,6 +3,8 @@
 // A stage owns the KV cache of its layers. Each session gets its own KV sequence (seq id = slot),
 // so sessions never see each other's cells. Requests arrive as protocol frames (see
 // cpp/protocol/protocol.h) and are answered with frames; the event loop (server.cpp) owns I/O.
+// The class's members are defined by concept: stage.cpp (loading, sessions, request dispatch),
+// executor.cpp (decode steps), sampling.cpp, sysinfo.cpp (host figures), tokenize.cpp (text).
 #pragma once
 
 #include "platform.h" // nak_rss_bytes, nak_mem_available_bytes
