@@ -126,7 +126,7 @@ def test_every_reference_exists():
 
 
 def test_the_check_catches_a_stale_reference():
-    text = ("`cpp/stage/stage.cpp: nak_stage::run_steps` `python/nakshatra/chain.py: Session.feed` "
+    text = ("`cpp/stage/executor.cpp: nak_stage::run_steps` `python/nakshatra/chain.py: Session.feed` "
             "`cpp/stage/stage.cpp: nak_stage::no_such_method` `python/nakshatra/chain.py: Session.no_such` "
             "`python/nakshatra/no_such_file.py` `cpp/stage/stage.cpp:nak_stage::load` `Session.feed`")
     problems, n_symbols = check_doc(text)

@@ -7,7 +7,7 @@ Every trial checks that the stage died before the run ended and that its range m
 forwarding kill from outside, before the step or during it (a timer the step waits for). A ring
 runs ahead of its client, so a kill sent from outside may land after the ring has finished;
 there the stage kills itself at the chosen step through the stages' testing hook
-(``NAK_DEBUG_KILL_DIR``, cpp/stage/stage.cpp), before or after its llama_decode.
+(``NAK_DEBUG_KILL_DIR``, cpp/stage/executor.cpp), before or after its llama_decode.
 
 Every test runs on stages without a key and on stages holding a fresh cluster key (``key_file``):
 the connections a chain opens after it is built (the probes that tell a dead stage from a slow

@@ -564,8 +564,8 @@ class Session:
     def _last(self, reply: dict, produced: int, n_predict: int) -> bool:
         """Whether generation ends with this reply (one token's): end of generation,
         ``n_predict`` tokens, or a full context. The last stage applies the same rule to stop a
-        ring and a speculative window (cpp/stage/stage.cpp, ring_next and ends_generation), so
-        client and stages stop together."""
+        ring and a speculative window (cpp/stage/executor.cpp, ring_next; cpp/stage/sampling.cpp,
+        ends_generation), so client and stages stop together."""
         return bool(reply["is_eog"]) or produced == n_predict or reply["n_past"] + 1 > self.n_ctx
 
     def ring(self, prompt_tokens: Sequence[int], n_predict: int) -> Iterator[dict]:
