@@ -1,4 +1,4 @@
-"""Shared fixtures. The real models are pulled once into the Nakshatra cache (see nakshatra.models)
+"""Shared fixtures. The real models are pulled once into the Nakshatra cache (see nakshatra.gguf.models)
 and reused by later runs."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from nakshatra import models
+
+from nakshatra.gguf import models
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +26,8 @@ def gemma3_path() -> Path:
 def upstream_completion():
     """Stock, unpatched llama.cpp's ``llama-completion`` (an oracle the project did not write),
     built on first use from the pristine pinned source into the Nakshatra cache and reused by
-    later sessions (see nakshatra.upstream). A :class:`nakshatra.upstream.UpstreamBuild`."""
-    from nakshatra import upstream
+    later sessions (see nakshatra.bench.upstream). A :class:`nakshatra.bench.upstream.UpstreamBuild`."""
+    from nakshatra.bench import upstream
 
     return upstream.ensure_completion()
 

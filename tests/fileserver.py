@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from nakshatra.up import SliceFileServer
+from nakshatra.cluster.fileserver import SliceFileServer
 
 
 class FileServer:

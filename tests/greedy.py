@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from nakshatra.chain import Chain, SamplerParams
+from nakshatra.client.chain import Chain, SamplerParams
 
 GREEDY = SamplerParams(temp=0.0)
 

@@ -1,4 +1,4 @@
-"""Emulated hosts for tests (python/nakshatra/hostemu.py): CI runs as root, where
+"""Emulated hosts for tests (python/nakshatra/bench/hostemu.py): CI runs as root, where
 ``/sys/fs/cgroup/cpu`` is writable (../shared/design/layer-split.md); a test that needs it must run
 there, so :func:`require_cgroup_cpu` fails under ``CI`` instead of skipping, and skips with the
 reason elsewhere.
@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from nakshatra.hostemu import CpuQuota, MemoryLimit, cgroup_cpu_missing, cgroup_memory_missing
+
+from nakshatra.bench.hostemu import CpuQuota, MemoryLimit, cgroup_cpu_missing, cgroup_memory_missing
 
 __all__ = ["CpuQuota", "MemoryLimit", "cgroup_cpu_missing", "cgroup_memory_missing", "require_cgroup_cpu",
            "require_cgroup_memory"]

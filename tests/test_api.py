@@ -6,8 +6,8 @@ unsplit model fed the same batches), and bad requests get OpenAI-style errors.""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,12 +17,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
 from nakshatra import _nakshatra
-from nakshatra.api import common_prefix
-from nakshatra.chain import Chain
-from nakshatra.local import LocalStages
+from nakshatra.client.chain import Chain
+from nakshatra.client.engine import common_prefix
+from nakshatra.gguf.slicer import slice_model
 from nakshatra.ranges import LayerRange
-from nakshatra.slicer import slice_model
+from nakshatra.server.local import LocalStages
 
 pytestmark = pytest.mark.slow
 

@@ -126,8 +126,8 @@ def test_every_reference_exists():
 
 
 def test_the_check_catches_a_stale_reference():
-    text = ("`cpp/stage/executor.cpp: nak_stage::run_steps` `python/nakshatra/chain.py: Session.feed` "
-            "`cpp/stage/stage.cpp: nak_stage::no_such_method` `python/nakshatra/chain.py: Session.no_such` "
+    text = ("`cpp/stage/executor.cpp: nak_stage::run_steps` `python/nakshatra/client/chain.py: Session.feed` "
+            "`cpp/stage/stage.cpp: nak_stage::no_such_method` `python/nakshatra/client/chain.py: Session.no_such` "
             "`python/nakshatra/no_such_file.py` `cpp/stage/stage.cpp:nak_stage::load` `Session.feed`")
     problems, n_symbols = check_doc(text)
     assert n_symbols == 4
@@ -135,5 +135,5 @@ def test_the_check_catches_a_stale_reference():
     for stale in ("nak_stage::no_such_method", "Session.no_such", "no_such_file.py",
                   "cpp/stage/stage.cpp:nak_stage::load", "`Session.feed`"):
         assert stale in joined, joined
-    assert "nak_stage::run_steps" not in joined and "python/nakshatra/chain.py: Session.feed`" not in joined
+    assert "nak_stage::run_steps" not in joined and "python/nakshatra/client/chain.py: Session.feed`" not in joined
     assert len(problems) == 5

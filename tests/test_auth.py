@@ -19,10 +19,10 @@ import pytest
 
 from nakshatra import _nakshatra
 from nakshatra.auth import generate_key_file, load_key, parse_key
-from nakshatra.chain import Chain, SamplerParams
+from nakshatra.client.chain import Chain, SamplerParams
 from nakshatra.errors import ChainError, NakError, StageError
-from nakshatra.local import LocalStages, cached_parts
-from nakshatra.serve import check_host
+from nakshatra.server.local import LocalStages, cached_parts
+from nakshatra.server.serve import check_host
 
 HDR = struct.Struct("<IHBBQQB3xI")  # magic, version, type, flags, request id, session id, dtype, payload_len
 MAGIC = 0x534B414E

@@ -11,11 +11,12 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from nakshatra import _nakshatra
-from nakshatra.chain import Chain, SamplerParams
-from nakshatra.local import LocalStages
+from nakshatra.client.chain import Chain, SamplerParams
+from nakshatra.gguf.slicer import slice_model
 from nakshatra.ranges import LayerRange
-from nakshatra.slicer import slice_model
+from nakshatra.server.local import LocalStages
 from replay import replay as _replay
 
 pytestmark = pytest.mark.slow

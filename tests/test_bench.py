@@ -77,7 +77,7 @@ def test_bench_writes_single_chain_and_ratios(smollm2_path: Path, tmp_path: Path
 
 
 def test_bench_synthetic_model_of_a_given_size(smollm2_path: Path, tmp_path: Path) -> None:
-    from nakshatra.synthetic import parse_size
+    from nakshatra.gguf.synthetic import parse_size
 
     assert parse_size("1.5B") == 1.5e9 and parse_size("300M") == 3e8
     out = tmp_path / "bench.json"

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from nakshatra import _nakshatra
-from nakshatra.chain import Chain, SamplerParams
+from nakshatra.client.chain import Chain, SamplerParams
 from nakshatra.errors import StageError
-from nakshatra.local import LocalStages
+from nakshatra.gguf.slicer import slice_model
 from nakshatra.ranges import LayerRange
-from nakshatra.slicer import slice_model
+from nakshatra.server.local import LocalStages
 
 N_PREDICT = 32
 CTX = 1024
@@ -237,7 +237,7 @@ def test_session_is_freed_when_the_client_goes_away(smol_chain) -> None:
 @pytest.mark.parametrize("arch, tied", [("qwen2", False), ("qwen3", True), ("phi3", False),
                                         ("qwen3moe", False), ("llama", True)])
 def test_exact_synthetic_arch(smollm2_path: Path, tmp_path: Path, arch: str, tied: bool) -> None:
-    from nakshatra.synthetic import write_synthetic
+    from nakshatra.gguf.synthetic import write_synthetic
 
     model = write_synthetic(tmp_path / f"{arch}.gguf", arch, n_layer=6, n_embd=64, n_head=4, n_head_kv=2,
                             n_ff=128, tokenizer_from=smollm2_path, seed=3, dtype="f32", tied=tied)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from nakshatra import _nakshatra
-from nakshatra.chain import Chain
-from nakshatra.local import LocalStages
+from nakshatra.client.chain import Chain
+from nakshatra.gguf.slicer import slice_model
 from nakshatra.ranges import LayerRange
-from nakshatra.slicer import slice_model
+from nakshatra.server.local import LocalStages
 
 
 def nak(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -155,7 +155,7 @@ def _start_serve(*args: str) -> tuple[subprocess.Popen, str]:
 def test_serve_cuts_a_range_on_the_fly_and_stops_cleanly(smollm2_path: Path, sig: str) -> None:
     import signal
 
-    from nakshatra.chain import Chain, SamplerParams
+    from nakshatra.client.chain import Chain, SamplerParams
 
     a, addr_a = _start_serve(str(smollm2_path), "--layers", "0-14")
     b, addr_b = _start_serve(str(smollm2_path), "--layers", "15-29")

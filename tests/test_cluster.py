@@ -19,23 +19,19 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+
+from fileserver import FileServer
 from nakshatra import _nakshatra
 from nakshatra.auth import generate_key_file, load_key
-from nakshatra.chain import Chain, SamplerParams
-from nakshatra.cluster import load_cluster
+from nakshatra.client.chain import Chain, SamplerParams
+from nakshatra.cluster.config import load_cluster
+from nakshatra.cluster.fetch import fetch_slice
+from nakshatra.cluster.processes import port_in_use, state_path
+from nakshatra.cluster.up import is_this_host, plan_instances, remote_command
 from nakshatra.errors import NakError
-from nakshatra.manifest import Manifest, sha256_file
+from nakshatra.gguf.manifest import Manifest, sha256_file
+from nakshatra.gguf.slicer import slice_model
 from nakshatra.ranges import LayerRange
-from nakshatra.slicer import slice_model
-from fileserver import FileServer
-from nakshatra.up import (
-    fetch_slice,
-    is_this_host,
-    plan_instances,
-    port_in_use,
-    remote_command,
-    state_path,
-)
 
 CTX = 512
 PROMPT = "The history of astronomy is long. Describe how early people used the stars to navigate"

@@ -1,4 +1,4 @@
-"""The cluster file (nakshatra.cluster): what `nak plan` writes reads back the same, and a bad
+"""The cluster file (nakshatra.cluster.config): what `nak plan` writes reads back the same, and a bad
 file is refused with a message naming the file, the entry and the fix."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from nakshatra.cluster import ClusterFile, HostSpec, StageSpec, dump_cluster, load_cluster
+from hypothesis import given, strategies as st
+
+from nakshatra.cluster.config import ClusterFile, HostSpec, StageSpec, dump_cluster, load_cluster
 from nakshatra.errors import NakError
 from nakshatra.ranges import LayerRange
 

@@ -1,4 +1,4 @@
-"""The `nak api` dashboard (python/nakshatra/web/index.html) in a real headless Chromium.
+"""The `nak api` dashboard (python/nakshatra/client/web/index.html) in a real headless Chromium.
 
 Starts ``nak api --port 0 --parallel 2`` (3 local SmolLM2 stages), opens ``/`` in Debian's
 ``chromium`` through ``chromedriver`` (Selenium) and checks that the page shows every stage of

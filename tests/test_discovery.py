@@ -25,9 +25,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from nakshatra import _nakshatra
-from nakshatra.chain import Chain, SamplerParams
-from nakshatra.discovery import (
+from nakshatra.client.chain import Chain, SamplerParams
+from nakshatra.cluster.discovery import (
     MIN_TIMEOUT_S,
     Announcer,
     Browser,
@@ -38,10 +39,10 @@ from nakshatra.discovery import (
     discover_chain,
 )
 from nakshatra.errors import NakError
-from nakshatra.local import LocalStages
-from nakshatra.manifest import Manifest
+from nakshatra.gguf.manifest import Manifest
+from nakshatra.gguf.slicer import slice_model
 from nakshatra.ranges import LayerRange
-from nakshatra.slicer import slice_model
+from nakshatra.server.local import LocalStages
 
 LO = ["127.0.0.1"]
 PROTO = int(_nakshatra.PROTOCOL_VERSION)
@@ -408,9 +409,9 @@ class Lan:
                               timeout=timeout, stdin=subprocess.DEVNULL)
 
     def serve(self, i: int, *args: str, log: Path) -> int:
-        """Start ``python -m nakshatra.serve ARGS`` on host ``i``; returns its port once ready."""
+        """Start ``python -m nakshatra.server.serve ARGS`` on host ``i``; returns its port once ready."""
         with open(log, "wb") as lf:
-            p = subprocess.Popen(["ip", "netns", "exec", self.host(i), sys.executable, "-m", "nakshatra.serve",
+            p = subprocess.Popen(["ip", "netns", "exec", self.host(i), sys.executable, "-m", "nakshatra.server.serve",
                                   *args, "--ready-json"], stdout=subprocess.PIPE, stderr=lf, stdin=subprocess.DEVNULL)
         self.procs.append(p)
         with selectors.DefaultSelector() as sel:

@@ -27,12 +27,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from nakshatra import _nakshatra
 from nakshatra.auth import ENV_VAR, generate_key_file
-from nakshatra.chain import Chain, FailoverError, SamplerParams, parse_stage_address
-from nakshatra.local import LocalStages
+from nakshatra.client.chain import Chain, FailoverError, SamplerParams, parse_stage_address
+from nakshatra.gguf.slicer import slice_model
 from nakshatra.ranges import LayerRange
-from nakshatra.slicer import slice_model
+from nakshatra.server.local import LocalStages
 
 pytestmark = pytest.mark.slow
 

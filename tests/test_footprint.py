@@ -1,7 +1,7 @@
 """A stage's memory footprint: llama.cpp's own estimate of what it allocates (no_alloc load with
 the stage's parameters, cpp/stage/memory_estimate.cpp), the prediction built on it
-(nakshatra.memory), and the footprint measured under a cgroup memory limit
-(nakshatra.footprint)."""
+(nakshatra.gguf.memory), and the footprint measured under a cgroup memory limit
+(nakshatra.bench.footprint)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from hostemu import require_cgroup_memory
 from nakshatra import _nakshatra
+from nakshatra.bench.footprint import MIB, THRASH_FAULTS, _Chain
+from nakshatra.cluster.plan import model_memory
 from nakshatra.errors import NakError, StageError
-from nakshatra.footprint import MIB, THRASH_FAULTS, _Chain
-from nakshatra.inspection import inspect_gguf
-from nakshatra.local import cached_parts
-from nakshatra.memory import PROCESS_BASELINE_BYTES, llama_estimate, predict_stage
-from nakshatra.plan import model_memory
+from nakshatra.gguf.inspection import inspect_gguf
+from nakshatra.gguf.memory import PROCESS_BASELINE_BYTES, llama_estimate, predict_stage
 from nakshatra.ranges import LayerRange
+from nakshatra.server.local import cached_parts
 
 pytestmark = pytest.mark.slow
 

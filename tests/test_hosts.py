@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
+
+from greedy import greedy_tokens
 from nakshatra import _nakshatra
 from nakshatra.auth import generate_key_file, load_key
-from nakshatra.chain import Chain, SamplerParams
-from nakshatra.cluster import load_cluster
+from nakshatra.client.chain import Chain, SamplerParams
+from nakshatra.cluster.config import load_cluster
 from nakshatra.errors import ChainError
-from greedy import greedy_tokens
-from nakshatra.local import LocalStages
+from nakshatra.server.local import LocalStages
 from netns import Hosts, require_netns
 from test_upstream import cut
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from nakshatra import hub
 from nakshatra.errors import ModelError
-from nakshatra.models import BUILTIN, resolve_model
+from nakshatra.gguf import hub
+from nakshatra.gguf.models import BUILTIN, resolve_model
 
 COMMIT = "a" * 40
 COMMIT_V1 = "b" * 40
@@ -232,8 +232,7 @@ def _online(monkeypatch):
 def test_hf_hub_answers_become_one_line_with_the_fix(hf_cache, monkeypatch):
     from types import SimpleNamespace
 
-    from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
-                                       RevisionNotFoundError)
+    from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     hh = _online(monkeypatch)
 
@@ -337,7 +336,7 @@ def test_ollama_resolves_to_the_blob_in_place(ollama, smollm2_path):
     assert [p.name for p in (ollama / "blobs").iterdir()] == [blob.name]
     hub.resolve("ollama:smollm2", verify=True)
 
-    from nakshatra.slicer import model_layout
+    from nakshatra.gguf.slicer import model_layout
 
     assert model_layout(got, sha256="-").n_layer == 30  # the slicer reads the blob as it is
 

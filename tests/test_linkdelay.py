@@ -1,4 +1,4 @@
-"""The link-delay relay (nakshatra.linkdelay): bytes intact, round trip 2 * delay, pipelining kept,
+"""The link-delay relay (nakshatra.bench.linkdelay): bytes intact, round trip 2 * delay, pipelining kept,
 closes propagated, no process left behind. Times are in seconds unless a name says ``_ms``."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
+from nakshatra.bench.linkdelay import LinkDelay, parse_hostport
 from nakshatra.errors import NakError
-from nakshatra.linkdelay import LinkDelay, parse_hostport
 
 DELAY_MS = 20.0
 DELAY = DELAY_MS / 1000.0  # seconds, one way

@@ -9,10 +9,11 @@ import re
 from pathlib import Path
 
 import pytest
+
 from nakshatra import _nakshatra
-from nakshatra.chain import Chain, SamplerParams
-from nakshatra.local import LocalStages
-from nakshatra.synthetic import write_synthetic_llama_of_size
+from nakshatra.client.chain import Chain, SamplerParams
+from nakshatra.gguf.synthetic import write_synthetic_llama_of_size
+from nakshatra.server.local import LocalStages
 
 pytestmark = pytest.mark.slow
 

@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 
 import pytest
-from nakshatra import models
+
 from nakshatra.errors import ModelError
-from nakshatra.manifest import sha256_file
-from nakshatra.models import BUILTIN, ModelSpec, pull, resolve_model
+from nakshatra.gguf import models
+from nakshatra.gguf.manifest import sha256_file
+from nakshatra.gguf.models import BUILTIN, ModelSpec, pull, resolve_model
 
 
 @pytest.mark.parametrize("fixture,name", [("smollm2_path", "smollm2"), ("gemma3_path", "gemma3-270m")])

@@ -1,6 +1,6 @@
-"""`nak plan` (nakshatra.plan): the planner against brute force, and the CLI end to end.
+"""`nak plan` (nakshatra.cluster.plan): the planner against brute force, and the CLI end to end.
 
-The brute force below is written from the cost model in nakshatra.plan's docstring, independently
+The brute force below is written from the cost model in nakshatra.cluster.plan's docstring, independently
 of the planner: it enumerates every ordered subset of the hosts and every split of the layers
 into contiguous non-empty ranges.
 """
@@ -15,13 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from nakshatra.cluster import HostSpec, load_cluster
-from nakshatra.errors import NakError
-from nakshatra.inspection import inspect_gguf
-from nakshatra.ranges import LayerRange
-from nakshatra.plan import (
+from hypothesis import given, settings, strategies as st
+
+from nakshatra.cluster.config import HostSpec, load_cluster
+from nakshatra.cluster.plan import (
     MIB,
     MemoryModel,
     model_memory,
@@ -29,6 +26,9 @@ from nakshatra.plan import (
     plan_chain,
     plan_cluster,
 )
+from nakshatra.errors import NakError
+from nakshatra.gguf.inspection import inspect_gguf
+from nakshatra.ranges import LayerRange
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -394,10 +394,10 @@ def test_plan_from_running_stages_uses_their_self_benchmark(smollm2_path: Path, 
     """Stages measure their speed at start and report it with their free memory in the handshake;
     `nak plan --stages` plans with those figures."""
     from nakshatra import _nakshatra
-    from nakshatra.local import LocalStages
-    from nakshatra.plan import hosts_from_stages
+    from nakshatra.cluster.plan import hosts_from_stages
+    from nakshatra.gguf.slicer import slice_model
     from nakshatra.ranges import LayerRange
-    from nakshatra.slicer import slice_model
+    from nakshatra.server.local import LocalStages
 
     m = slice_model(smollm2_path, [LayerRange(0, 15), LayerRange(15, 30)], out_dir=tmp_path / "s", progress=False)
     with LocalStages([tmp_path / "s" / s.file for s in m.slices], threads=1, ctx=128, max_sessions=1) as ls:

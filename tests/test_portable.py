@@ -148,7 +148,7 @@ def test_sockets_are_cloexec_and_accepted_ones_nonblocking(smollm2_path: Path) -
     """nak_socket (the stage's listening socket, the client's socket) is close-on-exec;
     nak_accept gives a close-on-exec, non-blocking connection, as accept4 did."""
     from nakshatra import _nakshatra
-    from nakshatra.local import LocalStages
+    from nakshatra.server.local import LocalStages
 
     cloexec = 0o2000000
     with LocalStages([smollm2_path], threads=1, ctx=64, max_sessions=1) as ls:
@@ -226,16 +226,17 @@ def no_proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.mark.skipif(not LINUX, reason="the readers' Linux results are the reference")
 def test_proc_readers_work_with_proc() -> None:
     """The readers' Linux path (so the degraded-path tests compare against something real)."""
-    from nakshatra import bench, soak, up
+    from nakshatra.bench import side_by_side as bench, soak
+    from nakshatra.cluster import processes
 
     assert procfs.available()
     assert bench.peak_rss_bytes(os.getpid()) > 0 and bench.proc_status_bytes(os.getpid(), "VmRSS") > 0
     assert soak._fds(os.getpid()) > 0
-    assert re.fullmatch(r"\d+", up._identity(os.getpid()))
+    assert re.fullmatch(r"\d+", processes._identity(os.getpid()))
 
 
 def test_bench_peak_rss_without_proc(no_proc: Path) -> None:
-    from nakshatra import bench
+    from nakshatra.bench import side_by_side as bench
     from nakshatra_cli.main import _peak_rss_cell
 
     assert bench.peak_rss_bytes(os.getpid()) == 0
@@ -247,7 +248,7 @@ def test_bench_peak_rss_without_proc(no_proc: Path) -> None:
 def test_soak_refuses_without_proc(no_proc: Path, tmp_path: Path) -> None:
     """Without /proc the soak's leak checks would read zeros and pass: it refuses instead, before
     touching the model."""
-    from nakshatra import soak
+    from nakshatra.bench import soak
 
     with pytest.raises(NakError, match=r"nak soak needs Linux /proc.*/proc/PID/fd"):
         soak.run_soak(tmp_path / "missing.gguf", duration_s=1)
@@ -259,28 +260,28 @@ def test_soak_refuses_without_proc(no_proc: Path, tmp_path: Path) -> None:
 def test_identity_without_proc_uses_ps(no_proc: Path) -> None:
     """`nak down` tells a process it started from a later one with the same pid: without /proc,
     by ps's start time (macOS); a process that is gone is gone."""
-    from nakshatra import up
+    from nakshatra.cluster import processes
 
     if shutil.which("ps") is None:
         pytest.skip("no ps on this machine")
-    me = up._identity(os.getpid())
-    assert me and me != "?" and me == up._identity(os.getpid())
+    me = processes._identity(os.getpid())
+    assert me and me != "?" and me == processes._identity(os.getpid())
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
-    assert up._identity(p.pid) == ""
+    assert processes._identity(p.pid) == ""
 
 
 def test_nak_down_stops_processes_without_proc(no_proc: Path) -> None:
     """`nak down`'s stop_processes stops a running stage where there is no /proc (it once took
     a missing /proc/PID/stat for "gone" and left every process running on macOS)."""
-    from nakshatra import up
+    from nakshatra.cluster import processes
 
     if shutil.which("ps") is None:
         pytest.skip("no ps on this machine")
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        rec = {"pid": p.pid, "identity": up._identity(p.pid)}
-        [res] = up.stop_processes([rec], timeout_s=10)
+        rec = {"pid": p.pid, "identity": processes._identity(p.pid)}
+        [res] = processes.stop_processes([rec], timeout_s=10)
         assert res["stopped"] == "term"
         assert p.wait(timeout=10) == -15  # SIGTERM
     finally:
@@ -317,7 +318,7 @@ Swapouts:                               1797064.
 
 
 def test_vm_stat_parse() -> None:
-    from nakshatra.plan import vm_stat_available_bytes
+    from nakshatra.cluster.plan import vm_stat_available_bytes
 
     assert vm_stat_available_bytes(VM_STAT_ARM64) == (3721 + 2148 + 246093) * 16384
     intel = VM_STAT_ARM64.replace("16384", "4096")
@@ -331,7 +332,7 @@ def test_vm_stat_parse() -> None:
 def test_available_memory_without_proc(no_proc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`nak plan --probe` without /proc/meminfo: vm_stat where there is one (macOS), else the
     free pages sysconf reports, else a NakError that says what to pass instead."""
-    from nakshatra import plan
+    from nakshatra.cluster import plan
 
     # macOS: a vm_stat on PATH (this one prints a real Apple silicon vm_stat's output)
     bin_dir = tmp_path / "bin"
@@ -376,7 +377,15 @@ _NO_PROC_CHILD = textwrap.dedent("""
         importlib.import_module(name)
     print("imported", len(modules))
 
-    from nakshatra import bench, plan, procfs, soak, up
+    from nakshatra import procfs
+
+    from nakshatra.bench import side_by_side as bench
+
+    from nakshatra.cluster import plan
+
+    from nakshatra.bench import soak
+
+    from nakshatra.cluster import processes
     from nakshatra.errors import NakError
     from nakshatra_cli.main import _peak_rss_cell
 
@@ -389,10 +398,10 @@ _NO_PROC_CHILD = textwrap.dedent("""
         assert "needs Linux /proc" in str(e), e
     assert plan.available_memory_mb() > 0  # sysconf's free pages (sysinfo(2), no /proc)
     # ps cannot look without /proc here (procps): the process runs, its start time is unknown
-    assert up._identity(os.getpid()) == "?"
+    assert processes._identity(os.getpid()) == "?"
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
-    assert up._identity(p.pid) == ""
+    assert processes._identity(p.pid) == ""
     print("degraded ok")
 
     # the C++ side: a stage loads and reports its health (rss unknown, free pages from sysconf)
@@ -414,7 +423,11 @@ def _package_modules() -> list[str]:
     the CLI when imported: the child runs ``python -m nakshatra_cli`` instead."""
     mods = ["nakshatra", "nakshatra._nakshatra", "nakshatra_cli"]
     for pkg, folder in (("nakshatra", ROOT / "python" / "nakshatra"), ("nakshatra_cli", ROOT / "cli" / "nakshatra_cli")):
-        mods += [f"{pkg}.{p.stem}" for p in sorted(folder.glob("*.py")) if p.stem not in ("__init__", "__main__")]
+        for p in sorted(folder.rglob("*.py")):
+            parts = p.relative_to(folder).with_suffix("").parts
+            if parts[-1] == "__main__" or parts == ("__init__",):
+                continue
+            mods.append(".".join((pkg, *(parts[:-1] if parts[-1] == "__init__" else parts))))
     return mods
 
 
@@ -428,7 +441,7 @@ def test_package_imports_and_degrades_without_proc(smollm2_path: Path, tmp_path:
     CLI runs. As root this must run: a failing unshare fails the test instead of skipping it."""
     assert shutil.which("unshare"), "unshare (util-linux) is missing"
     modules = _package_modules()
-    assert "nakshatra.soak" in modules and "nakshatra_cli.main" in modules
+    assert "nakshatra.bench.soak" in modules and "nakshatra_cli.main" in modules
     script = ('mount -t tmpfs none /proc && mount -t tmpfs none /sys && exec "$0" -c "$1" "$2" "$3"')
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
                         sys.executable, _NO_PROC_CHILD, str(smollm2_path), json.dumps(modules)],

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from nakshatra import _nakshatra
-from nakshatra.chain import Chain, ChainError, SamplerParams
-from nakshatra.local import LocalStages
+from nakshatra.client.chain import Chain, ChainError, SamplerParams
+from nakshatra.gguf.slicer import slice_model
 from nakshatra.ranges import LayerRange
-from nakshatra.slicer import slice_model
+from nakshatra.server.local import LocalStages
 from replay import replay, sampling_session
 
 pytestmark = pytest.mark.slow

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from nakshatra import _nakshatra
-from nakshatra.chain import Chain, SamplerParams
+from nakshatra.client.chain import Chain, SamplerParams
 from nakshatra.errors import ChainError, StageError
-from nakshatra.local import LocalStages
+from nakshatra.gguf.slicer import slice_model
 from nakshatra.ranges import LayerRange
-from nakshatra.slicer import slice_model
+from nakshatra.server.local import LocalStages
 
 HDR = struct.Struct("<IHBBQQB3xI")  # magic, version, type, flags, request id, session id, dtype, payload_len
 MAGIC = 0x534B414E

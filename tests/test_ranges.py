@@ -4,8 +4,8 @@ import itertools
 from itertools import pairwise
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
+
 from nakshatra.errors import RangeError
 from nakshatra.ranges import LayerRange, check_cover, parse_range, parse_ranges, plan_parts, stage_bytes
 

@@ -1,4 +1,4 @@
-"""A stage given a remote model fetches only its slice's bytes (nakshatra.remote), by HTTP range
+"""A stage given a remote model fetches only its slice's bytes (nakshatra.gguf.remote), by HTTP range
 requests to `nak up`'s file server, and cuts exactly the slice `nak slice` cuts from the file."""
 
 from __future__ import annotations
@@ -14,15 +14,17 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
 from fileserver import FileServer
-from nakshatra import _nakshatra, remote
-from nakshatra.chain import Chain, SamplerParams
+from nakshatra import _nakshatra
+from nakshatra.client.chain import Chain, SamplerParams
+from nakshatra.cluster.fileserver import _byte_range
 from nakshatra.errors import NakError
-from nakshatra.manifest import sha256_file
+from nakshatra.gguf import remote
+from nakshatra.gguf.manifest import sha256_file
+from nakshatra.gguf.remote import RemoteFile, fetch_slice, merge_intervals, missing_intervals
+from nakshatra.gguf.slicer import cached_slice, scan_gguf
 from nakshatra.ranges import LayerRange
-from nakshatra.remote import RemoteFile, fetch_slice, merge_intervals, missing_intervals
-from nakshatra.slicer import cached_slice, scan_gguf
-from nakshatra.up import _byte_range
 
 
 class Server(FileServer):
@@ -97,7 +99,7 @@ def _model_dir(model: Path, tmp_path: Path) -> Path:
 
 def cut_locally(model: Path, rng: LayerRange, cache: Path) -> Path:
     """The slice ``nak serve MODEL --layers`` cuts from the local file
-    (:func:`nakshatra.slicer.cached_slice`), in a cache of its own."""
+    (:func:`nakshatra.gguf.slicer.cached_slice`), in a cache of its own."""
     old = os.environ["NAKSHATRA_CACHE_DIR"]
     os.environ["NAKSHATRA_CACHE_DIR"] = str(cache)
     try:
@@ -228,7 +230,7 @@ def test_missing_file_and_not_a_gguf(smollm2_path: Path, tmp_path: Path, cache: 
 
 
 def _serve(*args: str) -> tuple[subprocess.Popen, str]:
-    p = subprocess.Popen([sys.executable, "-m", "nakshatra.serve", *args, "--port", "0", "--ready-json",
+    p = subprocess.Popen([sys.executable, "-m", "nakshatra.server.serve", *args, "--port", "0", "--ready-json",
                           "--threads", "2", "--ctx", "256", "--max-sessions", "2"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     line = p.stdout.readline()
@@ -292,8 +294,8 @@ def test_an_hf_reference_with_layers_fetches_only_them(smollm2_path: Path, tmp_p
     """``nak serve hf:ORG/REPO --layers A-B`` with the model not in the Hugging Face cache: the
     hub's file listing (its URL, token headers, size and LFS sha256; the hub itself cannot be
     reached from the tests) leads to a range fetch of just those layers."""
-    from nakshatra import hub
-    from nakshatra.serve import ServeOptions, remote_slice
+    from nakshatra.gguf import hub
+    from nakshatra.server.serve import ServeOptions, remote_slice
 
     model = _model_dir(smollm2_path, tmp_path)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -310,7 +312,7 @@ def test_a_split_model_fetches_only_the_slice_from_its_shards(gemma3_path: Path,
     """A split model (three shards, as llama-gguf-split cuts it) on a server: the heads of every
     shard and the slice's tensors from whichever shards hold them; the slice equals the unsplit
     model's."""
-    from nakshatra.shards import write_shards
+    from nakshatra.gguf.shards import write_shards
 
     shards = write_shards(gemma3_path, tmp_path / "served", max_bytes=100 * 10**6)
     assert len(shards) == 3

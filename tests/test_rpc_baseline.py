@@ -7,7 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from nakshatra import rpc_baseline
+
+from nakshatra.bench import rpc_baseline
 from nakshatra.errors import NakError
 
 

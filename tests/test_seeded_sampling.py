@@ -30,10 +30,10 @@ import pytest
 
 import seeded_rule as rule
 from nakshatra import _nakshatra
-from nakshatra.chain import Chain, SamplerParams
-from nakshatra.local import LocalStages
+from nakshatra.client.chain import Chain, SamplerParams
+from nakshatra.gguf.slicer import slice_model
 from nakshatra.ranges import LayerRange
-from nakshatra.slicer import slice_model
+from nakshatra.server.local import LocalStages
 
 CTX = 1024
 N_PREDICT = 24

@@ -17,11 +17,9 @@ import pytest
 from gguf import GGUFWriter
 
 from nakshatra.errors import SliceError
-from nakshatra.inspection import inspect_gguf
-from nakshatra.manifest import sha256_file
-from nakshatra.ranges import LayerRange
-from nakshatra.serve import resolve_slice
-from nakshatra.shards import (
+from nakshatra.gguf.inspection import inspect_gguf
+from nakshatra.gguf.manifest import sha256_file
+from nakshatra.gguf.shards import (
     SPLIT_KEYS,
     model_bytes,
     model_sha256,
@@ -30,7 +28,9 @@ from nakshatra.shards import (
     shard_prefix,
     write_shards,
 )
-from nakshatra.slicer import model_layout, scan_gguf, slice_model
+from nakshatra.gguf.slicer import model_layout, scan_gguf, slice_model
+from nakshatra.ranges import LayerRange
+from nakshatra.server.serve import resolve_slice
 
 MODELS = ("smollm2_path", "gemma3_path")
 
@@ -313,7 +313,7 @@ def test_run_from_shards_answers_as_the_whole_model(sharded, tmp_path):
 def test_plan_memory_from_a_shard(sharded, tmp_path, monkeypatch):
     """`nak plan SHARD`: the memory model of the split model is the unsplit file's (its fixed
     costs up to llama.cpp's heap noise, see test_nak_inspect_a_shard)."""
-    from nakshatra.plan import model_memory
+    from nakshatra.cluster.plan import model_memory
 
     monkeypatch.setenv("NAKSHATRA_CACHE_DIR", str(tmp_path / "cache"))
     whole, shards = sharded["smollm2_path"]
@@ -347,7 +347,7 @@ def test_serve_a_split_model_whole(sharded, tmp_path):
     """`nak serve SHARD` (no --layers) serves the split model whole, loaded from shard 1: the
     tokens of the unsplit model."""
     from nakshatra import _nakshatra
-    from nakshatra.chain import Chain, SamplerParams
+    from nakshatra.client.chain import Chain, SamplerParams
 
     whole, shards = sharded["smollm2_path"]
     p = subprocess.Popen([sys.executable, "-m", "nakshatra_cli", "serve", str(shards[2]), "--port", "0",
@@ -369,7 +369,7 @@ def test_a_sparse_copy_with_only_the_bytes_a_slice_reads(sharded, tmp_path, monk
     """What remote fetching builds: local files of the shards' names and sizes holding only the
     bytes slice_byte_ranges lists (holes elsewhere); given the model's identity, the slice cut
     from them is the one the whole model gives."""
-    from nakshatra.slicer import cached_slice, slice_byte_ranges
+    from nakshatra.gguf.slicer import cached_slice, slice_byte_ranges
 
     whole, shards = sharded["gemma3_path"]
     rng = LayerRange(4, 8)  # layer 5 lies in shards 1 and 2

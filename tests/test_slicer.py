@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFEndian, GGUFReader, GGUFValueType, GGUFWriter
+
 from nakshatra.errors import RangeError, SliceError
-from nakshatra.gguf_scan import WINDOW
-from nakshatra.inspection import inspect_gguf, render_inspection
-from nakshatra.manifest import Manifest, sha256_file
-from nakshatra.ranges import LayerRange, parse_ranges, plan_parts
-from nakshatra.slicer import (
+from nakshatra.gguf.inspection import inspect_gguf, render_inspection
+from nakshatra.gguf.manifest import Manifest, sha256_file
+from nakshatra.gguf.scan import WINDOW
+from nakshatra.gguf.slicer import (
     NAK_KEYS,
     cached_slice,
     kv_value,
@@ -29,6 +29,7 @@ from nakshatra.slicer import (
     swa_pattern,
     verify_slice,
 )
+from nakshatra.ranges import LayerRange, parse_ranges, plan_parts
 
 
 def summarize(path: Path) -> dict:
@@ -487,7 +488,7 @@ def test_slices_land_in_cwd_by_default(tmp_path, monkeypatch):
 
 # --- the writer's bytes are GGUFWriter's ----------------------------------------------------------
 #
-# The slicer scans the original with nakshatra.gguf_scan and copies metadata record by record. Its
+# The slicer scans the original with nakshatra.gguf.scan and copies metadata record by record. Its
 # files must be byte for byte what the slicer wrote when it read the model with GGUFReader and wrote
 # each slice with GGUFWriter; reference_slice below is that earlier writer.
 
@@ -815,7 +816,7 @@ def test_a_stage_refuses_a_slice_its_manifest_does_not_record(smollm2_path, tmp_
     import shutil
 
     from nakshatra.errors import NakError
-    from nakshatra.serve import resolve_slice
+    from nakshatra.server.serve import resolve_slice
 
     a, b = tmp_path / "a", tmp_path / "b"
     ma = slice_model(smollm2_path, [LayerRange(0, 10), LayerRange(10, 30)], out_dir=a, progress=False)

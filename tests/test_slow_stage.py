@@ -25,12 +25,13 @@ import time
 from pathlib import Path
 
 import pytest
+
+from greedy import greedy_tokens
 from hostemu import CpuQuota, require_cgroup_cpu
 from nakshatra import _nakshatra
-from nakshatra.chain import Chain, SamplerParams
+from nakshatra.client.chain import Chain, SamplerParams
 from nakshatra.errors import StageError
-from greedy import greedy_tokens
-from nakshatra.local import LocalStages
+from nakshatra.server.local import LocalStages
 from test_upstream import cut, long_prompt
 
 pytestmark = pytest.mark.slow

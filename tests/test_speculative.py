@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 
 import seeded_rule as rule
-from replay import replay, sampling_session as _session_of
-from nakshatra.chain import Chain, ChainError, SamplerParams
-from nakshatra.local import LocalStages
+from nakshatra.client.chain import Chain, ChainError, SamplerParams
+from nakshatra.gguf.slicer import slice_model
 from nakshatra.ranges import LayerRange
-from nakshatra.slicer import slice_model
+from nakshatra.server.local import LocalStages
+from replay import replay, sampling_session as _session_of
 
 pytestmark = pytest.mark.slow
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from nakshatra.chain import Chain, SamplerParams
-from nakshatra.local import LocalStages
+from nakshatra.client.chain import Chain, SamplerParams
+from nakshatra.gguf.slicer import slice_model
 from nakshatra.ranges import LayerRange
-from nakshatra.slicer import slice_model
+from nakshatra.server.local import LocalStages
 
 pytestmark = pytest.mark.slow
 
@@ -162,9 +162,9 @@ def test_nak_bench_swa_measures_both_side_by_side(gemma3_path: Path, smollm2_pat
 def test_inspect_counts_the_kv_llama_cpp_allocates(slices: list[Path], swa_full: bool) -> None:
     """`nak inspect` (and `nak plan`, which uses the same per-layer figures) counts each slice's KV
     as llama.cpp allocates it for the stage, in both settings: llama.cpp's own no_alloc estimate
-    with the stage's exact context parameters (nakshatra.memory.llama_estimate)."""
-    from nakshatra.inspection import inspect_gguf
-    from nakshatra.memory import llama_estimate
+    with the stage's exact context parameters (nakshatra.gguf.memory.llama_estimate)."""
+    from nakshatra.gguf.inspection import inspect_gguf
+    from nakshatra.gguf.memory import llama_estimate
 
     kv = []
     for path in slices:

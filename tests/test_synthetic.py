@@ -20,7 +20,7 @@ import pytest
 
 from nakshatra import _nakshatra
 from nakshatra.errors import ModelError, StageError
-from nakshatra.synthetic import (
+from nakshatra.gguf.synthetic import (
     ARCHS,
     llama_dims_for_params,
     tensor_specs,
@@ -91,8 +91,8 @@ def test_llama_cpp_refuses_a_file_unlike_its_loader(change: str, smollm2_path: P
                                                     capfd: pytest.CaptureFixture[str]) -> None:
     """The oracle above can fail: the same writer with one tensor dropped, one added or one
     reshaped produces a file llama.cpp refuses, naming the tensor."""
-    import nakshatra.synthetic as synthetic
-    from nakshatra.synthetic import TensorSpec
+    import nakshatra.gguf.synthetic as synthetic
+    from nakshatra.gguf.synthetic import TensorSpec
 
     real = synthetic.tensor_specs
 

@@ -2,7 +2,7 @@
 
 test_chain.py compares the chain with ``_nakshatra.Reference``, which links our *patched*
 llama.cpp. Here the oracle is upstream's own ``llama-completion`` (tools/completion), compiled
-from the pristine pinned source by nakshatra.upstream (fixture ``upstream_completion``, built
+from the pristine pinned source by nakshatra.bench.upstream (fixture ``upstream_completion``, built
 once into the cache). Both sides are fed alike: the same prompt tokens (BOS added, no special-token
 parsing), prefill in chunks of the chain's n_batch cut into 512-token ubatches (-b/-ub), one token
 per decode step, the same context size and threads, flash attention on "auto", greedy, and the
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from nakshatra import upstream
-from nakshatra.chain import DEFAULT_N_BATCH, Chain, SamplerParams
+from nakshatra.bench import upstream
+from nakshatra.client.chain import DEFAULT_N_BATCH, Chain, SamplerParams
 from nakshatra.errors import NakError
-from nakshatra.local import LocalStages
+from nakshatra.gguf.slicer import slice_model
 from nakshatra.ranges import LayerRange
-from nakshatra.slicer import slice_model
+from nakshatra.server.local import LocalStages
 
 THREADS = 2
 CTX = 2048  # per session, stages and upstream alike (tokens)

@@ -1,4 +1,4 @@
-"""Chain validation (nakshatra.chain.validate_chain) on handshake data: every malformed chain is
+"""Chain validation (nakshatra.client.chain.validate_chain) on handshake data: every malformed chain is
 refused with a message naming the stage at fault."""
 
 from __future__ import annotations
@@ -6,10 +6,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
-from nakshatra.chain import StageInfo, parse_stage_address, validate_chain
+from nakshatra.client.chain import StageInfo, parse_stage_address, validate_chain
 from nakshatra.errors import ChainError
 from nakshatra.ranges import LayerRange
 

@@ -36,7 +36,7 @@ KeyFile = Annotated[str, typer.Option("--key-file", help="Cluster key from `nak 
 
 def cluster_key(key_file: str, cluster=None) -> bytes | None:
     """The cluster key a command talks to stages with: ``--key-file`` (``key_file``), else the
-    ``key_file`` of the cluster file ``cluster`` (a :class:`nakshatra.cluster.ClusterFile`; the
+    ``key_file`` of the cluster file ``cluster`` (a :class:`nakshatra.cluster.config.ClusterFile`; the
     path is relative to that file), else ``$NAK_KEY``; None when none is set. Raises NakError for
     a missing, unreadable or malformed key file."""
     from nakshatra.auth import load_key

@@ -29,18 +29,18 @@ def chain_addresses(model: str, parts: int, chain: Optional[str], cluster: Optio
         yield [a for a in chain.split(",") if a.strip()], ""
         return
     if cluster:
-        from nakshatra.cluster import load_cluster
+        from nakshatra.cluster.config import load_cluster
 
         cf = load_cluster(cluster)
         yield cf.addresses(), Path(cf.model).stem if cf.model.endswith(".gguf") else cf.model
         return
     if discover:
-        from nakshatra.discovery import discover_chain
+        from nakshatra.cluster.discovery import discover_chain
 
         yield discover_chain(timeout_s=discover_timeout, model_sha256=model_sha), ""
         return
-    from nakshatra.local import LocalStages, cached_parts
-    from nakshatra.models import resolve_model
+    from nakshatra.gguf.models import resolve_model
+    from nakshatra.server.local import LocalStages, cached_parts
 
     path = resolve_model(model)
     slices = cached_parts(path, parts, progress=sys.stderr.isatty())
@@ -59,7 +59,7 @@ DiscoverOpt = Annotated[bool, typer.Option("--discover", help="Build the chain f
 
 def _key(key_file: str, cluster: Optional[Path]) -> bytes | None:
     """The key for the stages: --key-file, else the --cluster file's key_file, else $NAK_KEY."""
-    from nakshatra.cluster import load_cluster
+    from nakshatra.cluster.config import load_cluster
 
     return cluster_key(key_file, load_cluster(cluster) if cluster else None)
 
@@ -93,7 +93,8 @@ def api(
     [b]nak api --chain hostA:7071,hostB:7072 --host 0.0.0.0 --model-id my-model[/b];
     then [b]curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}'[/b]
     """
-    from nakshatra.api import Engine, serve_api
+    from nakshatra.client.api import serve_api
+    from nakshatra.client.engine import Engine
 
     def on_term(signum, frame) -> None:
         raise KeyboardInterrupt  # uvicorn re-raises SIGTERM after its shutdown: stop local stages too
@@ -138,8 +139,8 @@ def chat(
     """
     from rich.console import Console
 
-    from nakshatra.api import ApiError, Engine, GenRequest
-    from nakshatra.chain import SamplerParams
+    from nakshatra.client.chain import SamplerParams
+    from nakshatra.client.engine import ApiError, Engine, GenRequest
 
     key = _key(key_file, cluster)
     out = Console()

@@ -29,9 +29,9 @@ def _side_by_side(title: str, cols: tuple[str, ...]) -> Table:
 
 def _bench_swa(model_path: Path, *, stages: int, stage_threads: int, n_decode: int, reps: int, prompt_len: int,
                json_out: Optional[Path]) -> None:
-    """nak bench --swa: window KV against --swa-full, side by side (nakshatra.swabench)."""
-    from nakshatra.local import cached_parts
-    from nakshatra.swabench import run_swa_bench
+    """nak bench --swa: window KV against --swa-full, side by side (nakshatra.bench.swa)."""
+    from nakshatra.bench.swa import run_swa_bench
+    from nakshatra.server.local import cached_parts
 
     ctx, max_sessions = 4096, 8  # nak serve's defaults: the memory a user gets without options
     slices = cached_parts(model_path, stages, progress=False)
@@ -66,8 +66,8 @@ def _bench_swa(model_path: Path, *, stages: int, stage_threads: int, n_decode: i
 
 def _bench_speculate(model_path: Path, *, stages: int, stage_threads: int, n_predict: int, reps: int,
                      delay_ms: float, pipeline_prompt: int, json_out: Optional[Path]) -> None:
-    from nakshatra.bench import bench_prefill_pipeline, bench_speculation
-    from nakshatra.local import cached_parts
+    from nakshatra.bench.links import bench_prefill_pipeline, bench_speculation
+    from nakshatra.server.local import cached_parts
 
     links = f"{delay_ms:g} ms links" if delay_ms > 0 else "direct links"
     out: dict = {}
@@ -109,8 +109,8 @@ def _print_speculation(res: dict, stages: int, links: str, reps: int) -> None:
 
 
 def _bench_hosts(model_path: Path, hosts: str, *, n_decode: int, reps: int, json_out: Optional[Path]) -> None:
-    """nak bench --hosts: probe, plan and measure on emulated hosts (nakshatra.hostbench)."""
-    from nakshatra.hostbench import parse_hosts, run_hosts_bench
+    """nak bench --hosts: probe, plan and measure on emulated hosts (nakshatra.bench.hosts)."""
+    from nakshatra.bench.hosts import parse_hosts, run_hosts_bench
 
     shares = parse_hosts(hosts)
     with err_console.status("measuring ...") as st:
@@ -155,7 +155,7 @@ def bench(
     key: Annotated[bool, typer.Option("--key", help="Also measure the chain with a fresh cluster key (authenticated handshake, a MAC on every frame), side by side with the chain without one.")] = False,
     no_repack: Annotated[bool, typer.Option("--no-repack", help="Also measure the chain with stages started --no-repack (no repacked weight copy), side by side: decode speed and each stage's own memory.")] = False,
     swa: Annotated[bool, typer.Option("--swa", help="Instead: sliding-window KV as the stages keep it (the window plus one ubatch) against --swa-full (the whole context), side by side: own memory, prefill, decode and rollback times (a model with sliding-window layers: --model gemma3-270m).")] = False,
-    speculate: Annotated[int, typer.Option("--speculate", help="Instead: speculative decoding against the same ring without it, side by side (interleaved), on the two fixed workloads (rewrite, free: nakshatra.workloads), generating up to this many tokens each; with --link-delay-ms over emulated links.")] = 0,
+    speculate: Annotated[int, typer.Option("--speculate", help="Instead: speculative decoding against the same ring without it, side by side (interleaved), on the two fixed workloads (rewrite, free: nakshatra.bench.workloads), generating up to this many tokens each; with --link-delay-ms over emulated links.")] = 0,
     pipeline_prompt: Annotated[int, typer.Option("--pipeline-prompt", help="Instead (with --speculate, in the same run): time to first token of a prompt of this many tokens through 2 stages, each pinned to its own core, fed in one n_batch chunk and pipelined in micro-batches of 512, side by side (interleaved); with --link-delay-ms over emulated links.")] = 0,
     hosts: Annotated[Optional[str], typer.Option("--hosts", help="Instead: emulate mismatched hosts with cgroup CPU quotas (root), e.g. fast=1.0,slow=0.25 (shares of one CPU); probe each, plan, and measure the planned chain against an even split side by side.")] = None,
 ) -> None:
@@ -164,9 +164,9 @@ def bench(
 
     Example: [b]nak bench --rpc-baseline --link-delay-ms 10 --json bench.json[/b]
     """
-    from nakshatra.bench import BenchConfig, run_bench
-    from nakshatra.models import resolve_model
-    from nakshatra.serve import WIRE_FORMATS
+    from nakshatra.bench.side_by_side import BenchConfig, run_bench
+    from nakshatra.gguf.models import resolve_model
+    from nakshatra.server.serve import WIRE_FORMATS
 
     try:
         lens = [int(x) for x in prompt_lens.split(",") if x.strip()]
@@ -185,7 +185,7 @@ def bench(
     if sessions < 0 or link_delay_ms < 0:
         raise NakError("--sessions and --link-delay-ms must be >= 0")
     if synthetic:
-        from nakshatra.synthetic import cached_synthetic_llama
+        from nakshatra.gguf.synthetic import cached_synthetic_llama
 
         try:
             with err_console.status(f"writing a {synthetic} random-weight model (once) ..."):

@@ -1,5 +1,5 @@
 """`nak up` and `nak down`: start and stop the stages of a cluster file on this host
-(nakshatra.up); `nak status FILE` is in cmd_ops.py."""
+(nakshatra.cluster.up); `nak status FILE` is in cmd_ops.py."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def up(
 
     Example: [b]nak up cluster.toml[/b], then [b]nak status cluster.toml[/b] and [b]nak down cluster.toml[/b]
     """
-    from nakshatra.cluster import load_cluster
-    from nakshatra.up import up as do_up
+    from nakshatra.cluster.config import load_cluster
+    from nakshatra.cluster.up import up as do_up
 
     cf = load_cluster(cluster)
     hosts = [h.strip() for v in (this_host or []) for h in v.split(",") if h.strip()]
@@ -80,7 +80,7 @@ def down(
 
     Example: [b]nak down cluster.toml[/b]
     """
-    from nakshatra.up import down as do_down
+    from nakshatra.cluster.up import down as do_down
 
     done = do_down(cluster, timeout_s=timeout)
     if not done:

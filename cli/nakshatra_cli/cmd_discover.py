@@ -1,5 +1,5 @@
 """``nak discover``: list the stages that announce themselves on the LAN (DNS-SD over mDNS,
-``_nakshatra._tcp``; see nakshatra.discovery) and the chain ``nak run --discover`` would build.
+``_nakshatra._tcp``; see nakshatra.cluster.discovery) and the chain ``nak run --discover`` would build.
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ def discover(
     loopback). Examples: [b]nak discover[/b];
     [b]nak run --chain $(nak discover --chain) "prompt"[/b] (same as [b]nak run --discover[/b])
     """
-    from nakshatra.discovery import chain_from
-    from nakshatra.discovery import discover as do_discover
+    from nakshatra.cluster.discovery import chain_from, discover as do_discover
 
     err = Console(stderr=True)
     spinner = sys.stderr.isatty() and not as_json

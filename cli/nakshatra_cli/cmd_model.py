@@ -27,9 +27,9 @@ def slice_cmd(
 
     Example: [b]nak slice model.gguf --parts 5 -o slices/[/b]
     """
-    from nakshatra.models import resolve_model
+    from nakshatra.gguf.models import resolve_model
+    from nakshatra.gguf.slicer import model_layout, slice_model
     from nakshatra.ranges import parse_ranges
-    from nakshatra.slicer import model_layout, slice_model
 
     if (parts is None) == (ranges is None):
         raise NakError("give exactly one of --parts N or --ranges A-B,C-D,...")
@@ -60,8 +60,8 @@ def inspect(
 
     Example: [b]nak inspect slices/smollm2.0-9.gguf --ctx 8192[/b]
     """
-    from nakshatra.inspection import inspect_gguf, render_inspection
-    from nakshatra.models import resolve_model
+    from nakshatra.gguf.inspection import inspect_gguf, render_inspection
+    from nakshatra.gguf.models import resolve_model
 
     if ctx < 1 or max_sessions < 1:
         raise NakError(f"--ctx {ctx} and --max-sessions {max_sessions} must both be >= 1")
@@ -83,8 +83,8 @@ def pull(
 
     Examples: [b]nak pull gemma3-270m[/b], [b]nak pull hf:ORG/REPO:Q4_K_M[/b], [b]nak pull ollama:llama3.2:1b[/b]
     """
-    from nakshatra import hub
-    from nakshatra.models import pull as do_pull
+    from nakshatra.gguf import hub
+    from nakshatra.gguf.models import pull as do_pull
 
     if hub.is_ref(name):
         print(hub.resolve(name, progress=True, verify=verify))

@@ -63,14 +63,14 @@ def status(
     [b]nak status cluster.toml[/b]
     """
     from nakshatra import _nakshatra
-    from nakshatra.chain import health_score, parse_stage_address
+    from nakshatra.client.chain import health_score, parse_stage_address
     from nakshatra.ranges import LayerRange
 
     if (cluster is None) == (chain is None):
         raise NakError("give a cluster file (nak status cluster.toml) or --chain host:port,host:port,...")
     cf = None
     if cluster is not None:
-        from nakshatra.cluster import load_cluster
+        from nakshatra.cluster.config import load_cluster
 
         cf = load_cluster(cluster)
         addresses = cf.addresses()
@@ -136,8 +136,8 @@ def soak(
 
     Example: [b]nak soak --sessions 16 --tokens 256 --minutes 10[/b]
     """
-    from nakshatra.models import resolve_model
-    from nakshatra.soak import run_soak
+    from nakshatra.bench.soak import run_soak
+    from nakshatra.gguf.models import resolve_model
 
     with err_console.status("soak ...") as st:
         res = run_soak(resolve_model(model), parts=parts, sessions=sessions, n_tokens=tokens,

@@ -1,4 +1,4 @@
-"""`nak plan`: choose the layer ranges of a cluster (nakshatra.plan)."""
+"""`nak plan`: choose the layer ranges of a cluster (nakshatra.cluster.plan)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ _HOST_HELP = ("A host: NAME=ADDRESS,mem=MiB,speed=LAYERS_PER_S,link=MS (repeat f
 def _model_ref(model: str, model_path: Path, out_dir: Path) -> str:
     """What the cluster file names: a built-in name or an hf:/ollama: reference as is, else the
     GGUF's path relative to the file's folder when it lies under it, else absolute."""
-    from nakshatra.hub import is_ref
-    from nakshatra.models import BUILTIN
+    from nakshatra.gguf.hub import is_ref
+    from nakshatra.gguf.models import BUILTIN
 
     if (model in BUILTIN or is_ref(model)) and not Path(model).is_file():
         return model
@@ -55,10 +55,10 @@ def plan(
     Example: [b]nak plan model.gguf --host pc=10.0.0.5,mem=16000,speed=950,link=0.5 --host mac=10.0.0.6,mem=12G,speed=600,link=0.5 -o cluster.toml[/b] after [b]nak plan model.gguf --probe[/b] on each host (it prints that host's --host value).
     Or from running stages (each measures itself at start): [b]nak plan model.gguf --stages 10.0.0.5:7071,10.0.0.6:7071 -o cluster.toml[/b]; keyed stages need [b]--key-file[/b] (else the --cluster file's key_file, else $NAK_KEY), and the cluster file written names that key file.
     """
-    from nakshatra.cluster import dump_cluster, load_cluster
-    from nakshatra.errors import NakError
-    from nakshatra.models import resolve_model
-    from nakshatra.plan import (
+    from rich.console import Console
+
+    from nakshatra.cluster.config import dump_cluster, load_cluster
+    from nakshatra.cluster.plan import (
         host_arg,
         host_toml,
         left_out_lines,
@@ -71,7 +71,8 @@ def plan(
         slice_command,
         stage_downloads,
     )
-    from rich.console import Console
+    from nakshatra.errors import NakError
+    from nakshatra.gguf.models import resolve_model
 
     err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
     cf = load_cluster(cluster) if cluster is not None else None
@@ -101,7 +102,7 @@ def plan(
         port = min((st.port for st in cf.stages), default=7071) if cf is not None else 7071
     hosts = (list(cf.hosts) if cf is not None else []) + [parse_host(h) for h in host or []]
     if stages:
-        from nakshatra.plan import hosts_from_stages
+        from nakshatra.cluster.plan import hosts_from_stages
 
         hosts += hosts_from_stages([a for a in stages.split(",") if a.strip()], key=cluster_key(key_file, cf),
                                    link_ms=stages_link)
@@ -142,12 +143,12 @@ def plan(
 
 
 def _is_ref(model: str) -> bool:
-    from nakshatra.hub import is_ref
+    from nakshatra.gguf.hub import is_ref
 
     return is_ref(model)
 
 
 def _builtin() -> dict:
-    from nakshatra.models import BUILTIN
+    from nakshatra.gguf.models import BUILTIN
 
     return BUILTIN

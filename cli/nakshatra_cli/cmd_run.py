@@ -50,7 +50,7 @@ def run(
     [b]nak run --discover "prompt"[/b] (the stages that answer on the LAN)
     """
     from nakshatra.auth import load_key
-    from nakshatra.chain import Chain, GenerationStats, SamplerParams
+    from nakshatra.client.chain import Chain, GenerationStats, SamplerParams
 
     key = load_key(key_file)
     if n_predict == 0 or n_predict < -1:
@@ -84,7 +84,7 @@ def run(
                 _print_stats(st, c.stages)
 
     if discover:
-        from nakshatra.discovery import discover_chain
+        from nakshatra.cluster.discovery import discover_chain
 
         if chain:
             raise NakError("give --chain or --discover, not both")
@@ -96,8 +96,8 @@ def run(
     if chain:
         generate([a for a in chain.split(",") if a.strip()])
         return
-    from nakshatra.local import LocalStages, cached_parts
-    from nakshatra.models import resolve_model
+    from nakshatra.gguf.models import resolve_model
+    from nakshatra.server.local import LocalStages, cached_parts
 
     path = resolve_model(model)
     slices = cached_parts(path, parts, progress=sys.stderr.isatty())

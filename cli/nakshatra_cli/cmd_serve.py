@@ -71,8 +71,7 @@ def serve(
     [b]nak serve model.gguf --layers 0-15 --port 7071[/b];
     [b]nak serve http://10.0.0.5:7070/slices/model.gguf --layers 16-31[/b] (fetches only those layers)
     """
-    from nakshatra.serve import ServeOptions
-    from nakshatra.serve import serve as do_serve
+    from nakshatra.server.serve import ServeOptions, serve as do_serve
 
     code = do_serve(ServeOptions(model=model, layers=layers, host=host, port=port, insecure=insecure, key_file=key_file,
                                  threads=threads, threads_batch=threads_batch, ctx=ctx, max_sessions=max_sessions,

@@ -16,18 +16,17 @@ from rich.text import Text
 
 from nakshatra.errors import NakError
 
-from .app import _state, app, err_console
-
 # importing a command module adds its commands to the app: `nak --help` lists them in this order
-from . import cmd_run  # run
-from . import cmd_model  # slice, inspect, pull
-from . import cmd_serve  # keygen, serve
-from . import cmd_bench  # bench
-from . import cmd_ops  # build, status, soak, doctor
 from . import cmd_api  # api, chat
+from . import cmd_bench  # bench
 from . import cmd_cluster  # up, down
 from . import cmd_discover  # discover
+from . import cmd_model  # slice, inspect, pull
+from . import cmd_ops  # build, status, soak, doctor
 from . import cmd_plan  # plan
+from . import cmd_run  # run
+from . import cmd_serve  # keygen, serve
+from .app import _state, app, err_console
 from .cmd_bench import _peak_rss_cell  # imported from here by the tests
 
 __all__ = ["app", "main", "_peak_rss_cell"]

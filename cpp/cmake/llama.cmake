@@ -67,7 +67,7 @@ set(_nak_args
     # graph, and a pool with poll = 0 sleeps as soon as a decode ends (see cpp/stage/stage.cpp)
     -DGGML_OPENMP=OFF
     # ggml's RPC backend, so `nak bench --rpc-baseline` can build upstream's rpc-server and
-    # llama-bench in this same tree (python/nakshatra/rpc_baseline.py); unused by our extension
+    # llama-bench in this same tree (python/nakshatra/bench/rpc_baseline.py); unused by our extension
     -DGGML_RPC=ON
     ${_nak_backend_args_${NAKSHATRA_BACKEND}}
     ${NAKSHATRA_LLAMA_CMAKE_ARGS})

@@ -2,7 +2,7 @@
 // loaded with llama_model_params.no_alloc (metadata only, simulated allocations) and a context is
 // created with exactly the stage's parameters (nak_stage_model_params, nak_stage_context_params),
 // then llama.cpp's own breakdown is read. `nak inspect` and `nak plan` build their prediction of a
-// stage's footprint on it (python/nakshatra/memory.py adds what llama.cpp does not allocate).
+// stage's footprint on it (python/nakshatra/gguf/memory.py adds what llama.cpp does not allocate).
 #pragma once
 
 #include "stage.h"

@@ -77,7 +77,7 @@ std::string nak_token_piece(const llama_vocab * vocab, llama_token tok) {
 
 // whether the token sampled for position `pos` is the last one the session generates: an
 // end-of-generation or stop token, n_predict reached, or no position left for the token after
-// it (the client stops by the same rule: python/nakshatra/chain.py, Session._last)
+// it (the client stops by the same rule: python/nakshatra/client/chain.py, Session._last)
 bool nak_stage::ends_generation(const nak_session & s, llama_token tok, uint32_t pos) const {
     const bool stop = std::find(s.stop_tokens.begin(), s.stop_tokens.end(), tok) != s.stop_tokens.end();
     return (llama_vocab_is_eog(vocab_, tok) && !s.ignore_eog) || stop ||

@@ -1,7 +1,7 @@
 """Where the package reads Linux ``/proc``, and what it says on a machine without one (macOS).
 
-The readers (:func:`nakshatra.bench.proc_status_bytes`, :func:`nakshatra.plan.available_memory_mb`,
-the descriptor counts of :mod:`nakshatra.soak`, :func:`nakshatra.up._identity`) build their paths
+The readers (:func:`nakshatra.bench.side_by_side.proc_status_bytes`, :func:`nakshatra.cluster.plan.available_memory_mb`,
+the descriptor counts of :mod:`nakshatra.bench.soak`, :func:`nakshatra.cluster.processes._identity`) build their paths
 from :data:`PROC` when called, so a test can point it at an empty folder to see each degrade.
 Without /proc each one either uses a macOS way to the same answer (``vm_stat``, ``ps``) or says
 plainly that the feature needs Linux /proc (:func:`needs_proc`): none crashes, and no zero it
@@ -28,9 +28,9 @@ def needs_proc(feature: str) -> str:
     return f"{feature} needs Linux /proc, which this machine ({sys.platform}) does not have"
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
-"""The cgroup v1 cpu controller's mount point (Linux): :mod:`nakshatra.hostemu` makes CPU quotas
+"""The cgroup v1 cpu controller's mount point (Linux): :mod:`nakshatra.bench.hostemu` makes CPU quotas
 there to emulate a weak host (``nak bench --hosts``)."""
 
 CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
-"""The cgroup v1 memory controller's mount point (Linux): :mod:`nakshatra.hostemu` makes memory
-limits there (``python -m nakshatra.footprint`` measures a stage's footprint under them)."""
+"""The cgroup v1 memory controller's mount point (Linux): :mod:`nakshatra.bench.hostemu` makes memory
+limits there (``python -m nakshatra.bench.footprint`` measures a stage's footprint under them)."""
