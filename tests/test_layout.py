@@ -39,14 +39,14 @@ def test_an_old_name_is_the_new_module_with_a_warning(old: str):
     with pytest.warns(DeprecationWarning, match=f"nakshatra.{old} moved to nakshatra.{_moved.MOVED[old]}"):
         got = importlib.import_module(f"nakshatra.{old}")
     assert got is new
+    assert got.__spec__.name == got.__name__ == new.__name__  # its own spec: relative imports do not warn
 
 
 def test_bench_and_cluster_forward_the_old_modules_names():
-    from nakshatra.bench import links, side_by_side
-    from nakshatra.cluster import config
-
     import nakshatra.bench
     import nakshatra.cluster
+    from nakshatra.bench import links, side_by_side
+    from nakshatra.cluster import config
 
     with pytest.warns(DeprecationWarning, match="nakshatra.bench.side_by_side.run_bench"):
         assert nakshatra.bench.run_bench is side_by_side.run_bench
@@ -58,7 +58,8 @@ def test_bench_and_cluster_forward_the_old_modules_names():
         nakshatra.bench.no_such_name  # noqa: B018
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a submodule is not an old name: no warning
-        from nakshatra.bench import soak  # noqa: F401
+        from nakshatra.bench import soak
+    assert soak.__name__ == "nakshatra.bench.soak"
 
 
 @pytest.mark.parametrize("old, new, args", [

@@ -14,6 +14,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from nakshatra.client.chain import SamplerParams
+from nakshatra.server.options import DEFAULTS
+
 err_console = Console(stderr=True)
 app = typer.Typer(
     name="nak",
@@ -27,6 +30,11 @@ app = typer.Typer(
 _state = {"debug": False}
 
 # ---- shared option aliases ----------------------------------------------------------------
+
+# the defaults of the sampler and of a stage, from their one definition each (the C++ structs,
+# through nakshatra.client.chain.SamplerParams and nakshatra.server.options.ServeOptions)
+SAMPLER = SamplerParams()
+STAGE = DEFAULTS
 
 Threads = Annotated[int, typer.Option("--threads", "-t", help="llama.cpp threads per stage (0: all cores for nak serve; cores shared between local stages for nak run).",
                                       envvar="NAK_THREADS")]

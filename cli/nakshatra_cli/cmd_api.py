@@ -13,7 +13,7 @@ import typer
 
 from nakshatra.errors import NakError
 
-from .app import Ctx, KeyFile, Threads, app, cluster_key, err_console
+from .app import SAMPLER, STAGE, Ctx, KeyFile, Threads, app, cluster_key, err_console
 
 
 @contextlib.contextmanager
@@ -78,7 +78,7 @@ def api(
     model_id: Annotated[str, typer.Option("--model-id", help="The model name clients send (default: the --model name, or the cluster file's).")] = "",
     parallel: Annotated[int, typer.Option("--parallel", "-np", help="Requests served at once (each a session on every stage, kept between requests as a prompt cache).")] = 4,
     threads: Threads = 0,
-    ctx: Ctx = 4096,
+    ctx: Ctx = STAGE.ctx,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds a stage may go without answering or making progress before its range fails over (a slow stage that computes is waited for).")] = 60.0,
     key_file: KeyFile = "",
     draft_max: Annotated[int, typer.Option("--draft-max", help="Speculative decoding: the last stage drafts up to this many tokens per window with llama.cpp's n-gram drafter; 0 turns it off. A stage grants at most 8.")] = 0,
@@ -126,10 +126,10 @@ def chat(
     discover: DiscoverOpt = False,
     system: Annotated[str, typer.Option("--system", help="A system message.")] = "",
     n_predict: Annotated[int, typer.Option("--n-predict", "-n", help="Most tokens per answer.")] = 512,
-    temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.")] = 0.7,
+    temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.")] = SAMPLER.temp,
     seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Sampling seed (default: random).")] = None,
     threads: Threads = 0,
-    ctx: Ctx = 4096,
+    ctx: Ctx = STAGE.ctx,
     key_file: KeyFile = "",
 ) -> None:
     """An interactive conversation in the terminal; each turn reuses the KV cache of the

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from nakshatra.errors import NakError
 
-from .app import Ctx, KeyFile, Threads, app, err_console
+from .app import SAMPLER, STAGE, Ctx, KeyFile, Threads, app, err_console
 
 
 @app.command()
@@ -21,12 +21,12 @@ def run(
     parts: Annotated[int, typer.Option("--parts", "-p", help="Local stages to cut the model into (without --chain).")] = 3,
     chain: Annotated[Optional[str], typer.Option("--chain", help="Running stages, host:port,host:port,... in any order.")] = None,
     n_predict: Annotated[int, typer.Option("--n-predict", "-n", help="Tokens to generate (-1: until end of generation).")] = 128,
-    temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.")] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k")] = 40,
-    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
-    min_p: Annotated[float, typer.Option("--min-p")] = 0.05,
-    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", help="1 disables it.")] = 1.0,
-    repeat_last_n: Annotated[int, typer.Option("--repeat-last-n")] = 64,
+    temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.")] = SAMPLER.temp,
+    top_k: Annotated[int, typer.Option("--top-k")] = SAMPLER.top_k,
+    top_p: Annotated[float, typer.Option("--top-p")] = SAMPLER.top_p,
+    min_p: Annotated[float, typer.Option("--min-p")] = SAMPLER.min_p,
+    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", help="1 disables it.")] = SAMPLER.repeat_penalty,
+    repeat_last_n: Annotated[int, typer.Option("--repeat-last-n")] = SAMPLER.repeat_last_n,
     seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Sampling seed (default: random).")] = None,
     chat: Annotated[Optional[bool], typer.Option("--chat/--raw", help="--chat (the default when the model has a chat template): the prompt is one user turn in the model's chat template, as ollama run and llama-cli do. --raw: continue the prompt as plain text (llama-completion -no-cnv).", show_default=False)] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings per stage to stderr.")] = False,
@@ -34,7 +34,7 @@ def run(
     ring: Annotated[bool, typer.Option("--ring", help="Forwarding, and the last stage hands each token straight back to the first.")] = False,
     draft_max: Annotated[int, typer.Option("--draft-max", help="Speculative decoding: the last stage drafts up to this many tokens per window with llama.cpp's n-gram drafter (prompt lookup) and the chain verifies them in one trip; 0 turns it off. A stage grants at most 8.")] = 0,
     threads: Threads = 0,
-    ctx: Ctx = 4096,
+    ctx: Ctx = STAGE.ctx,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds a stage may go without answering or making progress before its range fails over to a replica (a slow stage that computes is waited for).")] = 60.0,
     key_file: KeyFile = "",
     discover: Annotated[bool, typer.Option("--discover", help="Build the chain from the stages announcing on the LAN (mDNS, _nakshatra._tcp); refuses an incomplete one.")] = False,

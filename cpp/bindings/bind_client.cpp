@@ -370,6 +370,20 @@ void bind_client(py::module_ & m) {
     m.def("wait_forward_ok", &wait_forward_ok, py::arg("clients"), py::arg("timeout_ms"), py::arg("min_request_id") = 0,
           "Wait for a forwarded step's FORWARD_OK (last stage) or an ERROR (any stage).");
 
+    // SamplerParams: nak_sampler_params (cpp/protocol/protocol.h), the one place the sampler's
+    // defaults are written; open() here and nakshatra.client.chain.SamplerParams derive from it
+    using S = nak_sampler_params;
+    py::class_<S>(m, "SamplerParams", "The sampler settings OPEN carries; a new one holds the defaults (llama.cpp's).")
+        .def(py::init<>())
+        .def_readwrite("temp", &S::temp, "<= 0: greedy")
+        .def_readwrite("top_k", &S::top_k)
+        .def_readwrite("top_p", &S::top_p)
+        .def_readwrite("min_p", &S::min_p)
+        .def_readwrite("repeat_penalty", &S::repeat_penalty, "1: off")
+        .def_readwrite("repeat_last_n", &S::repeat_last_n)
+        .def_readwrite("seed", &S::seed, "0xFFFFFFFF (LLAMA_DEFAULT_SEED): random");
+    const S sd;
+
     py::class_<py_stage_client>(m, "StageClient", "A blocking connection to one stage; every wait is bounded by timeout_ms.")
         .def(py::init<const std::string &, int, int, int, const py::bytes &>(), py::arg("host"), py::arg("port"),
              py::arg("timeout_ms") = 60000, py::arg("connect_timeout_ms") = 5000, py::arg("key") = py::bytes(),
@@ -377,9 +391,9 @@ void bind_client(py::module_ & m) {
              "later frame carries a MAC.")
         .def("hello", &py_stage_client::hello, py::arg("client_name") = "nakshatra-py",
              py::arg("want_model_sha256") = "")
-        .def("open", &py_stage_client::open, py::arg("session"), py::arg("temp") = 0.8f, py::arg("top_k") = 40,
-             py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
-             py::arg("repeat_last_n") = 64, py::arg("seed") = 0xFFFFFFFFu, py::arg("n_predict") = -1,
+        .def("open", &py_stage_client::open, py::arg("session"), py::arg("temp") = sd.temp, py::arg("top_k") = sd.top_k,
+             py::arg("top_p") = sd.top_p, py::arg("min_p") = sd.min_p, py::arg("repeat_penalty") = sd.repeat_penalty,
+             py::arg("repeat_last_n") = sd.repeat_last_n, py::arg("seed") = sd.seed, py::arg("n_predict") = -1,
              py::arg("stop_tokens") = std::vector<int32_t>{}, py::arg("seq") = -1,
              py::arg("ignore_eog") = false, py::arg("reuse") = false, py::arg("token") = 0, py::arg("draft_max") = 0,
              "Open a session: returns (n_ctx positions it may hold, its KV sequence id); seq -1 lets the stage pick. "

@@ -129,6 +129,7 @@ struct py_reference {
 } // namespace
 
 void bind_reference(py::module_ & m) {
+    const nak_sampler_params sd;
     py::class_<py_reference>(m, "Reference", "The unsplit model on llama.cpp's stock path (see cpp/stage/reference.h).")
         .def(py::init<const std::string &, uint32_t, uint32_t, uint32_t, int32_t, const std::vector<int> &, uint32_t, bool, int32_t>(),
              py::arg("model_path"), py::arg("n_ctx") = 4096, py::arg("n_batch") = 2048, py::arg("n_ubatch") = 512,
@@ -137,9 +138,11 @@ void bind_reference(py::module_ & m) {
              "sequence, as a stage with --max-sessions n_seq_max (for decode_batch replays). swa_full: keep the\n"
              "whole context in sliding-window layers, as a stage with --swa-full. poll: the thread pool's polling\n"
              "level (llama.cpp's --poll; -1: its default, 50; 0: as stages run, workers sleep between graphs).")
+        // the sampler's defaults (nak_sampler_params) except temp: a reference run is greedy unless asked
         .def("generate", &py_reference::generate, py::arg("prompt"), py::arg("n_predict"), py::arg("temp") = 0.0f,
-             py::arg("top_k") = 40, py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
-             py::arg("repeat_last_n") = 64, py::arg("seed") = 0xFFFFFFFFu)
+             py::arg("top_k") = sd.top_k, py::arg("top_p") = sd.top_p, py::arg("min_p") = sd.min_p,
+             py::arg("repeat_penalty") = sd.repeat_penalty, py::arg("repeat_last_n") = sd.repeat_last_n,
+             py::arg("seed") = sd.seed)
         .def("decode_batch", &py_reference::decode_batch, py::arg("seq"), py::arg("pos"), py::arg("tokens"),
              py::arg("sample"),
              "One llama_decode of the given rows (one entry per row); returns the greedy token of every row "

@@ -15,25 +15,29 @@
 
 namespace {
 
-// the llama.cpp-facing part of a stage's parameters (what its model and context are built from),
-// shared by a stage and its memory estimate
-static nak_stage_params llama_params(const std::string & path, uint32_t n_ctx, uint32_t max_sessions, uint32_t n_batch,
-                                     uint32_t n_ubatch, int32_t n_gpu_layers, int32_t flash_attn,
-                                     const std::string & cache_type_k, const std::string & cache_type_v,
-                                     bool no_repack, bool mlock, bool swa_full) {
-    nak_stage_params p;
-    p.model_path    = path;
-    p.n_ctx_session = n_ctx;
-    p.max_sessions  = max_sessions;
-    p.n_batch       = n_batch;
-    p.n_ubatch      = n_ubatch;
-    p.n_gpu_layers  = n_gpu_layers;
-    p.flash_attn    = flash_attn;
-    p.cache_type_k  = cache_type_k;
-    p.cache_type_v  = cache_type_v;
-    p.no_repack     = no_repack;
-    p.mlock         = mlock;
-    p.swa_full      = swa_full;
+// a stage's parameters: the defaults of nak_stage_params (stage.h, the one place they are
+// written), then every keyword argument set through StageParams' attributes, so a name that is
+// not a parameter, or a value of the wrong type, raises TypeError naming it
+static nak_stage_params stage_params(const std::string & model_path, const py::kwargs & kw) {
+    py::object obj = py::cast(nak_stage_params{});
+    for (const auto & item : kw) {
+        const std::string key = py::str(item.first);
+        if (key.empty() || key[0] == '_' || !py::hasattr(obj, key.c_str())) {
+            throw py::type_error("unknown stage parameter '" + key + "' (the fields of StageParams are the parameters)");
+        }
+        try {
+            py::setattr(obj, key.c_str(), item.second);
+        } catch (py::error_already_set & e) {
+            if (!e.matches(PyExc_TypeError)) {
+                throw;
+            }
+            // pybind's own message lists overloads; name the parameter and the value instead
+            throw py::type_error("stage parameter '" + key + "' cannot be " + std::string(py::repr(item.second)) +
+                                 " (wrong type, or a negative value for a count)");
+        }
+    }
+    nak_stage_params p = obj.cast<nak_stage_params>();
+    p.model_path = model_path;
     return p;
 }
 
@@ -99,12 +103,9 @@ struct py_stage {
 };
 
 // nak_estimate_memory as a dict (bytes; buffers: one dict per llama.cpp buffer type)
-py::dict estimate_memory(const std::string & model_path, uint32_t n_ctx, uint32_t max_sessions, uint32_t n_batch,
-                         uint32_t n_ubatch, int32_t n_gpu_layers, int32_t flash_attn, const std::string & cache_type_k,
-                         const std::string & cache_type_v, bool no_repack, bool mlock, bool swa_full) {
+py::dict estimate_memory(const std::string & model_path, const py::kwargs & kw) {
     ensure_backend();
-    nak_stage_params p = llama_params(model_path, n_ctx, max_sessions, n_batch, n_ubatch, n_gpu_layers, flash_attn,
-                                      cache_type_k, cache_type_v, no_repack, mlock, swa_full);
+    nak_stage_params p = stage_params(model_path, kw);
     // one thread: the estimate computes nothing, and the thread count changes no buffer size
     p.n_threads       = 1;
     p.n_threads_batch = 1;
@@ -151,49 +152,59 @@ py::dict estimate_memory(const std::string & model_path, uint32_t n_ctx, uint32_
     return d;
 }
 
+// StageParams: nak_stage_params under Python's names. A default-constructed one holds the
+// defaults every layer above derives from (nakshatra.server.serve.ServeOptions, nak serve, python
+// -m nakshatra.server.serve, nak up's stage options).
+void bind_stage_params(py::module_ & m) {
+    using P = nak_stage_params;
+    py::class_<P>(m, "StageParams", "A stage's parameters (cpp/stage/stage.h: nak_stage_params); the defaults "
+                                     "of a new one are every stage's defaults.")
+        .def(py::init<>())
+        .def_readwrite("model_path", &P::model_path)
+        .def_readwrite("model_sha256", &P::model_sha256, "of the whole model; read from the slice when empty")
+        .def_readwrite("n_ctx", &P::n_ctx_session, "KV positions per session")
+        .def_readwrite("max_sessions", &P::max_sessions)
+        .def_readwrite("n_batch", &P::n_batch)
+        .def_readwrite("n_ubatch", &P::n_ubatch)
+        .def_readwrite("n_threads", &P::n_threads, "decode threads; 0: hardware concurrency")
+        .def_readwrite("n_threads_batch", &P::n_threads_batch, "prefill threads; 0: as n_threads")
+        .def_readwrite("n_gpu_layers", &P::n_gpu_layers, "-1: all")
+        .def_readwrite("flash_attn", &P::flash_attn, "-1 auto, 0 off, 1 on")
+        .def_readwrite("cache_type_k", &P::cache_type_k)
+        .def_readwrite("cache_type_v", &P::cache_type_v)
+        .def_readwrite("idle_timeout_s", &P::idle_timeout_s)
+        .def_readwrite("poll", &P::poll, "thread-pool polling 0..100 (llama.cpp --poll)")
+        .def_readwrite("cpu_strict", &P::cpu_strict)
+        .def_readwrite("cpu_lock", &P::cpu_lock)
+        .def_readwrite("self_bench_steps", &P::self_bench_steps)
+        .def_readwrite("max_batch", &P::max_batch)
+        .def_readwrite("batch_hold_ms", &P::batch_hold_ms)
+        .def_readwrite("wire", &P::wire)
+        .def_readwrite("batch_log", &P::batch_log)
+        .def_readwrite("no_repack", &P::no_repack)
+        .def_readwrite("mlock", &P::mlock)
+        .def_readwrite("swa_full", &P::swa_full);
+}
+
 } // namespace
 
 void bind_stage(py::module_ & m) {
-    m.def("estimate_memory", &estimate_memory, py::arg("model_path"), py::arg("n_ctx") = 4096,
-          py::arg("max_sessions") = 8, py::arg("n_batch") = 2048, py::arg("n_ubatch") = 512,
-          py::arg("n_gpu_layers") = -1, py::arg("flash_attn") = -1, py::arg("cache_type_k") = "f16",
-          py::arg("cache_type_v") = "f16", py::arg("no_repack") = false, py::arg("mlock") = false,
-          py::arg("swa_full") = false,
-          "What llama.cpp allocates for a stage serving model_path with these parameters, without "
-          "allocating it (cpp/stage/memory_estimate.h): a dict of bytes. Raises StageError (code "
-          "'load') for a missing or non-GGUF file, bad parameters, or a model llama.cpp cannot load.");
+    bind_stage_params(m);
+
+    m.def("estimate_memory", &estimate_memory, py::arg("model_path"),
+          "What llama.cpp allocates for a stage serving model_path with these parameters (keyword "
+          "arguments: StageParams fields), without allocating it (cpp/stage/memory_estimate.h): a dict of "
+          "bytes. Raises TypeError for an unknown parameter, StageError (code 'load') for a missing or "
+          "non-GGUF file, bad parameters, or a model llama.cpp cannot load.");
 
     py::class_<py_stage>(m, "Stage", "One loaded slice and its llama_context (see cpp/stage/stage.h).")
-        // the keyword arguments, Python's names and defaults, fill one nak_stage_params
-        .def(py::init([](const std::string & model_path, const std::string & model_sha256, uint32_t n_ctx,
-                         uint32_t max_sessions, int32_t n_threads, int32_t n_threads_batch, int32_t n_gpu_layers,
-                         int32_t flash_attn, const std::string & cache_type_k, const std::string & cache_type_v,
-                         uint32_t n_batch, uint32_t n_ubatch, uint32_t idle_timeout_s, uint32_t max_batch,
-                         const std::string & wire, const std::string & batch_log, int32_t poll, bool cpu_strict,
-                         const std::string & cpu_lock, uint32_t batch_hold_ms, bool no_repack, bool mlock,
-                         bool swa_full) {
-                 nak_stage_params p = llama_params(model_path, n_ctx, max_sessions, n_batch, n_ubatch, n_gpu_layers,
-                                                   flash_attn, cache_type_k, cache_type_v, no_repack, mlock, swa_full);
-                 p.model_sha256    = model_sha256;
-                 p.n_threads       = n_threads;
-                 p.n_threads_batch = n_threads_batch;
-                 p.idle_timeout_s  = idle_timeout_s;
-                 p.max_batch       = max_batch;
-                 p.wire            = wire;
-                 p.batch_log       = batch_log;
-                 p.poll            = poll;
-                 p.cpu_strict      = cpu_strict;
-                 p.cpu_lock        = cpu_lock;
-                 p.batch_hold_ms   = batch_hold_ms;
-                 return std::make_unique<py_stage>(p);
+        .def(py::init([](const std::string & model_path, const py::kwargs & kw) {
+                 return std::make_unique<py_stage>(stage_params(model_path, kw));
              }),
-             py::arg("model_path"), py::arg("model_sha256") = "", py::arg("n_ctx") = 4096, py::arg("max_sessions") = 8,
-             py::arg("n_threads") = 0, py::arg("n_threads_batch") = 0, py::arg("n_gpu_layers") = -1, py::arg("flash_attn") = -1,
-             py::arg("cache_type_k") = "f16", py::arg("cache_type_v") = "f16", py::arg("n_batch") = 2048,
-             py::arg("n_ubatch") = 512, py::arg("idle_timeout_s") = 600, py::arg("max_batch") = 8,
-             py::arg("wire") = "f32", py::arg("batch_log") = "", py::arg("poll") = 0, py::arg("cpu_strict") = false,
-             py::arg("cpu_lock") = "", py::arg("batch_hold_ms") = 0, py::arg("no_repack") = false,
-             py::arg("mlock") = false, py::arg("swa_full") = false)
+             py::arg("model_path"),
+             "Load model_path (a slice or a whole GGUF); keyword arguments are StageParams fields (their "
+             "defaults otherwise). Raises TypeError for an unknown parameter, StageError (code 'load') when "
+             "the slice cannot be loaded.")
         .def("serve", &py_stage::serve, py::arg("host"), py::arg("port"), py::arg("on_ready"),
              py::arg("max_payload") = NAK_MAX_PAYLOAD_DEFAULT, py::arg("key") = py::bytes(), py::arg("insecure") = false,
              "Run the event loop until SIGINT/SIGTERM raises or stop() is called; on_ready(port) once listening. "

@@ -50,10 +50,14 @@ class _OldNames(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         new = "nakshatra." + MOVED[spec.name.partition(".")[2]]
         _warn(spec.name, new)
-        return importlib.import_module(new)
+        module = importlib.import_module(new)
+        self._spec = module.__spec__  # the import system overwrites it with the old name's next
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
-        pass  # the new module ran already
+        # the new module ran already; give it back its own spec, else __spec__.parent (the old
+        # name's package) and __package__ disagree and its relative imports warn
+        module.__spec__ = self._spec
 
     def get_source(self, fullname: str) -> str:
         # what `python -m nakshatra.<old>` runs: the new module as __main__

@@ -18,6 +18,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import _nakshatra
 from ..errors import ChainError, StageError
@@ -44,18 +45,26 @@ def parse_stage_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _sampler_default(name: str) -> Any:
+    """The C++ default of a sampler setting; a float32 there, given back as the decimal it was
+    written as (0.8, not 0.800000011920929), which is the same float32 again on the wire."""
+    v = getattr(_nakshatra.SamplerParams(), name)
+    return float(f"{v:.7g}") if isinstance(v, float) else v
+
+
 @dataclass
 class SamplerParams:
     """llama.cpp sampler settings, applied on the last stage in llama.cpp's default order
     (penalties, top-k, top-p, min-p, temperature, dist). ``temp <= 0`` is greedy. ``seed=None``
-    draws a random seed."""
+    draws a random seed. The defaults are the stage's (``_nakshatra.SamplerParams()``,
+    cpp/protocol/protocol.h: nak_sampler_params); ``nak run``'s options take theirs from here."""
 
-    temp: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
+    temp: float = _sampler_default("temp")
+    top_k: int = _sampler_default("top_k")
+    top_p: float = _sampler_default("top_p")
+    min_p: float = _sampler_default("min_p")
+    repeat_penalty: float = _sampler_default("repeat_penalty")
+    repeat_last_n: int = _sampler_default("repeat_last_n")
     seed: int | None = None
 
     def check(self) -> None:

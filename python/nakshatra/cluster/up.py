@@ -43,17 +43,12 @@ from typing import Any
 from ..errors import NakError, SliceError
 from ..gguf.manifest import Manifest, SliceInfo, sha256_file, write_atomic
 from ..ranges import LayerRange
+from ..server.options import cluster_flags
 from .config import ClusterFile
 from .fileserver import DEFAULT_FILES_PORT
 from .processes import alive, port_in_use, run_dir, spawn, state_path, stop_processes, wait_ready
 
-SERVE_FLAGS = {
-    "ctx": "--ctx", "max_sessions": "--max-sessions", "threads": "--threads",
-    "threads_batch": "--threads-batch", "n_gpu_layers": "--n-gpu-layers", "flash_attn": "--flash-attn",
-    "cache_type_k": "--cache-type-k", "cache_type_v": "--cache-type-v", "max_batch": "--max-batch",
-    "wire": "--wire", "batch_hold_ms": "--batch-hold-ms", "poll": "--poll", "idle_timeout": "--idle-timeout",
-    "max_frame_mb": "--max-frame-mb",
-}
+SERVE_FLAGS = cluster_flags()
 """Cluster file ``[options]`` passed to every stage, and the ``nak serve`` flag of each."""
 
 CLIENT_OPTIONS = ("mode", "timeout")

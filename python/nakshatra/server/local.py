@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import ChainError
+from .options import DEFAULTS
 
 
 def _die_with_parent():
@@ -68,8 +69,8 @@ class LocalStages:
     :meth:`nakshatra.bench.hostemu.MemoryLimit.preexec` to start it inside a memory limit.
     """
 
-    def __init__(self, slices: Sequence[Path], threads: int = 0, ctx: int = 4096,
-                 max_sessions: int = 8, extra_args: Sequence[str] = (), start_timeout_s: float = 120.0,
+    def __init__(self, slices: Sequence[Path], threads: int = 0, ctx: int = DEFAULTS.ctx,
+                 max_sessions: int = DEFAULTS.max_sessions, extra_args: Sequence[str] = (), start_timeout_s: float = 120.0,
                  env: dict[str, str] | None = None, stage_args: Sequence[Sequence[str]] = (),
                  cpu_lock: bool = True, key_file: str | Path | None = None,
                  hosts: Sequence[str] = (), wrap: Sequence[Sequence[str]] = (),

@@ -11,58 +11,13 @@ import json
 import os
 import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NakError, SliceError
 from ..ranges import LayerRange, parse_range
+from .options import FLASH_ATTN, WIRE_FORMATS, ServeOptions, add_arguments, from_namespace, stage_kwargs
 
-# hidden-state wire formats (cpp/protocol/wire.h): f32 exact; bf16 and q8r (per-row scaled int8) lossy
-WIRE_FORMATS = ("f32", "bf16", "q8r")
-
-
-@dataclass
-class ServeOptions:
-    """Options of one stage. ``ctx`` is the KV positions per session; the stage's n_ctx is
-    ``ctx * max_sessions``. ``max_batch``: session steps the first stage decodes together (1:
-    batching off). ``wire``: format of the hidden states this stage sends (WIRE_FORMATS).
-    ``batch_log``: a file that gets one JSON line per decoded batch (for replays). ``cpu_lock``: a
-    file that stages sharing one machine lock around each llama_decode, so they take turns with
-    every core instead of spinning against each other (nakshatra.server.local sets it)."""
-
-    model: Path | str  # a file, or the http(s) URL of a whole model (with layers: fetch just those)
-    layers: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 7071
-    insecure: bool = False
-    key_file: str = ""  # cluster key (``nak keygen``); empty: $NAK_KEY, else none
-    threads: int = 0
-    threads_batch: int = 0
-    ctx: int = 4096
-    max_sessions: int = 8
-    n_gpu_layers: int = -1
-    flash_attn: str = "auto"
-    cache_type_k: str = "f16"
-    cache_type_v: str = "f16"
-    verify: bool = True
-    ready_json: bool = False
-    max_batch: int = 8
-    wire: str = "f32"
-    batch_log: str = ""
-    poll: int = 0
-    cpu_strict: bool = False
-    cpu_lock: str = ""
-    batch_hold_ms: int = 0
-    no_repack: bool = False  # llama.cpp use_extra_bufts = false: no repacked copy of the weights
-    mlock: bool = False      # lock the weights in RAM (mmap + mlock)
-    swa_full: bool = False   # sliding-window layers keep the whole context's KV (llama.cpp --swa-full)
-    idle_timeout_s: int = 600
-    max_frame_mb: int = 64
-    fetch: tuple[str, ...] = ()  # URLs (mirrors) to fetch a missing slice from (nak up's file server)
-    sha256: str = ""  # hex sha256 of the whole slice file: checked before serving (and after fetching)
-    model_sha256: str = ""  # a remote model's sha256, when its server does not tell it
-    announce: bool | None = None  # LAN discovery (nakshatra.cluster.discovery); None: unless host is loopback
-
+__all__ = ["ServeOptions", "WIRE_FORMATS", "serve", "main", "resolve_slice", "check_host"]
 
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -223,8 +178,7 @@ def serve(opts: ServeOptions) -> int:
         raise NakError(f"--max-batch {opts.max_batch} must be at least 1 (1 turns batching off)")
     if opts.wire not in WIRE_FORMATS:
         raise NakError(f"--wire {opts.wire!r}: use one of {', '.join(WIRE_FORMATS)} (f32 is exact)")
-    fa = {"auto": -1, "off": 0, "on": 1}.get(opts.flash_attn)
-    if fa is None:
+    if opts.flash_attn not in FLASH_ATTN:
         raise NakError(f"--flash-attn {opts.flash_attn!r}: use auto, on or off")
     tty = sys.stderr.isatty()
     model = remote_slice(opts, key, tty) or local_model(opts.model, tty)
@@ -240,15 +194,7 @@ def serve(opts: ServeOptions) -> int:
     loading = Console(stderr=True).status(f"loading {path.name} into llama.cpp ...") if tty else nullcontext()
     try:
         with loading:
-            stage = _nakshatra.Stage(str(path), model_sha256=model_sha, n_ctx=opts.ctx,
-                                     max_sessions=opts.max_sessions, n_threads=opts.threads,
-                                     n_threads_batch=opts.threads_batch,
-                                     n_gpu_layers=opts.n_gpu_layers, flash_attn=fa,
-                                     cache_type_k=opts.cache_type_k, cache_type_v=opts.cache_type_v,
-                                     max_batch=opts.max_batch, wire=opts.wire, batch_log=opts.batch_log,
-                                     poll=opts.poll, cpu_strict=opts.cpu_strict, cpu_lock=opts.cpu_lock,
-                                     batch_hold_ms=opts.batch_hold_ms, idle_timeout_s=opts.idle_timeout_s,
-                                     no_repack=opts.no_repack, mlock=opts.mlock, swa_full=opts.swa_full)
+            stage = _nakshatra.Stage(str(path), **{**stage_kwargs(opts), "model_sha256": model_sha})
     except StageError as e:
         raise NakError(f"cannot load {path}: {e}") from None
     info = stage.info()
@@ -300,50 +246,8 @@ def serve(opts: ServeOptions) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m nakshatra.server.serve MODEL [--layers A-B] [--port N] ...`` (see ServeOptions)."""
     ap = argparse.ArgumentParser(prog="python -m nakshatra.server.serve", description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--layers")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=7071)
-    ap.add_argument("--insecure", action="store_true")
-    ap.add_argument("--key-file", default="")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--threads-batch", type=int, default=0)
-    ap.add_argument("--ctx", type=int, default=4096)
-    ap.add_argument("--max-sessions", type=int, default=8)
-    ap.add_argument("--n-gpu-layers", type=int, default=-1)
-    ap.add_argument("--flash-attn", default="auto")
-    ap.add_argument("--cache-type-k", default="f16")
-    ap.add_argument("--cache-type-v", default="f16")
-    ap.add_argument("--no-verify", action="store_true")
-    ap.add_argument("--ready-json", action="store_true")
-    ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--wire", default="f32")
-    ap.add_argument("--batch-log", default="")
-    ap.add_argument("--poll", type=int, default=0)
-    ap.add_argument("--cpu-strict", type=int, default=0)
-    ap.add_argument("--cpu-lock", default="")
-    ap.add_argument("--batch-hold-ms", type=int, default=0)
-    ap.add_argument("--no-repack", action="store_true")
-    ap.add_argument("--mlock", action="store_true")
-    ap.add_argument("--swa-full", action="store_true")
-    ap.add_argument("--idle-timeout", type=int, default=600)
-    ap.add_argument("--max-frame-mb", type=int, default=64)
-    ap.add_argument("--fetch", action="append", default=[])
-    ap.add_argument("--sha256", default="")
-    ap.add_argument("--model-sha256", default="")
-    ap.add_argument("--announce", action=argparse.BooleanOptionalAction, default=None)
-    a = ap.parse_args(argv)
-    opts = ServeOptions(model=a.model, layers=a.layers, host=a.host, port=a.port, insecure=a.insecure,
-                        key_file=a.key_file,
-                        threads=a.threads, threads_batch=a.threads_batch, ctx=a.ctx, max_sessions=a.max_sessions,
-                        n_gpu_layers=a.n_gpu_layers, flash_attn=a.flash_attn,
-                        cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
-                        verify=not a.no_verify, ready_json=a.ready_json, max_batch=a.max_batch,
-                        wire=a.wire, batch_log=a.batch_log, poll=a.poll, cpu_strict=bool(a.cpu_strict),
-                        cpu_lock=a.cpu_lock, batch_hold_ms=a.batch_hold_ms, idle_timeout_s=a.idle_timeout,
-                        no_repack=a.no_repack, mlock=a.mlock, swa_full=a.swa_full,
-                        max_frame_mb=a.max_frame_mb, announce=a.announce, fetch=tuple(a.fetch), sha256=a.sha256,
-                        model_sha256=a.model_sha256)
+    add_arguments(ap)  # the flags of nak serve, from ServeOptions
+    opts = from_namespace(ap.parse_args(argv))
     try:
         return serve(opts)
     except (NakError, SliceError) as e:
