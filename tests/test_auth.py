@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from frames import AUTH, AUTH_OK, ERROR, HDR, HELLO, HELLO_OK, STATS, STATS_OK, frame, frame_type, read_frame_bytes
 from nakshatra import _nakshatra
 from nakshatra.auth import generate_key_file, load_key, parse_key
 from nakshatra.client.chain import Chain, SamplerParams
@@ -24,33 +25,8 @@ from nakshatra.errors import ChainError, NakError, StageError
 from nakshatra.server.local import LocalStages, cached_parts
 from nakshatra.server.serve import check_host
 
-HDR = struct.Struct("<IHBBQQB3xI")  # magic, version, type, flags, request id, session id, dtype, payload_len
-MAGIC = 0x534B414E
-HELLO, HELLO_OK, STATS, STATS_OK, AUTH, AUTH_OK, ERROR = 1, 2, 11, 12, 20, 21, 255
 CAP_AUTH, FLAG_MAC, UNAUTHORIZED = 1 << 3, 1, 5
 PROMPT = "The stars tonight are"
-
-
-def frame(type_: int, payload: bytes = b"", request_id: int = 1, flags: int = 0) -> bytes:
-    return HDR.pack(MAGIC, _nakshatra.PROTOCOL_VERSION, type_, flags, request_id, 0, 0, len(payload)) + payload
-
-
-def read_frame(sock: socket.socket) -> bytes:
-    """One whole frame (header + payload) as received."""
-    def exact(n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = sock.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("closed")
-            buf += chunk
-        return buf
-    hdr = exact(HDR.size)
-    return hdr + exact(HDR.unpack(hdr)[-1])
-
-
-def ftype(f: bytes) -> int:
-    return HDR.unpack_from(f)[2]
 
 
 def mac(key: bytes, *parts: bytes) -> bytes:
@@ -76,15 +52,15 @@ class PyClient:
         hello = hello or frame(HELLO, struct.pack("<Q", 1 | CAP_AUTH) + nc + struct.pack("<I", 2) + b"py" + struct.pack("<I", 0))
         nc = hello[HDR.size + 8:HDR.size + 40]
         self.send(hello)
-        ok = read_frame(self.sock)
-        assert ftype(ok) == HELLO_OK, ok
+        ok = read_frame_bytes(self.sock)
+        assert frame_type(ok) == HELLO_OK, ok
         caps, = struct.unpack_from("<Q", ok, HDR.size + 2)
         assert caps & CAP_AUTH
         ns = ok[HDR.size + 10:HDR.size + 42]
         t = hashlib.sha256(hello + ok).digest()
         self.send(auth or frame(AUTH, mac(self.key, b"nakshatra-v1 client", nc, ns, t)))
-        r = read_frame(self.sock)
-        if ftype(r) == AUTH_OK:
+        r = read_frame_bytes(self.sock)
+        if frame_type(r) == AUTH_OK:
             assert r[HDR.size:] == mac(self.key, b"nakshatra-v1 stage", ns, nc, t)
             self.ks = mac(self.key, b"nakshatra-v1 session", nc, ns, t)
             self.ctr_out = self.ctr_in = 0
@@ -98,7 +74,7 @@ class PyClient:
         return hdr + f[HDR.size:] + mac(self.ks, b"C", struct.pack("<Q", c), hdr, f[HDR.size:])[:16]
 
     def recv_sealed(self) -> bytes:
-        r = read_frame(self.sock)
+        r = read_frame_bytes(self.sock)
         assert HDR.unpack_from(r)[3] & FLAG_MAC
         want = mac(self.ks, b"S", struct.pack("<Q", self.ctr_in), r[:HDR.size], r[HDR.size:-16])[:16]
         assert hmac.compare_digest(want, r[-16:])
@@ -269,14 +245,14 @@ def test_clients_without_the_key_are_refused(keyed, plain, key_file) -> None:
 def test_handshake_from_the_spec_and_no_replay(keyed, key_file) -> None:
     key = load_key(key_file)
     a = PyClient(keyed.addresses[0], key)
-    assert ftype(a.handshake()) == AUTH_OK
+    assert frame_type(a.handshake()) == AUTH_OK
     a.send(a.seal(frame(STATS, request_id=7)))
-    assert ftype(a.recv_sealed()) == STATS_OK
+    assert frame_type(a.recv_sealed()) == STATS_OK
     hello, auth = a.sent[0], a.sent[1]
     # the same HELLO and AUTH on a new connection: the stage's nonce is fresh, the proof is stale
     b = PyClient(keyed.addresses[0], b"\0" * 32)
     r = b.handshake(hello=hello, auth=auth)
-    assert ftype(r) == ERROR and struct.unpack_from("<H", r, HDR.size)[0] == UNAUTHORIZED
+    assert frame_type(r) == ERROR and struct.unpack_from("<H", r, HDR.size)[0] == UNAUTHORIZED
     assert b.closed()
     # a frame replayed on the authenticated connection (same counter) closes it
     a.send(a.seal(frame(STATS, request_id=8), ctr=0))
@@ -287,7 +263,7 @@ def test_handshake_from_the_spec_and_no_replay(keyed, key_file) -> None:
 def test_altered_frames_close_the_connection(keyed, key_file, how: str) -> None:
     key = load_key(key_file)
     a = PyClient(keyed.addresses[0], key)
-    assert ftype(a.handshake()) == AUTH_OK
+    assert frame_type(a.handshake()) == AUTH_OK
     if how == "flip":
         f = bytearray(a.seal(frame(STATS, request_id=2)))
         f[HDR.size - 5] ^= 0x10  # the header's reserved bytes are MACed too
@@ -297,8 +273,8 @@ def test_altered_frames_close_the_connection(keyed, key_file, how: str) -> None:
     else:
         f1, f2 = a.seal(frame(STATS, request_id=2)), a.seal(frame(STATS, request_id=3))
         a.send(f2 + f1)
-    r = read_frame(a.sock)
-    assert ftype(r) == ERROR and struct.unpack_from("<H", r, HDR.size)[0] == UNAUTHORIZED
+    r = read_frame_bytes(a.sock)
+    assert frame_type(r) == ERROR and struct.unpack_from("<H", r, HDR.size)[0] == UNAUTHORIZED
     assert a.closed()
 
 

@@ -19,7 +19,7 @@ from nakshatra import _moved
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "python" / "nakshatra"
-TOP = {"__init__", "_moved", "errors", "paths", "ranges", "auth", "build", "procfs"}
+TOP = {"__init__", "_moved", "errors", "paths", "ranges", "auth", "build", "procfs", "subprocesses"}
 PACKAGES = {"gguf", "client", "server", "cluster", "bench"}
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from frames import ERROR, FORWARD, HELLO, OPEN, frame, read_frame
 from nakshatra import _nakshatra
 from nakshatra.client.chain import Chain, SamplerParams
 from nakshatra.errors import ChainError, StageError
@@ -17,37 +18,10 @@ from nakshatra.gguf.slicer import slice_model
 from nakshatra.ranges import LayerRange
 from nakshatra.server.local import LocalStages
 
-HDR = struct.Struct("<IHBBQQB3xI")  # magic, version, type, flags, request id, session id, dtype, payload_len
-MAGIC = 0x534B414E
-HELLO, ERROR, FORWARD, OPEN = 1, 255, 5, 3
-
-
-def frame(type_: int, payload: bytes = b"", version: int = _nakshatra.PROTOCOL_VERSION, magic: int = MAGIC, session: int = 0,
-          length: int | None = None) -> bytes:
-    return HDR.pack(magic, version, type_, 0, 1, session, 0, len(payload) if length is None else length) + payload
-
 
 def hello_payload(want_model: bytes = b"") -> bytes:
     return (struct.pack("<Q", 1) + bytes(32) + struct.pack("<I", 4) + b"test"
             + struct.pack("<I", len(want_model)) + want_model)
-
-
-def read_frame(sock: socket.socket) -> tuple[int, bytes]:
-    buf = b""
-    while len(buf) < HDR.size:
-        chunk = sock.recv(HDR.size - len(buf))
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    magic, version, type_, _, _, _, _, n = HDR.unpack(buf)
-    assert magic == MAGIC
-    payload = b""
-    while len(payload) < n:
-        chunk = sock.recv(n - len(payload))
-        if not chunk:
-            raise ConnectionError("closed")
-        payload += chunk
-    return type_, payload
 
 
 def error_code(payload: bytes) -> int:

@@ -48,6 +48,15 @@ static std::vector<uint8_t> seeded_bytes(uint8_t seed, size_t n, uint32_t salt) 
     return out;
 }
 
+// a message as the frame a peer sends: encoded, behind a header of its type
+template <typename T> static std::vector<uint8_t> frame_of(uint8_t type, const T & m) {
+    nak_writer w;
+    nak_encode(w, m);
+    nak_header h;
+    h.type = type;
+    return nak_frame_bytes(h, w.buf);
+}
+
 // the stage's HELLO_OK for a HELLO that passed the gate: CAP_AUTH and a fresh nonce
 static std::vector<uint8_t> stage_hello_ok(nak_auth_gate & gate, uint8_t seed) {
     nak_hello_ok ok;
@@ -56,11 +65,7 @@ static std::vector<uint8_t> stage_hello_ok(nak_auth_gate & gate, uint8_t seed) {
     ok.n_embd = 8;
     const std::vector<uint8_t> ns = seeded_bytes(seed, NAK_NONCE_SIZE, 0x5354u);
     memcpy(ok.nonce, ns.data(), NAK_NONCE_SIZE);
-    nak_writer w;
-    nak_encode(w, ok);
-    nak_header h;
-    h.type = NAK_MSG_HELLO_OK;
-    const std::vector<uint8_t> bytes = nak_frame_bytes(h, w.buf);
+    const std::vector<uint8_t> bytes = frame_of(NAK_MSG_HELLO_OK, ok);
     gate.on_hello_ok_sent(bytes, ok.nonce);
     return bytes;
 }
@@ -143,11 +148,7 @@ static void run_honest(const std::vector<uint8_t> & key, uint8_t seed, bool bad_
     hello.client_name = "fuzz";
     const std::vector<uint8_t> nc = seeded_bytes(seed, NAK_NONCE_SIZE, 0x434cu);
     memcpy(hello.nonce, nc.data(), NAK_NONCE_SIZE);
-    nak_writer w;
-    nak_encode(w, hello);
-    nak_header h;
-    h.type = NAK_MSG_HELLO;
-    const std::vector<uint8_t> hello_bytes = nak_frame_bytes(h, w.buf);
+    const std::vector<uint8_t> hello_bytes = frame_of(NAK_MSG_HELLO, hello);
     client.on_hello(hello_bytes, hello.nonce);
 
     std::vector<std::vector<uint8_t>> replies;

@@ -26,8 +26,29 @@ static void check(bool cond, const char * what) {
     }
 }
 
-static void check_roundtrip(const std::vector<uint8_t> & payload, const nak_writer & w, const char * what) {
+// decode the payload as a T; when it decodes, inspect it (the checks the stage makes), then it must
+// encode back to the same bytes: the encoder and decoder agree on the layout
+template <typename T, typename F>
+static void roundtrip(const std::vector<uint8_t> & payload, const char * what, F && inspect) {
+    T m;
+    if (!nak_decode(payload, m)) {
+        return;
+    }
+    inspect(m);
+    nak_writer w;
+    nak_encode(w, m);
     check(w.buf == payload, what);
+}
+
+template <typename T>
+static void roundtrip(const std::vector<uint8_t> & payload, const char * what) {
+    roundtrip<T>(payload, what, [](const T &) {});
+}
+
+// a decoded message's hidden-state bytes are a view into the payload, never past it
+static void check_embd_view(const nak_frame & f, const uint8_t * embd, size_t embd_bytes, const char * what) {
+    check(embd_bytes == 0 || (embd >= f.payload.data() && embd + embd_bytes <= f.payload.data() + f.payload.size()),
+          what);
 }
 
 // hidden states of n_rows rows as the stage takes them: at least one row (check_step rejects
@@ -43,61 +64,34 @@ static void decode_rows(uint8_t dtype, const uint8_t * embd, size_t embd_bytes, 
 
 static void decode_frame(const nak_frame & f, uint32_t n_embd) {
     switch (f.hdr.type) {
-        case NAK_MSG_HELLO: {
-            nak_hello m;
-            if (nak_decode(f.payload, m)) {
-                nak_writer w;
-                nak_encode(w, m);
-                check_roundtrip(f.payload, w, "HELLO round trip");
-            }
-        } break;
-        case NAK_MSG_HELLO_OK: {
-            nak_hello_ok m;
-            if (nak_decode(f.payload, m)) {
-                nak_writer w;
-                nak_encode(w, m);
-                check_roundtrip(f.payload, w, "HELLO_OK round trip");
-            }
-        } break;
-        case NAK_MSG_OPEN: {
-            nak_open m;
-            if (nak_decode(f.payload, m)) {
-                nak_writer w;
-                nak_encode(w, m);
-                check_roundtrip(f.payload, w, "OPEN round trip");
-            }
-        } break;
-        case NAK_MSG_FORWARD: {
-            nak_forward m;
-            if (nak_decode(f.payload, m)) {
+        case NAK_MSG_HELLO:
+            roundtrip<nak_hello>(f.payload, "HELLO round trip");
+            break;
+        case NAK_MSG_HELLO_OK:
+            roundtrip<nak_hello_ok>(f.payload, "HELLO_OK round trip");
+            break;
+        case NAK_MSG_OPEN:
+            roundtrip<nak_open>(f.payload, "OPEN round trip");
+            break;
+        case NAK_MSG_FORWARD:
+            roundtrip<nak_forward>(f.payload, "FORWARD round trip", [&](const nak_forward & m) {
                 check(m.pos.size() == m.n_tokens, "FORWARD pos count");
                 check(!(m.flags & NAK_FWD_TOKENS) || m.tokens.size() == m.n_tokens, "FORWARD token count");
                 if (m.flags & NAK_FWD_EMBD) {
-                    check(m.embd_bytes == 0 || (m.embd >= f.payload.data() &&
-                          m.embd + m.embd_bytes <= f.payload.data() + f.payload.size()), "FORWARD embd view");
+                    check_embd_view(f, m.embd, m.embd_bytes, "FORWARD embd view");
                     decode_rows(f.hdr.dtype, m.embd, m.embd_bytes, m.n_tokens, n_embd);
                 }
-                nak_writer w;
-                nak_encode(w, m);
-                check_roundtrip(f.payload, w, "FORWARD round trip");
-            }
-        } break;
-        case NAK_MSG_FORWARD_OK: {
-            nak_forward_ok m;
-            if (nak_decode(f.payload, m)) {
-                check(m.embd_bytes == 0 || (m.embd >= f.payload.data() &&
-                      m.embd + m.embd_bytes <= f.payload.data() + f.payload.size()), "FORWARD_OK embd view");
+            });
+            break;
+        case NAK_MSG_FORWARD_OK:
+            roundtrip<nak_forward_ok>(f.payload, "FORWARD_OK round trip", [&](const nak_forward_ok & m) {
+                check_embd_view(f, m.embd, m.embd_bytes, "FORWARD_OK embd view");
                 decode_rows(f.hdr.dtype, m.embd, m.embd_bytes, m.n_tokens, n_embd);
-                nak_writer w;
-                nak_encode(w, m);
-                check_roundtrip(f.payload, w, "FORWARD_OK round trip");
-            }
-        } break;
-        case NAK_MSG_BATCH: {
-            nak_batch m;
-            if (nak_decode(f.payload, m)) {
-                check(m.embd_bytes == 0 || (m.embd >= f.payload.data() &&
-                      m.embd + m.embd_bytes <= f.payload.data() + f.payload.size()), "BATCH embd view");
+            });
+            break;
+        case NAK_MSG_BATCH:
+            roundtrip<nak_batch>(f.payload, "BATCH round trip", [&](const nak_batch & m) {
+                check_embd_view(f, m.embd, m.embd_bytes, "BATCH embd view");
                 // as nak_stage::on_batch: each entry's rows in turn, only when they fit
                 const size_t row_bytes = nak_wire_row_bytes(f.hdr.dtype, n_embd);
                 size_t off = 0;
@@ -109,20 +103,12 @@ static void decode_frame(const nak_frame & f, uint32_t n_embd) {
                     }
                     off += bytes;
                 }
-                nak_writer w;
-                nak_encode(w, m);
-                check_roundtrip(f.payload, w, "BATCH round trip");
-            }
-        } break;
-        case NAK_MSG_ERROR: {
-            nak_error m;
-            if (nak_decode(f.payload, m)) {
-                nak_writer w;
-                nak_encode(w, m);
-                check_roundtrip(f.payload, w, "ERROR round trip");
-                (void) nak_error_code_name(m.code);
-            }
-        } break;
+            });
+            break;
+        case NAK_MSG_ERROR:
+            roundtrip<nak_error>(f.payload, "ERROR round trip",
+                                 [](const nak_error & m) { (void) nak_error_code_name(m.code); });
+            break;
         default: {
             // health counters travel inside HELLO_OK; decode any other payload as them too
             nak_health m;
@@ -130,7 +116,7 @@ static void decode_frame(const nak_frame & f, uint32_t n_embd) {
             if (nak_decode(r, m) && r.done()) {
                 nak_writer w;
                 nak_encode(w, m);
-                check_roundtrip(f.payload, w, "health round trip");
+                check(w.buf == f.payload, "health round trip");
             }
         } break;
     }

@@ -9,7 +9,7 @@ client). The Python packages are shaped like the system (docs/architecture.md):
 - :mod:`.cluster`: the cluster file, the planner, ``nak up``, discovery;
 - :mod:`.bench`: benchmarks and the emulation they need (link delay, slow hosts);
 - at the top only what everything uses: :mod:`.errors`, :mod:`.paths`, :mod:`.ranges`,
-  :mod:`.auth`, :mod:`.build`, :mod:`.procfs`.
+  :mod:`.auth`, :mod:`.build`, :mod:`.procfs`, :mod:`.subprocesses`.
 
 The flat names from before 0.2 (``nakshatra.slicer``, ``python -m nakshatra.linkdelay``) still
 work for one release (:mod:`._moved`).

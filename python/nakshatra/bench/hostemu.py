@@ -7,19 +7,25 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 from .. import procfs
 
 
+def _cgroup_missing(root: Path, control_file: str, what: str) -> str:
+    """Why a cgroup v1 ``what`` cannot be set under ``root`` ("" when it can)."""
+    if os.geteuid() != 0:
+        return f"needs root (cgroup v1 {what})"
+    if not (root / control_file).exists():
+        return f"no cgroup v1 {what.split()[0]} controller at {root}"
+    if not os.access(root, os.W_OK):
+        return f"{root} is not writable"
+    return ""
+
+
 def cgroup_cpu_missing() -> str:
     """Why a cgroup v1 cpu quota cannot be set here ("" when it can)."""
-    if os.geteuid() != 0:
-        return "needs root (cgroup v1 cpu quotas)"
-    if not (procfs.CGROUP_CPU / "cpu.cfs_quota_us").exists():
-        return f"no cgroup v1 cpu controller at {procfs.CGROUP_CPU}"
-    if not os.access(procfs.CGROUP_CPU, os.W_OK):
-        return f"{procfs.CGROUP_CPU} is not writable"
-    return ""
+    return _cgroup_missing(procfs.CGROUP_CPU, "cpu.cfs_quota_us", "cpu quotas")
 
 
 class _Group:
@@ -82,13 +88,7 @@ class CpuQuota(_Group):
 
 def cgroup_memory_missing() -> str:
     """Why a cgroup v1 memory limit cannot be set here ("" when it can)."""
-    if os.geteuid() != 0:
-        return "needs root (cgroup v1 memory limits)"
-    if not (procfs.CGROUP_MEMORY / "memory.limit_in_bytes").exists():
-        return f"no cgroup v1 memory controller at {procfs.CGROUP_MEMORY}"
-    if not os.access(procfs.CGROUP_MEMORY, os.W_OK):
-        return f"{procfs.CGROUP_MEMORY} is not writable"
-    return ""
+    return _cgroup_missing(procfs.CGROUP_MEMORY, "memory.limit_in_bytes", "memory limits")
 
 
 class MemoryLimit(_Group):

@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 
 from ..errors import NakError
+from ..subprocesses import stop_all
 
 #: Default busy-wait window before a chunk is due, in microseconds (see the module docstring).
 DEFAULT_SPIN_US = 300.0
@@ -497,18 +498,7 @@ class LinkDelay:
 
     def close(self) -> None:
         """SIGTERM every relay, wait up to 5 s each (then SIGKILL), and remove their logs."""
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5.0
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            if p.stdout is not None:
-                p.stdout.close()
+        stop_all(self.procs, 5.0)
         self.procs = []
         if self._logdir is not None:
             self._logdir.cleanup()

@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..errors import NakError
 from ..ranges import LayerRange
@@ -151,6 +152,17 @@ def _dns_label(text: str, limit: int = 40) -> str:
     return label[:limit].strip("-") or "stage"
 
 
+def _open_mdns(interfaces: list[str] | None, fix: str) -> Any:
+    """A ``zeroconf.Zeroconf`` on ``interfaces`` (None: all), IPv4. Raises NakError naming the
+    interfaces and ``fix`` (what to do without discovery) when multicast DNS cannot be opened."""
+    from zeroconf import InterfaceChoice, IPVersion, Zeroconf
+
+    try:
+        return Zeroconf(interfaces=interfaces or InterfaceChoice.All, ip_version=IPVersion.V4Only, use_asyncio=False)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise NakError(f"cannot open multicast DNS (UDP 5353) on {interfaces or 'all interfaces'}: {e}; {fix}") from None
+
+
 class Announcer:
     """Announce one stage with DNS-SD over mDNS (``_nakshatra._tcp``) until :meth:`close`.
 
@@ -204,14 +216,7 @@ class Announcer:
     def start(self, wait: bool = False, timeout_s: float = 10.0) -> Announcer:
         """Open mDNS and register (in a background thread; with ``wait``, block until registered,
         up to ``timeout_s`` seconds, and raise NakError if that failed). Returns self."""
-        from zeroconf import InterfaceChoice, IPVersion, Zeroconf
-
-        try:
-            self._zc = Zeroconf(interfaces=self.interfaces or InterfaceChoice.All,
-                                ip_version=IPVersion.V4Only, use_asyncio=False)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise NakError(f"cannot open multicast DNS (UDP 5353) on {self.interfaces or 'all interfaces'}: {e}; "
-                           "clients then need --chain") from None
+        self._zc = _open_mdns(self.interfaces, "clients then need --chain")
         self._info = self._service_info()
         self._thread = threading.Thread(target=self._register, name="nak-announce", daemon=True)
         self._thread.start()
@@ -309,14 +314,9 @@ class Browser:
         self._browser = None
 
     def __enter__(self) -> Browser:
-        from zeroconf import DNSQuestionType, InterfaceChoice, IPVersion, ServiceBrowser, Zeroconf
+        from zeroconf import DNSQuestionType, ServiceBrowser
 
-        try:
-            self._zc = Zeroconf(interfaces=self.interfaces or InterfaceChoice.All,
-                                ip_version=IPVersion.V4Only, use_asyncio=False)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise NakError(f"cannot open multicast DNS (UDP 5353) on {self.interfaces or 'all interfaces'}: {e}; "
-                           "give the stages with --chain instead") from None
+        self._zc = _open_mdns(self.interfaces, "give the stages with --chain instead")
         # QM questions only. A first question with the QU bit (python-zeroconf's default) asks for a
         # unicast answer to port 5353, and a host where several mDNS sockets share that port (this
         # process's announcer, another stage, avahi, mDNSResponder) hands a unicast datagram to

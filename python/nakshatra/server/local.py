@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import ChainError
+from ..subprocesses import stop_all
 from .options import DEFAULTS
 
 
@@ -156,18 +157,7 @@ class LocalStages:
 
     def stop(self) -> None:
         """SIGTERM every stage, wait up to 10 s, then SIGKILL."""
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            if p.stdout:
-                p.stdout.close()
+        stop_all(self.procs, 10)
         self.procs = []
         self._logdir.cleanup()
 
