@@ -9,6 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from ..ranges import LayerRange
+from .archs import split_support
 from .shards import open_model
 from .slicer import kv_value, swa_pattern, tensor_role
 
@@ -51,7 +52,9 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096, max_sessions: 
     and ``n_head_kv`` (ints, or per-layer lists when the model varies them), ``head_dim_k``,
     ``head_dim_v``, ``tensors`` (role -> ``{"count", "bytes"}`` for roles input / layers / output /
     global; a tied ``token_embd`` on a later slice counts as output), ``weights_bytes``, ``n_ctx``,
-    ``max_sessions``, ``n_swa`` (the sliding window, tokens; 0: none), ``kv_layer_bytes`` (per
+    ``max_sessions``, ``split`` (for a whole model: ``{"ok", "reason"}``, whether it can be cut by
+    layer ranges, see :func:`nakshatra.gguf.archs.split_support`; None for a slice), ``n_swa`` (the
+    sliding window, tokens; 0: none), ``kv_layer_bytes`` (per
     layer), ``kv_bytes`` and ``total_bytes`` (weights + KV; compute buffers are not included, see
     ``note``). With ``predict``, also ``footprint``: :func:`nakshatra.gguf.memory.predict_stage` for a
     stage serving the file with ``--ctx n_ctx --max-sessions max_sessions`` (and ``--swa-full``
@@ -117,7 +120,11 @@ def inspect_gguf(path: str | os.PathLike[str], n_ctx: int = 4096, max_sessions: 
         "n_ctx": n_ctx, "max_sessions": max_sessions, "n_swa": n_swa, "swa_full": swa_full,
         "kv_layer_bytes": kv_layers, "kv_bytes": kv, "total_bytes": weights + kv,
         "note": "total = weights + f16 KV cache; compute buffers are not included",
+        "split": None,
     }
+    if not is_slice:
+        s = split_support(str(arch))
+        info["split"] = {"ok": s.ok, "reason": s.reason}
     if predict:
         from .memory import predict_stage
 
@@ -148,6 +155,9 @@ def render_inspection(info: dict[str, Any]) -> Table:
     else:
         table.add_row("kind", "whole model")
     table.add_row("architecture", info["arch"])
+    split = info.get("split")
+    if split:
+        table.add_row("can be split", "yes, by layer ranges" if split["ok"] else f"[bold]no[/bold]: {split['reason']}")
     table.add_row("layers in file", str(info["n_layer"]))
     table.add_row("n_embd", str(info["n_embd"]))
     table.add_row("heads / kv heads", f"{info['n_head']} / {info['n_head_kv']}")

@@ -42,11 +42,11 @@ from gguf import GGUFReader, GGUFValueType
 from ..errors import RangeError, SliceError
 from ..paths import cache_dir
 from ..ranges import LayerRange, check_cover, plan_parts
+from .archs import require_splittable
 from .manifest import CHUNK, Manifest, SliceInfo, sha256_file, write_atomic
 from .scan import GGUFScan, KVInfo, encode_kv, scan as _scan
 from .shards import GGUFModel, ModelFiles, model_bytes, model_sha256, open_model, shard_stats, write_gguf
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "phi3")
 """Architectures whose slices are known to load and run on the patched llama.cpp."""
 
 INPUT_PREFIXES = ("token_embd.", "token_types.", "pos_embd.")
@@ -160,9 +160,7 @@ class ModelLayout:
 
 def _layout(reader: Reader, path: Path, sha256: str, file_bytes: int) -> ModelLayout:
     arch = kv_value(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise SliceError(f"{path}: architecture {arch!r} is not supported for slicing; supported: "
-                         f"{', '.join(SUPPORTED_ARCHS)}")
+    require_splittable(str(arch), path)
     if any(k in reader.fields for k in NAK_KEYS):
         raise SliceError(f"{path} is already a slice; slice the whole model instead")
     n_layer, n_embd = kv_value(reader, f"{arch}.block_count"), kv_value(reader, f"{arch}.embedding_length")

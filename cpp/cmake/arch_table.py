@@ -1,0 +1,209 @@
+"""Read the pinned llama.cpp source and write, for every architecture it names, the facts that decide
+whether a model of it can be cut by layer ranges: which graph builder it uses, whether that builder
+names its layer outputs ``l_out`` (where a slice without the output layer ends, patch 0002), whether
+its memory is recurrent or hybrid, and what it does to its input between the token embedding and the
+first layer (a transform there would be applied again to a hidden state on a later stage).
+
+Run at build time (cpp/cmake/llama.cmake) on the patched tree; the JSON is installed as
+``nakshatra/_arch_table.json`` and read by :mod:`nakshatra.gguf.archs`. Facts only: the verdict
+(split, refused and why) is made in Python.
+
+    python cpp/cmake/arch_table.py --source SRC --out FILE
+
+Sources read (paths relative to the llama.cpp tree):
+- ``src/llama-arch.cpp``: ``{ LLM_ARCH_X, "name" }`` and ``llm_arch_is_recurrent/hybrid/diffusion``;
+- ``src/llama-model.cpp``: the factory ``case LLM_ARCH_X: return new llama_model_y(params);``;
+- ``src/models/models.h``: ``struct llama_model_y : public llama_model_z`` and
+  ``using graph = llama_model_z::graph;`` (a builder shared with another class);
+- ``src/models/*.cpp``: each builder's constructor ``llama_model_z::graph[<..>]::graph(...)`` and
+  the other members of that graph struct defined in the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+_ARCH_NAME = re.compile(r'\{\s*(LLM_ARCH_\w+)\s*,\s*"([^"]+)"\s*\}')
+_FACTORY_RETURN = re.compile(r"return\s+new\s+(llama_model_\w+)\s*(?:<[^>]*>)?\s*\(")
+_STRUCT = re.compile(r"struct\s+(llama_model_\w+)\s*(?:final\s*)?:\s*public\s+(llama_model_\w+)")
+_USING_GRAPH = re.compile(r"using\s+graph\s*=\s*(llama_model_\w+)::graph")
+_GRAPH_CTOR = re.compile(r"(llama_model_\w+)::graph(?:\s*<[^>]*>)?::graph\s*\(")
+_LAYER_LOOP = re.compile(r"for\s*\(\s*int\s+il\s*=")
+_REASSIGN = re.compile(r"\b(\w+)\s*=\s*(ggml_\w+|build_\w+)\s*\(")
+
+
+def _switch_cases(text: str, func: str) -> set[str]:
+    """The LLM_ARCH_ cases of ``bool func(const llm_arch & arch) { switch ... return true; }``."""
+    m = re.search(r"bool\s+" + func + r"\s*\([^)]*\)\s*\{", text)
+    if not m:
+        return set()
+    body = _block(text, m.end() - 1)
+    true_part = body.split("return true;")[0]
+    return set(re.findall(r"case\s+(LLM_ARCH_\w+)\s*:", true_part))
+
+
+def _block(text: str, open_brace: int) -> str:
+    """The text from ``text[open_brace] == '{'`` to its matching ``}`` (comments and strings are
+    not parsed: the sources read here have balanced braces in both)."""
+    depth = 0
+    for i in range(open_brace, len(text)):
+        c = text[i]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_brace:i + 1]
+    raise ValueError("unbalanced braces")
+
+
+def _factory(text: str) -> dict[str, str]:
+    """LLM_ARCH_X -> the llama_model_ class the factory creates for it."""
+    m = re.search(r"case\s+LLM_ARCH_\w+\s*:\s*return\s+new\s+llama_model_", text)
+    if not m:
+        raise ValueError("no model factory (case LLM_ARCH_X: return new llama_model_...) in llama-model.cpp")
+    start = text.rfind("switch", 0, m.start())
+    body = _block(text, text.index("{", start))
+    out: dict[str, str] = {}
+    pending: list[str] = []
+    for tok in re.finditer(r"case\s+(LLM_ARCH_\w+)\s*:|" + _FACTORY_RETURN.pattern, body):
+        if tok.group(1):
+            pending.append(tok.group(1))
+        else:
+            for arch in pending:
+                out[arch] = tok.group(2)
+            pending = []
+    return out
+
+
+def _graph_owners(models_h: str) -> dict[str, str]:
+    """llama_model_y -> the class whose ``graph`` y builds with (y itself unless it says
+    ``using graph = z::graph`` or inherits from a model class that does)."""
+    parent: dict[str, str] = {}
+    using: dict[str, str] = {}
+    for m in _STRUCT.finditer(models_h):
+        cls, base = m.group(1), m.group(2)
+        parent[cls] = base
+        brace = models_h.index("{", m.end())
+        body = _block(models_h, brace)
+        u = _USING_GRAPH.search(body)
+        if u:
+            using[cls] = u.group(1)
+        elif re.search(r"\bstruct\s+graph\b", body):
+            using[cls] = cls
+
+    def owner(cls: str, seen: tuple[str, ...] = ()) -> str:
+        if cls in seen:
+            return cls
+        if cls in using and using[cls] != cls:
+            return owner(using[cls], seen + (cls,))
+        if cls in using:
+            return cls
+        base = parent.get(cls, "")
+        if base and base not in ("llama_model_base",):
+            return owner(base, seen + (cls,))
+        return cls
+
+    return {cls: owner(cls) for cls in parent}
+
+
+def _strip_comments(text: str) -> str:
+    """C++ source without its // and /* */ comments (a comment naming "l_out" or an op does not
+    count; string literals in builders hold no "//")."""
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    return re.sub(r"//[^\n]*", "", text)
+
+
+def _builders(models_dir: Path) -> dict[str, dict]:
+    """graph owner class -> {"file", "ctor": constructor body, "members": the bodies of every
+    function of that graph struct in the same file}."""
+    out: dict[str, dict] = {}
+    for f in sorted(models_dir.glob("*.cpp")):
+        text = _strip_comments(f.read_text(errors="replace"))
+        for m in _GRAPH_CTOR.finditer(text):
+            cls = m.group(1)
+            brace = text.index("{", m.end())
+            ctor = _block(text, brace)
+            members = []
+            for mm in re.finditer(re.escape(cls) + r"::graph(?:\s*<[^>]*>)?::(\w+)\s*\(", text):
+                if mm.group(1) == "graph":
+                    continue
+                members.append(_block(text, text.index("{", mm.end())))
+            entry = out.setdefault(cls, {"file": f"src/models/{f.name}", "ctor": "", "members": []})
+            entry["ctor"] += ctor
+            entry["members"] += members
+    return out
+
+
+def _input_transforms(ctor: str) -> list[dict]:
+    """What a builder does to its input between ``build_inp_embd`` and its layer loop: each
+    statement that reassigns the embedding's variable through a ggml op or a build_ helper, with
+    ``tokens_only`` true when it is conditional on ``ubatch.token`` (token input only)."""
+    m = re.search(r"(\w+)\s*=\s*build_inp_embd\s*\(", ctor)
+    if not m:
+        return []
+    var = m.group(1)
+    loop = _LAYER_LOOP.search(ctor, m.end())
+    region = ctor[m.end():loop.start() if loop else len(ctor)]
+    out = []
+    for stmt in region.split(";"):
+        r = _REASSIGN.search(stmt)
+        if not r or r.group(1) != var or not re.search(r"\b" + var + r"\b", stmt[r.end():]):
+            continue
+        text = " ".join(stmt.split())
+        out.append({"op": r.group(2), "statement": text[:160], "tokens_only": "ubatch.token" in text})
+    return out
+
+
+def arch_table(src: Path) -> dict:
+    """The facts of every architecture in the llama.cpp tree at ``src`` (see the module)."""
+    arch_cpp = (src / "src" / "llama-arch.cpp").read_text(errors="replace")
+    model_cpp = (src / "src" / "llama-model.cpp").read_text(errors="replace")
+    models_h = (src / "src" / "models" / "models.h").read_text(errors="replace")
+    names = dict(_ARCH_NAME.findall(arch_cpp))
+    recurrent = _switch_cases(arch_cpp, "llm_arch_is_recurrent")
+    hybrid = _switch_cases(arch_cpp, "llm_arch_is_hybrid")
+    diffusion = _switch_cases(arch_cpp, "llm_arch_is_diffusion")
+    factory = _factory(model_cpp)
+    owners = _graph_owners(models_h)
+    builders = _builders(src / "src" / "models")
+    archs = {}
+    for enum, name in sorted(names.items(), key=lambda kv: kv[1]):
+        cls = factory.get(enum)
+        owner = owners.get(cls, cls) if cls else None
+        b = builders.get(owner) if owner else None
+        body = (b["ctor"] + "".join(b["members"])) if b else ""
+        archs[name] = {
+            "enum": enum,
+            "model_class": cls,
+            "builder": owner if b else None,
+            "file": b["file"] if b else None,
+            "names_l_out": '"l_out"' in body,
+            "recurrent": enum in recurrent,
+            "hybrid": enum in hybrid,
+            "diffusion": enum in diffusion,
+            "input_transforms": _input_transforms(b["ctor"]) if b else [],
+        }
+    return {"source": str(src), "archs": archs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", type=Path, required=True, help="the (patched) llama.cpp tree")
+    ap.add_argument("--out", type=Path, required=True, help="the JSON file to write")
+    a = ap.parse_args(argv)
+    try:
+        table = arch_table(a.source)
+    except (OSError, ValueError) as e:
+        print(f"arch_table.py: cannot read the architectures of {a.source}: {e}", file=sys.stderr)
+        return 1
+    a.out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
