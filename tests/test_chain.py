@@ -235,7 +235,8 @@ def test_session_is_freed_when_the_client_goes_away(smol_chain) -> None:
 # ---- generality: random-weight tiny models of other architectures ----------------------------
 
 @pytest.mark.parametrize("arch, tied", [("qwen2", False), ("qwen3", True), ("phi3", False),
-                                        ("qwen3moe", False), ("llama", True)])
+                                        ("qwen3moe", False), ("llama", True), ("granite", False),
+                                        ("exaone", True), ("xverse", False), ("mistral3", False)])
 def test_exact_synthetic_arch(smollm2_path: Path, tmp_path: Path, arch: str, tied: bool) -> None:
     from nakshatra.gguf.synthetic import write_synthetic
 

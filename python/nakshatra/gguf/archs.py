@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..errors import NakError, SliceError
 
-VERIFIED = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "phi3")
+VERIFIED = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "phi3", "granite", "exaone", "xverse", "mistral3")
 """Architectures whose splits are tested bit-exact against the unsplit model (random-weight
 models of each, cut in uneven stages: tests/test_synthetic.py)."""
 

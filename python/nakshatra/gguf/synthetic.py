@@ -28,8 +28,16 @@ import numpy as np
 
 from ..errors import ModelError
 
-ARCHS = ("llama", "qwen2", "qwen3", "phi3", "qwen3moe", "gemma3")
+ARCHS = ("llama", "qwen2", "qwen3", "phi3", "qwen3moe", "gemma3", "granite", "exaone", "xverse", "mistral3")
 """Architectures :func:`write_synthetic` can write."""
+
+ARCH_KV = {
+    # Granite's scales: the embedding scale multiplies token input on the first stage only (patch
+    # 0002 keeps it off hidden-state input), the others act inside every layer and on the logits
+    "granite": {"logit_scale": 0.5, "residual_scale": 0.75, "embedding_scale": 3.0, "attention_scale": 0.125},
+}
+"""Float metadata ``{arch}.{key}`` an architecture's loader requires or that changes its graph."""
+
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
 """Weight types for the matrices; norms, biases and the MoE router stay F32."""
@@ -160,6 +168,8 @@ def write_synthetic(path: str | Path, arch: str, n_layer: int = 4, n_embd: int =
         w.add_uint32(f"{arch}.expert_count", n_expert)
         w.add_uint32(f"{arch}.expert_used_count", n_expert_used)
         w.add_uint32(f"{arch}.expert_feed_forward_length", n_ff)
+    for key, value in ARCH_KV.get(arch, {}).items():
+        w.add_float32(f"{arch}.{key}", value)
     for key, (vtype, value, sub) in tok_kv.items():
         w.add_key_value(key, value, vtype, sub_type=sub)
 
