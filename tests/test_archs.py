@@ -52,6 +52,8 @@ def test_verified_architectures_pass_every_rule(arch: str):
     ("bloom", "transforms the input before the first layer (inpL = build_norm(inpL, model.tok_norm"),
     ("gpt2", "transforms the input before the first layer (inpL = ggml_add(ctx0, inpL, pos))"),
     ("no-such-arch", "the pinned llama.cpp has no graph builder for architecture 'no-such-arch'"),
+    ("smollm3", "computes with the layer index (const bool use_rope = (il + 1) % hparams.n_no_rope_layer_step"),
+    ("deepseek2", "computes with the layer index (if ((uint32_t) il < hparams.n_layer_dense_lead) {)"),
 ])
 def test_refused_with_the_reason(arch: str, reason: str):
     s = archs.split_support(arch)

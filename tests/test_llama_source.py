@@ -42,7 +42,7 @@ def project_with(patches: list[Path], tmp: Path) -> Path:
     return tmp
 
 
-PATCHED = ["src/llama-model.cpp", "src/llama-graph.cpp", "src/models/llama.cpp", "src/models/gemma3.cpp"]
+PATCHED = ["src/llama-model.cpp", "src/llama-graph.cpp", "src/llama-graph.h", "src/models/gemma3.cpp"]
 
 
 def test_patch_tools_agree_and_reruns_rewrite_nothing(pristine: Path, tmp_path: Path) -> None:
@@ -51,7 +51,8 @@ def test_patch_tools_agree_and_reruns_rewrite_nothing(pristine: Path, tmp_path: 
         dest = prepare(ROOT, tmp_path / tool, pristine, tool)
         trees[tool] = {f: (dest / f).read_bytes() for f in PATCHED}
         assert b"nakshatra" in trees[tool]["src/llama-model.cpp"]
-        assert b"build_partial_out" in trees[tool]["src/models/gemma3.cpp"]
+        assert b"llm_graph_partial_out" in trees[tool]["src/llama-graph.cpp"]
+        assert b"nak_n_layer_full" in trees[tool]["src/models/gemma3.cpp"]
     assert trees["git"] == trees["patch_ng"]
     dest = prepare(ROOT, tmp_path / "git", pristine, "git")
     mtimes = {f: (dest / f).stat().st_mtime_ns for f in PATCHED}
@@ -63,11 +64,11 @@ def test_dropping_a_patch_restores_pristine_files(pristine: Path, tmp_path: Path
     patches = sorted((ROOT / "patches").glob("*.patch"))
     cache = tmp_path / "cache"
     dest = prepare(ROOT, cache, pristine, "git")
-    assert (dest / "src/models/llama.cpp").read_bytes() != (pristine / "src/models/llama.cpp").read_bytes()
+    assert (dest / "src/llama-graph.h").read_bytes() != (pristine / "src/llama-graph.h").read_bytes()
     only_first = project_with(patches[:1], tmp_path / "proj")
     dest2 = prepare(only_first, cache, pristine, "git")
     assert dest2 == dest
-    assert (dest / "src/models/llama.cpp").read_bytes() == (pristine / "src/models/llama.cpp").read_bytes()
+    assert (dest / "src/llama-graph.h").read_bytes() == (pristine / "src/llama-graph.h").read_bytes()
     assert b"nakshatra" in (dest / "src/llama-model.cpp").read_bytes()
 
 

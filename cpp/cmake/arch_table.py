@@ -34,6 +34,10 @@ _USING_GRAPH = re.compile(r"using\s+graph\s*=\s*(llama_model_\w+)::graph")
 _GRAPH_CTOR = re.compile(r"(llama_model_\w+)::graph(?:\s*<[^>]*>)?::graph\s*\(")
 _LAYER_LOOP = re.compile(r"for\s*\(\s*int\s+il\s*=")
 _REASSIGN = re.compile(r"\b(\w+)\s*=\s*(ggml_\w+|build_\w+)\s*\(")
+# the layer index in arithmetic or a comparison: on a slice `il` is the local index
+_INDEX_USE = re.compile(r"\(il\s*[-+%*/]|\bil\s*[-+%*/]\s*[\w(]|\bil\s*[<>]=?|[<>]=?\s*\(?\s*(?:\(\w+\)\s*)?il\b|"
+                        r"\)\s*il\s*[<>%]|\bil\s*!=|\bil\s*==(?!\s*n_layer\s*-\s*1\b)")
+_LOOP_HEADER = re.compile(r"for\s*\(\s*(?:int|uint32_t)\s+il\s*=")
 
 
 def _switch_cases(text: str, func: str) -> set[str]:
@@ -159,6 +163,19 @@ def _input_transforms(ctor: str) -> list[dict]:
     return out
 
 
+def _layer_index_uses(code: str) -> list[str]:
+    """The lines of builder code that compute with the layer index ``il`` (arithmetic, a
+    comparison other than ``il == n_layer - 1``), loop headers excepted: on a slice ``il`` counts
+    from the slice's first layer, so such a line may decide with the wrong layer (leading dense
+    layers, every Nth layer without RoPE, MoE every Nth layer)."""
+    out = []
+    for line in code.splitlines():
+        s = " ".join(line.split())
+        if "il" in s and _INDEX_USE.search(s) and not _LOOP_HEADER.search(s) and s not in out:
+            out.append(s[:160])
+    return out
+
+
 def arch_table(src: Path) -> dict:
     """The facts of every architecture in the llama.cpp tree at ``src`` (see the module)."""
     arch_cpp = (src / "src" / "llama-arch.cpp").read_text(errors="replace")
@@ -187,6 +204,7 @@ def arch_table(src: Path) -> dict:
             "hybrid": enum in hybrid,
             "diffusion": enum in diffusion,
             "input_transforms": _input_transforms(b["ctor"]) if b else [],
+            "layer_index_uses": _layer_index_uses(body),
         }
     return {"source": str(src), "archs": archs}
 

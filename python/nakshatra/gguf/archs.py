@@ -14,10 +14,13 @@ beside the compiled extension. :func:`split_support` turns them into a verdict, 
 4. nothing may transform the input between the token embedding and the first layer unless only
    for token input (``ubatch.token``): a later stage would apply it again to a hidden state
    (Gemma and Gemma 2 scale by ``sqrt(n_embd)``, BLOOM normalises, GPT-2 adds position embeddings);
-5. the architecture must be in :data:`VERIFIED`: a split of it was checked bit-exact against the
-   unsplit model (``tests/test_synthetic.py``); the others may hide a layer-index trap (a
-   per-layer pattern, leading dense layers, a model size read from the layer count) that would
-   give a silently wrong answer, so they are refused until tested.
+5. a builder that computes with the layer index ``il`` (leading dense layers, every Nth layer
+   without RoPE or with MoE) would see the slice's local index: refused until handled, unless
+   verified (Granite's ``il > 0`` only matters for deepstack inputs);
+6. the architecture must be in :data:`VERIFIED`: a split of it was checked bit-exact against the
+   unsplit model (``tests/test_chain.py: test_exact_synthetic_arch``); the others may hide a trap
+   the rules above do not see (a per-layer pattern set by the loader, a model size read from the
+   layer count) that would give a silently wrong answer, so they are refused until tested.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ..errors import NakError, SliceError
 
 VERIFIED = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "phi3", "granite", "exaone", "xverse", "mistral3")
 """Architectures whose splits are tested bit-exact against the unsplit model (random-weight
-models of each, cut in uneven stages: tests/test_synthetic.py)."""
+models of each, cut in uneven stages: tests/test_chain.py: test_exact_synthetic_arch)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,11 @@ def split_support(arch: str) -> SplitSupport:
             return SplitSupport(arch, False, f"its graph builder ({facts['file']}) transforms the input before the "
                                              f"first layer ({t['statement']}), which a later stage would apply again "
                                              "to the hidden state it receives")
+    uses = facts.get("layer_index_uses", [])
+    if uses and arch not in VERIFIED:
+        return SplitSupport(arch, False, f"its graph builder ({facts['file']}) computes with the layer index "
+                                         f"({uses[0]}), which on a slice counts from the slice's first layer; "
+                                         "not yet handled")
     if arch not in VERIFIED:
         return SplitSupport(arch, False, f"a split of {arch} is not yet verified bit-exact against the unsplit model "
                                          "(docs/architectures.md lists the verified architectures)")
