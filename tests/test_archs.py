@@ -47,23 +47,50 @@ def test_verified_architectures_pass_every_rule(arch: str):
     ("jamba", "jamba keeps hybrid (attention and recurrent) state per sequence"),
     ("llada", "llada is a diffusion model"),
     ("bert", "src/models/bert.cpp) does not name its layer outputs 'l_out'"),
-    ("gemma2", "transforms the input before the first layer (inpL = ggml_scale(ctx0, inpL, sqrtf(n_embd)))"),
-    ("gemma", "transforms the input before the first layer"),
+    ("afmoe", "transforms the input before the first layer (inpL = ggml_scale(ctx0, inpL, sqrtf(float(n_embd))))"),
+    ("minicpm3", "transforms the input before the first layer (inpL = ggml_scale(ctx0, inpL, scale_embd))"),
     ("bloom", "transforms the input before the first layer (inpL = build_norm(inpL, model.tok_norm"),
     ("gpt2", "transforms the input before the first layer (inpL = ggml_add(ctx0, inpL, pos))"),
     ("no-such-arch", "the pinned llama.cpp has no graph builder for architecture 'no-such-arch'"),
-    ("smollm3", "computes with the layer index (const bool use_rope = (il + 1) % hparams.n_no_rope_layer_step"),
-    ("deepseek2", "computes with the layer index (if ((uint32_t) il < hparams.n_layer_dense_lead) {)"),
+    ("ernie4_5-moe", "computes with the layer index (static_cast<uint32_t>(il) >= hparams.n_layer_dense_lead && "
+                     "(il + 1) % hparams.n_moe_layer_step == 0;)"),
+    ("exaone4", "tells the model's variant by its layer count (if (hparams.n_layer() == 64) {)"),
+    ("baichuan", "tells the model's variant by its layer count (switch (hparams.n_layer()) {)"),
 ])
 def test_refused_with_the_reason(arch: str, reason: str):
     s = archs.split_support(arch)
     assert not s.ok and reason in s.reason
 
 
-def test_a_token_only_transform_is_not_a_reason():
-    # gemma3 scales by sqrt(n_embd) only token input (ubatch.token ? ... : 1.0f)
-    [t] = [t for t in archs.arch_table()["gemma3"]["input_transforms"] if t["op"] == "ggml_scale"]
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2", "gemma"])
+def test_a_token_only_transform_is_not_a_reason(arch: str):
+    # gemma3 scales by sqrt(n_embd) only token input (ubatch.token ? ... : 1.0f); patch 0002 makes
+    # gemma and gemma2, which scaled every input, do the same
+    [t] = [t for t in archs.arch_table()[arch]["input_transforms"] if t["op"] == "ggml_scale"]
     assert t["tokens_only"] and "ubatch.token" in t["statement"]
+
+
+def test_handled_layer_index_uses_are_not_reasons():
+    table = archs.arch_table()
+    # leading dense layers: the slicer rebases leading_dense_block_count on each slice
+    assert table["deepseek2"]["layer_index_uses"] == ["if ((uint32_t) il < hparams.n_layer_dense_lead) {"]
+    assert archs.unhandled_index_uses(table["deepseek2"]) == []
+    assert archs.unhandled_index_uses(table["glm4moe"]) == []
+    # ... but not when the same line also counts every Nth layer
+    assert archs.unhandled_index_uses(table["ernie4_5-moe"])
+    # SmolLM3's every-4th-layer-without-RoPE counts from the slice's global start (patch 0002)
+    assert table["smollm3"]["layer_index_uses"] == []
+
+
+def test_loader_facts():
+    table = archs.arch_table()
+    assert table["gemma2"]["swa_pattern"] == {"period": 2, "dense_first": False}
+    assert table["cohere2moe"]["swa_pattern"] == {"period": 4, "dense_first": True}
+    assert table["llama"]["swa_pattern"] is None
+    # patched to read the whole model's layer count
+    assert table["gemma2"]["size_uses"] == [] and table["deepseek2"]["size_uses"] == []
+    # a switch that only names the model type changes nothing
+    assert table["llama"]["size_uses"] == []
 
 
 def test_shared_builders_are_followed():
@@ -83,6 +110,6 @@ def test_inspect_and_the_cli_say_why(tmp_path: Path):
     console.print(render_inspection(info))  # what nak inspect prints (it adds llama.cpp's footprint)
     text = console.export_text()
     assert "can be split" in text and "no: mamba keeps recurrent state" in text
-    r = subprocess.run([sys.executable, "-m", "nakshatra.gguf.archs", "llama", "gemma2"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "nakshatra.gguf.archs", "llama", "afmoe"], capture_output=True,
                        text=True, timeout=60)
-    assert r.returncode == 1 and "llama: can be split" in r.stdout and "gemma2: cannot be split" in r.stdout
+    assert r.returncode == 1 and "llama: can be split" in r.stdout and "afmoe: cannot be split" in r.stdout

@@ -234,15 +234,61 @@ def test_session_is_freed_when_the_client_goes_away(smol_chain) -> None:
 
 # ---- generality: random-weight tiny models of other architectures ----------------------------
 
-@pytest.mark.parametrize("arch, tied", [("qwen2", False), ("qwen3", True), ("phi3", False),
-                                        ("qwen3moe", False), ("llama", True), ("granite", False),
-                                        ("exaone", True), ("xverse", False), ("mistral3", False)])
-def test_exact_synthetic_arch(smollm2_path: Path, tmp_path: Path, arch: str, tied: bool) -> None:
+CUT3 = [(0, 1), (2, 2), (3, 5)]
+SYNTHETIC = {
+    # arch: (n_layer, tied, inclusive layer ranges). Every verified architecture is here; where
+    # llama.cpp computes with the layer index, a per-layer pattern or the model size, a cut lands
+    # on the trap (comments), and every stage after the first receives a hidden state.
+    "llama": (6, True, CUT3),
+    "qwen2": (6, False, CUT3),
+    "qwen3": (6, True, CUT3),
+    "phi3": (6, False, CUT3),
+    "qwen3moe": (6, False, CUT3),
+    "gemma3": (6, False, CUT3),          # sliding-window period 6: both cuts inside it
+    "granite": (6, False, CUT3),         # embedding scale on token input only
+    "exaone": (6, True, CUT3),
+    "xverse": (6, False, CUT3),
+    "mistral3": (6, False, CUT3),
+    # two leading dense layers: a stage starts inside them (layer 1), one right after (layer 3)
+    "deepseek2": (6, False, [(0, 0), (1, 2), (3, 5)]),
+    "glm4moe": (6, False, [(0, 0), (1, 3), (4, 5)]),  # one dense layer: cut right after it
+    # sliding window on every other layer: stages start on a full (1) and a sliding (4) layer;
+    # input scaled by sqrt(n_embd) on token input only
+    "gemma2": (6, False, [(0, 0), (1, 3), (4, 5)]),
+    "gemma": (6, False, [(0, 2), (3, 5)]),  # sqrt(n_embd) input scaling, two stages
+    "smollm3": (8, True, [(0, 2), (3, 6), (7, 7)]),   # layers 3 and 7 skip RoPE: each starts a stage
+    "gpt-oss": (6, False, [(0, 0), (1, 3), (4, 5)]),  # sliding period 2, attention sinks, MoE
+    "command-r": (6, True, CUT3),
+    "cohere2": (6, True, [(0, 2), (3, 4), (5, 5)]),   # sliding period 4: the full layer 3 starts a stage
+    "olmo2": (6, False, CUT3),
+    "phi2": (6, False, CUT3),
+    "starcoder2": (6, False, CUT3),
+    "falcon": (6, False, CUT3),
+    "ernie4_5": (6, False, CUT3),
+    "qwen2moe": (6, False, CUT3),
+    "olmoe": (6, False, CUT3),
+    "stablelm": (6, False, CUT3),
+    "internlm2": (6, False, CUT3),
+    "glm4": (6, False, CUT3),
+}
+"""The tests' list of architectures split bit-exact (nakshatra.gguf.archs.VERIFIED is the same
+set, and docs/architectures.md is generated from it)."""
+
+
+def test_every_verified_architecture_is_tested() -> None:
+    from nakshatra.gguf.archs import VERIFIED
+
+    assert sorted(SYNTHETIC) == sorted(VERIFIED)
+
+
+@pytest.mark.parametrize("arch", list(SYNTHETIC))
+def test_exact_synthetic_arch(smollm2_path: Path, tmp_path: Path, arch: str) -> None:
     from nakshatra.gguf.synthetic import write_synthetic
 
-    model = write_synthetic(tmp_path / f"{arch}.gguf", arch, n_layer=6, n_embd=64, n_head=4, n_head_kv=2,
+    n_layer, tied, ranges = SYNTHETIC[arch]
+    model = write_synthetic(tmp_path / f"{arch}.gguf", arch, n_layer=n_layer, n_embd=64, n_head=4, n_head_kv=2,
                             n_ff=128, tokenizer_from=smollm2_path, seed=3, dtype="f32", tied=tied)
-    _exact(model, [(0, 1), (2, 2), (3, 5)], PROMPT, tmp_path / "slices")
+    _exact(model, ranges, PROMPT, tmp_path / "slices")
 
 
 # ---- stage-to-stage forwarding ----------------------------------------------------------------

@@ -320,6 +320,49 @@ def test_tiny_sliding_window_pattern(tmp_path, tmp_out, pattern_kv, flags):
         assert s["kv"]["gemma3.attention.sliding_window"] == (8 if any(want) else 0)
 
 
+@pytest.mark.parametrize("arch, flags", [
+    ("gemma2", [True, False] * 4),                 # load_swa_pattern(ml, 2): the full layer last
+    ("cohere2moe", [False, True, True, True] * 2),  # load_swa_pattern(ml, 4, true): the full layer first
+    ("llama", None),                               # reads no pattern
+])
+def test_default_sliding_window_period_comes_from_the_loader(tmp_path, arch, flags):
+    kv = {f"{arch}.attention.sliding_window": (8, U32, None)}
+    reader = GGUFReader(write_tiny(tmp_path / "m.gguf", arch=arch, n_layer=8, kv=kv))
+    assert swa_pattern(reader, arch, 8) == flags
+
+
+def test_a_slice_without_a_sliding_layer_is_refused_where_llama_cpp_needs_one(tmp_path, tmp_out):
+    # gemma2's graph builds only a sliding-window cache, which asserts a sliding layer; layer 1
+    # of a period-2 model is full attention
+    kv = {"gemma2.attention.sliding_window": (8, U32, None)}
+    model = write_tiny(tmp_path / "g.gguf", arch="gemma2", n_layer=4, tied=True, kv=kv)
+    with pytest.raises(SliceError, match=r"layers 1-1 of this gemma2 model are all full-attention layers.*move the cut"):
+        slice_model(model, ranges=parse_ranges("0-0,1-1,2-3", 4), out_dir=tmp_out, progress=False)
+    assert not any(tmp_out.iterdir())  # refused before anything was written
+    slice_model(model, ranges=parse_ranges("0-1,2-3", 4), out_dir=tmp_out, progress=False)
+
+
+def test_leading_dense_layers_and_next_n_blocks(tmp_path, tmp_out):
+    # 4 decoder layers, the first 2 dense, then 1 multi-token-prediction (next-n) block: blk.4
+    kv = {"deepseek2.leading_dense_block_count": (2, U32, None), "deepseek2.nextn_predict_layers": (1, U32, None)}
+    model = write_tiny(tmp_path / "ds.gguf", arch="deepseek2", n_layer=5, kv=kv)
+    layout = model_layout(model)
+    assert (layout.n_layer, layout.n_nextn) == (4, 1)
+    m = slice_model(model, ranges=parse_ranges("0-0,1-2,3-3", 4), out_dir=tmp_out, progress=False)
+    s = [summarize(tmp_out / info.file) for info in m.slices]
+    # llama.cpp tests `il < n_layer_dense_lead` with a slice's local il: rebased per slice
+    assert [x["kv"]["deepseek2.leading_dense_block_count"] for x in s] == [2, 1, 0]
+    assert [x["kv"]["deepseek2.nextn_predict_layers"] for x in s] == [0, 0, 0]
+    assert [x["kv"]["deepseek2.block_count"] for x in s] == [1, 2, 1]
+    assert [x["kv"]["nakshatra.n_layer_full"] for x in s] == [4, 4, 4]
+    # per-layer arrays (one entry per block, the next-n block included) are cut to the range
+    assert [x["kv"]["deepseek2.feed_forward_length"] for x in s] == [[8], [16, 24], [32]]
+    # the next-n block is in no slice
+    names = [n for x in s for n in x["tensors"]]
+    assert not any(n.startswith("blk.") and int(n.split(".")[1]) >= 2 for n in names)
+    assert sum(n.endswith("attn_norm.weight") for n in names) == 4
+
+
 def test_no_window_no_pattern(tmp_path, tmp_out):
     model = write_tiny(tmp_path / "g.gguf", arch="gemma3", n_layer=3, tied=True)
     m = slice_model(model, n_parts=2, out_dir=tmp_out, progress=False)

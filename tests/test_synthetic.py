@@ -1,12 +1,12 @@
 """Synthetic random-weight GGUFs: metadata (read back with gguf.GGUFReader), tensor names and
 shapes as the pinned llama.cpp loaders expect them, determinism, size picking and errors.
 
-The oracle for names and shapes is llama.cpp itself, not ``tensor_specs``: its loader
-(``llama_model_loader``) refuses a file whose tensor is missing, has other dimensions than the
-architecture's loader asks for (``check_tensor_dims``), or is left unused
-(``done_getting_tensors``); each architecture's file is loaded and decoded, and files with one
-tensor dropped, added or reshaped are shown to be refused. Split-vs-unsplit tests on these models
-live elsewhere.
+The tensor names and shapes come from llama.cpp itself: ``tensor_specs`` loads metadata-only
+files until the loader is satisfied. Its loader (``llama_model_loader``) refuses a file whose
+tensor is missing, has other dimensions than the architecture's loader asks for
+(``check_tensor_dims``), or is left unused (``done_getting_tensors``); each architecture's file is
+loaded and decoded, and files with one tensor dropped, added or reshaped are shown to be refused.
+Split-vs-unsplit tests on these models live elsewhere.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import pytest
 from nakshatra import _nakshatra
 from nakshatra.errors import ModelError, StageError
 from nakshatra.gguf.synthetic import (
+    ARCH_KV,
     ARCHS,
+    MOE_ARCHS,
     llama_dims_for_params,
     tensor_specs,
     write_synthetic,
@@ -54,9 +56,10 @@ def test_metadata_and_tensors(arch: str, smollm2_path: Path, source: gguf.GGUFRe
 
     assert _field(r, "general.architecture") == arch
     expect = {"block_count": 3, "embedding_length": 64, "feed_forward_length": 128,
-              "attention.head_count": 4, "attention.head_count_kv": 2, "vocab_size": n_vocab}
+              "attention.head_count": 4, "attention.head_count_kv": 2, "vocab_size": n_vocab,
+              **ARCH_KV.get(arch, {})}
     for key, value in expect.items():
-        assert _field(r, f"{arch}.{key}") == value, key
+        assert _field(r, f"{arch}.{key}") == pytest.approx(value), key
     for key in ("context_length", "attention.layer_norm_rms_epsilon", "rope.freq_base"):
         assert f"{arch}.{key}" in r.fields
     # the whole tokenizer is copied verbatim (the big arrays compared for one arch: slow)
@@ -69,7 +72,8 @@ def test_metadata_and_tensors(arch: str, smollm2_path: Path, source: gguf.GGUFRe
     got = _tensors(r)
     assert all(t == F32 for _, t in got.values())
     assert got["token_embd.weight"][0] == (64, n_vocab)
-    assert got["output.weight"][0] == (64, n_vocab)
+    # the LM head: its own unless the architecture always ties it to the token embedding
+    assert got.get("output.weight", ((64, n_vocab),))[0] == (64, n_vocab)
     assert got["blk.2.attn_output.weight"][0] == (64, 64)
     # llama.cpp's loader takes every tensor, with the shapes its loader for this arch asks for,
     # and the model decodes (its greedy tokens are real vocabulary ids)
@@ -117,9 +121,12 @@ def test_llama_cpp_refuses_a_file_unlike_its_loader(change: str, smollm2_path: P
 
 
 def test_arch_specific_tensors(smollm2_path: Path, tmp_path: Path) -> None:
+    """What llama.cpp asked for, per architecture (nothing here is written down in the writer)."""
     def names(arch: str) -> dict:
-        return {s.name: s.ne for s in tensor_specs(arch, n_layer=1, n_embd=64, n_head=4, n_head_kv=2,
-                                                   n_ff=128, n_vocab=100, n_expert=4)}
+        moe = arch in MOE_ARCHS
+        return {s.name: s.ne for s in tensor_specs(arch, n_layer=3, n_embd=64, n_head=4, n_head_kv=2, n_ff=128,
+                                                   n_vocab=100, n_expert=4 if moe else 0,
+                                                   n_expert_used=2 if moe else 0)}
     llama = names("llama")
     assert {"blk.0.attn_q.weight", "blk.0.ffn_gate.weight"} <= llama.keys()
     assert not any("bias" in n or "attn_q_norm" in n for n in llama)
@@ -136,12 +143,38 @@ def test_arch_specific_tensors(smollm2_path: Path, tmp_path: Path) -> None:
     gemma = names("gemma3")
     assert {"blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight",
             "blk.0.attn_k_norm.weight"} <= gemma.keys()
+    # DeepSeek V2: multi-head latent attention (low-rank q and kv, 24-wide heads of which 8 RoPE),
+    # two leading dense layers, then experts with a shared one
+    ds = names("deepseek2")
+    assert ds["blk.0.attn_q_a.weight"] == (64, 32) and ds["blk.0.attn_q_b.weight"] == (32, 4 * 24)
+    assert ds["blk.0.attn_kv_a_mqa.weight"] == (64, 32 + 8)
+    assert ds["blk.0.attn_k_b.weight"] == (16, 32, 4) and ds["blk.0.attn_v_b.weight"] == (32, 16, 4)
+    assert "blk.1.ffn_gate.weight" in ds and "blk.1.ffn_gate_inp.weight" not in ds
+    assert ds["blk.2.ffn_gate_inp.weight"] == (64, 4) and "blk.2.ffn_gate_shexp.weight" in ds
+    assert "blk.2.ffn_gate.weight" not in ds
+    oss = names("gpt-oss")  # attention sinks, biased experts
+    assert oss["blk.0.attn_sinks.weight"] == (4,) and oss["blk.0.ffn_up_exps.bias"] == (128, 4)
+    # Gemma 2 always ties the LM head to the token embedding: llama.cpp never asks for one
+    assert "output.weight" not in names("gemma2") and "output.weight" in llama
+    kinds = {s.name: s.kind for s in tensor_specs("phi2", n_layer=1, n_embd=64, n_head=4, n_head_kv=2, n_ff=128,
+                                                  n_vocab=100)}
+    assert kinds["blk.0.attn_norm.weight"] == "norm" and kinds["blk.0.attn_norm.bias"] == "bias"
 
     r = gguf.GGUFReader(write_synthetic(tmp_path / "moe.gguf", "qwen3moe", n_layer=1, n_expert=8,
                                         n_expert_used=3, tokenizer_from=smollm2_path))
     assert _field(r, "qwen3moe.expert_count") == 8
     assert _field(r, "qwen3moe.expert_used_count") == 3
     assert _field(r, "qwen3moe.expert_feed_forward_length") == 128
+
+
+def test_a_missing_metadata_key_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nakshatra.gguf.synthetic as synthetic
+
+    kv = {k: v for k, v in ARCH_KV["deepseek2"].items() if k != "attention.q_lora_rank"}
+    monkeypatch.setitem(synthetic.ARCH_KV, "deepseek2", kv)
+    with pytest.raises(ModelError, match="needs the metadata key deepseek2.attention.q_lora_rank"):
+        tensor_specs("deepseek2", n_layer=2, n_embd=64, n_head=4, n_head_kv=1, n_ff=128, n_vocab=100,
+                     n_expert=4, n_expert_used=2)
 
 
 def test_tied_omits_output(smollm2_path: Path, tmp_path: Path) -> None:

@@ -3,13 +3,21 @@
 #include "bindings.h"
 
 #include "auth.h"
+#include "llama_log.h"
 #include "net.h"
 #include "stage.h" // NAK_BACKEND_NAME
 
 #include "ggml-backend.h"
 #include "llama.h"
 
+#include <pybind11/stl.h>
+
 #include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
 
 #ifndef NAK_LLAMA_COMMIT
 #define NAK_LLAMA_COMMIT "unknown"
@@ -40,12 +48,53 @@ py::dict build_info() {
     return d;
 }
 
+// Load path's metadata and tensor list as llama.cpp would, allocating nothing, and report what the
+// loader asked for: llama.cpp logs each tensor it creates ("loading tensor X", at DEBUG level,
+// required or optional) before checking it, and throws at the first one that is missing or has
+// the wrong shape. Returns (why the load failed, or "" when it succeeded; tensor names in order).
+std::pair<std::string, std::vector<std::string>> probe_load(const std::string & path) {
+    ensure_backend();
+    llama_model_params mp = llama_model_default_params();
+    mp.no_alloc     = true;
+    mp.load_mode    = LLAMA_LOAD_MODE_NONE; // nothing is read, so nothing is mapped
+    mp.n_gpu_layers = 0;
+    std::string err;
+    std::vector<std::string> asked;
+    {
+        py::gil_scoped_release nogil;
+        nak_log_capture capture;
+        nak_log_clear_errors();
+        llama_model * model = llama_model_load_from_file(path.c_str(), mp);
+        if (model) {
+            llama_model_free(model);
+        } else {
+            err = nak_log_load_error();
+            if (err.empty()) {
+                err = "llama.cpp could not load " + path;
+            }
+        }
+        static const char * marker = "loading tensor ";
+        for (const auto & [level, text] : capture.lines) {
+            const size_t at = text.find(marker);
+            if (level == GGML_LOG_LEVEL_DEBUG && at != std::string::npos) {
+                asked.push_back(text.substr(at + strlen(marker)));
+            }
+        }
+    }
+    return { err, asked };
+}
+
 } // namespace
 
 void bind_misc(py::module_ & m) {
     m.def("build_info", &build_info, "Compiled backend, llama.cpp commit, patch-set hash, protocol version.");
     m.def("set_log_level", [](int level) { set_log_level(level); },
           "llama.cpp log threshold: 1 debug, 2 info, 3 warn (default), 4 error.");
+    m.def("probe_load", &probe_load, py::arg("path"),
+          "Load a GGUF's metadata and tensor list as llama.cpp would, allocating and reading no tensor data.\n"
+          "Returns (error, tensors): llama.cpp's reason for refusing the file ('' when it loads) and the names\n"
+          "of the tensors its loader asked for, in order, required or optional (the missing or misshapen one\n"
+          "that stopped it last). Used to derive the tensors a synthetic model must hold.");
     m.def("is_loopback", &nak_is_loopback, "Whether a host name or address is loopback.");
     m.def("hmac_sha256", [](const py::bytes & key, const py::bytes & data) {
               const std::string k = key, d = data;

@@ -2,34 +2,16 @@
 #include "bindings.h"
 
 #include "llama.h"
-
-#include <atomic>
-#include <cstdio>
-
-namespace {
-
-std::atomic<int> g_log_level{ GGML_LOG_LEVEL_WARN };
-
-void log_callback(ggml_log_level level, const char * text, void *) {
-    // CONT continues the previous line: keep it when that line was shown
-    static bool last_shown = false;
-    const bool show = level == GGML_LOG_LEVEL_CONT ? last_shown : (int) level >= g_log_level.load();
-    last_shown = show;
-    if (show) {
-        fputs(text, stderr);
-    }
-}
-
-} // namespace
+#include "llama_log.h"
 
 void set_log_level(int level) {
-    g_log_level = level;
+    nak_log_set_level(level);
 }
 
 void ensure_backend() {
     static bool done = false;
     if (!done) {
-        llama_log_set(log_callback, nullptr);
+        nak_log_install();
         llama_backend_init();
         done = true;
     }

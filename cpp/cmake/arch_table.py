@@ -16,7 +16,8 @@ Sources read (paths relative to the llama.cpp tree):
 - ``src/models/models.h``: ``struct llama_model_y : public llama_model_z`` and
   ``using graph = llama_model_z::graph;`` (a builder shared with another class);
 - ``src/models/*.cpp``: each builder's constructor ``llama_model_z::graph[<..>]::graph(...)`` and
-  the other members of that graph struct defined in the same file.
+  the other members of that graph struct defined in the same file; each model's
+  ``load_arch_hparams`` (its default sliding-window period, decisions by the layer count).
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ _REASSIGN = re.compile(r"\b(\w+)\s*=\s*(ggml_\w+|build_\w+)\s*\(")
 _INDEX_USE = re.compile(r"\(il\s*[-+%*/]|\bil\s*[-+%*/]\s*[\w(]|\bil\s*[<>]=?|[<>]=?\s*\(?\s*(?:\(\w+\)\s*)?il\b|"
                         r"\)\s*il\s*[<>%]|\bil\s*!=|\bil\s*==(?!\s*n_layer\s*-\s*1\b)")
 _LOOP_HEADER = re.compile(r"for\s*\(\s*(?:int|uint32_t)\s+il\s*=")
+_LOADER = re.compile(r"(llama_model_\w+)::load_arch_hparams\s*\(")
+_SWA_PATTERN = re.compile(r"load_swa_pattern\s*\(\s*ml\s*,\s*(\d+)\s*(?:,\s*(true|false))?\s*\)")
+_N_LAYER_CALL = re.compile(r"\bn_layer\(\)")
+_EMBD_ABORT = re.compile(r"if\s*\(([^{;]*\bubatch\.embd\b[^{;]*)\)\s*\{[^{}]*GGML_ABORT")
 
 
 def _switch_cases(text: str, func: str) -> set[str]:
@@ -171,9 +176,71 @@ def _layer_index_uses(code: str) -> list[str]:
     out = []
     for line in code.splitlines():
         s = " ".join(line.split())
-        if "il" in s and _INDEX_USE.search(s) and not _LOOP_HEADER.search(s) and s not in out:
+        # nak_layer_start: made global by patch 0002
+        if "il" in s and _INDEX_USE.search(s) and not _LOOP_HEADER.search(s) and "nak_layer_start" not in s \
+                and s not in out:
             out.append(s[:160])
     return out
+
+
+def _loaders(models_dir: Path) -> dict[str, str]:
+    """llama_model_y -> the body of its ``load_arch_hparams`` (where the loader reads metadata)."""
+    out: dict[str, str] = {}
+    for f in sorted(models_dir.glob("*.cpp")):
+        text = _strip_comments(f.read_text(errors="replace"))
+        for m in _LOADER.finditer(text):
+            out[m.group(1)] = _block(text, text.index("{", m.end()))
+    return out
+
+
+def _parents(models_h: str) -> dict[str, str]:
+    return {m.group(1): m.group(2) for m in _STRUCT.finditer(models_h)}
+
+
+def _loader_of(cls: str, loaders: dict[str, str], parents: dict[str, str]) -> str:
+    """The ``load_arch_hparams`` body ``cls`` runs: its own or its nearest base class's."""
+    seen = set()
+    while cls and cls not in seen:
+        if cls in loaders:
+            return loaders[cls]
+        seen.add(cls)
+        cls = parents.get(cls, "")
+    return ""
+
+
+def _swa_pattern(loader: str) -> dict | None:
+    """The default sliding-window period the loader assumes when a file declares none
+    (``load_swa_pattern(ml, N[, dense_first])``: an explicit per-layer array in the file wins),
+    as {"period": N, "dense_first": bool}; None when it reads no pattern."""
+    m = _SWA_PATTERN.search(loader)
+    if not m:
+        return None
+    return {"period": int(m.group(1)), "dense_first": m.group(2) == "true"}
+
+
+def _size_uses(loader: str, builder: str) -> list[str]:
+    """Statements where the loader decides by the model's layer count (``hparams.n_layer()``),
+    which a slice declares as its own: a comparison or condition on it, or a ``switch`` on it
+    whose model type is then compared (the type name alone changes nothing). Array sizes and
+    loops, and counts taken from ``nak_n_layer_full`` (patched), are not uses."""
+    out = []
+    type_decides = bool(re.search(r"\btype\s*[!=]=|switch\s*\(\s*(?:model\.)?type\b", loader + builder))
+    for line in loader.splitlines():
+        s = " ".join(line.split())
+        if not _N_LAYER_CALL.search(s) or "nak_n_layer_full" in s or s.startswith("for ") \
+                or "get_key_or_arr" in s or "get_arr" in s or "set_swa_pattern" in s:
+            continue
+        if s.startswith("switch") and not type_decides:
+            continue
+        if re.search(r"n_layer\(\)\s*[<>!=]=?|[<>!=]=?\s*hparams\.n_layer\(\)|^switch|^if\b|\?", s):
+            out.append(s[:160])
+    return out
+
+
+def _embd_aborts(code: str) -> list[str]:
+    """The conditions under which a builder aborts on embedding (hidden-state) input, unless they
+    exempt a slice's hidden-state input (``nak_no_input``, patch 0002)."""
+    return [" ".join(m.group(1).split()) for m in _EMBD_ABORT.finditer(code) if "nak_no_input" not in m.group(1)]
 
 
 def arch_table(src: Path) -> dict:
@@ -188,12 +255,15 @@ def arch_table(src: Path) -> dict:
     factory = _factory(model_cpp)
     owners = _graph_owners(models_h)
     builders = _builders(src / "src" / "models")
+    loaders = _loaders(src / "src" / "models")
+    parents = _parents(models_h)
     archs = {}
     for enum, name in sorted(names.items(), key=lambda kv: kv[1]):
         cls = factory.get(enum)
         owner = owners.get(cls, cls) if cls else None
         b = builders.get(owner) if owner else None
         body = (b["ctor"] + "".join(b["members"])) if b else ""
+        loader = _loader_of(cls, loaders, parents) if cls else ""
         archs[name] = {
             "enum": enum,
             "model_class": cls,
@@ -205,6 +275,11 @@ def arch_table(src: Path) -> dict:
             "diffusion": enum in diffusion,
             "input_transforms": _input_transforms(b["ctor"]) if b else [],
             "layer_index_uses": _layer_index_uses(body),
+            "embd_aborts": _embd_aborts(body),
+            # a builder that builds only a sliding-window cache input asserts a sliding layer
+            "swa_required": "build_attn_inp_kv_iswa" in body and not re.search(r"build_attn_inp_kv\s*\(", body),
+            "swa_pattern": _swa_pattern(loader),
+            "size_uses": _size_uses(loader, body),
         }
     return {"source": str(src), "archs": archs}
 

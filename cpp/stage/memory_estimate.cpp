@@ -1,4 +1,5 @@
 #include "memory_estimate.h"
+#include "llama_log.h"
 
 #include "ggml-backend.h"
 #include "llama-ext.h" // llama_get_memory_breakdown: staging API, not installed (private include)
@@ -88,9 +89,10 @@ bool nak_estimate_memory(const nak_stage_params & params, nak_memory_estimate & 
     mp.load_mode = LLAMA_LOAD_MODE_NONE;
     uint64_t heap_before = 0;
     const bool heap_known = nak_private_resident_bytes(heap_before);
+    nak_log_clear_errors();
     std::unique_ptr<llama_model, model_deleter> model(llama_model_load_from_file(params.model_path.c_str(), mp));
     if (!model) {
-        err = "llama.cpp could not read " + params.model_path + " (see its log above)";
+        err = nak_log_explain("llama.cpp could not read " + params.model_path);
         return false;
     }
 

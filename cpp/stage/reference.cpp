@@ -1,4 +1,5 @@
 #include "reference.h"
+#include "llama_log.h"
 
 #include "stage.h"
 
@@ -48,9 +49,10 @@ bool nak_reference::load(const std::string & path, uint32_t n_ctx, uint32_t n_ba
                          int32_t n_threads, const std::vector<int> & capture_layers, std::string & err,
                          uint32_t n_seq_max, bool swa_full, int32_t poll) {
     llama_model_params mp = llama_model_default_params();
+    nak_log_clear_errors();
     model = llama_model_load_from_file(path.c_str(), mp);
     if (!model) {
-        err = "llama.cpp could not load " + path;
+        err = nak_log_explain("llama.cpp could not load " + path);
         return false;
     }
     vocab  = llama_model_get_vocab(model);

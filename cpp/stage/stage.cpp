@@ -2,6 +2,7 @@
 // the request dispatch (handle), and what it reports (HELLO_OK, STATS). Decode steps run in
 // executor.cpp, sampling in sampling.cpp, host figures in sysinfo.cpp, text in tokenize.cpp.
 #include "stage.h"
+#include "llama_log.h"
 #include "stage_util.h"
 
 #include "ggml-cpu.h"
@@ -212,9 +213,10 @@ bool nak_stage::load(const nak_stage_params & params, std::string & err) {
     }
 
     const llama_model_params mp = nak_stage_model_params(params);
+    nak_log_clear_errors();
     model_ = llama_model_load_from_file(params.model_path.c_str(), mp);
     if (!model_) {
-        err = "llama.cpp could not load " + params.model_path + " (see its log above)";
+        err = nak_log_explain("llama.cpp could not load " + params.model_path);
         return false;
     }
     vocab_ = llama_model_get_vocab(model_);

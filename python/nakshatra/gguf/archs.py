@@ -14,10 +14,17 @@ beside the compiled extension. :func:`split_support` turns them into a verdict, 
 4. nothing may transform the input between the token embedding and the first layer unless only
    for token input (``ubatch.token``): a later stage would apply it again to a hidden state
    (Gemma and Gemma 2 scale by ``sqrt(n_embd)``, BLOOM normalises, GPT-2 adds position embeddings);
-5. a builder that computes with the layer index ``il`` (leading dense layers, every Nth layer
-   without RoPE or with MoE) would see the slice's local index: refused until handled, unless
-   verified (Granite's ``il > 0`` only matters for deepstack inputs);
-6. the architecture must be in :data:`VERIFIED`: a split of it was checked bit-exact against the
+5. a builder that aborts on embedding input (``if (ubatch.embd ...) GGML_ABORT``) cannot run a
+   later stage, which takes hidden states: patch 0002 exempts slices in glm4 and glm4moe;
+6. a builder that computes with the layer index ``il`` (every Nth layer without RoPE or with
+   MoE) would see the slice's local index: refused until handled, unless verified (Granite's
+   ``il > 0`` only matters for deepstack inputs). Handled: ``il < n_layer_dense_lead`` (leading
+   dense layers of MoE models: the slicer rebases ``leading_dense_block_count`` on each slice)
+   and indices patch 0002 makes global (``il + hparams.nak_layer_start``: SmolLM3);
+7. a loader that tells the model's variant by its layer count (``hparams.n_layer()``, which on a
+   slice is the slice's) in a way that changes the computation is refused until patched to use
+   the whole model's (``nak_n_layer_full``: Gemma 2 and 3, DeepSeek V2);
+8. the architecture must be in :data:`VERIFIED`: a split of it was checked bit-exact against the
    unsplit model (``tests/test_chain.py: test_exact_synthetic_arch``); the others may hide a trap
    the rules above do not see (a per-layer pattern set by the loader, a model size read from the
    layer count) that would give a silently wrong answer, so they are refused until tested.
@@ -27,14 +34,19 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NakError, SliceError
 
-VERIFIED = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "phi3", "granite", "exaone", "xverse", "mistral3")
-"""Architectures whose splits are tested bit-exact against the unsplit model (random-weight
-models of each, cut in uneven stages: tests/test_chain.py: test_exact_synthetic_arch)."""
+VERIFIED = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "phi3", "granite", "exaone", "xverse", "mistral3",
+            "deepseek2", "glm4moe", "gemma2", "gemma", "smollm3", "gpt-oss", "command-r", "cohere2", "olmo2", "phi2",
+            "starcoder2", "falcon", "ernie4_5", "qwen2moe", "olmoe", "stablelm", "internlm2", "glm4")
+"""Architectures whose splits are tested bit-exact against the unsplit model: the tests' list,
+``SYNTHETIC`` in tests/test_chain.py (a random-weight model of each, its tensors as llama.cpp asks
+for them, cut in 2-3 uneven stages with a cut on every trap; a test checks both lists hold the
+same architectures)."""
 
 
 @dataclass(frozen=True)
@@ -78,15 +90,35 @@ def split_support(arch: str) -> SplitSupport:
             return SplitSupport(arch, False, f"its graph builder ({facts['file']}) transforms the input before the "
                                              f"first layer ({t['statement']}), which a later stage would apply again "
                                              "to the hidden state it receives")
-    uses = facts.get("layer_index_uses", [])
+    if facts.get("embd_aborts"):
+        return SplitSupport(arch, False, f"its graph builder ({facts['file']}) aborts on hidden-state input "
+                                         f"(if ({facts['embd_aborts'][0]})), which every stage after the first gets")
+    uses = unhandled_index_uses(facts)
     if uses and arch not in VERIFIED:
         return SplitSupport(arch, False, f"its graph builder ({facts['file']}) computes with the layer index "
                                          f"({uses[0]}), which on a slice counts from the slice's first layer; "
                                          "not yet handled")
+    size = facts.get("size_uses", [])
+    if size:
+        return SplitSupport(arch, False, f"its loader tells the model's variant by its layer count ({size[0]}), "
+                                         "which a slice declares as its own")
     if arch not in VERIFIED:
         return SplitSupport(arch, False, f"a split of {arch} is not yet verified bit-exact against the unsplit model "
                                          "(docs/architectures.md lists the verified architectures)")
     return SplitSupport(arch, True)
+
+
+# `il < n_layer_dense_lead` (any casts): true on the same layers of a slice, whose
+# leading_dense_block_count the slicer rebases
+_DENSE_LEAD = re.compile(r"(?:static_cast<\w+>\s*\(\s*il\s*\)|\(\s*\w+\s*\)\s*il|\bil)\s*(?:<|>=)\s*"
+                         r"(?:\(\s*\w+\s*\)\s*)?hparams\.n_layer_dense_lead")
+_IL_USE = re.compile(r"\bil\s*[-+%*/<>!=]|[-+%*/<>]=?\s*\(?\s*il\b|\(il\s*[-+%*/]")
+
+
+def unhandled_index_uses(facts: dict) -> list[str]:
+    """The builder lines that compute with the layer index in a way no slice handles: every
+    ``layer_index_uses`` line except leading-dense tests (rebased by the slicer)."""
+    return [u for u in facts.get("layer_index_uses", []) if _IL_USE.search(_DENSE_LEAD.sub("", u))]
 
 
 def require_splittable(arch: str, path: Path | str) -> None:
@@ -106,7 +138,8 @@ def markdown() -> str:
         "# Architectures",
         "",
         "Which architectures of the pinned llama.cpp `nak slice` cuts by layer ranges, and why not the",
-        "others. Generated from the tests' list (`VERIFIED` in `python/nakshatra/gguf/archs.py`) and the",
+        "others. Generated from the tests' list (`SYNTHETIC` in `tests/test_chain.py`, the same set as",
+        "`VERIFIED` in `python/nakshatra/gguf/archs.py`) and the",
         "facts `cpp/cmake/arch_table.py` reads from the patched llama.cpp source; regenerate with",
         "`python -m nakshatra.gguf.archs --markdown > docs/architectures.md` (`tests/test_archs.py` checks",
         "it is current). The rules, in order, are in `python/nakshatra/gguf/archs.py`.",

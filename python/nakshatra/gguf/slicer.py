@@ -55,10 +55,15 @@ INPUT_PREFIXES = ("token_embd.", "token_types.", "pos_embd.")
 OUTPUT_PREFIXES = ("output_norm.", "output.")
 """Tensors llama.cpp treats as output layer (``LLM_TENSOR_LAYER_OUTPUT``): last stage only."""
 
-SWA_DEFAULT_PERIOD = {"gemma3": 6}
-"""Sliding-window period llama.cpp assumes when the file has no pattern key
-(``load_swa_pattern(ml, 6)`` in src/models/gemma3.cpp). Architectures that have a sliding window
-but do not read a pattern (phi3) are absent on purpose."""
+def swa_default(arch: str) -> tuple[int, bool] | None:
+    """The sliding-window period llama.cpp assumes for ``arch`` when a file declares no pattern,
+    and whether the full-attention layer comes first in each period: ``(6, False)`` for gemma3
+    (``load_swa_pattern(ml, 6)`` in src/models/gemma3.cpp, read by cpp/cmake/arch_table.py);
+    None when its loader reads no pattern (phi3: every layer slides, a slice needs nothing)."""
+    from .archs import arch_table
+
+    p = arch_table().get(arch, {}).get("swa_pattern")
+    return (p["period"], p["dense_first"]) if p else None
 
 NAK_KEYS = ("nakshatra.layer_range_start", "nakshatra.layer_range_end", "nakshatra.n_layer_full",
             "nakshatra.slice_index", "nakshatra.slice_count", "nakshatra.model_sha256",
@@ -126,7 +131,9 @@ class ModelLayout:
     ``layer_bytes[i]``: tensors of ``blk.i``; ``input_bytes``: input tensors (``token_embd`` and
     the like); ``output_bytes``: ``output_norm`` and ``output``; ``token_embd_bytes``: the token
     embedding alone; ``tied``: there is no ``output.weight`` (the LM head reuses ``token_embd``);
-    ``global_tensors``: names of tensors every stage keeps; ``sha256``: hex of the whole file
+    ``global_tensors``: names of tensors every stage keeps; ``n_layer``: the decoder layers, not
+    counting ``n_nextn`` multi-token-prediction (next-n) blocks stored after them, which no slice
+    carries (llama.cpp skips them unless asked to draft with them); ``sha256``: hex of the whole file
     (of a split model: its identity, :func:`nakshatra.gguf.shards.model_sha256`); ``file_bytes``: its
     size (a split model's: :func:`nakshatra.gguf.shards.model_bytes`). ``path``: the file, or shard 1.
     """
@@ -144,6 +151,7 @@ class ModelLayout:
     global_bytes: int
     sha256: str
     file_bytes: int
+    n_nextn: int = 0
 
     @property
     def first_extra(self) -> int:
@@ -163,9 +171,13 @@ def _layout(reader: Reader, path: Path, sha256: str, file_bytes: int) -> ModelLa
     require_splittable(str(arch), path)
     if any(k in reader.fields for k in NAK_KEYS):
         raise SliceError(f"{path} is already a slice; slice the whole model instead")
-    n_layer, n_embd = kv_value(reader, f"{arch}.block_count"), kv_value(reader, f"{arch}.embedding_length")
-    if not isinstance(n_layer, int) or n_layer < 1 or not isinstance(n_embd, int):
+    n_block, n_embd = kv_value(reader, f"{arch}.block_count"), kv_value(reader, f"{arch}.embedding_length")
+    if not isinstance(n_block, int) or n_block < 1 or not isinstance(n_embd, int):
         raise SliceError(f"{path}: missing or invalid {arch}.block_count / {arch}.embedding_length")
+    n_nextn = kv_value(reader, f"{arch}.nextn_predict_layers") or 0
+    if not isinstance(n_nextn, int) or not 0 <= n_nextn < n_block:
+        raise SliceError(f"{path}: invalid {arch}.nextn_predict_layers={n_nextn} for {n_block} blocks")
+    n_layer = n_block - n_nextn
     layer_bytes = [0] * n_layer
     sums = {"input": 0, "output": 0, "global": 0}
     names, token_embd = [], 0
@@ -173,10 +185,11 @@ def _layout(reader: Reader, path: Path, sha256: str, file_bytes: int) -> ModelLa
         role, n = tensor_role(t.name), int(t.n_bytes)
         if role == "layer":
             il = _layer_index(t.name)
-            if il >= n_layer:
-                raise SliceError(f"{path}: tensor {t.name} is beyond {arch}.block_count={n_layer}; "
+            if il >= n_block:
+                raise SliceError(f"{path}: tensor {t.name} is beyond {arch}.block_count={n_block}; "
                                  "this model layout is not supported")
-            layer_bytes[il] += n
+            if il < n_layer:  # next-n blocks are in no slice
+                layer_bytes[il] += n
         else:
             sums[role] += n
             names.append(t.name)
@@ -186,7 +199,7 @@ def _layout(reader: Reader, path: Path, sha256: str, file_bytes: int) -> ModelLa
                        input_bytes=sums["input"], output_bytes=sums["output"],
                        token_embd_bytes=token_embd, tied="output.weight" not in names,
                        global_tensors=[n for n in names if tensor_role(n) == "global"],
-                       global_bytes=sums["global"], sha256=sha256, file_bytes=file_bytes)
+                       global_bytes=sums["global"], sha256=sha256, file_bytes=file_bytes, n_nextn=n_nextn)
 
 
 def _model_layout(model: GGUFModel, sha256: str) -> ModelLayout:
@@ -217,8 +230,9 @@ def swa_pattern(reader: Reader, arch: str, n_layer: int) -> list[bool] | None:
     or None if the model has no sliding window or its architecture reads no pattern.
 
     An array ``<arch>.attention.sliding_window_pattern`` is used as is; a scalar period P (or the
-    architecture's default, 6 for gemma3) makes layer il sliding iff ``(il + 1) % P != 0`` (P = 0:
-    every layer), as ``llama_hparams::set_swa_pattern`` with ``dense_first = false``.
+    architecture's default, :func:`swa_default`) makes layer il sliding iff ``(il + 1) % P != 0``,
+    or with the full layer first iff ``il % P != 0`` (P = 0: every layer), as
+    ``llama_hparams::set_swa_pattern``.
     """
     window = kv_value(reader, f"{arch}.attention.sliding_window")
     if not window:
@@ -229,11 +243,30 @@ def swa_pattern(reader: Reader, arch: str, n_layer: int) -> list[bool] | None:
             raise SliceError(f"{arch}.attention.sliding_window_pattern has {len(pattern)} entries "
                              f"for {n_layer} layers")
         return [bool(x) for x in pattern]
-    if pattern is None:
-        pattern = SWA_DEFAULT_PERIOD.get(arch)
-        if pattern is None:
-            return None
-    return [pattern == 0 or (il + 1) % pattern != 0 for il in range(n_layer)]
+    default = swa_default(arch)
+    if default is None:
+        return None
+    period, dense_first = default
+    if pattern is not None:
+        period = pattern
+    if dense_first:
+        return [period == 0 or il % period != 0 for il in range(n_layer)]
+    return [period == 0 or (il + 1) % period != 0 for il in range(n_layer)]
+
+
+def _check_sliding_layers(layout: ModelLayout, swa: list[bool] | None, ranges: list[LayerRange]) -> None:
+    """Raise SliceError when a range holds no sliding-window layer of a model whose llama.cpp graph
+    builds only a sliding-window cache (gemma2, gpt-oss, cohere2, ...: ``swa_required`` in the
+    architecture table), which asserts that one exists; checked before anything is written."""
+    from .archs import arch_table
+
+    if swa is None or not arch_table().get(layout.arch, {}).get("swa_required"):
+        return
+    for r in ranges:
+        if not any(swa[r.start:r.end]):
+            raise SliceError(f"layers {r.inclusive()} of this {layout.arch} model are all full-attention layers, and "
+                             f"llama.cpp's {layout.arch} graph needs a sliding-window layer in every slice; "
+                             "move the cut so this range includes a sliding-window layer")
 
 
 def _slice_metadata(scan: GGUFScan, fd: int, layout: ModelLayout, swa: list[bool] | None,
@@ -242,11 +275,18 @@ def _slice_metadata(scan: GGUFScan, fd: int, layout: ModelLayout, swa: list[bool
     GGUFWriter would place them: a key of the original keeps its place, new keys follow it."""
     arch, n, fields = layout.arch, layout.n_layer, scan.fields
     out: dict[str, Any] = {}
-    for key, kv in fields.items():  # per-layer arrays: cut to the range
-        if kv.type == _A.ARRAY and key.startswith(arch + ".") and kv.count == n:
+    for key, kv in fields.items():  # per-layer arrays (one entry per block): cut to the range
+        if kv.type == _A.ARRAY and key.startswith(arch + ".") and kv.count in (n, n + layout.n_nextn):
             out[key] = (scan.array_items(fd, key)[rng.start:rng.end], _A.ARRAY, kv.sub_type)
     block = f"{arch}.block_count"
     out[block] = (rng.n_layers, fields[block].type, None)
+    nextn = f"{arch}.nextn_predict_layers"
+    if nextn in fields:  # the next-n blocks stay out of every slice
+        out[nextn] = (0, fields[nextn].type, None)
+    lead = f"{arch}.leading_dense_block_count"
+    if lead in fields:
+        # loaders and builders test `il < n_layer_dense_lead` with the slice's local il
+        out[lead] = (max(0, kv_value(scan, lead) - rng.start), fields[lead].type, None)
     if swa is not None:
         flags = swa[rng.start:rng.end]
         out[f"{arch}.attention.sliding_window_pattern"] = (flags, _A.ARRAY, _A.BOOL)
@@ -394,6 +434,7 @@ def _cut(model: GGUFModel, layout: ModelLayout, plan: list[tuple[LayerRange, int
     scan = model.scan
     _check_copyable(scan)
     swa = swa_pattern(scan, layout.arch, layout.n_layer)
+    _check_sliding_layers(layout, swa, [r for r, *_ in plan])
     sizes = [sum(t.n_bytes for _, t in _slice_tensors(scan, layout, r)) for r, *_ in plan]
     out_dir = plan[0][3].parent
     free = shutil.disk_usage(out_dir).free

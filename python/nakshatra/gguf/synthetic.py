@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,15 +29,45 @@ import numpy as np
 
 from ..errors import ModelError
 
-ARCHS = ("llama", "qwen2", "qwen3", "phi3", "qwen3moe", "gemma3", "granite", "exaone", "xverse", "mistral3")
+ARCHS = ("llama", "qwen2", "qwen3", "phi3", "qwen3moe", "gemma3", "granite", "exaone", "xverse", "mistral3",
+         "deepseek2", "glm4moe", "gemma2", "gemma", "smollm3", "gpt-oss", "command-r", "cohere2", "olmo2", "phi2",
+         "starcoder2", "falcon", "ernie4_5", "qwen2moe", "olmoe", "stablelm", "internlm2", "glm4")
 """Architectures :func:`write_synthetic` can write."""
 
-ARCH_KV = {
+MOE_ARCHS = frozenset({"qwen3moe", "deepseek2", "glm4moe", "gpt-oss", "qwen2moe", "olmoe"})
+"""Architectures whose FFN is a mixture of experts: ``n_expert``/``n_expert_used`` apply."""
+
+ARCH_KV: dict[str, dict[str, int | float | bool | str | list]] = {
     # Granite's scales: the embedding scale multiplies token input on the first stage only (patch
     # 0002 keeps it off hidden-state input), the others act inside every layer and on the logits
     "granite": {"logit_scale": 0.5, "residual_scale": 0.75, "embedding_scale": 3.0, "attention_scale": 0.125},
+    # multi-head latent attention: q and kv low-rank projections, 24-wide heads (16 without RoPE,
+    # 8 with), 16-wide values; the KV cache holds the compressed kv (32) plus the RoPE part (8)
+    # as one head shared by all. Layers 0-1 are dense, the rest mixture-of-experts with one
+    # shared expert
+    "deepseek2": {"attention.head_count_kv": 1, "attention.q_lora_rank": 32, "attention.kv_lora_rank": 32, "attention.key_length_mla": 24,
+                  "attention.value_length_mla": 16, "attention.key_length": 40, "attention.value_length": 32,
+                  "rope.dimension_count": 8, "expert_shared_count": 1, "leading_dense_block_count": 2,
+                  "expert_weights_scale": 1.0},
+    "glm4moe": {"leading_dense_block_count": 1, "expert_shared_count": 1, "expert_weights_scale": 1.0},
+    # sliding window on every other layer (period 2, the loader's default)
+    "gemma2": {"attention.sliding_window": 4, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "gpt-oss": {"attention.sliding_window": 4},
+    "cohere2": {"attention.sliding_window": 4, "logit_scale": 0.5},
+    "command-r": {"logit_scale": 0.5},
+    "qwen2moe": {"expert_shared_feed_forward_length": 128},
+    "olmoe": {"attention.head_count_kv": 4},  # its q/k norms span all heads: no grouped-query attention
 }
-"""Float metadata ``{arch}.{key}`` an architecture's loader requires or that changes its graph."""
+"""Metadata ``{arch}.{key}`` an architecture's loader requires or that changes its graph, beyond
+the keys every architecture gets (:func:`_metadata`). Python ints are written as uint32, floats
+as float32, lists as arrays of those."""
+
+ARCH_OPTIONAL: dict[str, tuple[str, ...]] = {
+    "qwen2": ("attn_q.bias", "attn_k.bias", "attn_v.bias"),
+    "phi3": ("attn_qkv.weight",),  # fused q, k, v: the loader takes it or the three apart
+}
+"""Tensors (per-layer name suffixes) an architecture's loader accepts but does not require, and
+that its real checkpoints carry: written too, so the graph computes them."""
 
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -44,6 +75,7 @@ DTYPES = ("f32", "f16", "q8_0", "q4_0")
 
 BIAS_STD = 0.02
 _CHUNK_ELEMS = 1 << 24  # float32 elements generated at once (64 MiB)
+_PLACEHOLDER = (1,)     # the shape a tensor is first written with, before llama.cpp names the right one
 
 
 @dataclass(frozen=True)
@@ -57,54 +89,202 @@ class TensorSpec:
     kind: str = "weight"
 
 
+def tensor_kind(name: str, ne: tuple[int, ...]) -> str:
+    """How a tensor of this name and shape is filled: norms (any name with ``norm``, and rope
+    frequency factors) are ones, biases (``.bias``, and other 1-D tensors such as attention
+    sinks) small random F32, MoE routers (``ffn_gate_inp``) random F32, the rest random weights."""
+    if name.endswith(".bias"):
+        return "bias"
+    if "norm" in name or "rope_freqs" in name or "rope_factors" in name:
+        return "norm"
+    if "ffn_gate_inp" in name:
+        return "router"
+    return "bias" if len(ne) == 1 else "weight"
+
+
 def tensor_specs(arch: str, *, n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int,
-                 n_vocab: int, n_expert: int = 0, tied: bool = False) -> list[TensorSpec]:
-    """The tensors of a model of ``arch`` in file order (global input tensors, then blocks, then
-    output tensors). ``tied`` omits ``output.weight`` (llama.cpp then reuses ``token_embd``).
-    Raises ValueError for an unknown ``arch``."""
+                 n_vocab: int, n_expert: int = 0, n_expert_used: int = 0, tied: bool = False) -> list[TensorSpec]:
+    """The tensors a model of ``arch`` with these dimensions must hold, in the order llama.cpp's
+    loader creates them, as **llama.cpp itself says**: a metadata-only file is written and
+    loaded (``_nakshatra.probe_load``, nothing allocated) over and over; each load names the
+    next tensor that is missing (``tensor 'X' not found``: added with a placeholder shape),
+    the shape it wants (``wrong shape; expected [..]``: taken), or that written tensors went
+    unused (``wrong number of tensors``: those it did not ask for are dropped), until the file
+    loads. A tensor found in one layer is guessed for the later layers too, so a model takes
+    about two loads per distinct tensor. Optional tensors are added only when real checkpoints
+    carry them: ``output.weight`` unless ``tied``, and :data:`ARCH_OPTIONAL`.
+
+    Cached per argument set and metadata. Raises ValueError for an unknown ``arch`` and ModelError when
+    llama.cpp refuses the metadata (naming the missing key) or the search does not settle.
+    """
     if arch not in ARCHS:
         raise ValueError(f"unknown synthetic architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-    head = n_embd // n_head
-    q, kv = head * n_head, head * n_head_kv
-    specs = [TensorSpec("token_embd.weight", (n_embd, n_vocab))]
-    for i in range(n_layer):
-        b = f"blk.{i}."
-        specs.append(TensorSpec(b + "attn_norm.weight", (n_embd,), "norm"))
-        if arch == "phi3":
-            specs.append(TensorSpec(b + "attn_qkv.weight", (n_embd, q + 2 * kv)))
+    meta = _metadata(arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff,
+                     n_vocab=n_vocab, n_expert=n_expert, n_expert_used=n_expert_used)
+    key = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in meta.items())
+    return list(_derive(arch, key, n_layer, tied))
+
+
+@functools.lru_cache(maxsize=64)
+def _derive(arch: str, meta_key: tuple, n_layer: int, tied: bool) -> tuple[TensorSpec, ...]:
+    import tempfile
+
+    from .. import _nakshatra
+
+    meta = {k: list(v) if isinstance(v, tuple) else v for k, v in meta_key}
+    probe_kv = {"tokenizer.ggml.model": "none"}  # a vocabulary of vocab_size dummy tokens: fast to load
+    shapes: dict[str, tuple[int, ...]] = {}   # name -> ne, in the order first asked for
+    known: set[str] = set()                   # names whose shape llama.cpp confirmed or accepted
+    wanted_optional = ([] if tied else ["output.weight"]) + list(ARCH_OPTIONAL.get(arch, ()))
+    seen_errors: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix="nak-probe-") as tmp:
+        probe = Path(tmp) / "probe.gguf"
+        for _ in range(64 + 16 * n_layer * 8):
+            _write_gguf(probe, arch, meta, probe_kv, [TensorSpec(n, ne) for n, ne in shapes.items()], None, None)
+            err, asked = _nakshatra.probe_load(str(probe))
+            if not err:
+                known.update(asked)
+                extra = [n for n in _optional_names(wanted_optional, asked) if n not in shapes]
+                if not extra:
+                    break
+                for name in extra:  # written with a placeholder shape: llama.cpp names the right one
+                    shapes[name] = _PLACEHOLDER
+                continue
+            if err in seen_errors:
+                raise ModelError(f"{arch}: deriving the tensors from llama.cpp did not settle: {err}")
+            seen_errors.add(err)
+            known.update(asked[:-1])  # every tensor created before the one that stopped it was accepted
+            if m := _NOT_FOUND.search(err):
+                _add_guessing_later_layers(shapes, m.group(1), n_layer)
+            elif m := _WRONG_SHAPE.search(err):
+                ne = tuple(int(x) for x in m.group(2).split(","))
+                _set_shape_and_later_guesses(shapes, known, m.group(1), ne, n_layer)
+            elif _WRONG_COUNT.search(err):
+                asked_set = set(asked)
+                shapes = {n: ne for n, ne in shapes.items() if n in asked_set}
+            elif m := _NO_KEY.search(err):
+                raise ModelError(f"{arch}: llama.cpp needs the metadata key {m.group(1)}; add it to "
+                                 "nakshatra.gguf.synthetic.ARCH_KV")
+            else:
+                raise ModelError(f"{arch}: llama.cpp refuses the synthetic metadata: {err}")
         else:
-            specs += [TensorSpec(b + "attn_q.weight", (n_embd, q)),
-                      TensorSpec(b + "attn_k.weight", (n_embd, kv)),
-                      TensorSpec(b + "attn_v.weight", (n_embd, kv))]
-        if arch == "qwen2":
-            specs += [TensorSpec(b + "attn_q.bias", (q,), "bias"),
-                      TensorSpec(b + "attn_k.bias", (kv,), "bias"),
-                      TensorSpec(b + "attn_v.bias", (kv,), "bias")]
-        if arch in ("qwen3", "qwen3moe", "gemma3"):
-            specs += [TensorSpec(b + "attn_q_norm.weight", (head,), "norm"),
-                      TensorSpec(b + "attn_k_norm.weight", (head,), "norm")]
-        specs.append(TensorSpec(b + "attn_output.weight", (q, n_embd)))
-        if arch == "gemma3":
-            specs.append(TensorSpec(b + "post_attention_norm.weight", (n_embd,), "norm"))
-        specs.append(TensorSpec(b + "ffn_norm.weight", (n_embd,), "norm"))
-        if arch == "phi3":
-            specs += [TensorSpec(b + "ffn_up.weight", (n_embd, 2 * n_ff)),
-                      TensorSpec(b + "ffn_down.weight", (n_ff, n_embd))]
-        elif arch == "qwen3moe":
-            specs += [TensorSpec(b + "ffn_gate_inp.weight", (n_embd, n_expert), "router"),
-                      TensorSpec(b + "ffn_gate_exps.weight", (n_embd, n_ff, n_expert)),
-                      TensorSpec(b + "ffn_up_exps.weight", (n_embd, n_ff, n_expert)),
-                      TensorSpec(b + "ffn_down_exps.weight", (n_ff, n_embd, n_expert))]
+            raise ModelError(f"{arch}: deriving the tensors from llama.cpp did not settle")
+    order: dict[str, int] = {}
+    for i, name in enumerate(asked):
+        order.setdefault(name, i)
+    return tuple(TensorSpec(n, ne, tensor_kind(n, ne)) for n, ne in sorted(shapes.items(), key=lambda x: order[x[0]]))
+
+
+_NOT_FOUND = re.compile(r"tensor '([^']+)' not found")
+_WRONG_SHAPE = re.compile(r"tensor '([^']+)' has wrong shape; expected ([\d, ]+), got")
+_WRONG_COUNT = re.compile(r"wrong number of tensors")
+_NO_KEY = re.compile(r"key not found in model: (\S+)")
+_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def _optional_names(wanted: list[str], asked: list[str]) -> list[str]:
+    """The names llama.cpp asked for that match ``wanted`` (a full name such as
+    ``output.weight``, or a per-layer suffix such as ``attn_q.bias``)."""
+    out = []
+    for name in asked:
+        m = _LAYER.match(name)
+        if name in wanted or (m and m.group(2) in wanted):
+            out.append(name)
+    return out
+
+
+def _add_guessing_later_layers(shapes: dict[str, tuple[int, ...]], name: str, n_layer: int) -> None:
+    shapes.setdefault(name, _PLACEHOLDER)
+    m = _LAYER.match(name)
+    if m:
+        for j in range(int(m.group(1)) + 1, n_layer):
+            shapes.setdefault(f"blk.{j}.{m.group(2)}", _PLACEHOLDER)
+
+
+def _set_shape_and_later_guesses(shapes: dict[str, tuple[int, ...]], known: set[str], name: str,
+                                 ne: tuple[int, ...], n_layer: int) -> None:
+    shapes[name] = ne
+    m = _LAYER.match(name)
+    if m:
+        for j in range(int(m.group(1)) + 1, n_layer):
+            later = f"blk.{j}.{m.group(2)}"
+            if later in shapes and later not in known:
+                shapes[later] = ne
+
+
+def _metadata(arch: str, *, n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int, n_vocab: int,
+              n_expert: int, n_expert_used: int) -> dict[str, int | float | bool | str | list]:
+    """The architecture metadata of a synthetic model, ``{key: value}`` without the tokenizer:
+    the keys every loader reads, both layer-norm epsilons (architectures read one or the
+    other), the expert keys for a mixture of experts, then :data:`ARCH_KV`."""
+    eps = 1e-6 if arch.startswith("gemma") else 1e-5
+    kv: dict[str, int | float | bool | str | list] = {
+        "vocab_size": n_vocab, "context_length": 2048, "embedding_length": n_embd, "block_count": n_layer,
+        "feed_forward_length": n_ff, "attention.head_count": n_head, "attention.head_count_kv": n_head_kv,
+        "attention.layer_norm_rms_epsilon": eps, "attention.layer_norm_epsilon": eps,
+        "rope.freq_base": 10000.0, "rope.dimension_count": n_embd // n_head,
+    }
+    if n_expert:
+        kv.update({"expert_count": n_expert, "expert_used_count": n_expert_used, "expert_feed_forward_length": n_ff})
+    kv.update(ARCH_KV.get(arch, {}))
+    return {f"{arch}.{k}": v for k, v in kv.items()}
+
+
+def _write_gguf(path: Path, arch: str, meta: dict, extra_kv: dict, specs: list[TensorSpec], types, data) -> None:
+    """Write a GGUF: ``general.*``, ``meta``, ``extra_kv`` (values as raw ``(vtype, value,
+    sub_type)`` tuples or plain Python values), then ``specs``. With ``data`` None the tensor
+    data is a sparse hole of the right size (for probing: llama.cpp checks that each tensor lies
+    inside the file, and a no-alloc load reads none); otherwise ``data(spec, type)`` gives each
+    tensor's array, stored as ``types[i]``."""
+    import gguf
+
+    F32 = gguf.GGMLQuantizationType.F32
+    types = types or [F32] * len(specs)
+    w = gguf.GGUFWriter(path, arch)
+    try:
+        # no arch in the name: llama.cpp applies Phi-3 tokenizer fixes to names containing "phi3"
+        w.add_name("nakshatra-synthetic")
+        for key, value in [*meta.items(), *extra_kv.items()]:
+            if isinstance(value, tuple):
+                vtype, v, sub = value
+                w.add_key_value(key, v, vtype, sub_type=sub)
+            else:
+                _add_plain(w, key, value)
+        for s, t in zip(specs, types):
+            w.add_tensor_info(s.name, s.ne[::-1], np.float32, _nbytes(s.ne, t), raw_dtype=t)
+        w.write_header_to_file(path)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        if data is None:
+            w.close()
+            pad = w.data_alignment
+            total = sum(-(-_nbytes(s.ne, t) // pad) * pad for s, t in zip(specs, types))
+            size = path.stat().st_size
+            os.truncate(path, -(-size // pad) * pad + total + pad)
         else:
-            specs += [TensorSpec(b + "ffn_gate.weight", (n_embd, n_ff)),
-                      TensorSpec(b + "ffn_up.weight", (n_embd, n_ff)),
-                      TensorSpec(b + "ffn_down.weight", (n_ff, n_embd))]
-        if arch == "gemma3":
-            specs.append(TensorSpec(b + "post_ffw_norm.weight", (n_embd,), "norm"))
-    specs.append(TensorSpec("output_norm.weight", (n_embd,), "norm"))
-    if not tied:
-        specs.append(TensorSpec("output.weight", (n_embd, n_vocab)))
-    return specs
+            for s, t in zip(specs, types):
+                w.write_tensor_data(data(s, t))
+    finally:
+        w.close()
+
+
+def _add_plain(w, key: str, value) -> None:
+    import gguf
+
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    elif isinstance(value, list):
+        sub = gguf.GGUFValueType.FLOAT32 if any(isinstance(x, float) for x in value) else \
+            gguf.GGUFValueType.BOOL if all(isinstance(x, bool) for x in value) else gguf.GGUFValueType.UINT32
+        w.add_key_value(key, value, gguf.GGUFValueType.ARRAY, sub_type=sub)
+    else:
+        raise TypeError(f"metadata {key}: cannot write a {type(value).__name__}")
 
 
 def write_synthetic(path: str | Path, arch: str, n_layer: int = 4, n_embd: int = 64, n_head: int = 4,
@@ -112,16 +292,18 @@ def write_synthetic(path: str | Path, arch: str, n_layer: int = 4, n_embd: int =
                     tokenizer_from: str | Path, seed: int = 0, dtype: str = "f32",
                     tied: bool = False) -> Path:
     """Write a random-weight GGUF of ``arch`` to ``path`` (parent directories created; written
-    to ``<path>.partial`` and renamed, so a failure leaves no file) and return the path.
+    to ``<path>.partial`` and renamed, so a failure leaves no file) and return the path. Its
+    tensors are the ones llama.cpp asks for (:func:`tensor_specs`).
 
     ``n_embd`` must be divisible by ``n_head``, and ``n_head`` by ``n_head_kv``; head size is
-    ``n_embd // n_head``. ``n_ff`` is the FFN width (phi3: ``ffn_up`` is ``2*n_ff`` wide;
-    qwen3moe: the width of each of the ``n_expert`` experts, ``n_expert_used`` routed per
-    token; ignored by the others). For the quantized ``dtype``\\ s a matrix whose row length is
-    not a multiple of 32 is stored as F16 instead, as llama-quantize does.
+    ``n_embd // n_head``. ``n_ff`` is the FFN width (for a mixture of experts,
+    :data:`MOE_ARCHS`, the width of each of the ``n_expert`` experts, ``n_expert_used`` routed
+    per token; the expert counts are ignored by dense architectures). For the quantized
+    ``dtype``\\ s a matrix whose row length is not a multiple of 32 is stored as F16 instead, as
+    llama-quantize does.
 
     Raises ValueError for bad shapes, unknown ``arch`` or ``dtype``; ModelError when
-    ``tokenizer_from`` is not a GGUF with a tokenizer.
+    ``tokenizer_from`` is not a GGUF with a tokenizer, or llama.cpp refuses the metadata.
     """
     import gguf
 
@@ -133,60 +315,33 @@ def write_synthetic(path: str | Path, arch: str, n_layer: int = 4, n_embd: int =
         raise ValueError(f"bad shape: n_layer={n_layer} n_embd={n_embd} n_head={n_head} "
                          f"n_head_kv={n_head_kv} n_ff={n_ff} (need n_embd % n_head == 0 and "
                          "n_head % n_head_kv == 0)")
-    moe = arch == "qwen3moe"
+    moe = arch in MOE_ARCHS
     if moe and not 0 < n_expert_used <= n_expert:
         raise ValueError(f"need 0 < n_expert_used <= n_expert, got {n_expert_used} and {n_expert}")
+    if not moe:
+        n_expert = n_expert_used = 0
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tok_kv = _tokenizer_kv(Path(tokenizer_from))
     n_vocab = len(tok_kv["tokenizer.ggml.tokens"][1])
-    specs = tensor_specs(arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
-                         n_ff=n_ff, n_vocab=n_vocab, n_expert=n_expert if moe else 0, tied=tied)
+    specs = tensor_specs(arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff,
+                         n_vocab=n_vocab, n_expert=n_expert, n_expert_used=n_expert_used, tied=tied)
+    meta = _metadata(arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff,
+                     n_vocab=n_vocab, n_expert=n_expert, n_expert_used=n_expert_used)
 
     qtype = gguf.GGMLQuantizationType[dtype.upper()]
     ftype = gguf.LlamaFileType["ALL_F32" if dtype == "f32" else "MOSTLY_" + dtype.upper()]
-
-    tmp = path.with_name(path.name + ".partial")
-    w = gguf.GGUFWriter(tmp, arch)
-    # no arch in the name: llama.cpp applies Phi-3 tokenizer fixes to names containing "phi3"
-    w.add_name("nakshatra-synthetic")
-    w.add_file_type(int(ftype))
+    general: dict = {"general.file_type": int(ftype)}
     if dtype.startswith("q"):
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_uint32(f"{arch}.vocab_size", n_vocab)
-    w.add_uint32(f"{arch}.context_length", 2048)
-    w.add_uint32(f"{arch}.embedding_length", n_embd)
-    w.add_uint32(f"{arch}.block_count", n_layer)
-    w.add_uint32(f"{arch}.feed_forward_length", n_ff)
-    w.add_uint32(f"{arch}.attention.head_count", n_head)
-    w.add_uint32(f"{arch}.attention.head_count_kv", n_head_kv)
-    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6 if arch == "gemma3" else 1e-5)
-    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
-    w.add_uint32(f"{arch}.rope.dimension_count", n_embd // n_head)
-    if moe:
-        w.add_uint32(f"{arch}.expert_count", n_expert)
-        w.add_uint32(f"{arch}.expert_used_count", n_expert_used)
-        w.add_uint32(f"{arch}.expert_feed_forward_length", n_ff)
-    for key, value in ARCH_KV.get(arch, {}).items():
-        w.add_float32(f"{arch}.{key}", value)
-    for key, (vtype, value, sub) in tok_kv.items():
-        w.add_key_value(key, value, vtype, sub_type=sub)
-
+        general["general.quantization_version"] = gguf.GGML_QUANT_VERSION
     types = [_storage_type(s, qtype) for s in specs]
-    for s, t in zip(specs, types):
-        w.add_tensor_info(s.name, s.ne[::-1], np.float32, _nbytes(s.ne, t), raw_dtype=t)
+    rng = np.random.default_rng(seed)
+    tmp = path.with_name(path.name + ".partial")
     try:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        rng = np.random.default_rng(seed)
-        for s, t in zip(specs, types):
-            w.write_tensor_data(_make_tensor(s, t, rng))
-        w.close()
+        _write_gguf(tmp, arch, {**general, **meta}, tok_kv, specs, types, lambda s, t: _make_tensor(s, t, rng))
         tmp.replace(path)
     finally:
-        w.close()
         tmp.unlink(missing_ok=True)
     return path
 

@@ -145,8 +145,10 @@ class LocalStages:
             while time.monotonic() < deadline:
                 if sel.select(timeout=0.2):
                     line = p.stdout.readline()
-                    if line:
+                    if line.startswith(b"{"):
                         return json.loads(line)
+                    # anything else on stdout is not the ready line: llama.cpp's abort handler
+                    # prints a debugger's backtrace there before the process dies
                 if p.poll() is not None:
                     break
         finally:
