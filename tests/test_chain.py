@@ -18,7 +18,7 @@ import pytest
 from nakshatra import _nakshatra
 from nakshatra.client.chain import Chain, SamplerParams
 from nakshatra.errors import StageError
-from nakshatra.gguf.slicer import slice_model
+from nakshatra.gguf.slicer import model_layout, slice_model
 from nakshatra.ranges import LayerRange
 from nakshatra.server.local import LocalStages
 
@@ -279,6 +279,39 @@ def test_every_verified_architecture_is_tested() -> None:
     from nakshatra.gguf.archs import VERIFIED
 
     assert sorted(SYNTHETIC) == sorted(VERIFIED)
+
+
+VARIANTS = {
+    # name: (arch, blocks, metadata over ARCH_KV, optional tensors, inclusive layer ranges)
+    # a next-n (multi-token prediction) block after the 6 decoder layers, as DeepSeek V3 and
+    # GLM-4.5 have: it is in no slice, and the slices load without it. (llama.cpp also loads a
+    # file of the next-n block alone, so the trunk's attn_norm is asked for as well.)
+    "deepseek2-next-n": ("deepseek2", 7, {"nextn_predict_layers": 1}, ("attn_norm.weight", "nextn.eh_proj.weight"),
+                         [(0, 1), (2, 3), (4, 5)]),
+    # variants told by the layer count: 27 layers is DeepSeek V2-Lite (no q LoRA), whose slices
+    # must be read as Lite too; 46-layer Gemma 2 is the 27B, which scales attention by
+    # 1/sqrt(n_embd / n_head), here 1/4, instead of 1/sqrt(head size), here 1/sqrt(32)
+    "deepseek2-lite": ("deepseek2", 27, {"attention.q_lora_rank": None}, (), [(0, 12), (13, 26)]),
+    "gemma2-27b": ("gemma2", 46, {"attention.key_length": 32, "attention.value_length": 32}, (),
+                   [(0, 20), (21, 45)]),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_exact_synthetic_variant(smollm2_path: Path, tmp_path: Path, name: str) -> None:
+    from nakshatra.gguf.synthetic import write_synthetic
+
+    arch, n_block, kv, optional, ranges = VARIANTS[name]
+    model = write_synthetic(tmp_path / f"{name}.gguf", arch, n_layer=n_block, n_embd=64, n_head=4,
+                            n_head_kv=1 if arch == "deepseek2" else 2, n_ff=128, tokenizer_from=smollm2_path,
+                            seed=5, dtype="f32", kv=kv, optional=optional)
+    if "nextn_predict_layers" in kv:  # the model holds the trunk and the next-n block; no slice holds the block
+        import gguf
+
+        names = {t.name for t in gguf.GGUFReader(model).tensors}
+        assert {"blk.0.attn_q_a.weight", f"blk.{n_block - 1}.nextn.eh_proj.weight"} <= names
+        assert model_layout(model).n_nextn == 1
+    _exact(model, ranges, PROMPT, tmp_path / "slices")
 
 
 @pytest.mark.parametrize("arch", list(SYNTHETIC))

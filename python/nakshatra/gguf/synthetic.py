@@ -103,7 +103,8 @@ def tensor_kind(name: str, ne: tuple[int, ...]) -> str:
 
 
 def tensor_specs(arch: str, *, n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int,
-                 n_vocab: int, n_expert: int = 0, n_expert_used: int = 0, tied: bool = False) -> list[TensorSpec]:
+                 n_vocab: int, n_expert: int = 0, n_expert_used: int = 0, tied: bool = False,
+                 kv: dict | None = None, optional: tuple[str, ...] = ()) -> list[TensorSpec]:
     """The tensors a model of ``arch`` with these dimensions must hold, in the order llama.cpp's
     loader creates them, as **llama.cpp itself says**: a metadata-only file is written and
     loaded (``_nakshatra.probe_load``, nothing allocated) over and over; each load names the
@@ -112,7 +113,8 @@ def tensor_specs(arch: str, *, n_layer: int, n_embd: int, n_head: int, n_head_kv
     unused (``wrong number of tensors``: those it did not ask for are dropped), until the file
     loads. A tensor found in one layer is guessed for the later layers too, so a model takes
     about two loads per distinct tensor. Optional tensors are added only when real checkpoints
-    carry them: ``output.weight`` unless ``tied``, and :data:`ARCH_OPTIONAL`.
+    carry them: ``output.weight`` unless ``tied``, :data:`ARCH_OPTIONAL`, and ``optional`` (full
+    names or per-layer suffixes). ``kv``: metadata over :data:`ARCH_KV` (as :func:`write_synthetic`).
 
     Cached per argument set and metadata. Raises ValueError for an unknown ``arch`` and ModelError when
     llama.cpp refuses the metadata (naming the missing key) or the search does not settle.
@@ -120,13 +122,13 @@ def tensor_specs(arch: str, *, n_layer: int, n_embd: int, n_head: int, n_head_kv
     if arch not in ARCHS:
         raise ValueError(f"unknown synthetic architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     meta = _metadata(arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff,
-                     n_vocab=n_vocab, n_expert=n_expert, n_expert_used=n_expert_used)
+                     n_vocab=n_vocab, n_expert=n_expert, n_expert_used=n_expert_used, kv=kv)
     key = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in meta.items())
-    return list(_derive(arch, key, n_layer, tied))
+    return list(_derive(arch, key, n_layer, tied, tuple(optional)))
 
 
 @functools.lru_cache(maxsize=64)
-def _derive(arch: str, meta_key: tuple, n_layer: int, tied: bool) -> tuple[TensorSpec, ...]:
+def _derive(arch: str, meta_key: tuple, n_layer: int, tied: bool, optional: tuple[str, ...]) -> tuple[TensorSpec, ...]:
     import tempfile
 
     from .. import _nakshatra
@@ -135,7 +137,7 @@ def _derive(arch: str, meta_key: tuple, n_layer: int, tied: bool) -> tuple[Tenso
     probe_kv = {"tokenizer.ggml.model": "none"}  # a vocabulary of vocab_size dummy tokens: fast to load
     shapes: dict[str, tuple[int, ...]] = {}   # name -> ne, in the order first asked for
     known: set[str] = set()                   # names whose shape llama.cpp confirmed or accepted
-    wanted_optional = ([] if tied else ["output.weight"]) + list(ARCH_OPTIONAL.get(arch, ()))
+    wanted_optional = ([] if tied else ["output.weight"]) + list(ARCH_OPTIONAL.get(arch, ())) + list(optional)
     seen_errors: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="nak-probe-") as tmp:
         probe = Path(tmp) / "probe.gguf"
@@ -155,7 +157,7 @@ def _derive(arch: str, meta_key: tuple, n_layer: int, tied: bool) -> tuple[Tenso
             seen_errors.add(err)
             known.update(asked[:-1])  # every tensor created before the one that stopped it was accepted
             if m := _NOT_FOUND.search(err):
-                _add_guessing_later_layers(shapes, m.group(1), n_layer)
+                _add_guessing_later_layers(shapes, m.group(1) or m.group(2), n_layer)
             elif m := _WRONG_SHAPE.search(err):
                 ne = tuple(int(x) for x in m.group(2).split(","))
                 _set_shape_and_later_guesses(shapes, known, m.group(1), ne, n_layer)
@@ -170,12 +172,12 @@ def _derive(arch: str, meta_key: tuple, n_layer: int, tied: bool) -> tuple[Tenso
         else:
             raise ModelError(f"{arch}: deriving the tensors from llama.cpp did not settle")
     order: dict[str, int] = {}
-    for i, name in enumerate(asked):
+    for i, name in enumerate([*asked, *shapes]):  # skipped tensors (next-n blocks) are not logged as asked
         order.setdefault(name, i)
     return tuple(TensorSpec(n, ne, tensor_kind(n, ne)) for n, ne in sorted(shapes.items(), key=lambda x: order[x[0]]))
 
 
-_NOT_FOUND = re.compile(r"tensor '([^']+)' not found")
+_NOT_FOUND = re.compile(r"tensor '([^']+)' not found|missing tensor '([^']+)'")
 _WRONG_SHAPE = re.compile(r"tensor '([^']+)' has wrong shape; expected ([\d, ]+), got")
 _WRONG_COUNT = re.compile(r"wrong number of tensors")
 _NO_KEY = re.compile(r"key not found in model: (\S+)")
@@ -213,21 +215,23 @@ def _set_shape_and_later_guesses(shapes: dict[str, tuple[int, ...]], known: set[
 
 
 def _metadata(arch: str, *, n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int, n_vocab: int,
-              n_expert: int, n_expert_used: int) -> dict[str, int | float | bool | str | list]:
+              n_expert: int, n_expert_used: int, kv: dict | None = None) -> dict[str, int | float | bool | str | list]:
     """The architecture metadata of a synthetic model, ``{key: value}`` without the tokenizer:
     the keys every loader reads, both layer-norm epsilons (architectures read one or the
-    other), the expert keys for a mixture of experts, then :data:`ARCH_KV`."""
+    other), the expert keys for a mixture of experts, then :data:`ARCH_KV`, then ``kv`` (a
+    value of None removes the key)."""
     eps = 1e-6 if arch.startswith("gemma") else 1e-5
-    kv: dict[str, int | float | bool | str | list] = {
+    out: dict[str, int | float | bool | str | list | None] = {
         "vocab_size": n_vocab, "context_length": 2048, "embedding_length": n_embd, "block_count": n_layer,
         "feed_forward_length": n_ff, "attention.head_count": n_head, "attention.head_count_kv": n_head_kv,
         "attention.layer_norm_rms_epsilon": eps, "attention.layer_norm_epsilon": eps,
         "rope.freq_base": 10000.0, "rope.dimension_count": n_embd // n_head,
     }
     if n_expert:
-        kv.update({"expert_count": n_expert, "expert_used_count": n_expert_used, "expert_feed_forward_length": n_ff})
-    kv.update(ARCH_KV.get(arch, {}))
-    return {f"{arch}.{k}": v for k, v in kv.items()}
+        out.update({"expert_count": n_expert, "expert_used_count": n_expert_used, "expert_feed_forward_length": n_ff})
+    out.update(ARCH_KV.get(arch, {}))
+    out.update(kv or {})
+    return {f"{arch}.{k}": v for k, v in out.items() if v is not None}
 
 
 def _write_gguf(path: Path, arch: str, meta: dict, extra_kv: dict, specs: list[TensorSpec], types, data) -> None:
@@ -290,7 +294,7 @@ def _add_plain(w, key: str, value) -> None:
 def write_synthetic(path: str | Path, arch: str, n_layer: int = 4, n_embd: int = 64, n_head: int = 4,
                     n_head_kv: int = 2, n_ff: int = 128, n_expert: int = 4, n_expert_used: int = 2, *,
                     tokenizer_from: str | Path, seed: int = 0, dtype: str = "f32",
-                    tied: bool = False) -> Path:
+                    tied: bool = False, kv: dict | None = None, optional: tuple[str, ...] = ()) -> Path:
     """Write a random-weight GGUF of ``arch`` to ``path`` (parent directories created; written
     to ``<path>.partial`` and renamed, so a failure leaves no file) and return the path. Its
     tensors are the ones llama.cpp asks for (:func:`tensor_specs`).
@@ -300,7 +304,9 @@ def write_synthetic(path: str | Path, arch: str, n_layer: int = 4, n_embd: int =
     :data:`MOE_ARCHS`, the width of each of the ``n_expert`` experts, ``n_expert_used`` routed
     per token; the expert counts are ignored by dense architectures). For the quantized
     ``dtype``\\ s a matrix whose row length is not a multiple of 32 is stored as F16 instead, as
-    llama-quantize does.
+    llama-quantize does. ``kv``: metadata ``{key without the arch prefix: value}`` over
+    :data:`ARCH_KV` (None removes a key), e.g. ``{"nextn_predict_layers": 1}``; ``optional``:
+    optional tensors to write too (:func:`tensor_specs`).
 
     Raises ValueError for bad shapes, unknown ``arch`` or ``dtype``; ModelError when
     ``tokenizer_from`` is not a GGUF with a tokenizer, or llama.cpp refuses the metadata.
@@ -326,9 +332,10 @@ def write_synthetic(path: str | Path, arch: str, n_layer: int = 4, n_embd: int =
     tok_kv = _tokenizer_kv(Path(tokenizer_from))
     n_vocab = len(tok_kv["tokenizer.ggml.tokens"][1])
     specs = tensor_specs(arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff,
-                         n_vocab=n_vocab, n_expert=n_expert, n_expert_used=n_expert_used, tied=tied)
+                         n_vocab=n_vocab, n_expert=n_expert, n_expert_used=n_expert_used, tied=tied, kv=kv,
+                         optional=optional)
     meta = _metadata(arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff,
-                     n_vocab=n_vocab, n_expert=n_expert, n_expert_used=n_expert_used)
+                     n_vocab=n_vocab, n_expert=n_expert, n_expert_used=n_expert_used, kv=kv)
 
     qtype = gguf.GGMLQuantizationType[dtype.upper()]
     ftype = gguf.LlamaFileType["ALL_F32" if dtype == "f32" else "MOSTLY_" + dtype.upper()]
