@@ -420,3 +420,20 @@ def test_plan_from_running_stages_uses_their_self_benchmark(smollm2_path: Path, 
     assert [(s.host, s.layers) for s in cf.stages] == [("127.0.0.1", LayerRange(0, 30))]
     with pytest.raises(NakError, match="does not answer"):
         hosts_from_stages(ls.addresses)  # the stages are gone now
+
+
+def test_every_stage_gets_a_sliding_layer_where_llama_cpp_needs_one() -> None:
+    # gemma2-like: layers 1 and 3 are full attention, and a stage of only full layers cannot run.
+    # The small fast host fits one layer, but not layer 0 with the input tensors, so the only
+    # split the memory allows would give it layer 3 alone
+    weights = (mib(100),) * 4
+    free = MemoryModel(weights=weights, kv=(0,) * 4, first_extra=mib(50))
+    hosts = [HostSpec("big", "10.0.0.1", memory_mb=1000, layers_per_s=10),
+             HostSpec("small", "10.0.0.2", memory_mb=130, layers_per_s=1000)]
+    split = plan_chain(free, hosts, "forwarding")
+    assert [(s.host.name, s.layers.inclusive()) for s in split.stages] == [("big", "0-2"), ("small", "3-3")]
+    swa = MemoryModel(weights=weights, kv=(0,) * 4, first_extra=mib(50), sliding=(True, False, True, False))
+    plan = plan_chain(swa, hosts, "forwarding")
+    assert [(s.host.name, s.layers.inclusive()) for s in plan.stages] == [("big", "0-3")]
+    with pytest.raises(NakError, match="one entry per layer"):
+        MemoryModel(weights=weights, kv=(0,) * 4, sliding=(True,))

@@ -111,12 +111,13 @@ def test_llama_cpp_refuses_a_file_unlike_its_loader(change: str, smollm2_path: P
     monkeypatch.setattr(synthetic, "tensor_specs", altered)
     path = write_synthetic(tmp_path / f"{change}.gguf", "llama", n_layer=2, tokenizer_from=smollm2_path)
     capfd.readouterr()
-    with pytest.raises(StageError, match="could not load"):
+    with pytest.raises(StageError, match="could not load") as e:
         _nakshatra.Reference(str(path), n_ctx=64, n_threads=1)
-    log = capfd.readouterr().err  # llama.cpp's own reason, from its log
+    log = capfd.readouterr().err
     want = {"drop": "tensor 'blk.1.ffn_up.weight' not found",
             "extra": "wrong number of tensors; expected 22, got 21",
             "reshape": "tensor 'blk.1.ffn_up.weight' has wrong shape"}[change]
+    assert want in str(e.value)  # llama.cpp's own reason, kept from its log (cpp/stage/llama_log.cpp)
     assert want in log, log
 
 

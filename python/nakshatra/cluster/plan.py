@@ -92,7 +92,9 @@ class MemoryModel:
     ``last_extra``: output tensors, plus the token embedding when tied (last stage);
     ``stage_extra``: global tensors (every stage); ``fixed``: the fixed cost of a stage by kind,
     ``(first, middle, last, only)`` (``only``: one stage serving every layer); a single int is
-    the same for every kind."""
+    the same for every kind. ``sliding``: per-layer sliding-window flags of a model whose llama.cpp
+    graph needs a sliding-window layer in every stage (gemma2, gpt-oss, ...: the slicer refuses
+    other cuts); empty when any cut will do."""
 
     weights: tuple[int, ...]
     kv: tuple[int, ...]
@@ -100,6 +102,7 @@ class MemoryModel:
     last_extra: int = 0
     stage_extra: int = 0
     fixed: tuple[int, int, int, int] | int = 0
+    sliding: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.fixed, int):
@@ -108,6 +111,8 @@ class MemoryModel:
             raise NakError("a memory model needs one weights and one KV byte count per layer")
         if len(self.fixed) != 4:
             raise NakError("a memory model's fixed costs are (first, middle, last, only)")
+        if self.sliding and len(self.sliding) != len(self.weights):
+            raise NakError("a memory model's sliding-window flags need one entry per layer")
         if min(self.weights) < 0 or min(self.kv) < 0 or min(self.first_extra, self.last_extra,
                                                              self.stage_extra, *self.fixed) < 0:
             raise NakError("byte counts of a memory model must be >= 0")
@@ -196,7 +201,20 @@ def model_memory(path: str | os.PathLike[str], ctx: int = 4096, max_sessions: in
     # exactly the prediction for those ranges
     ranges = {**_kind_ranges(layout.n_layer), 3: LayerRange(0, layout.n_layer)}
     fixed = {k: max(0, p["total_bytes"] - bare.stage_bytes(ranges[k])) for k, p in preds.items()}
-    return replace(bare, fixed=tuple(fixed.get(k, fixed[3]) for k in range(4)))
+    return replace(bare, fixed=tuple(fixed.get(k, fixed[3]) for k in range(4)), sliding=_required_sliding(path, layout))
+
+
+def _required_sliding(path: str | os.PathLike[str], layout) -> tuple[bool, ...]:
+    """The per-layer sliding-window flags when every stage of this model needs a sliding-window
+    layer (``swa_required`` in the architecture table), else ``()``."""
+    from ..gguf.archs import arch_table
+    from ..gguf.shards import open_model
+    from ..gguf.slicer import swa_pattern
+
+    if not arch_table().get(layout.arch, {}).get("swa_required"):
+        return ()
+    flags = swa_pattern(open_model(path).scan, layout.arch, layout.n_layer)
+    return tuple(flags) if flags else ()
 
 
 # ---- latency --------------------------------------------------------------------------------
@@ -346,8 +364,13 @@ def plan_chain(mem: MemoryModel, hosts: Sequence[HostSpec], mode: str = "ring") 
     need[:, n] += mem.last_extra + last_f - middle_f
     need[0, n] += only_f - first_f - last_f + middle_f
     span = (idx[None, :] - idx[:, None]).astype(np.float64)
-    # step[h][j, e]: compute ms of host h serving layers j..e-1, inf where it is empty or does not fit
-    step = [np.where((span > 0) & (need <= h.memory_mb * MIB), span * (1000.0 / h.layers_per_s), np.inf)
+    allowed = span > 0
+    if mem.sliding:  # a stage must hold a sliding-window layer (MemoryModel.sliding)
+        n_sliding = np.concatenate([[0], np.cumsum(np.asarray(mem.sliding, dtype=np.int64))])
+        allowed &= (n_sliding[None, :] - n_sliding[:, None]) > 0
+    # step[h][j, e]: compute ms of host h serving layers j..e-1, inf where it is not allowed
+    # (empty; no sliding layer where one is needed) or does not fit
+    step = [np.where(allowed & (need <= h.memory_mb * MIB), span * (1000.0 / h.layers_per_s), np.inf)
             for h in hosts]
     link = np.array([h.link_ms for h in hosts], dtype=np.float64)
     hop = link[:, None] + link[None, :]

@@ -4,9 +4,10 @@ Used by tests (split-vs-unsplit equivalence for every supported architecture) an
 (a llama-shaped model of a chosen parameter count). The tokenizer, and with it the vocabulary
 size, is copied from a real GGUF (``tokenizer_from``, e.g. SmolLM2) so prompts tokenize as usual.
 
-Tensor names, shapes and metadata keys follow the loaders in the pinned llama.cpp
-(``src/models/<arch>.cpp``, ``src/llama-arch.cpp``, ``src/llama-model.cpp``). Shapes below are in
-ggml order (``ne0`` first, the row length), the reverse of numpy's. Weights are drawn from
+Tensor names and shapes are not written down here: :func:`tensor_specs` asks the pinned llama.cpp,
+loading metadata-only files until its loader for the architecture is satisfied. The metadata an
+architecture needs beyond the common keys is :data:`ARCH_KV`. Shapes are in ggml order (``ne0``
+first, the row length), the reverse of numpy's. Weights are drawn from
 ``numpy.random.default_rng(seed)``: matrices with std ``1/sqrt(row length)`` (each matmul keeps
 unit variance, so every layer matters and logits spread about N(0, 1), which keeps the argmax
 well separated from float noise), biases with std 0.02, norm weights 1. A given set of
