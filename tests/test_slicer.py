@@ -336,7 +336,8 @@ def test_a_slice_without_a_sliding_layer_is_refused_where_llama_cpp_needs_one(tm
     # of a period-2 model is full attention
     kv = {"gemma2.attention.sliding_window": (8, U32, None)}
     model = write_tiny(tmp_path / "g.gguf", arch="gemma2", n_layer=4, tied=True, kv=kv)
-    with pytest.raises(SliceError, match=r"layers 1-1 of this gemma2 model are all full-attention layers.*move the cut"):
+    with pytest.raises(SliceError,
+                       match=r"layers 1-1 of this gemma2 model are all full-attention layers.*move the cut"):
         slice_model(model, ranges=parse_ranges("0-0,1-1,2-3", 4), out_dir=tmp_out, progress=False)
     assert not any(tmp_out.iterdir())  # refused before anything was written
     slice_model(model, ranges=parse_ranges("0-1,2-3", 4), out_dir=tmp_out, progress=False)

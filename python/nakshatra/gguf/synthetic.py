@@ -46,8 +46,8 @@ ARCH_KV: dict[str, dict[str, int | float | bool | str | list]] = {
     # 8 with), 16-wide values; the KV cache holds the compressed kv (32) plus the RoPE part (8)
     # as one head shared by all. Layers 0-1 are dense, the rest mixture-of-experts with one
     # shared expert
-    "deepseek2": {"attention.head_count_kv": 1, "attention.q_lora_rank": 32, "attention.kv_lora_rank": 32, "attention.key_length_mla": 24,
-                  "attention.value_length_mla": 16, "attention.key_length": 40, "attention.value_length": 32,
+    "deepseek2": {"attention.head_count_kv": 1, "attention.q_lora_rank": 32, "attention.kv_lora_rank": 32,
+                  "attention.key_length_mla": 24, "attention.value_length_mla": 16, "attention.key_length": 40, "attention.value_length": 32,
                   "rope.dimension_count": 8, "expert_shared_count": 1, "leading_dense_block_count": 2,
                   "expert_weights_scale": 1.0},
     "glm4moe": {"leading_dense_block_count": 1, "expert_shared_count": 1, "expert_weights_scale": 1.0},
@@ -142,7 +142,8 @@ def _derive(arch: str, meta_key: tuple, n_layer: int, tied: bool, optional: tupl
     seen_errors: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="nak-probe-") as tmp:
         probe = Path(tmp) / "probe.gguf"
-        for _ in range(64 + 16 * n_layer * 8):
+        # each load adds, shapes or drops at least one tensor; a bound in case llama.cpp never settles
+        for _ in range(64 + 128 * n_layer):
             _write_gguf(probe, arch, meta, probe_kv, [TensorSpec(n, ne) for n, ne in shapes.items()], None, None)
             err, asked = _nakshatra.probe_load(str(probe))
             if not err:
