@@ -30,6 +30,12 @@ def _exe(path: Path) -> Path:
     return path
 
 
+def _nvcc(path: Path, release: str = "13.0") -> Path:
+    """A fake nvcc that prints a version as the real one does."""
+    _exe(path).write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.88'\n")
+    return path
+
+
 def _touch(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"")
@@ -44,6 +50,9 @@ def no_system_toolkits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(build, "ROCM_DEFAULT", none / "rocm")
     monkeypatch.setattr(build, "VULKAN_HEADER", none / "vulkan.h")
     monkeypatch.setattr(build, "SYSTEM_LIB_DIRS", (none / "lib",))
+    monkeypatch.setattr(build, "DRIVER_LIB_DIRS", (none / "driver",))
+    monkeypatch.setattr(build, "_site_dirs", lambda: [tmp_path / "site"])
+    monkeypatch.setattr(build, "_install_dir", lambda: tmp_path / "site")
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -72,7 +81,7 @@ def test_cpu_always_ok(tmp_path: Path) -> None:
 
 
 def test_cuda_on_path(tmp_path: Path) -> None:
-    nvcc = _exe(tmp_path / "cuda/bin/nvcc")
+    nvcc = _nvcc(tmp_path / "cuda/bin/nvcc")
     _touch(tmp_path / "cuda/lib64/libcublas.so.13")
     env = _env(tmp_path, PATH=f"{tmp_path / 'cuda/bin'}")
     st = detect_toolkit("cuda", env)
@@ -81,21 +90,23 @@ def test_cuda_on_path(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("var", ["CUDA_HOME", "CUDA_PATH"])
 def test_cuda_home(tmp_path: Path, var: str) -> None:
-    nvcc = _exe(tmp_path / "toolkit/bin/nvcc")
+    nvcc = _nvcc(tmp_path / "toolkit/bin/nvcc")
     _touch(tmp_path / "toolkit/targets/x86_64-linux/lib/libcublas.so")
     st = detect_toolkit("cuda", _env(tmp_path, **{var: str(tmp_path / "toolkit")}))
     assert st.ok and st.found == str(nvcc)
 
 
 def test_cuda_default_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    nvcc = _exe(tmp_path / "usr-local-cuda/bin/nvcc")
+    nvcc = _nvcc(tmp_path / "usr-local-cuda/bin/nvcc")
     _touch(tmp_path / "usr-local-cuda/lib64/libcublas_static.a")
     monkeypatch.setattr(build, "CUDA_DEFAULT", tmp_path / "usr-local-cuda")
     st = detect_toolkit("cuda", _env(tmp_path))
     assert st.ok and st.found == str(nvcc)
-    # found off PATH: the plan tells CMake where the compiler is
+    # found off PATH: the plan tells CMake where the compiler is; no GPU, no driver: sm_90 + PTX, no VMM
     plan = build_plan("cuda", PROJECT, env=_env(tmp_path))
-    assert plan.env == {"NAKSHATRA_BACKEND": "cuda", "CUDACXX": str(nvcc)}
+    assert plan.env == {"NAKSHATRA_BACKEND": "cuda", "CUDACXX": str(nvcc),
+                        "NAKSHATRA_LLAMA_CMAKE_ARGS": "-DCMAKE_CUDA_ARCHITECTURES=90;-DGGML_CUDA_NO_VMM=ON"}
+    assert plan.pre == [] and len(plan.notes) == 2
 
 
 def test_cuda_missing(tmp_path: Path) -> None:
@@ -107,12 +118,95 @@ def test_cuda_missing(tmp_path: Path) -> None:
         build_plan("cuda", PROJECT, env=_env(tmp_path))
 
 
-def test_cuda_without_cublas(tmp_path: Path) -> None:
-    _exe(tmp_path / "bin/nvcc")
+def test_cuda_without_cublas_takes_the_wheel(tmp_path: Path) -> None:
+    """A toolkit without cuBLAS (nvcc from pip's nvidia-cuda-nvcc, as on this project's machines):
+    the plan installs the nvidia-cublas wheel of the toolkit's major version, no newer minor, and
+    points llama.cpp's configure at its versioned libraries and headers."""
+    _nvcc(tmp_path / "bin/nvcc")
     st = detect_toolkit("cuda", _env(tmp_path))
-    assert not st.ok and "cuBLAS" in st.missing
-    with pytest.raises(BuildError, match="CUDA toolkit incomplete: cuBLAS"):
+    assert not st.ok and "cuBLAS" in st.missing and "nvidia-cublas" in st.hint
+    plan = build_plan("cuda", PROJECT, env=_env(tmp_path))
+    assert plan.toolkit.ok and "nvidia-cublas" in plan.toolkit.found
+    root = tmp_path / "site/nvidia/cu13"
+    assert plan.pre == [[sys.executable, "-m", "pip", "install", "nvidia-cublas>=13.0,<13.1"]]
+    assert plan.expect == [root / "lib/libcublas.so.13", root / "lib/libcublasLt.so.13"]
+    assert plan.cmake_args[:4] == ["-DGGML_CUDA=ON", f"-DCUDA_cublas_LIBRARY={root}/lib/libcublas.so.13",
+                                   f"-DCUDA_cublasLt_LIBRARY={root}/lib/libcublasLt.so.13",
+                                   f"-DCMAKE_CUDA_FLAGS=-I{root}/include"]
+    assert any(n.startswith("cuBLAS: the CUDA 13.0 toolkit") and "nvidia-cublas" in n for n in plan.notes)
+    # installed already: nothing to install, the same paths
+    for lib in plan.expect:
+        _touch(lib)
+    again = build_plan("cuda", PROJECT, env=_env(tmp_path))
+    assert again.pre == [] and again.cmake_args == plan.cmake_args
+
+
+@pytest.mark.parametrize("release, requirement, rel", [
+    ("13.2", "nvidia-cublas>=13.0,<13.3", "nvidia/cu13"),
+    ("12.4", "nvidia-cublas-cu12", "nvidia/cublas"),
+])
+def test_cublas_wheel_per_release(tmp_path: Path, release: str, requirement: str, rel: str) -> None:
+    _nvcc(tmp_path / "bin/nvcc", release)
+    plan = build_plan("cuda", PROJECT, env=_env(tmp_path))
+    major = release.split(".")[0]
+    assert plan.pre[0][-1] == requirement
+    assert plan.expect[0] == tmp_path / "site" / rel / "lib" / f"libcublas.so.{major}"
+
+
+def test_cuda_too_old_or_unreadable(tmp_path: Path) -> None:
+    _nvcc(tmp_path / "bin/nvcc", "11.8")
+    with pytest.raises(BuildError, match="CUDA 11.8 is older"):
         build_plan("cuda", PROJECT, env=_env(tmp_path))
+    _exe(tmp_path / "bin/nvcc")  # prints nothing
+    with pytest.raises(BuildError, match="names no CUDA release"):
+        build_plan("cuda", PROJECT, env=_env(tmp_path))
+
+
+def test_cuda_architectures_and_driver(tmp_path: Path) -> None:
+    """No GPU: sm_90 + PTX; a GPU that nvidia-smi lists: native; $CMAKE_CUDA_ARCHITECTURES or an
+    explicit argument wins. No libcuda: no VMM; the driver's versioned libcuda: named to CMake."""
+    _nvcc(tmp_path / "bin/nvcc")
+    _touch(tmp_path / "lib64/libcublas.so.13")
+    env = _env(tmp_path)
+    assert build_plan("cuda", PROJECT, env=env).cmake_args[1:] == ["-DCMAKE_CUDA_ARCHITECTURES=90",
+                                                                   "-DGGML_CUDA_NO_VMM=ON"]
+    assert build_plan("cuda", PROJECT, env={**env, "CMAKE_CUDA_ARCHITECTURES": "86;89"}).cmake_args[1] \
+        == "-DCMAKE_CUDA_ARCHITECTURES=86;89"
+    _exe(tmp_path / "bin/nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-1)'\n")
+    driver = _touch(tmp_path / "nowhere/driver/libcuda.so.1")
+    plan = build_plan("cuda", PROJECT, env=env)
+    assert plan.cmake_args[1:] == ["-DCMAKE_CUDA_ARCHITECTURES=native", f"-DCUDA_cuda_driver_LIBRARY={driver}"]
+    assert any("NVIDIA H200" in n for n in plan.notes)
+    assert build_plan("cuda", PROJECT, ["-DCMAKE_CUDA_ARCHITECTURES=75"], env=env).cmake_args[1:] == \
+        [f"-DCUDA_cuda_driver_LIBRARY={driver}", "-DCMAKE_CUDA_ARCHITECTURES=75"]
+    _touch(tmp_path / "lib64/stubs/libcuda.so")  # the toolkit's link stub: CMake finds it itself
+    driver.unlink()
+    assert build_plan("cuda", PROJECT, env=env).cmake_args[1:] == ["-DCMAKE_CUDA_ARCHITECTURES=native"]
+
+
+def test_run_build_installs_first_and_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _nvcc(tmp_path / "bin/nvcc")
+    plan = build_plan("cuda", PROJECT, env=_env(tmp_path))
+    ran = []
+
+    class Done:
+        returncode = 0
+
+    def fake_run(argv, env, **kwargs):
+        ran.append(argv)
+        return Done()
+
+    monkeypatch.setattr(build.subprocess, "run", fake_run)
+    with pytest.raises(BuildError, match=r"did not install .*libcublas\.so\.13"):
+        run_build(plan)  # pip "succeeded" but the files are not where the plan points
+    assert ran == plan.pre
+    for lib in plan.expect:
+        _touch(lib)
+    ran.clear()
+    assert run_build(plan) == 0 and ran == [*plan.pre, plan.argv]
+    out = io.StringIO()
+    run_build(plan, dry_run=True, out=out)
+    assert out.getvalue().splitlines()[0] == " ".join(plan.pre[0][:-1]) + " 'nvidia-cublas>=13.0,<13.1'"
 
 
 @pytest.mark.parametrize("tool", ["hipcc", "hipconfig"])
@@ -159,8 +253,8 @@ def test_vulkan_sdk_and_pkg_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_plan_env(backend: str) -> None:
-    plan = build_plan(backend, PROJECT, force=True)
+def test_plan_env(backend: str, tmp_path: Path) -> None:
+    plan = build_plan(backend, PROJECT, force=True, env=_env(tmp_path))
     assert plan.env["NAKSHATRA_BACKEND"] == backend
     assert "NAKSHATRA_LLAMA_CMAKE_ARGS" not in plan.env
     assert plan.argv == [sys.executable, "-m", "pip", "install", str(PROJECT),
@@ -169,7 +263,7 @@ def test_plan_env(backend: str) -> None:
 
 
 def test_plan_extra_args(tmp_path: Path) -> None:
-    _exe(tmp_path / "bin/nvcc")
+    _nvcc(tmp_path / "bin/nvcc")
     _touch(tmp_path / "lib64/libcublas.so")
     extra = ["-DCMAKE_CUDA_ARCHITECTURES=90", "-DGGML_CUDA_NO_VMM=ON"]
     plan = build_plan("cuda", PROJECT, extra, verbose=True, env=_env(tmp_path))

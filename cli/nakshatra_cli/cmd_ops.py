@@ -20,23 +20,30 @@ from .app import KeyFile, app, cluster_key, err_console
 @app.command()
 def build(
     backend: Annotated[str, typer.Option("--backend", "-b", help="cpu, cuda, rocm, metal or vulkan.")] = "cpu",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command and CMake arguments; build nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the commands and CMake arguments; build nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Build even if the toolkit is not detected.")] = False,
     source: Annotated[Optional[Path], typer.Option("--source", help="Project directory (default: this checkout).")] = None,
+    cmake_arg: Annotated[Optional[list[str]], typer.Option(
+        "--cmake-arg", "-D", help="Extra argument for llama.cpp's configure, repeatable, e.g. "
+        "-D CMAKE_CUDA_ARCHITECTURES=86 (a leading -D may be left out).")] = None,
 ) -> None:
     """Rebuild the extension for a backend (pip install of this project with the ggml option).
+    The compiled llama.cpp is cached per backend and options, so a second build is quick.
 
-    Example: [b]nak build --backend cuda --dry-run[/b]
+    Examples: [b]nak build --backend cuda[/b]; [b]nak build --backend cuda -D CMAKE_CUDA_ARCHITECTURES=86 --dry-run[/b]
     """
     from nakshatra import build as b
 
     project = source or _project_dir()
-    status = b.detect_toolkit(backend)
+    extra = [a if a.startswith("-") else f"-D{a}" for a in cmake_arg or []]
+    # a dry run shows the plan even without the toolkit; a real build needs it (or --force)
+    plan = b.build_plan(backend, project, extra, force=force or dry_run)
+    status = plan.toolkit
     err_console.print(f"backend {backend}: toolkit " + (f"found: {status.found}" if status.ok else f"MISSING: {status.missing}"),
                       markup=False)
-    # a dry run shows the plan even without the toolkit; a real build needs it (or --force)
-    plan = b.build_plan(backend, project, force=force or dry_run)
-    err_console.print(f"cmake args: {' '.join(b.ggml_cmake_args(backend)) or '(none)'}", markup=False)
+    for note in plan.notes:
+        err_console.print(note, markup=False)
+    err_console.print(f"cmake args: {' '.join(plan.cmake_args) or '(none)'}", markup=False)
     raise typer.Exit(b.run_build(plan, dry_run=dry_run))
 
 

@@ -104,5 +104,17 @@ if(NOT _nak_rc EQUAL 0)
     message(FATAL_ERROR "nakshatra: building llama.cpp failed; see the compiler output above")
 endif()
 
+# CUDA: the static ggml-cuda's exported config (ggml-config.cmake) names the CUDA runtime and cuBLAS
+# only for GGML_STATIC builds, so the extension links them itself (CMakeLists.txt), from the same
+# files llama.cpp's configure was given: `nak build` passes a cuBLAS from the nvidia-cublas wheel
+# or a driver library outside the toolkit as CUDA_<lib>_LIBRARY arguments, which FindCUDAToolkit
+# then takes as found.
+if(NAKSHATRA_BACKEND STREQUAL "cuda")
+    foreach(_nak_arg IN LISTS NAKSHATRA_LLAMA_CMAKE_ARGS)
+        if(_nak_arg MATCHES "^-D(CUDA_[A-Za-z_]+_LIBRARY|CUDAToolkit_ROOT)=(.+)$")
+            set(${CMAKE_MATCH_1} "${CMAKE_MATCH_2}" CACHE FILEPATH "from NAKSHATRA_LLAMA_CMAKE_ARGS" FORCE)
+        endif()
+    endforeach()
+endif()
 find_package(llama CONFIG REQUIRED PATHS ${NAKSHATRA_LLAMA_PREFIX} NO_DEFAULT_PATH)
 # Internal headers (src/) are not used: our C++ speaks only llama.h plus the metadata our patches read.
