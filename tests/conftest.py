@@ -11,7 +11,6 @@ import pytest
 
 from nakshatra.gguf import models
 
-
 _FAILED = pytest.StashKey[bool]()
 
 

@@ -105,6 +105,7 @@ def test_cuda_default_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     # found off PATH: the plan tells CMake where the compiler is; no GPU, no driver: sm_90 + PTX, no VMM
     plan = build_plan("cuda", PROJECT, env=_env(tmp_path))
     assert plan.env == {"NAKSHATRA_BACKEND": "cuda", "CUDACXX": str(nvcc),
+                        "SKBUILD_BUILD_DIR": "build/{wheel_tag}-cuda",
                         "NAKSHATRA_LLAMA_CMAKE_ARGS": "-DCMAKE_CUDA_ARCHITECTURES=90;-DGGML_CUDA_NO_VMM=ON"}
     assert plan.pre == [] and len(plan.notes) == 2
 
@@ -256,6 +257,8 @@ def test_vulkan_sdk_and_pkg_config(tmp_path: Path) -> None:
 def test_plan_env(backend: str, tmp_path: Path) -> None:
     plan = build_plan(backend, PROJECT, force=True, env=_env(tmp_path))
     assert plan.env["NAKSHATRA_BACKEND"] == backend
+    # a build tree of our extension per backend: switching back and forth recompiles nothing
+    assert plan.env.get("SKBUILD_BUILD_DIR") == (None if backend == "cpu" else f"build/{{wheel_tag}}-{backend}")
     assert "NAKSHATRA_LLAMA_CMAKE_ARGS" not in plan.env
     assert plan.argv == [sys.executable, "-m", "pip", "install", str(PROJECT),
                          "--force-reinstall", "--no-deps"]
@@ -269,6 +272,7 @@ def test_plan_extra_args(tmp_path: Path) -> None:
     plan = build_plan("cuda", PROJECT, extra, verbose=True, env=_env(tmp_path))
     assert plan.toolkit.ok
     assert plan.env == {"NAKSHATRA_BACKEND": "cuda",  # nvcc on PATH: no CUDACXX
+                        "SKBUILD_BUILD_DIR": "build/{wheel_tag}-cuda",
                         "NAKSHATRA_LLAMA_CMAKE_ARGS": "-DCMAKE_CUDA_ARCHITECTURES=90;-DGGML_CUDA_NO_VMM=ON"}
     assert plan.argv[-1] == "-v"
     assert plan.cmake_args == ["-DGGML_CUDA=ON", *extra]

@@ -44,6 +44,21 @@ py::dict build_info() {
         regs.append(ggml_backend_reg_name(ggml_backend_reg_get(i)));
     }
     d["ggml_backends"] = regs;
+    // the GPUs (and other accelerators) this build sees now: none on a GPU build without a GPU
+    py::list devs;
+    for (size_t i = 0; i < ggml_backend_dev_count(); i++) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        if (ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+            size_t free = 0, total = 0;
+            ggml_backend_dev_memory(dev, &free, &total);
+            py::dict e;
+            e["name"]        = ggml_backend_dev_name(dev);
+            e["description"] = ggml_backend_dev_description(dev);
+            e["memory_bytes"] = total;
+            devs.append(e);
+        }
+    }
+    d["devices"] = devs;
     d["system_info"]   = llama_print_system_info();
     return d;
 }
@@ -87,7 +102,8 @@ std::pair<std::string, std::vector<std::string>> probe_load(const std::string & 
 } // namespace
 
 void bind_misc(py::module_ & m) {
-    m.def("build_info", &build_info, "Compiled backend, llama.cpp commit, patch-set hash, protocol version.");
+    m.def("build_info", &build_info, "Compiled backend, llama.cpp commit, patch-set hash, protocol version, and\n"
+          "devices: the GPUs this build sees now (name, description, memory_bytes), [] for none.");
     m.def("set_log_level", [](int level) { set_log_level(level); },
           "llama.cpp log threshold: 1 debug, 2 info, 3 warn (default), 4 error.");
     m.def("probe_load", &probe_load, py::arg("path"),

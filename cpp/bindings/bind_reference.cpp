@@ -17,13 +17,15 @@ struct py_reference {
     nak_reference ref;
 
     py_reference(const std::string & path, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, int32_t n_threads,
-                 const std::vector<int> & capture_layers, uint32_t n_seq_max, bool swa_full, int32_t poll) {
+                 const std::vector<int> & capture_layers, uint32_t n_seq_max, bool swa_full, int32_t poll,
+                 int32_t n_gpu_layers, const std::string & devices) {
         ensure_backend();
         std::string err;
         bool ok;
         {
             py::gil_scoped_release nogil;
-            ok = ref.load(path, n_ctx, n_batch, n_ubatch, n_threads, capture_layers, err, n_seq_max, swa_full, poll);
+            ok = ref.load(path, n_ctx, n_batch, n_ubatch, n_threads, capture_layers, err, n_seq_max, swa_full, poll,
+                          n_gpu_layers, devices);
         }
         if (!ok) {
             raise_stage_error(err, "load");
@@ -131,13 +133,16 @@ struct py_reference {
 void bind_reference(py::module_ & m) {
     const nak_sampler_params sd;
     py::class_<py_reference>(m, "Reference", "The unsplit model on llama.cpp's stock path (see cpp/stage/reference.h).")
-        .def(py::init<const std::string &, uint32_t, uint32_t, uint32_t, int32_t, const std::vector<int> &, uint32_t, bool, int32_t>(),
+        .def(py::init<const std::string &, uint32_t, uint32_t, uint32_t, int32_t, const std::vector<int> &, uint32_t, bool, int32_t,
+                      int32_t, const std::string &>(),
              py::arg("model_path"), py::arg("n_ctx") = 4096, py::arg("n_batch") = 2048, py::arg("n_ubatch") = 512,
              py::arg("n_threads") = 0, py::arg("capture_layers") = std::vector<int>{}, py::arg("n_seq_max") = 1, py::arg("swa_full") = false, py::arg("poll") = -1,
+             py::arg("n_gpu_layers") = -1, py::arg("devices") = "",
              "n_seq_max > 1: that many KV sequences of n_ctx / n_seq_max positions each, one stream per\n"
              "sequence, as a stage with --max-sessions n_seq_max (for decode_batch replays). swa_full: keep the\n"
              "whole context in sliding-window layers, as a stage with --swa-full. poll: the thread pool's polling\n"
-             "level (llama.cpp's --poll; -1: its default, 50; 0: as stages run, workers sleep between graphs).")
+             "level (llama.cpp's --poll; -1: its default, 50; 0: as stages run, workers sleep between graphs).\n"
+             "n_gpu_layers, devices: as a stage's --n-gpu-layers and --device (\"none\": the CPU alone).")
         // the sampler's defaults (nak_sampler_params) except temp: a reference run is greedy unless asked
         .def("generate", &py_reference::generate, py::arg("prompt"), py::arg("n_predict"), py::arg("temp") = 0.0f,
              py::arg("top_k") = sd.top_k, py::arg("top_p") = sd.top_p, py::arg("min_p") = sd.min_p,

@@ -169,6 +169,7 @@ void bind_stage_params(py::module_ & m) {
         .def_readwrite("n_threads", &P::n_threads, "decode threads; 0: hardware concurrency")
         .def_readwrite("n_threads_batch", &P::n_threads_batch, "prefill threads; 0: as n_threads")
         .def_readwrite("n_gpu_layers", &P::n_gpu_layers, "-1: all")
+        .def_readwrite("devices", &P::devices, "'' every GPU, 'none' the CPU alone, or names: 'CUDA0,CUDA1'")
         .def_readwrite("flash_attn", &P::flash_attn, "-1 auto, 0 off, 1 on")
         .def_readwrite("cache_type_k", &P::cache_type_k)
         .def_readwrite("cache_type_v", &P::cache_type_v)

@@ -79,6 +79,11 @@ bool nak_estimate_memory(const nak_stage_params & params, nak_memory_estimate & 
     }
 
     llama_model_params mp = nak_stage_model_params(params);
+    std::vector<ggml_backend_dev_t> devs; // outlives the load: mp.devices points into it
+    if (!nak_select_devices(params.devices, devs, err)) {
+        return false;
+    }
+    mp.devices = devs.empty() ? nullptr : devs.data();
     // whether the stage maps the file: decided on the stage's own load mode, before it is
     // overridden below
     const bool use_mmap = mp.load_mode == LLAMA_LOAD_MODE_AUTO || mp.load_mode == LLAMA_LOAD_MODE_MMAP ||

@@ -47,8 +47,15 @@ nak_reference::~nak_reference() {
 
 bool nak_reference::load(const std::string & path, uint32_t n_ctx, uint32_t n_batch_, uint32_t n_ubatch,
                          int32_t n_threads, const std::vector<int> & capture_layers, std::string & err,
-                         uint32_t n_seq_max, bool swa_full, int32_t poll) {
+                         uint32_t n_seq_max, bool swa_full, int32_t poll, int32_t n_gpu_layers,
+                         const std::string & devices) {
     llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = n_gpu_layers; // as a stage's (nak_stage_params::n_gpu_layers, devices)
+    std::vector<ggml_backend_dev_t> devs;
+    if (!nak_select_devices(devices, devs, err)) {
+        return false;
+    }
+    mp.devices = devs.empty() ? nullptr : devs.data();
     nak_log_clear_errors();
     model = llama_model_load_from_file(path.c_str(), mp);
     if (!model) {

@@ -26,7 +26,8 @@ struct nak_reference {
     ~nak_reference();
     bool load(const std::string & path, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
               int32_t n_threads, const std::vector<int> & capture_layers, std::string & err,
-              uint32_t n_seq_max = 1, bool swa_full = false, int32_t poll = -1);
+              uint32_t n_seq_max = 1, bool swa_full = false, int32_t poll = -1, int32_t n_gpu_layers = -1,
+              const std::string & devices = "");
     // one llama_decode of the given rows; the greedy token of each row flagged in `sample`, in row
     // order (a replay of a stage's batch log: same rows, same sequence ids, same ubatch cuts)
     // logits of the rows the last decode_batch sampled, [n_sampled, n_vocab] row-major

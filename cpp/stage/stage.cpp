@@ -122,6 +122,39 @@ llama_model_params nak_stage_model_params(const nak_stage_params & params) {
     return mp;
 }
 
+bool nak_select_devices(const std::string & spec, std::vector<ggml_backend_dev_t> & devs, std::string & err) {
+    devs.clear();
+    if (spec.empty()) {
+        return true;
+    }
+    if (spec != "none") {
+        size_t start = 0;
+        while (start <= spec.size()) {
+            const size_t end = std::min(spec.find(',', start), spec.size());
+            const std::string name = spec.substr(start, end - start);
+            ggml_backend_dev_t dev = ggml_backend_dev_by_name(name.c_str());
+            // as llama.cpp's --device: the CPU is always used and is not a device to name
+            if (!dev || ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+                std::string known;
+                for (size_t i = 0; i < ggml_backend_dev_count(); i++) {
+                    ggml_backend_dev_t d = ggml_backend_dev_get(i);
+                    if (ggml_backend_dev_type(d) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+                        known += std::string(known.empty() ? "" : ", ") + ggml_backend_dev_name(d);
+                    }
+                }
+                err = "no GPU device '" + name + "' in this build (" + NAK_BACKEND_NAME + "); devices: " +
+                      (known.empty() ? "none" : known) + "; use --device none for the CPU alone";
+                devs.clear();
+                return false;
+            }
+            devs.push_back(dev);
+            start = end + 1;
+        }
+    }
+    devs.push_back(nullptr); // "none": the empty list, no GPU at all
+    return true;
+}
+
 llama_context_params nak_stage_context_params(const nak_stage_params & params, bool is_last) {
     ggml_type type_k = GGML_TYPE_F16;
     ggml_type type_v = GGML_TYPE_F16;
@@ -212,7 +245,12 @@ bool nak_stage::load(const nak_stage_params & params, std::string & err) {
         }
     }
 
-    const llama_model_params mp = nak_stage_model_params(params);
+    llama_model_params mp = nak_stage_model_params(params);
+    std::vector<ggml_backend_dev_t> devs; // outlives the load: mp.devices points into it
+    if (!nak_select_devices(params.devices, devs, err)) {
+        return false;
+    }
+    mp.devices = devs.empty() ? nullptr : devs.data();
     nak_log_clear_errors();
     model_ = llama_model_load_from_file(params.model_path.c_str(), mp);
     if (!model_) {

@@ -40,6 +40,9 @@ struct nak_stage_params {
     int32_t     n_threads     = 0;    // decode (one-token ubatches); 0: hardware concurrency
     int32_t     n_threads_batch = 0;  // prefill (larger ubatches); 0: as n_threads
     int32_t     n_gpu_layers  = -1;   // -1: all (only meaningful with a GPU backend)
+    // llama.cpp's --device: "" every GPU it finds, "none" the CPU alone (no offload, no GPU matmul
+    // of CPU weights either), or comma-separated ggml device names ("CUDA0,CUDA1")
+    std::string devices;
     int32_t     flash_attn    = -1;   // -1 auto, 0 off, 1 on
     std::string cache_type_k  = "f16";
     std::string cache_type_v  = "f16";
@@ -71,6 +74,10 @@ void nak_sampler_seed_at(llama_sampler * chain, const nak_sampler_params & sp, i
 // llama.cpp model and context parameters of a stage (the stage and nak's memory estimate use
 // the same ones); the context is the last stage's when is_last, else it outputs hidden states
 llama_model_params   nak_stage_model_params(const nak_stage_params & params);
+// `spec` as nak_stage_params::devices into the NULL-terminated list llama_model_params::devices
+// points at (left empty for "": llama.cpp's default). False with `err` naming the devices there
+// are, for a name ggml does not know: llama.cpp would abort on it.
+bool nak_select_devices(const std::string & spec, std::vector<ggml_backend_dev_t> & devs, std::string & err);
 llama_context_params nak_stage_context_params(const nak_stage_params & params, bool is_last);
 
 // checks what llama.cpp would abort on: positive --ctx/--max-sessions/batch sizes, known cache types

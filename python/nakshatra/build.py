@@ -346,14 +346,15 @@ def _detect_vulkan(env: Mapping[str, str], path: str) -> ToolkitStatus:
 
 def build_plan(backend: str, project_dir: str | Path, extra_cmake_args: Sequence[str] = (), *,
                force: bool = False, verbose: bool = False,
-               env: Mapping[str, str] | None = None) -> BuildPlan:
+               env: Mapping[str, str] | None = None, isolated: bool = True) -> BuildPlan:
     """Plan ``python -m pip install <project_dir> --force-reinstall --no-deps`` for ``backend``.
 
     ``plan.env`` holds ``NAKSHATRA_BACKEND`` and, when ``extra_cmake_args`` are given,
     ``NAKSHATRA_LLAMA_CMAKE_ARGS`` (joined with ``;``); for cuda with nvcc found off PATH also
     ``CUDACXX`` (unless already set), so CMake finds the compiler. ``verbose`` adds pip's ``-v``
     (shows the compiler output). ``env`` (default ``os.environ``) is what the toolkit is looked
-    up in.
+    up in. ``isolated=False`` adds pip's ``--no-build-isolation``: the build uses this
+    environment's scikit-build-core, pybind11, CMake and Ninja (a machine with no package index).
 
     Raises BuildError for an unknown backend, a ``project_dir`` without pyproject.toml, or a
     missing toolkit (message names it and how to install it) unless ``force``.
@@ -381,12 +382,18 @@ def build_plan(backend: str, project_dir: str | Path, extra_cmake_args: Sequence
         if fixable:
             status = ToolkitStatus(True, f"{setup.nvcc}; cuBLAS from {setup.cublas_wheel}", None, "")
     plan_env = {"NAKSHATRA_BACKEND": backend}
+    if backend != "cpu":
+        # our extension's build tree per backend (pyproject.toml: build/{wheel_tag}), so switching
+        # between the CPU and a GPU build recompiles neither
+        plan_env["SKBUILD_BUILD_DIR"] = f"build/{{wheel_tag}}-{backend}"
     if extra:
         plan_env["NAKSHATRA_LLAMA_CMAKE_ARGS"] = ";".join(extra)
     if (backend == "cuda" and status.ok and "CUDACXX" not in env
             and shutil.which("nvcc", path=env.get("PATH", "")) is None):
         plan_env["CUDACXX"] = status.found
     argv = [sys.executable, "-m", "pip", "install", str(project), "--force-reinstall", "--no-deps"]
+    if not isolated:
+        argv.append("--no-build-isolation")
     if verbose:
         argv.append("-v")
     return BuildPlan(backend, argv, plan_env, status, ggml_cmake_args(backend) + extra, pre, notes, expect)
@@ -433,11 +440,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("-D", "--cmake-arg", action="append", default=[], help="e.g. -D CMAKE_CUDA_ARCHITECTURES=86")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show the compiler output")
+    ap.add_argument("--no-build-isolation", action="store_true",
+                    help="use this environment's build packages (no package index needed)")
     ap.add_argument("--source", type=Path, default=Path(__file__).resolve().parents[2])
     a = ap.parse_args(argv)
     extra = [x if x.startswith("-") else f"-D{x}" for x in a.cmake_arg]
     try:
-        plan = build_plan(a.backend, a.source, extra, force=a.force or a.dry_run)
+        plan = build_plan(a.backend, a.source, extra, force=a.force or a.dry_run, verbose=a.verbose,
+                          isolated=not a.no_build_isolation)
         st = plan.toolkit
         print(f"backend {a.backend}: toolkit " + (f"found: {st.found}" if st.ok else f"MISSING: {st.missing}"),
               file=sys.stderr)

@@ -73,6 +73,9 @@ class ServeOptions:
                              help="Concurrent sessions, each with its own KV.")
     n_gpu_layers: int = _opt(_engine_default("n_gpu_layers"), "--n-gpu-layers", "-ngl", engine="n_gpu_layers",
                              cluster=True, help="Layers to offload (GPU backends; -1 all).")
+    devices: str = _opt(_engine_default("devices"), "--device", "-dev", engine="devices", cluster=True,
+                        help="As llama.cpp's --device: GPUs to use by name, comma-separated (CUDA0,CUDA1); "
+                        "'none': the CPU alone; default: every GPU of this build.")
     flash_attn: str = _opt({v: k for k, v in FLASH_ATTN.items()}[_engine_default("flash_attn")], "--flash-attn", "-fa",
                            engine="flash_attn", cluster=True, help="auto, on or off.")
     cache_type_k: str = _opt(_engine_default("cache_type_k"), "--cache-type-k", "-ctk", engine="cache_type_k",
