@@ -21,18 +21,21 @@ import pytest
 from nakshatra import _nakshatra
 from nakshatra.client.chain import Chain, SamplerParams
 from nakshatra.server.local import LocalStages
-from test_chain import CHAINS_SMOLLM2, CTX, PROMPT, _exact, cut
+from test_chain import CHAINS_SMOLLM2, CTX, cut
 
-INFO = _nakshatra.build_info()
+# asked in a child process: the tests' own process then never initialises CUDA (it segfaulted
+# later in this process, on the H200 machine, when it had)
+INFO = json.loads(subprocess.run([sys.executable, "-c", "import json; from nakshatra import _nakshatra; "
+                                  "print(json.dumps(_nakshatra.build_info()))"],
+                                 capture_output=True, text=True, check=True).stdout.splitlines()[-1])
 pytestmark = pytest.mark.skipif(INFO["backend"] != "cuda",
                                 reason="not a CUDA build (cpp/cuda/run.sh builds one and runs these)")
 gpu = pytest.mark.skipif(not any(d["name"].startswith("CUDA") for d in INFO.get("devices", [])),
                          reason="no CUDA device visible")
 
 GREEDY = SamplerParams(temp=0.0)
-PROMPTS = ["The history of astronomy is long. Describe how early people used the stars to navigate",
-           "Write a short poem about the sea.", "What is the capital of France?",
-           "List three uses of copper and explain each one."]
+# prompts SmolLM2 continues for all N tokens (questions without the chat template end at once)
+PROMPTS = ["Once upon a time", "The sun is", "Write a list of fruits:", "In 1969, humans"]
 N = 48
 CUDA = ["--n-gpu-layers", "99"]
 CPU = ["--device", "none"]
@@ -55,9 +58,15 @@ def _generate(slices: list[Path], stage_args: list[list[str]]) -> tuple[list[lis
 
 @gpu
 def test_cuda_chain_equals_unsplit_model_on_cuda(smollm2_path: Path, tmp_path: Path) -> None:
-    """Stages and the reference both offload every layer (the default, -1): the split is exact on
-    the GPU too, hidden states included."""
-    _exact(smollm2_path, CHAINS_SMOLLM2["3-stage"], PROMPT, tmp_path)
+    """Stages and the reference both offload every layer (the default, -1), each prompt is
+    prefilled in one batch and decoded one token a step on both: the split's greedy tokens equal
+    the unsplit model's on the GPU. (The CPU tests also compare the hidden state at every cut;
+    on CUDA that is not checked yet.)"""
+    slices = cut(smollm2_path, CHAINS_SMOLLM2["3-stage"], tmp_path)
+    prompts, got = _generate(slices, [CUDA, CUDA, CUDA])
+    ref = _nakshatra.Reference(str(smollm2_path), n_ctx=CTX)
+    assert [len(g) for g in got] == [N] * len(PROMPTS)
+    assert got == [ref.generate(p, N, temp=0.0) for p in prompts]
 
 
 @gpu
@@ -65,11 +74,15 @@ def test_cuda_stage_alone_and_in_a_mixed_chain(smollm2_path: Path, tmp_path: Pat
     whole = cut(smollm2_path, CHAINS_SMOLLM2["1-stage"], tmp_path / "whole")
     prompts, alone = _generate(whole, [CUDA])
     ref = _nakshatra.Reference(str(smollm2_path), n_ctx=CTX)  # every layer on the GPU
+    assert [len(a) for a in alone] == [N] * len(PROMPTS)
     assert alone == [ref.generate(p, N, temp=0.0) for p in prompts]
 
     slices = cut(smollm2_path, CHAINS_SMOLLM2["3-stage"], tmp_path / "three")
     _, mixed = _generate(slices, [CUDA, CPU, CPU])
     _, cpu = _generate(slices, [CPU, CPU, CPU])
+    # the CPU stages of a CUDA build are the CPU path: equal to the unsplit model with no GPU
+    ref_cpu = _nakshatra.Reference(str(smollm2_path), n_ctx=CTX, devices="none")
+    assert cpu == [ref_cpu.generate(p, N, temp=0.0) for p in prompts]
     report = []
     for p, m, c in zip(PROMPTS, mixed, cpu):
         first = next((i for i, (a, b) in enumerate(zip(m, c)) if a != b), None)
