@@ -385,3 +385,29 @@ def test_ring_stops_on_every_stage_when_the_client_goes_away(smol_chain) -> None
         probe.close()
     # and the chain serves the next client
     assert len(_generate(smol_chain.addresses, "Hello", 4)) == 4
+
+
+def test_device_option_on_a_cpu_build(smollm2_path: Path, tmp_path: Path) -> None:
+    """``--device none`` (llama.cpp's: the CPU alone) changes nothing on a CPU build; a GPU name
+    the build does not have is refused with the devices there are, before llama.cpp sees it (it
+    would abort), by the reference and by a stage."""
+    from nakshatra.errors import ChainError
+
+    if _nakshatra.build_info()["devices"]:
+        pytest.skip("this build sees a GPU: tests/test_cuda.py covers --device there")
+    prompt = [1, 504, 3130, 282]
+    default = _nakshatra.Reference(str(smollm2_path), n_ctx=256).generate(prompt, 8, temp=0.0)
+    alone = _nakshatra.Reference(str(smollm2_path), n_ctx=256, devices="none", n_gpu_layers=0)
+    assert len(default) == 8 and alone.generate(prompt, 8, temp=0.0) == default
+    backend = _nakshatra.build_info()["backend"]
+    with pytest.raises(StageError, match=rf"no GPU device 'CUDA0' in this build \({backend}\); devices: none"):
+        _nakshatra.Reference(str(smollm2_path), n_ctx=256, devices="CUDA0")
+    slices = cut(smollm2_path, [(0, 29)], tmp_path)
+    with pytest.raises(ChainError, match="no GPU device 'CUDA0'"):
+        with LocalStages(slices, threads=2, ctx=256, max_sessions=1, stage_args=[["--device", "CUDA0"]]):
+            pass
+    with LocalStages(slices, threads=2, ctx=256, max_sessions=1, stage_args=[["--device", "none"]]) as stages:
+        with Chain(stages.addresses) as c:
+            tokens = c.tokenize("Once upon a time")
+            got = [t for t, _ in c.generate_tokens(tokens, 8, GREEDY)]
+    assert len(got) == 8 and got == _nakshatra.Reference(str(smollm2_path), n_ctx=256).generate(tokens, 8, temp=0.0)
