@@ -95,6 +95,33 @@ def test_models_and_health(server, client) -> None:
     assert r.status_code == 200 and r.json()["stages_up"] == 3
 
 
+def test_models_of_a_cluster_file_are_listed_with_their_state(stages, tmp_path: Path) -> None:
+    """`nak api --cluster FILE`: the model the stages serve is "loaded", the file's other
+    [[models]] "available" (issue 18: swapping to them comes next)."""
+    body = 'model = "smollm2"\n'
+    for addr, rng in zip(stages.addresses, RANGES):
+        host, port = addr.rsplit(":", 1)
+        body += f'[[stages]]\nhost = "{host}"\nport = {port}\nlayers = "{rng.inclusive()}"\n'
+    body += '[[models]]\nname = "gemma"\nmodel = "gemma3-270m"\nlayers = ["0-5", "6-11", "12-17"]\n'
+    (tmp_path / "cluster.toml").write_text(body)
+    p = subprocess.Popen([sys.executable, "-m", "nakshatra_cli", "api", "--cluster", str(tmp_path / "cluster.toml"),
+                          "--port", "0", "--parallel", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        url = p.stdout.readline().strip()
+        assert url.startswith("http://"), f"nak api did not start: {url!r} {p.stderr.read() if p.poll() is not None else ''}"
+        data = httpx.get(url + "/v1/models").json()["data"]
+        assert [(m["id"], m["state"]) for m in data] == [("smollm2", "loaded"), ("gemma", "available")]
+        assert data[0]["meta"]["n_ctx"] == CTX and "meta" not in data[1]
+        assert httpx.get(url + "/v1/models/gemma").json()["state"] == "available"
+        assert httpx.get(url + "/v1/models/llama").status_code == 404
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=20)
+        p.stdout.close()
+        p.stderr.close()
+
+
 def test_completion_equals_the_unsplit_model(client, chain, reference) -> None:
     prompt = "The three primary colours are"
     r = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=20, temperature=0)

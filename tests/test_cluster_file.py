@@ -55,3 +55,47 @@ def test_a_bad_cluster_file_is_refused_naming_the_fix(tmp_path: Path, body: str,
 def test_a_missing_cluster_file_says_how_to_make_one(tmp_path: Path) -> None:
     with pytest.raises(NakError, match="nak plan"):
         load_cluster(tmp_path / "nope.toml")
+
+
+TWO_STAGES = 'model = "smollm2"\n[[stages]]\nhost = "a"\nport = 7071\nlayers = "0-9"\n' \
+             '[[stages]]\nhost = "b"\nport = 7072\nlayers = "10-29"\nreplicas = ["c:7072"]\n'
+
+
+def test_several_models_read_back_and_swap_in(tmp_path: Path) -> None:
+    """[[models]]: more models the same stages can serve, one range per stage; `with_model` is the
+    cluster serving one of them (same hosts, ports and replicas)."""
+    path = tmp_path / "cluster.toml"
+    path.write_text(TWO_STAGES + '[[models]]\nname = "gemma"\nmodel = "gemma3-270m"\nlayers = ["0-5", "6-17"]\n'
+                    '[[models]]\nmodel = "models/coder.gguf"\nlayers = ["0-11", "12-23"]\n'
+                    'slices = ["coder.0-11.gguf", "coder.12-23.gguf"]\n')
+    cf = load_cluster(path)
+    assert [m.name for m in cf.all_models()] == ["smollm2", "gemma", "coder"]
+    assert cf.model_id == "smollm2"
+    gemma = cf.with_model("gemma")
+    assert gemma.model == "gemma3-270m" and gemma.model_id == "gemma"
+    assert [(s.address, s.layers.inclusive(), s.replicas) for s in gemma.stages] == \
+        [("a:7071", "0-5", []), ("b:7072", "6-17", ["c:7072"])]
+    assert [m.name for m in gemma.all_models()] == ["gemma", "smollm2", "coder"]
+    assert [s.slice for s in cf.with_model("coder").stages] == ["coder.0-11.gguf", "coder.12-23.gguf"]
+    with pytest.raises(NakError, match="no model named 'llama'; the file has smollm2, gemma, coder"):
+        cf.with_model("llama")
+    # written back, the same models
+    again = tmp_path / "again.toml"
+    again.write_text(dump_cluster(cf))
+    back = load_cluster(again)
+    assert back.all_models() == cf.all_models()
+
+
+@pytest.mark.parametrize("models, needle", [
+    ('[[models]]\nmodel = "g"\nlayers = ["0-5"]\n', r"one inclusive range per \[\[stages\]\] entry \(2\)"),
+    ('[[models]]\nlayers = ["0-5", "6-9"]\n', 'needs model = "NAME or PATH"'),
+    ('[[models]]\nmodel = "g"\nlayers = ["0-5", "7-9"]\n', "a gap"),
+    ('[[models]]\nmodel = "g"\nlayers = ["0-5", "x"]\n', r"\[\[models\]\] #1"),
+    ('[[models]]\nmodel = "g"\nlayers = ["0-5", "6-9"]\nslices = ["a.gguf"]\n', "one file per"),
+    ('[[models]]\nmodel = "smollm2"\nlayers = ["0-5", "6-29"]\n', "two models are named 'smollm2'"),
+])
+def test_a_bad_model_entry_is_refused(tmp_path: Path, models: str, needle: str) -> None:
+    path = tmp_path / "cluster.toml"
+    path.write_text(TWO_STAGES + models)
+    with pytest.raises(NakError, match=needle):
+        load_cluster(path)

@@ -19,25 +19,26 @@ from .app import SAMPLER, STAGE, Ctx, KeyFile, Threads, app, cluster_key, err_co
 @contextlib.contextmanager
 def chain_addresses(model: str, parts: int, chain: Optional[str], cluster: Optional[Path], discover: bool,
                     discover_timeout: float, threads: int, ctx: int, max_sessions: int,
-                    key_file: str, model_sha: Optional[str] = None) -> Iterator[tuple[list[str], str]]:
-    """The stage addresses to use and a model id: ``--chain``, a cluster file, ``--discover``, or
-    local stages of ``model`` cut in ``parts`` (started here, stopped on exit)."""
+                    key_file: str, model_sha: Optional[str] = None) -> Iterator[tuple[list[str], str, list[str]]]:
+    """The stage addresses to use, a model id and the other models the stages could serve (a
+    cluster file's ``[[models]]``): ``--chain``, a cluster file, ``--discover``, or local stages of
+    ``model`` cut in ``parts`` (started here, stopped on exit)."""
     chosen = sum(bool(x) for x in (chain, cluster, discover))
     if chosen > 1:
         raise NakError("give only one of --chain, --cluster and --discover")
     if chain:
-        yield [a for a in chain.split(",") if a.strip()], ""
+        yield [a for a in chain.split(",") if a.strip()], "", []
         return
     if cluster:
         from nakshatra.cluster.config import load_cluster
 
         cf = load_cluster(cluster)
-        yield cf.addresses(), Path(cf.model).stem if cf.model.endswith(".gguf") else cf.model
+        yield cf.addresses(), cf.model_id, [m.name for m in cf.models]
         return
     if discover:
         from nakshatra.cluster.discovery import discover_chain
 
-        yield discover_chain(timeout_s=discover_timeout, model_sha256=model_sha), ""
+        yield discover_chain(timeout_s=discover_timeout, model_sha256=model_sha), "", []
         return
     from nakshatra.gguf.models import resolve_model
     from nakshatra.server.local import LocalStages, cached_parts
@@ -46,7 +47,7 @@ def chain_addresses(model: str, parts: int, chain: Optional[str], cluster: Optio
     slices = cached_parts(path, parts, progress=sys.stderr.isatty())
     model_id = model if not model.endswith(".gguf") else Path(model).stem
     with LocalStages(slices, threads=threads, ctx=ctx, max_sessions=max_sessions, key_file=key_file or None) as ls:
-        yield ls.addresses, model_id
+        yield ls.addresses, model_id, []
 
 
 # where the chain comes from, shared by api and chat
@@ -104,9 +105,10 @@ def api(
     if model_sha and not discover:
         raise NakError("--model-sha picks the model of discovered stages: add --discover")
     with chain_addresses(model, parts, chain, cluster, discover, discover_timeout, threads, ctx, parallel,
-                         key_file, model_sha) as (addresses, default_id):
+                         key_file, model_sha) as (addresses, default_id, others):
         engine = Engine(addresses, model_id="", parallel=parallel, key=key, timeout_s=timeout, draft_max=draft_max)
         engine.model_id = model_id or default_id or f"{engine.arch}-{engine.model_sha256[:8]}"
+        engine.available = others
         try:
             def ready(url: str) -> None:
                 err_console.print(f"nak api: model [b]{engine.model_id}[/b] on {len(addresses)} stages; "
@@ -144,7 +146,7 @@ def chat(
 
     key = _key(key_file, cluster)
     out = Console()
-    with chain_addresses(model, parts, chain, cluster, discover, 3.0, threads, ctx, 1, key_file) as (addresses, _):
+    with chain_addresses(model, parts, chain, cluster, discover, 3.0, threads, ctx, 1, key_file) as (addresses, _, _others):
         engine = Engine(addresses, model_id="chat", parallel=1, key=key)
         turns: list[tuple[str, str]] = [("system", system)] if system else []
         try:

@@ -74,17 +74,22 @@ def create_app(engine: Engine):
     def cluster():
         return engine.cluster()
 
+    def _model_entry(name: str, state: str) -> dict:
+        e = {"id": name, "object": "model", "created": engine.created, "owned_by": "nakshatra", "state": state}
+        if state == "loaded":
+            e["meta"] = {"n_ctx": engine.n_ctx, "sha256": engine.model_sha256}
+        return e
+
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "created": engine.created,
-                                            "owned_by": "nakshatra", "meta": {"n_ctx": engine.n_ctx,
-                                                                              "sha256": engine.model_sha256}}]}
+        return {"object": "list", "data": [_model_entry(n, st) for n, st in engine.model_states()]}
 
     @app.get("/v1/models/{model_id}")
     def model(model_id: str):
-        if model_id != engine.model_id:
-            raise ApiError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
-        return {"id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "nakshatra"}
+        for n, st in engine.model_states():
+            if n == model_id:
+                return _model_entry(n, st)
+        raise ApiError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
 
     @app.get("/")
     def index():

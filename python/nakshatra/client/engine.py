@@ -136,6 +136,7 @@ class Engine:
             raise NakError(f"--parallel {parallel} must be >= 1")
         self.addresses = list(addresses)
         self.model_id = model_id
+        self.available: list[str] = []  # other models the cluster file names (not loaded)
         self.parallel = parallel
         self.key = key
         self.timeout_s = timeout_s
@@ -155,6 +156,11 @@ class Engine:
         self._token_times: deque[float] = deque(maxlen=65536)  # monotonic time of every token made lately
         self.metrics = Metrics(self)
         self._cluster_cache: tuple[float, list[dict]] | None = None
+
+    def model_states(self) -> list[tuple[str, str]]:
+        """(name, state) of every model: the loaded one first ("loaded"), then the others the
+        cluster file names ("available")."""
+        return [(self.model_id, "loaded"), *((n, "available") for n in self.available if n != self.model_id)]
 
     def _new_chain(self) -> Chain:
         return Chain(self.addresses, timeout_s=self.timeout_s, forwarding=self.forwarding, key=self.key,

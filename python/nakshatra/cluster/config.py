@@ -27,7 +27,15 @@ for every other host), ``nak status FILE`` and ``nak down FILE`` read it. Exampl
     slice = "smollm2.0-9.gguf"        # relative to slices_dir; `nak slice` / `nak up` makes it
     replicas = ["10.0.0.7:7071"]      # optional: more stages serving the same layers
 
-Layer ranges here are **inclusive** (``"0-9"`` is layers 0..9), as on the command line.
+    [[models]]                        # optional: more models the same stages can swap to
+    name = "gemma3"                   # what /v1/models lists and a request names
+    model = "gemma3-270m"             # a built-in name, or a GGUF path relative to this file
+    layers = ["0-5", "6-11", "12-17"] # one inclusive range per [[stages]] entry, in order
+    slices = ["gemma3.0-5.gguf", "gemma3.6-11.gguf", "gemma3.12-17.gguf"]  # optional
+
+Layer ranges here are **inclusive** (``"0-9"`` is layers 0..9), as on the command line. The
+top-level ``model`` with the ``[[stages]]`` ranges is the model the stages start with; its name is
+``name`` if given, else the model's (a built-in name, or a file's stem).
 """
 
 from __future__ import annotations
@@ -78,6 +86,25 @@ class StageSpec:
 
 
 @dataclass
+class ModelSpec:
+    """A model the cluster's stages can serve: ``name`` (what ``/v1/models`` lists), ``model``
+    (a built-in name or a GGUF path, relative to the cluster file), ``layers``: one inclusive layer
+    range per stage, in stage order, and ``slices``: the slice file per stage (relative to
+    slices_dir; empty: named by ``nak up`` when it cuts them)."""
+
+    name: str
+    model: str
+    layers: list[LayerRange]
+    slices: list[str] = field(default_factory=list)
+
+
+def model_name(model: str) -> str:
+    """The name a model goes by when the file gives none: a built-in or hub name as written, a
+    GGUF file's stem (``models/coder.gguf`` -> ``coder``)."""
+    return Path(model).stem if model.endswith(".gguf") else model
+
+
+@dataclass
 class ClusterFile:
     """A parsed cluster file. ``path`` is where it was read from (paths in it are relative to
     its folder); ``options`` holds ``ctx``, ``max_sessions``, ``mode`` and any other stage option."""
@@ -89,6 +116,8 @@ class ClusterFile:
     slices_dir: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    name: str = ""  # the started model's name (default: model_name(model))
+    models: list[ModelSpec] = field(default_factory=list)  # the others the stages can swap to
 
     @property
     def base_dir(self) -> Path:
@@ -102,6 +131,30 @@ class ClusterFile:
     @property
     def slices_path(self) -> Path:
         return self.resolve(self.slices_dir) if self.slices_dir else self.base_dir
+
+    @property
+    def model_id(self) -> str:
+        """The name of the model the stages start with."""
+        return self.name or model_name(self.model)
+
+    def all_models(self) -> list[ModelSpec]:
+        """Every model of the file, the started one first (its ranges and slices from ``[[stages]]``)."""
+        first = ModelSpec(self.model_id, self.model, [s.layers for s in self.stages], [s.slice for s in self.stages])
+        return [first, *self.models]
+
+    def with_model(self, name: str) -> ClusterFile:
+        """This cluster serving model ``name``: the same stages (hosts, ports, replicas) with that
+        model's layer ranges and slices. Raises NakError naming the models there are."""
+        spec = next((m for m in self.all_models() if m.name == name), None)
+        if spec is None:
+            names = ", ".join(m.name for m in self.all_models())
+            raise _fail(self.path, f"no model named {name!r}; the file has {names}")
+        stages = [StageSpec(s.host, s.port, rng, spec.slices[i] if i < len(spec.slices) else "", list(s.replicas))
+                  for i, (s, rng) in enumerate(zip(self.stages, spec.layers))]
+        rest = [m for m in self.all_models() if m.name != name]
+        return ClusterFile(model=spec.model, stages=stages, hosts=self.hosts, key_file=self.key_file,
+                           slices_dir=self.slices_dir, options=self.options, path=self.path, name=spec.name,
+                           models=rest)
 
     def addresses(self) -> list[str]:
         """Every stage address, replicas included, in layer order (what ``--chain`` takes)."""
@@ -150,10 +203,40 @@ def parse_cluster(data: dict[str, Any], path: Path | None = None) -> ClusterFile
     options = dict(data.get("options", {}))
     if options.get("mode", "ring") not in MODES:
         raise _fail(path, f"options.mode {options['mode']!r} must be one of {', '.join(MODES)}")
+    name = data.get("name", "")
+    if not isinstance(name, str):
+        raise _fail(path, f"name {name!r} must be a string")
     cf = ClusterFile(model=data["model"], stages=stages, hosts=hosts, key_file=str(data.get("key_file", "")),
-                     slices_dir=str(data.get("slices_dir", "")), options=options, path=path)
+                     slices_dir=str(data.get("slices_dir", "")), options=options, path=path, name=name)
     check_chain(cf)
+    cf.models = [_parse_model(path, i, m, len(stages)) for i, m in enumerate(data.get("models", []))]
+    seen: set[str] = set()
+    for m in cf.all_models():
+        if m.name in seen:
+            raise _fail(path, f"two models are named {m.name!r}; give each [[models]] entry its own name")
+        seen.add(m.name)
+        check_chain(cf.with_model(m.name))
     return cf
+
+
+def _parse_model(path: Path | None, i: int, m: Any, n_stages: int) -> ModelSpec:
+    where = f"[[models]] #{i + 1}"
+    if not isinstance(m, dict) or not isinstance(m.get("model"), str) or not m["model"]:
+        raise _fail(path, f'{where} needs model = "NAME or PATH"')
+    layers = m.get("layers")
+    if not isinstance(layers, list) or len(layers) != n_stages:
+        raise _fail(path, f"{where} ({m['model']}): layers must list one inclusive range per [[stages]] entry "
+                          f"({n_stages}), e.g. layers = [\"0-9\", \"10-29\"]")
+    try:
+        rngs = [parse_range(str(r)) for r in layers]
+    except NakError as e:
+        raise _fail(path, f"{where}: {e}") from None
+    slices = m.get("slices", [])
+    if (not isinstance(slices, list) or (slices and len(slices) != n_stages)
+            or not all(isinstance(x, str) for x in slices)):
+        raise _fail(path, f"{where}: slices must list one file per [[stages]] entry ({n_stages}), or be left out")
+    name = m.get("name") or model_name(m["model"])
+    return ModelSpec(str(name), m["model"], rngs, list(slices))
 
 
 def check_chain(cf: ClusterFile) -> None:
@@ -185,6 +268,8 @@ def load_cluster(path: Path | str) -> ClusterFile:
 def cluster_to_dict(cf: ClusterFile) -> dict[str, Any]:
     """The TOML-ready dict of a ClusterFile (inverse of parse_cluster)."""
     d: dict[str, Any] = {"model": cf.model}
+    if cf.name:
+        d["name"] = cf.name
     if cf.key_file:
         d["key_file"] = cf.key_file
     if cf.slices_dir:
@@ -202,6 +287,13 @@ def cluster_to_dict(cf: ClusterFile) -> dict[str, Any]:
         if s.replicas:
             e["replicas"] = list(s.replicas)
         d["stages"].append(e)
+    if cf.models:
+        d["models"] = []
+        for m in cf.models:
+            e = {"name": m.name, "model": m.model, "layers": [r.inclusive() for r in m.layers]}
+            if any(m.slices):
+                e["slices"] = list(m.slices)
+            d["models"].append(e)
     return d
 
 
