@@ -38,12 +38,8 @@ def build(
     extra = [a if a.startswith("-") else f"-D{a}" for a in cmake_arg or []]
     # a dry run shows the plan even without the toolkit; a real build needs it (or --force)
     plan = b.build_plan(backend, project, extra, force=force or dry_run)
-    status = plan.toolkit
-    err_console.print(f"backend {backend}: toolkit " + (f"found: {status.found}" if status.ok else f"MISSING: {status.missing}"),
-                      markup=False)
-    for note in plan.notes:
-        err_console.print(note, markup=False)
-    err_console.print(f"cmake args: {' '.join(plan.cmake_args) or '(none)'}", markup=False)
+    for line in b.plan_report(plan):
+        err_console.print(line, markup=False)
     raise typer.Exit(b.run_build(plan, dry_run=dry_run))
 
 

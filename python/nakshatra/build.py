@@ -164,7 +164,7 @@ def _detect_cuda(env: Mapping[str, str], path: str) -> ToolkitStatus:
     hint = ("install the CUDA toolkit (https://developer.nvidia.com/cuda-downloads, or your "
             "distribution's nvidia-cuda-toolkit) and put its bin/ on PATH or set CUDA_HOME")
     roots = _cuda_roots(env)
-    nvcc = _first_file([shutil.which("nvcc", path=path)] + [r / "bin" / "nvcc" for r in roots])
+    nvcc = _find_nvcc(env, roots)
     if nvcc is None:
         where = ", ".join(["PATH", "$CUDA_HOME/bin", "$CUDA_PATH/bin", f"{CUDA_DEFAULT}/bin"])
         return ToolkitStatus(False, None, f"nvcc is not on PATH nor in {where}", hint)
@@ -174,6 +174,10 @@ def _detect_cuda(env: Mapping[str, str], path: str) -> ToolkitStatus:
                              "major version; or install the toolkit's cuBLAS (libcublas-dev, "
                              "cuda-libraries-dev) or set CUDA_HOME to a complete toolkit")
     return ToolkitStatus(True, str(nvcc), None, "")
+
+
+def _find_nvcc(env: Mapping[str, str], roots: list[Path]) -> Path | None:
+    return _first_file([shutil.which("nvcc", path=env.get("PATH", ""))] + [r / "bin" / "nvcc" for r in roots])
 
 
 def _cuda_roots(env: Mapping[str, str]) -> list[Path]:
@@ -250,7 +254,7 @@ def cuda_setup(env: Mapping[str, str] | None = None) -> CudaSetup | None:
     release or the toolkit is older than CUDA 12."""
     env = os.environ if env is None else env
     roots = _cuda_roots(env)
-    nvcc = _first_file([shutil.which("nvcc", path=env.get("PATH", ""))] + [r / "bin" / "nvcc" for r in roots])
+    nvcc = _find_nvcc(env, roots)
     if nvcc is None:
         return None
     version = _nvcc_version(nvcc, env)
@@ -399,6 +403,14 @@ def build_plan(backend: str, project_dir: str | Path, extra_cmake_args: Sequence
     return BuildPlan(backend, argv, plan_env, status, ggml_cmake_args(backend) + extra, pre, notes, expect)
 
 
+def plan_report(plan: BuildPlan) -> list[str]:
+    """What ``nak build`` says before building: the toolkit found (or missing), each of the
+    plan's notes, and the CMake arguments."""
+    st = plan.toolkit
+    return [f"backend {plan.backend}: toolkit " + (f"found: {st.found}" if st.ok else f"MISSING: {st.missing}"),
+            *plan.notes, f"cmake args: {' '.join(plan.cmake_args) or '(none)'}"]
+
+
 def run_build(plan: BuildPlan, dry_run: bool = False, out: TextIO | None = None) -> int:
     """Run ``plan``'s ``pre`` commands, then its build, and return the first non-zero exit
     status (0 when all succeed). With ``dry_run`` only print :meth:`BuildPlan.command_line` to
@@ -449,12 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         plan = build_plan(a.backend, a.source, extra, force=a.force or a.dry_run, verbose=a.verbose,
                           isolated=not a.no_build_isolation)
-        st = plan.toolkit
-        print(f"backend {a.backend}: toolkit " + (f"found: {st.found}" if st.ok else f"MISSING: {st.missing}"),
-              file=sys.stderr)
-        for note in plan.notes:
-            print(note, file=sys.stderr)
-        print(f"cmake args: {' '.join(plan.cmake_args) or '(none)'}", file=sys.stderr)
+        for line in plan_report(plan):
+            print(line, file=sys.stderr)
         return run_build(plan, dry_run=a.dry_run)
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
