@@ -253,6 +253,15 @@ struct py_stage_client {
         return rd.str();
     }
 
+    // a CONTROL request (JSON) and the stage's JSON reply (the model swap, nakshatra.server.swap)
+    std::string control(const std::string & request) {
+        nak_writer w;
+        w.str(request);
+        nak_frame r = call(NAK_MSG_CONTROL, 0, NAK_DTYPE_NONE, w.buf, NAK_MSG_CONTROL_OK);
+        nak_reader rd(r.payload);
+        return rd.str();
+    }
+
     std::vector<int32_t> tokenize(const std::string & text, bool add_special, bool parse_special) {
         nak_writer w;
         w.str(text);
@@ -419,6 +428,9 @@ void bind_client(py::module_ & m) {
              "Returns (n_past, next_step).")
         .def("close_session", &py_stage_client::close_session, py::arg("session"))
         .def("stats", &py_stage_client::stats)
+        .def("control", &py_stage_client::control, py::arg("request"),
+             "Send a CONTROL request (a JSON string: the model swap, nakshatra.server.swap) and return the "
+             "stage's JSON reply. Raises StageError as every request.")
         .def("tokenize", &py_stage_client::tokenize, py::arg("text"), py::arg("add_special") = true,
              py::arg("parse_special") = false)
         .def("detokenize", &py_stage_client::detokenize, py::arg("tokens"), py::arg("special") = false)

@@ -61,9 +61,14 @@ struct py_stage {
 
     // serve until a signal handler raises (SIGINT -> KeyboardInterrupt) or stop() is called
     void serve(const std::string & host, int port, const std::function<void(int)> & on_ready, uint32_t max_payload,
-               const py::bytes & key, bool insecure) {
+               const py::bytes & key, bool insecure, const py::object & control) {
         nak_server_params sp;
         sp.insecure = insecure;
+        if (!control.is_none()) {
+            sp.control = [this, control](const std::string & request, nak_stage *& next) {
+                return run_control(control, request, next);
+            };
+        }
         const std::string k = key;
         if (!k.empty() && k.size() != NAK_KEY_SIZE) {
             throw py::value_error("a cluster key is " + std::to_string(NAK_KEY_SIZE) + " bytes");
@@ -96,6 +101,38 @@ struct py_stage {
         }
         if (!ok) {
             raise_stage_error(err, "listen");
+        }
+    }
+
+    // control(request) -> (reply, Stage or None), with the GIL (the event loop's thread). A Stage
+    // given back trades its slice with this one's: this object serves it from then on, and the
+    // other keeps the old one (alive, so a second swap goes back). An exception is answered as
+    // {"ok": false, "error": ...}, never thrown into the event loop.
+    std::string run_control(const py::object & control, const std::string & request, nak_stage *& next) {
+        py::gil_scoped_acquire gil;
+        try {
+            py::tuple r = control(request);
+            if (r.size() != 2) {
+                throw py::value_error("control must return (reply, Stage or None)");
+            }
+            if (!r[1].is_none()) {
+                py_stage & other = r[1].cast<py_stage &>();
+                if (&other != this && other.st) {
+                    std::swap(st, other.st);
+                    next = st.get();
+                }
+            }
+            return r[0].cast<std::string>();
+        } catch (py::error_already_set & e) {
+            py::dict d;
+            d["ok"]    = false;
+            d["error"] = std::string("the stage's control handler failed: ") + e.what();
+            return py::module_::import("json").attr("dumps")(d).cast<std::string>();
+        } catch (const std::exception & e) {
+            py::dict d;
+            d["ok"]    = false;
+            d["error"] = std::string("the stage's control handler failed: ") + e.what();
+            return py::module_::import("json").attr("dumps")(d).cast<std::string>();
         }
     }
 
@@ -199,17 +236,25 @@ void bind_stage(py::module_ & m) {
           "non-GGUF file, bad parameters, or a model llama.cpp cannot load.");
 
     py::class_<py_stage>(m, "Stage", "One loaded slice and its llama_context (see cpp/stage/stage.h).")
-        .def(py::init([](const std::string & model_path, const py::kwargs & kw) {
-                 return std::make_unique<py_stage>(stage_params(model_path, kw));
+        .def(py::init([](const std::string & model_path, const py::object & on_progress, const py::kwargs & kw) {
+                 nak_stage_params p = stage_params(model_path, kw);
+                 if (!on_progress.is_none()) {
+                     p.on_progress = on_progress.cast<std::function<bool(float)>>();
+                 }
+                 return std::make_unique<py_stage>(p);
              }),
-             py::arg("model_path"),
+             py::arg("model_path"), py::kw_only(), py::arg("on_progress") = py::none(),
              "Load model_path (a slice or a whole GGUF); keyword arguments are StageParams fields (their "
-             "defaults otherwise). Raises TypeError for an unknown parameter, StageError (code 'load') when "
-             "the slice cannot be loaded.")
+             "defaults otherwise). on_progress(fraction) is called while the weights load (0..1, from the "
+             "loading thread, with the GIL); returning False cancels the load. Raises TypeError for an "
+             "unknown parameter, StageError (code 'load') when the slice cannot be loaded or the load was cancelled.")
         .def("serve", &py_stage::serve, py::arg("host"), py::arg("port"), py::arg("on_ready"),
              py::arg("max_payload") = NAK_MAX_PAYLOAD_DEFAULT, py::arg("key") = py::bytes(), py::arg("insecure") = false,
+             py::arg("control") = py::none(),
              "Run the event loop until SIGINT/SIGTERM raises or stop() is called; on_ready(port) once listening. "
-             "Without a key the stage forwards only to loopback addresses unless insecure.")
+             "Without a key the stage forwards only to loopback addresses unless insecure. control(request_json) "
+             "-> (reply_json, Stage or None) answers CONTROL frames (model swaps, nakshatra.server.swap); a Stage "
+             "returned trades slices with this one, which serves the new slice from then on.")
         .def("stop", [](py_stage & s) { s.stop_flag = true; })
         .def_property_readonly("layer_start", [](const py_stage & s) { return s.st->layer_start(); })
         .def_property_readonly("layer_end", [](const py_stage & s) { return s.st->layer_end(); })

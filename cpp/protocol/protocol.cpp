@@ -50,6 +50,8 @@ const char * nak_msg_type_name(uint8_t type) {
         case NAK_MSG_DETOKENIZE_OK: return "DETOKENIZE_OK";
         case NAK_MSG_TEMPLATE:      return "TEMPLATE";
         case NAK_MSG_TEMPLATE_OK:   return "TEMPLATE_OK";
+        case NAK_MSG_CONTROL:       return "CONTROL";
+        case NAK_MSG_CONTROL_OK:    return "CONTROL_OK";
         case NAK_MSG_BATCH:         return "BATCH";
         case NAK_MSG_AUTH:          return "AUTH";
         case NAK_MSG_AUTH_OK:       return "AUTH_OK";

@@ -73,6 +73,12 @@ enum nak_msg_type : uint8_t {
     // as a long prefill takes and still tell a hung stage (no PROGRESS) within its timeout.
     // Header: the step's session_id and request_id; payload: u64 progress counter. No reply.
     NAK_MSG_PROGRESS      = 22,
+    // client to stage: the model the stage serves (an in-place swap, docs/cluster.md). Payload: a
+    // JSON request string {"op": "status" | "prepare" | "swap" | "release", ...}; CONTROL_OK
+    // carries a JSON reply string. Run by the event loop, in queue order, while no request
+    // computes. A swap closes every connection: their sessions and routes were the old model's.
+    NAK_MSG_CONTROL       = 23,
+    NAK_MSG_CONTROL_OK    = 24,
     NAK_MSG_ERROR         = 255,
 };
 

@@ -75,7 +75,7 @@ std::vector<std::pair<uint64_t, uint64_t>> work_of(const nak_frame & f) {
 // only when the worker is idle and touches no session state while it runs.
 class compute_worker {
   public:
-    explicit compute_worker(nak_stage & stage) : stage_(stage) {}
+    explicit compute_worker(nak_stage & stage) : stage_(&stage) {}
     ~compute_worker() { stop(); }
 
     bool start(std::string & err) {
@@ -94,7 +94,7 @@ class compute_worker {
     // shutdown: a running llama_decode is aborted (llama.cpp's abort callback), then joined
     void stop() {
         if (thread_.joinable()) {
-            stage_.request_abort();
+            stage_->request_abort();
             {
                 std::lock_guard<std::mutex> lock(mtx_);
                 quit_ = true;
@@ -112,6 +112,8 @@ class compute_worker {
 
     int  wake_fd() const { return wake_[0]; }
     bool busy() const { return busy_; }
+    // serve another stage from the next job on (a model swap); only while idle
+    void set_stage(nak_stage & stage) { stage_ = &stage; }
     const std::vector<queued_request> & running() const { return picked_; }
 
     void submit(std::vector<queued_request> && picked) {
@@ -170,10 +172,10 @@ class compute_worker {
     }
 
     void execute() {
-        stage_.begin_work();
+        stage_->begin_work();
         try {
             if (picked_.size() == 1) {
-                stage_.handle(picked_[0].frame, picked_[0].conn, close_conn_, out_);
+                stage_->handle(picked_[0].frame, picked_[0].conn, close_conn_, out_);
             } else {
                 std::vector<const nak_frame *> frames;
                 std::vector<int32_t> from;
@@ -181,15 +183,15 @@ class compute_worker {
                     frames.push_back(&q.frame);
                     from.push_back(q.conn);
                 }
-                stage_.on_forwards(frames, from, out_);
+                stage_->on_forwards(frames, from, out_);
             }
         } catch (const std::exception & e) {
             fprintf(stderr, "nak stage: request failed: %s\n", e.what());
         }
-        stage_.end_work();
+        stage_->end_work();
     }
 
-    nak_stage &                 stage_;
+    nak_stage *                 stage_;
     std::thread                 thread_;
     std::mutex                  mtx_;
     std::condition_variable     cv_;
@@ -664,16 +666,61 @@ void send_progress(std::vector<conn_state> & conns, const nak_stage & stage, con
     }
 }
 
+// A CONTROL request at the head of the queue, run while the worker is idle: the handler's reply
+// goes to its connection. After a swap every connection closes, the requester's once its reply
+// is out: their sessions, routes and HELLOs belonged to the old model, and a client that checked
+// the model at HELLO must not go on with another one unawares. Returns the stage to serve.
+nak_stage * run_control(const queued_request & q, nak_stage * cur, const nak_server_params & params,
+                        std::vector<conn_state> & conns, std::deque<queued_request> & queue) {
+    nak_stage * next = nullptr;
+    std::vector<uint8_t> reply;
+    nak_reader r(q.frame.payload);
+    const std::string request = r.str();
+    if (!params.control) {
+        reply = nak_error_frame(q.frame.hdr, NAK_ERR_BAD_REQUEST,
+                                "this stage takes no CONTROL requests (model swaps): it was started without them");
+    } else if (!r.done()) {
+        reply = nak_error_frame(q.frame.hdr, NAK_ERR_BAD_REQUEST, "malformed CONTROL payload");
+    } else {
+        nak_header h;
+        h.type       = NAK_MSG_CONTROL_OK;
+        h.request_id = q.frame.hdr.request_id;
+        nak_writer w;
+        w.str(params.control(request, next));
+        reply = nak_frame_bytes(h, w.buf);
+    }
+    const bool swapped = next != nullptr && next != cur;
+    for (auto & c : conns) {
+        if (c.id == q.conn && !c.dead) {
+            send_frame(c, reply);
+            c.closing = c.closing || swapped;
+            flush(c);
+        }
+    }
+    if (!swapped) {
+        return cur;
+    }
+    for (auto & c : conns) {
+        cur->on_disconnect(c.id); // the old stage frees their sessions' KV cells
+        if (c.id != q.conn) {
+            c.dead = true;
+        }
+    }
+    queue.clear();
+    return next;
+}
+
 } // namespace
 
-bool nak_serve(nak_stage & stage, const nak_server_params & params,
+bool nak_serve(nak_stage & first_stage, const nak_server_params & params,
                const std::function<bool()> & should_stop,
                const std::function<void(int)> & on_ready, std::string & err) {
     const int lfd = nak_listen(params.host, params.port, 64, err);
     if (lfd < 0) {
         return false;
     }
-    compute_worker worker(stage);
+    nak_stage * cur = &first_stage; // the stage served now (a CONTROL swap changes it)
+    compute_worker worker(*cur);
     if (!worker.start(err)) {
         close(lfd);
         return false;
@@ -687,7 +734,7 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
     int64_t t_stop_check   = 0;
     int64_t t_expire_check = 0;
     int64_t t_progress     = 0;         // last PROGRESS round
-    uint64_t progress_sent = 0;         // stage.progress() at that round
+    uint64_t progress_sent = 0;         // cur->progress() at that round
     int64_t hold_us        = 0; // the scheduler holds a batch for ring sessions due back
     std::vector<pollfd> pfds;
 
@@ -702,7 +749,7 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
         if (now - t_expire_check >= 1000) {
             t_expire_check = now;
             if (!worker.busy()) {
-                stage.expire_idle(now);
+                cur->expire_idle(now);
             }
             for (auto & c : conns) {
                 const bool handshaking = !c.hello_seen || (c.gate.auth.enabled && !c.gate.auth.ready);
@@ -772,7 +819,7 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
                 continue;
             }
             if (rev & (POLLIN | POLLHUP | POLLERR)) {
-                read_frames(c, queue, now, stage, worker);
+                read_frames(c, queue, now, *cur, worker);
             }
             if (rev & POLLOUT) {
                 flush(c);
@@ -793,11 +840,11 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
                 const int64_t t_ready = nak_now_us();
                 for (const auto & q : done) {
                     for (const auto & sr : q.work) {
-                        stage.note_done(sr.first, q.t_arrival_us, t_ready);
+                        cur->note_done(sr.first, q.t_arrival_us, t_ready);
                     }
                 }
                 for (auto & s : out) {
-                    deliver(conns, next_id, stage, params, s);
+                    deliver(conns, next_id, *cur, params, s);
                 }
                 for (auto & c : conns) {
                     if (c.id == from) {
@@ -808,30 +855,42 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
         }
         if (!worker.busy()) {
             for (int32_t id : gone) {
-                stage.on_disconnect(id);
+                cur->on_disconnect(id);
             }
             gone.clear();
+        }
+
+        // a CONTROL request runs here, between jobs, in queue order (a swap needs the compute
+        // thread idle: it changes the stage the thread computes with)
+        while (!worker.busy() && !queue.empty() && queue.front().frame.hdr.type == NAK_MSG_CONTROL) {
+            const queued_request q = std::move(queue.front());
+            queue.pop_front();
+            nak_stage * next = run_control(q, cur, params, conns, queue);
+            if (next != cur) {
+                cur = next;
+                worker.set_stage(*cur);
+            }
         }
 
         // scheduler: first come first served; at the first stage, forwarded steps of several
         // sessions waiting together are decoded as one batch (continuous batching)
         if (!worker.busy() && !queue.empty()) {
-            std::vector<queued_request> picked = pick_batch(queue, stage, hold_us);
+            std::vector<queued_request> picked = pick_batch(queue, *cur, hold_us);
             if (!picked.empty()) {
-                stage.queue_depth = (uint32_t) queue.size();
+                cur->queue_depth = (uint32_t) queue.size();
                 worker.submit(std::move(picked));
                 t_progress = nak_now_ms();
             }
         }
-        stage.queue_depth = (uint32_t) queue.size();
+        cur->queue_depth = (uint32_t) queue.size();
 
         // busy and advancing: tell whoever waits on a running or queued step, so a long
         // computation is waited for; a stalled one (hung, or its host stopped) sends nothing
         if (worker.busy()) {
             const int64_t t = nak_now_ms();
-            const uint64_t p = stage.progress();
+            const uint64_t p = cur->progress();
             if (t - t_progress >= NAK_PROGRESS_INTERVAL_MS && p != progress_sent) {
-                send_progress(conns, stage, worker, queue);
+                send_progress(conns, *cur, worker, queue);
                 t_progress    = t;
                 progress_sent = p;
             }
@@ -856,7 +915,7 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
             if (worker.busy()) {
                 gone.push_back(id);
             } else {
-                stage.on_disconnect(id);
+                cur->on_disconnect(id);
             }
             close(conns[i].fd);
             for (auto it = queue.begin(); it != queue.end();) {
@@ -865,16 +924,16 @@ bool nak_serve(nak_stage & stage, const nak_server_params & params,
             conns.erase(conns.begin() + i);
         }
         for (auto & e : refused) {
-            deliver(conns, next_id, stage, params, e);
+            deliver(conns, next_id, *cur, params, e);
         }
         }
     }
     worker.stop();
     for (int32_t id : gone) {
-        stage.on_disconnect(id);
+        cur->on_disconnect(id);
     }
     for (auto & c : conns) {
-        stage.on_disconnect(c.id);
+        cur->on_disconnect(c.id);
         close(c.fd);
     }
     close(lfd);

@@ -216,8 +216,14 @@ bool nak_stage_check_params(const nak_stage_params & params, std::string & err) 
     return true;
 }
 
+// llama.cpp's progress_callback: the fraction of the weights loaded, to nak_stage_params::on_progress
+static bool on_load_progress(float progress, void * data) {
+    return (*(const std::function<bool(float)> *) data)(progress);
+}
+
 bool nak_stage::load(const nak_stage_params & params, std::string & err) {
     params_ = params;
+    params_.on_progress = nullptr; // the caller's callback lives as long as this call, no longer
     if (!nak_stage_check_params(params, err)) {
         return false;
     }
@@ -251,6 +257,10 @@ bool nak_stage::load(const nak_stage_params & params, std::string & err) {
         return false;
     }
     mp.devices = devs.empty() ? nullptr : devs.data();
+    if (params.on_progress) {
+        mp.progress_callback           = on_load_progress;
+        mp.progress_callback_user_data = (void *) &params.on_progress;
+    }
     nak_log_clear_errors();
     model_ = llama_model_load_from_file(params.model_path.c_str(), mp);
     if (!model_) {

@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <string>
@@ -60,6 +61,9 @@ struct nak_stage_params {
     // sliding-window layers keep the whole context's KV (llama.cpp swa_full) instead of the window
     // plus a ubatch; without it a rollback further back than the kept cells is refused (WINDOW_LOST)
     bool        swa_full      = false;
+    // called while llama.cpp loads the weights with the fraction done (0..1); false cancels the
+    // load (llama.cpp's progress_callback). Used only during load(), never kept.
+    std::function<bool(float)> on_progress;
 };
 
 // the sampler chain in llama.cpp's default order (common/sampling): penalties, top-k, top-p,

@@ -76,7 +76,9 @@ void nak_stage::on_template(const nak_frame & req, nak_writer & w, nak_header & 
     }
     const char * tmpl = llama_model_chat_template(model_, nullptr);
     if (!tmpl) {
-        throw nak_reject{ NAK_ERR_BAD_REQUEST, "the model has no chat template; run without --chat" };
+        // a GGUF without tokenizer.chat_template (Gemma 3 270M's): llama.cpp's built-in template
+        // of the model's family where it has one, else ChatML, the default llama-server falls back to
+        tmpl = arch_.rfind("gemma", 0) == 0 ? "gemma" : "chatml";
     }
     std::string out(total * 2 + 1024, '\0');
     int32_t n = llama_chat_apply_template(tmpl, msgs.data(), msgs.size(), add_ass, out.data(), (int32_t) out.size());

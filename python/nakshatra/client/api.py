@@ -29,7 +29,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -48,7 +48,8 @@ def create_app(engine: Engine):
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         engine.metrics.requests.labels(request.url.path, str(exc.status)).inc()
-        return JSONResponse(exc.body(), status_code=exc.status)
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     async def _body(request: Request) -> dict:
         try:
@@ -72,7 +73,23 @@ def create_app(engine: Engine):
 
     @app.get("/api/cluster")
     def cluster():
-        return engine.cluster()
+        return {**engine.cluster(), "models": _models_view()}
+
+    def _models_view() -> dict:
+        return {"loaded": engine.model_id, "auto_swap": engine.auto_swap,
+                "models": [{"id": n, "state": st, "swappable": st == "loaded" or n in engine.models}
+                           for n, st in engine.model_states()],
+                "swap": engine.swap_status}
+
+    @app.get("/api/models")
+    def api_models():
+        return _models_view()
+
+    @app.post("/api/models/{name}/load")
+    async def load_model(name: str):
+        report = await asyncio.to_thread(engine.load_model, name)
+        engine.metrics.requests.labels("/api/models/load", "200").inc()
+        return {"model": engine.model_id, "state": "loaded", "swap": report}
 
     def _model_entry(name: str, state: str) -> dict:
         e = {"id": name, "object": "model", "created": engine.created, "owned_by": "nakshatra", "state": state}
@@ -100,17 +117,30 @@ def create_app(engine: Engine):
 
     async def _complete(request: Request, chat: bool):
         body = await _body(request)
-        req = build_request(engine, body, chat)
+        # admitted requests run on the loaded model: a swap waits for them, and they for a swap
+        await asyncio.to_thread(engine.admit, body.get("model") if isinstance(body, dict) else None)
+        try:
+            req = build_request(engine, body, chat)
+        except BaseException:
+            engine.leave()
+            raise
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         path = request.url.path
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_stream(engine, req, rid, created, chat, include_usage, request),
+            return StreamingResponse(_stream(engine, req, rid, created, chat, include_usage, request, engine.leave),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        res = await asyncio.to_thread(engine.generate, req)
+
+        def run():
+            try:
+                return engine.generate(req)
+            finally:
+                engine.leave()  # here, not in the handler: a client that goes away leaves it running
+
+        res = await asyncio.to_thread(run)
         engine.metrics.requests.labels(path, "200").inc()
         usage = _usage(res)
         if chat:
@@ -140,11 +170,12 @@ def _covers(ranges: set[tuple[int, int]], n_layer: int) -> bool:
     return reach >= n_layer
 
 
-async def _stream(engine: Engine, req: GenRequest, rid: str, created: int, chat: bool, include_usage: bool,
-                  request) -> Iterator[str]:
+def _stream(engine: Engine, req: GenRequest, rid: str, created: int, chat: bool, include_usage: bool,
+            request, done: Callable[[], None]) -> AsyncIterator[str]:
     """Server-sent events of one generation: a role chunk (chat), text chunks, a final chunk
     with finish_reason, a usage chunk when asked, then ``[DONE]``. A client that goes away
-    stops the generation (its worker is freed at the next token)."""
+    stops the generation (its worker is freed at the next token). ``done()`` is called once
+    the generation has ended, whatever the outcome (the request's admission ends)."""
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
     gone = threading.Event()
@@ -169,8 +200,17 @@ async def _stream(engine: Engine, req: GenRequest, rid: str, created: int, chat:
             loop.call_soon_threadsafe(q.put_nowait, ("error", e))
         except Exception as e:  # noqa: BLE001 - reported to the client, not lost
             loop.call_soon_threadsafe(q.put_nowait, ("error", ApiError(500, f"internal error: {e}", "server_error")))
+        finally:
+            done()
 
+    # started now, not when the response body is first read: `done` must run even if it never is
     threading.Thread(target=work, daemon=True, name="nak-api-gen").start()
+    return _events(q, gone, chunk, chat, include_usage, engine, request)
+
+
+async def _events(q: asyncio.Queue, gone: threading.Event, chunk: Callable, chat: bool, include_usage: bool,
+                  engine: Engine, request) -> AsyncIterator[str]:
+    """The server-sent events of a generation running on its thread (see _stream)."""
     try:
         if chat:
             yield chunk({"role": "assistant", "content": ""}, None, None)

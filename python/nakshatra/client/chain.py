@@ -762,6 +762,7 @@ class Chain:
         self.ring_mode = ring
         clients: dict[tuple[str, int], object] = {}
         infos = []
+        down: list[str] = []  # stages that cannot be reached: skipped while a replica serves their range
         try:
             for host, port in addrs:
                 try:
@@ -770,7 +771,10 @@ class Chain:
                                                key=key or b"")
                     h = c.hello()
                 except StageError as e:
-                    raise ChainError(f"stage {host}:{port} is not usable: {e}") from None
+                    if e.code not in RETRY_CODES:  # answered, but refused (key, model, version)
+                        raise ChainError(f"stage {host}:{port} is not usable: {e}") from None
+                    down.append(f"stage {host}:{port} is not usable: {e}")
+                    continue
                 if h["version"] != _nakshatra.PROTOCOL_VERSION:
                     raise ChainError(f"stage {host}:{port} speaks protocol v{h['version']}, this "
                                      f"client v{_nakshatra.PROTOCOL_VERSION}; upgrade the older one")
@@ -779,7 +783,12 @@ class Chain:
                                        h["n_layer_full"], h["n_embd"], h["n_vocab"],
                                        h["model_sha256"], h["arch"], h["backend"], h["health"]))
             # replicas (stages with the same range): the healthiest of each serves, the rest wait
-            self.replicas = group_replicas(infos)
+            if not infos:
+                raise ChainError(down[0])
+            try:
+                self.replicas = group_replicas(infos)
+            except ChainError as e:  # a range left without a stage: say which stage is down first
+                raise ChainError(f"{down[0]} ({e})" if down else str(e)) from None
             self.stages = [g[0] for g in self.replicas]
         except Exception:
             for c in clients.values():

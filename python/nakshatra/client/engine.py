@@ -24,10 +24,12 @@ class ApiError(Exception):
     """An error answered to the HTTP client in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, text_so_far: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, text_so_far: str | None = None,
+                 retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.text_so_far = text_so_far  # a generation cut by a dead stage: what it had produced
+        self.text_so_far = text_so_far  # a generation cut by a dead stage or a swap: what it had produced
+        self.retry_after_s = retry_after_s  # sent as the Retry-After header (a 503 during a model swap)
 
     def body(self) -> dict:
         err = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
@@ -156,11 +158,181 @@ class Engine:
         self._token_times: deque[float] = deque(maxlen=65536)  # monotonic time of every token made lately
         self.metrics = Metrics(self)
         self._cluster_cache: tuple[float, list[dict]] | None = None
+        # model swaps (load_model): the stages' prepare request per model, address by address
+        self.models: dict[str, list[tuple[str, dict]]] = {}
+        self.auto_swap = False     # a request naming an available model loads it (as Ollama does)
+        self.swap_wait_s = 30.0    # a request arriving during a swap waits this long, then gets 503
+        self.drain_s = 60.0        # a swap waits this long for running generations, then ends them
+        self.load_timeout_s = 600.0
+        self.admitted = 0          # requests admitted (admit/leave): they run on the loaded model
+        self.swap_status: dict[str, Any] | None = None  # the last swap, for the dashboard
+        self._swapping: str | None = None  # the model a running swap loads
+        self._cut = threading.Event()     # set when a swap's drain bound passed: generations end now
+        self._swap_error: ApiError | None = None
 
     def model_states(self) -> list[tuple[str, str]]:
         """(name, state) of every model: the loaded one first ("loaded"), then the others the
-        cluster file names ("available")."""
-        return [(self.model_id, "loaded"), *((n, "available") for n in self.available if n != self.model_id)]
+        cluster file names ("available", or "loading" while a swap loads it)."""
+        return [(self.model_id, "loaded"), *((n, "loading" if n == self._swapping else "available")
+                                             for n in self.available if n != self.model_id)]
+
+    # ---- admission and model swaps ----
+
+    def admit(self, model: Any) -> None:
+        """Let a request for ``model`` in: it then runs on the loaded model until :meth:`leave`.
+        During a swap it waits up to ``swap_wait_s`` (then ApiError 503 with Retry-After). A request
+        naming an available model that is not loaded loads it first with ``auto_swap`` (else
+        ApiError 409 ``model_not_loaded``)."""
+        deadline = time.monotonic() + self.swap_wait_s
+        while True:
+            with self._cv:
+                while self._swapping is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ApiError(503, f"the cluster is switching to model '{self._swapping}'; retry in a few "
+                                       "seconds", "server_error", code="model_loading",
+                                       retry_after_s=max(1, int(self.swap_wait_s)))
+                    self._cv.wait(left)
+                if model == self.model_id or not isinstance(model, str) or model not in self.available:
+                    self.admitted += 1
+                    return
+            if not self.auto_swap:
+                raise ApiError(409, f"the model '{model}' is available but not loaded (this server serves "
+                               f"'{self.model_id}'): POST /api/models/{model}/load, or start nak api with "
+                               "--auto-swap to load a model a request names", param="model", code="model_not_loaded")
+            self.load_model(model)
+
+    def leave(self) -> None:
+        """The end of a request :meth:`admit` let in."""
+        with self._cv:
+            self.admitted -= 1
+            self._cv.notify_all()
+
+    def load_model(self, name: str) -> dict[str, Any]:
+        """Move every stage to model ``name`` in place (:func:`nakshatra.client.swap.swap_stages`):
+        new requests wait (:meth:`admit`), the stages load the new slices beside the old ones while
+        running generations go on, then those are waited for up to ``drain_s`` (then ended with
+        ApiError 503 ``model_swapped`` and their text so far), and the stages switch. Returns the
+        swap's report (:class:`~nakshatra.client.swap.SwapReport` as a dict; empty when ``name`` is
+        loaded already). Raises ApiError: 404 for a model the cluster does not list, 409 while a
+        swap to another model runs, 502 ``swap_failed`` naming the stage and why (every stage then
+        serves the old model)."""
+        from .swap import SwapError, swap_stages
+
+        with self._cv:
+            if self._swapping == name:  # the same swap, asked for again: wait for its outcome
+                while self._swapping == name:
+                    self._cv.wait()
+                if self._swap_error is not None and self.model_id != name:
+                    raise self._swap_error
+                return dict(self.swap_status or {})
+            if self._swapping is not None:
+                raise ApiError(409, f"a swap to '{self._swapping}' is running; try again when it ends",
+                               code="swap_in_progress", retry_after_s=5)
+            if name == self.model_id:
+                return {}
+            targets = self.models.get(name)
+            if targets is None:
+                raise ApiError(404, f"The model '{name}' does not exist here; the cluster's models: "
+                               f"{', '.join(n for n, _ in self.model_states())}", param="model",
+                               code="model_not_found")
+            self._swapping, self._swap_error = name, None
+            old = self.model_id
+        self.swap_status = {"from": old, "to": name, "state": "loading", "error": "", "stages": []}
+        drained = False
+
+        def on_update(stages) -> None:
+            self.swap_status = {**(self.swap_status or {}), "stages": [
+                {"address": s.address, "layers": s.spec.get("layers"), "state": s.state,
+                 "progress": s.progress, "error": s.error} for s in stages]}
+
+        def before_swap() -> None:
+            nonlocal drained
+            self.swap_status = {**(self.swap_status or {}), "state": "draining"}
+            self._drain()
+            drained = True
+            self.swap_status = {**(self.swap_status or {}), "state": "switching"}
+
+        try:
+            report = swap_stages(targets, self.key, load_timeout_s=self.load_timeout_s, timeout_s=self.timeout_s,
+                                 on_update=on_update, before_swap=before_swap)
+        except SwapError as e:
+            self.swap_status = {**(self.swap_status or {}), "state": "failed", "error": str(e)}
+            err = ApiError(502, f"the swap to '{name}' failed: {e}", "server_error", code="swap_failed")
+            with self._cv:
+                self._swap_error = err
+            if drained:
+                self._reconnect(None)
+            self._end_swap()
+            raise err from None
+        except BaseException:
+            if drained:
+                self._reconnect(None)
+            self._end_swap()
+            raise
+        try:
+            self._reconnect(name)
+        except ApiError as e:
+            self.swap_status = {**(self.swap_status or {}), "state": "failed", "error": e.message}
+            self._end_swap()
+            raise
+        with self._cv:
+            self.available = [n for n in [old, *self.available] if n != self.model_id]
+        self.swap_status = {**(self.swap_status or {}), "state": "done", "report": report.as_dict()}
+        self._end_swap()
+        return dict(self.swap_status)
+
+    def _end_swap(self) -> None:
+        with self._cv:
+            self._swapping = None
+            self._cut.clear()
+            self._cv.notify_all()
+
+    def _drain(self) -> None:
+        """Wait for the admitted requests (``drain_s``, then end them at their next token), then
+        close every worker's session and chain and the tokenizer chain: the stages are about to
+        switch models. Raises NakError when requests still run after the bound."""
+        deadline = time.monotonic() + self.drain_s
+        with self._cv:
+            while self.admitted > 0 and time.monotonic() < deadline:
+                self._cv.wait(max(0.01, deadline - time.monotonic()))
+            if self.admitted > 0:
+                self._cut.set()
+                end = time.monotonic() + max(self.timeout_s, 10.0)
+                while self.admitted > 0 and time.monotonic() < end:
+                    self._cv.wait(max(0.01, end - time.monotonic()))
+                if self.admitted > 0:
+                    raise NakError(f"{self.admitted} request(s) still run {self.drain_s:.0f} s after the swap asked "
+                                   "them to end")
+            for w in self.workers:
+                try:
+                    if w.session is not None:
+                        w.session.close()
+                    w.chain.close()
+                except Exception:  # noqa: BLE001 - a broken chain is closed anyway
+                    pass
+            self.workers.clear()
+        with self._meta_lock:
+            self._meta_chain.close()
+
+    def _reconnect(self, name: str | None) -> None:
+        """A new tokenizer chain to the stages, and the model's figures from their HELLOs: after
+        a swap to model ``name``, or one rolled back (None). Raises ApiError 503 when the chain
+        cannot be built."""
+        with self._meta_lock:
+            try:
+                self._meta_chain.close()
+                self._meta_chain = self._new_chain()
+            except (StageError, ChainError) as e:
+                raise ApiError(503, f"the chain does not answer after the swap: {e}", "server_error",
+                               code="stage_unavailable") from None
+            st = self._meta_chain.stages
+        with self._cv:
+            if name is not None:
+                self.model_id = name
+            self.model_sha256, self.arch, self.n_layer = st[0].model_sha256, st[0].arch, st[0].n_layer_full
+            self.n_ctx = min(s.health["n_ctx_session"] for s in st)
+        self._cluster_cache = None
 
     def _new_chain(self) -> Chain:
         return Chain(self.addresses, timeout_s=self.timeout_s, forwarding=self.forwarding, key=self.key,
@@ -185,6 +357,9 @@ class Engine:
                 try:
                     return fn(self._meta_chain)
                 except (StageError, ChainError) as e:
+                    if isinstance(e, StageError) and e.code == "bad_request":  # refused: no chat template, ...
+                        raise ApiError(400, str(e).replace("; run without --chat", ": use /v1/completions"),
+                                       code="unsupported") from None
                     if attempt == 1:
                         raise ApiError(503, f"the chain does not answer: {e}", "server_error",
                                        code="stage_unavailable") from None
@@ -305,6 +480,11 @@ class Engine:
                         on_text(text)
                 if hit or cancelled():
                     break
+                if self._cut.is_set():
+                    broken = True  # its session is closed by the swap anyway
+                    raise ApiError(503, f"the generation was ended early: the cluster is switching to model "
+                                   f"'{self._swapping}'", "server_error", code="model_swapped",
+                                   text_so_far="".join(parts), retry_after_s=max(1, int(self.swap_wait_s)))
             if hit:
                 res.finish_reason = "stop"
             else:

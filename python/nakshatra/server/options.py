@@ -119,6 +119,9 @@ class ServeOptions:
                        "serving (and, for a remote model, the slice cut from what was fetched).")
     model_sha256: str = _opt("", "--model-sha256",
                              help="A remote model's sha256 (hex), when its server does not send it as the ETag.")
+    swap: bool = _opt(True, negative="--no-swap",
+                      help="Let an authenticated client (nak api's model swap) load another model's slice beside this "
+                      "one and switch to it in place (--no-swap refuses).")
     announce: bool | None = _opt(None, "--announce", negative="--no-announce",
                                  help="Announce this stage on the LAN (mDNS, _nakshatra._tcp) for nak run --discover "
                                  "(default: only when --host is not loopback).")

@@ -138,6 +138,19 @@ def local_model(model: Path | str, progress: bool) -> Path:
     return Path(model)
 
 
+def slice_for(opts: ServeOptions, key: bytes | None, progress: bool) -> tuple[Path, str]:
+    """The slice file a stage with ``opts`` loads and the whole model's sha256: fetched by range
+    requests for a remote model (:func:`remote_slice`), downloaded whole for a hub or built-in name,
+    fetched from ``opts.fetch`` when the slice file is missing, then :func:`resolve_slice` (cut,
+    verified). Raises NakError / SliceError naming the file and the fix."""
+    model = remote_slice(opts, key, progress) or local_model(opts.model, progress)
+    if model == Path(opts.model) and (opts.fetch or opts.sha256):  # fetch a missing slice (nakshatra.cluster.fetch)
+        from ..cluster.fetch import fetch_slice
+
+        fetch_slice(opts.fetch, model, opts.sha256, key=key)
+    return resolve_slice(model, opts.layers, opts.verify, progress=progress)
+
+
 def check_host(host: str, insecure: bool, key: bytes | None = None) -> None:
     """A stage listens on a non-loopback address only with a cluster key, or with ``--insecure``
     (then it warns loudly)."""
@@ -181,12 +194,7 @@ def serve(opts: ServeOptions) -> int:
     if opts.flash_attn not in FLASH_ATTN:
         raise NakError(f"--flash-attn {opts.flash_attn!r}: use auto, on or off")
     tty = sys.stderr.isatty()
-    model = remote_slice(opts, key, tty) or local_model(opts.model, tty)
-    if model == Path(opts.model) and (opts.fetch or opts.sha256):  # fetch a missing slice (nakshatra.cluster.fetch)
-        from ..cluster.fetch import fetch_slice
-
-        fetch_slice(opts.fetch, model, opts.sha256, key=key)
-    path, model_sha = resolve_slice(model, opts.layers, opts.verify, progress=tty)
+    path, model_sha = slice_for(opts, key, tty)
     from contextlib import nullcontext
 
     from rich.console import Console
@@ -204,8 +212,10 @@ def serve(opts: ServeOptions) -> int:
     # reachable from this machine alone, so it announces only when asked (--announce)
     announce = opts.announce if opts.announce is not None else not _nakshatra.is_loopback(opts.host)
     announcers = []
+    bound: list[int] = []
 
     def on_ready(port: int) -> None:
+        bound.append(port)
         kv_txt = f", KV {_fmt_bytes(kv)} for {opts.max_sessions} x {opts.ctx} tokens" if kv else ""
         print(f"nak serve: ready on {opts.host}:{port} · layers {rng} of {info['n_layer_full']} · "
               f"{info['arch']} n_embd {info['n_embd']} · RSS {_fmt_bytes(info['rss_bytes'])} "
@@ -221,6 +231,30 @@ def serve(opts: ServeOptions) -> int:
             announcers.append(announce_stage(opts.host, port, model_sha, rng, info["n_layer_full"], info["arch"],
                                              bool(key), Path(opts.model).name))
 
+    def on_swap(active: dict) -> None:
+        print(f"nak serve: swapped to layers {active.get('layers')} of {active.get('model')} "
+              f"({active.get('arch')}, {active.get('path')})", file=sys.stderr, flush=True)
+        if announcers and bound:  # announce the model served now: the old record's sha and range are stale
+            from ..cluster.discovery import announce_stage
+
+            for a in announcers:
+                if a is not None:
+                    a.close()
+            announcers.clear()
+            announcers.append(announce_stage(opts.host, bound[0], active["model_sha256"],
+                                             LayerRange(active["layer_start"], active["layer_end"]),
+                                             stage.info()["n_layer_full"], active["arch"], bool(key),
+                                             Path(str(active["model"])).name))
+
+    control = None
+    if opts.swap:
+        from .swap import SwapController
+
+        control = SwapController(stage, opts, key, {"model": str(opts.model), "layers": opts.layers or rng.inclusive(),
+                                                    "model_sha256": model_sha, "path": str(path),
+                                                    "layer_start": rng.start, "layer_end": rng.end,
+                                                    "arch": info["arch"]}, on_swap=on_swap)
+
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
@@ -230,7 +264,7 @@ def serve(opts: ServeOptions) -> int:
     signal.signal(signal.SIGINT, on_term)
     try:
         stage.serve(opts.host, opts.port, on_ready, max_payload=opts.max_frame_mb << 20, key=key or b"",
-                    insecure=opts.insecure)
+                    insecure=opts.insecure, control=control)
     except KeyboardInterrupt:
         print("nak serve: stopped", file=sys.stderr)
         return 0
