@@ -3,8 +3,10 @@
 Starts ``nak api --port 0 --parallel 2`` (3 local SmolLM2 stages), opens ``/`` in Debian's
 ``chromium`` through ``chromedriver`` (Selenium) and checks that the page shows every stage of
 ``/api/cluster``, that a chat message gets an answer streamed in several DOM updates, that the
-decode tok/s figure turns non-zero after it, and that an API error is shown. The screenshot is
-kept at ``tests/artifacts/dashboard.png``.
+decode tok/s figure turns non-zero after it, that an API error is shown, and (issue 18) that one
+click on "Load" moves the stages to Gemma 3 (started with ``--also gemma3-270m``), with each
+stage's progress shown, after which a chat message is answered by Gemma exactly as the API
+answers it. The screenshot is kept at ``tests/artifacts/dashboard.png``.
 
 Chromium and chromedriver are installed with apt when missing and the tests run as root (CI);
 otherwise these tests are skipped, naming the packages to install.
@@ -62,7 +64,8 @@ def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     children); the URL it prints once it listens. The whole group is stopped afterwards."""
     err_path = tmp_path_factory.mktemp("nak-api") / "stderr.txt"
     with open(err_path, "w") as err:
-        p = subprocess.Popen([sys.executable, "-m", "nakshatra_cli", "api", "--port", "0", "--parallel", "2"],
+        p = subprocess.Popen([sys.executable, "-m", "nakshatra_cli", "api", "--port", "0", "--parallel", "2",
+                              "--also", "gemma3-270m"],
                              stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True,
                              start_new_session=True)
     try:
@@ -249,3 +252,48 @@ def test_chat_shows_api_errors(browser) -> None:
     err = browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg.error")[-1].text
     assert "context_length_exceeded" in err and "maximum context length" in err, err
     assert browser.find_element(By.ID, "chat-send").is_enabled()
+
+
+def test_one_click_swaps_the_model_and_the_chat_answers_from_it(browser, api_url: str) -> None:
+    """Runs last: it leaves the stages on Gemma 3."""
+    from selenium.webdriver.common.by import By
+
+    assert [(m["id"], m["state"]) for m in _get_json(api_url + "/api/models")["models"]] == [
+        ("smollm2", "loaded"), ("gemma3-270m", "available")]
+    button = _wait(browser, lambda d: next(iter(d.find_elements(By.CSS_SELECTOR, 'button.load[data-model="gemma3-270m"]')),
+                                           None), 30, "the Load button of gemma3-270m")
+    browser.execute_script("""
+        window.__swap = [];
+        const box = document.getElementById('swap');
+        new MutationObserver(() => {
+            for (const r of box.querySelectorAll('.st[data-state]')) window.__swap.push(r.dataset.state);
+        }).observe(box, {childList: true, subtree: true});
+    """)
+    button.click()
+    _wait(browser, lambda d: d.find_element(By.ID, "swap").get_attribute("data-state") == "done", 300, "the swap to finish")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#swap .st[data-address]")
+    assert len(rows) == 3 and all(r.get_attribute("data-state") == "done" for r in rows)
+    print(f"\nper-stage states shown during the swap: {sorted(set(browser.execute_script('return window.__swap')))}")
+    _wait(browser, lambda d: "gemma3-270m" in d.find_element(By.ID, "model-name").text, 30, "the new model's name")
+    loaded = browser.find_element(By.CSS_SELECTOR, '.model[data-state="loaded"]').get_attribute("data-model")
+    assert loaded == "gemma3-270m"
+
+    for id_, v in (("chat-max-tokens", "12"), ("chat-temp", "0")):
+        e = browser.find_element(By.ID, id_)
+        e.clear()
+        e.send_keys(v)
+    question = "What is the capital of France?"
+    n_done = len(browser.find_elements(By.CSS_SELECTOR, '#chat-log .msg.assistant[data-status="done"]'))
+    browser.find_element(By.ID, "chat-input").send_keys(question)
+    browser.find_element(By.ID, "chat-send").click()
+    msg = _wait(browser, lambda d: (lambda m: m[-1] if len(m) > n_done else None)(
+        d.find_elements(By.CSS_SELECTOR, '#chat-log .msg.assistant[data-status="done"]')), 180, "Gemma's reply")
+    reply = msg.find_element(By.CSS_SELECTOR, ".content").get_attribute("textContent")
+    # the page started a new conversation with the new model: the same request made directly
+    req = urllib.request.Request(api_url + "/v1/chat/completions", method="POST", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"model": "gemma3-270m", "max_tokens": 12, "temperature": 0,
+                                                  "messages": [{"role": "user", "content": question}]}).encode())
+    with urllib.request.urlopen(req, timeout=120) as r:
+        want = json.load(r)["choices"][0]["message"]["content"]
+    assert reply and reply == want, (reply, want)
+    _screenshot(browser)
