@@ -25,6 +25,7 @@ from nakshatra.cluster.plan import (
     parse_host,
     plan_chain,
     plan_cluster,
+    plan_on_stages,
 )
 from nakshatra.errors import NakError
 from nakshatra.gguf.inspection import inspect_gguf
@@ -140,6 +141,33 @@ def test_planner_equals_brute_force_exact_costs(case) -> None:
 @given(cases(exact=False))
 def test_planner_equals_brute_force_any_costs(case) -> None:
     check_plan(*case, exact_ties=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(cases(exact=False), st.lists(st.integers(0, 200), min_size=4, max_size=4))
+def test_planning_another_model_on_fixed_stages_equals_brute_force(case, reserved_mib) -> None:
+    """`nak plan MODEL --cluster F --add-model NAME`: every stage, in its order, gets at least one
+    layer and fits beside what it reserves; the compute time is the least of every such split."""
+    mem, hosts, mode = case
+    n, k = len(mem.weights), len(hosts)
+    reserved = [mib(r) for r in reserved_mib[:k]]
+    best = None
+    for cuts in itertools.combinations(range(1, n), k - 1):
+        bounds = (0, *cuts, n)
+        if all(need_bytes(mem, bounds[i], bounds[i + 1]) + reserved[i] <= hosts[i].memory_mb * MIB for i in range(k)):
+            t = sum(1000.0 * (bounds[i + 1] - bounds[i]) / hosts[i].layers_per_s for i in range(k))
+            best = t if best is None else min(best, t)
+    if best is None:
+        with pytest.raises(NakError):
+            plan_on_stages(mem, hosts, mode, reserved)
+        return
+    plan = plan_on_stages(mem, hosts, mode, reserved)
+    assert [s.host.name for s in plan.stages] == [h.name for h in hosts]
+    assert plan.stages[0].layers.start == 0 and plan.stages[-1].layers.end == n
+    assert all(a.layers.end == b.layers.start and a.layers.n_layers > 0 for a, b in itertools.pairwise(plan.stages))
+    for s, r in zip(plan.stages, reserved):
+        assert s.memory_bytes + r <= s.host.memory_mb * MIB
+    assert plan.compute_ms == pytest.approx(best, rel=1e-9)
 
 
 def uniform(n: int, layer_mib: int, first: int = 20, last: int = 20, extra: int = 10) -> MemoryModel:
@@ -365,6 +393,33 @@ def test_cli_plans_writes_and_slices(smollm2_path: Path, tmp_path: Path) -> None
     cf2 = load_cluster(tmp_path / "cl" / "again.toml")
     assert [(s.layers, s.port) for s in cf2.stages] == [(s.layers, s.port) for s in cf.stages]
     assert Path(cf2.resolve(cf2.model)).resolve() == smollm2_path.resolve()
+
+
+@pytest.mark.slow
+def test_cli_adds_a_model_on_the_cluster_stages(smollm2_path: Path, gemma3_path: Path, tmp_path: Path) -> None:
+    """`nak plan GEMMA --cluster F --add-model gemma -o F --force`: F gains a [[models]] entry with
+    one range per stage, each fitting beside SmolLM2's stage on its host, the fastest such split."""
+    out = tmp_path / "cluster.toml"
+    hosts = ["a=127.0.0.1,mem=700,speed=1000", "b=127.0.0.2,mem=800,speed=500"]
+    args = ["plan", str(smollm2_path), "--ctx", "256", "--max-sessions", "2", "-o", str(out)]
+    for h in hosts:
+        args += ["--host", h]
+    assert nak(*args).returncode == 0
+    cf = load_cluster(out)
+    r = nak("plan", str(gemma3_path), "--cluster", str(out), "--add-model", "gemma", "-o", str(out), "--force")
+    assert r.returncode == 0, r.stderr
+    cf2 = load_cluster(out)
+    assert [(s.host, s.layers) for s in cf2.stages] == [(s.host, s.layers) for s in cf.stages]
+    [m] = cf2.models
+    assert m.name == "gemma" and Path(cf2.resolve(m.model)).resolve() == gemma3_path.resolve()
+    smol = model_memory(smollm2_path, ctx=256, max_sessions=2)
+    by_address = {parse_host(h).address: parse_host(h) for h in hosts}
+    want = plan_on_stages(model_memory(gemma3_path, ctx=256, max_sessions=2), [by_address[s.host] for s in cf.stages],
+                          "ring", [smol.stage_bytes(s.layers) for s in cf.stages])
+    assert m.layers == want.ranges
+    assert "gemma" in r.stderr and "POST /api/models/gemma/load" in r.stderr
+    again = nak("plan", str(gemma3_path), "--cluster", str(out), "--add-model", "gemma")
+    assert again.returncode == 1 and "listed already" in again.stderr
 
 
 @pytest.mark.slow

@@ -43,6 +43,7 @@ def plan(
     stages_link: Annotated[float, typer.Option("--stages-link", help="One-way link latency (ms) to assume for the --stages hosts.")] = 0.5,
     probe: Annotated[bool, typer.Option("--probe", help="Measure THIS machine for MODEL (free memory, layers/s; about 5 s) and print it as a --host value and a \\[\\[hosts]] entry.")] = False,
     key_file: Annotated[str, typer.Option("--key-file", help="Cluster key from `nak keygen` for the --stages handshakes (default: the --cluster file's key_file, else $NAK_KEY); the cluster file written names it as its key_file.")] = "",
+    add_model: Annotated[Optional[str], typer.Option("--add-model", help="With --cluster: plan MODEL on the file's own stages (one range each, fitting beside the model they serve) and write the file again with a \\[\\[models]] entry of this name, which nak api can swap to.")] = None,
 ) -> None:
     """Plan a cluster: assign contiguous layer ranges to hosts so a token takes the least time, within each host's memory; write the cluster file and print the [b]nak slice[/b] command.
 
@@ -109,6 +110,11 @@ def plan(
     if output is not None and output.exists() and not force:
         raise NakError(f"{output} exists; give --force to overwrite it, or another -o")
 
+    if add_model is not None:
+        if cf is None or model is None:
+            raise NakError("--add-model plans MODEL on a cluster file's stages: give MODEL and --cluster")
+        _add_model(cf, add_model, model, model_path, hosts, ctx, max_sessions, mode, output, err)
+        return
     mem = model_memory(model_path, ctx=ctx, max_sessions=max_sessions)
     result = plan_chain(mem, hosts, mode)
     err.print(render_plan(result, stage_downloads(model_path, result)))
@@ -140,6 +146,50 @@ def plan(
         raise NakError(f"cannot write {output}: {e.strerror or e}") from e
     err.print(f"wrote {output}; make the slices with:", markup=False, highlight=False)
     print(cmd)
+
+
+def _add_model(cf, name: str, model: str, model_path: Path, hosts: list, ctx: int, max_sessions: int, mode: str,
+               output: Optional[Path], err) -> None:
+    """``nak plan MODEL --cluster FILE --add-model NAME``: the ranges of MODEL on FILE's stages
+    (nakshatra.cluster.plan.plan_on_stages, each beside what the stage serves now), written back as
+    a [[models]] entry (to --output, else stdout)."""
+    from nakshatra.cluster.config import ModelSpec, dump_cluster
+    from nakshatra.cluster.plan import model_memory, plan_on_stages, render_plan
+    from nakshatra.errors import NakError
+    from nakshatra.gguf.models import resolve_model
+
+    if output is not None and cf.path is not None and output.absolute().parent != cf.path.absolute().parent:
+        raise NakError(f"-o {output}: write the cluster file beside {cf.path} (its paths are relative to that folder)")
+    if any(m.name == name for m in cf.all_models()):
+        raise NakError(f"{cf.path}: a model named {name!r} is listed already; choose another --add-model name")
+    by_address = {h.address: h for h in hosts}
+    stage_hosts = []
+    for st in cf.stages:
+        h = by_address.get(st.host)
+        if h is None:
+            raise NakError(f"stage {st.address} runs on {st.host}, which no [[hosts]] entry or --host describes: run "
+                           f"`nak plan MODEL --probe` there and add its memory and speed")
+        stage_hosts.append(h)
+    current = resolve_model(cf.model if not cf.model.endswith(".gguf") else cf.resolve(cf.model))
+    cur_mem = model_memory(current, ctx=ctx, max_sessions=max_sessions)
+    reserved = [cur_mem.stage_bytes(st.layers) for st in cf.stages]
+    result = plan_on_stages(model_memory(model_path, ctx=ctx, max_sessions=max_sessions), stage_hosts, mode, reserved)
+    err.print(render_plan(result))
+    out_dir = output.parent if output is not None else (cf.path.parent if cf.path else Path("."))
+    cf.models.append(ModelSpec(name=name, model=_model_ref(model, model_path, out_dir), layers=result.ranges))
+    text = dump_cluster(cf)
+    text += "" if text.endswith("\n") else "\n"
+    if output is None:
+        sys.stdout.write(text)
+        return
+    tmp = output.with_name(output.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, output)
+    except OSError as e:
+        raise NakError(f"cannot write {output}: {e.strerror or e}") from e
+    err.print(f"wrote {output}: model {name!r} on layers {result.ranges_text()} of its stages; "
+              f"nak api --cluster {output} can swap to it (POST /api/models/{name}/load)", markup=False, highlight=False)
 
 
 def _is_ref(model: str) -> bool:

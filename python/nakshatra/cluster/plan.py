@@ -344,6 +344,83 @@ def _infeasible(mem: MemoryModel, hosts: Sequence[HostSpec]) -> NakError:
                     f"ranges fits them (the stages do not divide among the hosts; {why}); {fix}")
 
 
+def _stage_matrices(mem: MemoryModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``need[j, e]``: bytes of a stage serving layers j..e-1 (:meth:`MemoryModel.stage_bytes`);
+    ``span[j, e]``: its layer count; ``allowed[j, e]``: whether such a stage may exist (not empty;
+    holding a sliding-window layer where the model needs one in every stage)."""
+    n = mem.n_layer
+    prefix = np.concatenate([[0], np.cumsum(np.asarray(mem.layer_bytes, dtype=np.int64))])
+    idx = np.arange(n + 1)
+    first_f, middle_f, last_f, only_f = mem.fixed
+    need = prefix[None, :] - prefix[:, None] + mem.stage_extra + middle_f
+    need[0, :] += mem.first_extra + first_f - middle_f
+    need[:, n] += mem.last_extra + last_f - middle_f
+    need[0, n] += only_f - first_f - last_f + middle_f
+    span = (idx[None, :] - idx[:, None]).astype(np.float64)
+    allowed = span > 0
+    if mem.sliding:  # a stage must hold a sliding-window layer (MemoryModel.sliding)
+        n_sliding = np.concatenate([[0], np.cumsum(np.asarray(mem.sliding, dtype=np.int64))])
+        allowed &= (n_sliding[None, :] - n_sliding[:, None]) > 0
+    return need, span, allowed
+
+
+def plan_on_stages(mem: MemoryModel, hosts: Sequence[HostSpec], mode: str = "ring",
+                   reserved: Sequence[int] = ()) -> Plan:
+    """Layer ranges of another model for a cluster's existing stages: ``hosts[i]`` is the host of
+    stage ``i``, in chain order, and every stage gets at least one layer (a cluster file's
+    ``[[models]]`` entry has one range per stage). ``reserved[i]``: bytes stage ``i``'s host keeps
+    for the model it serves now (a swap loads the new slice beside it), taken from its memory.
+    The chain and its hops are fixed, so the least compute time wins (an exact dynamic program
+    over the split points).
+
+    Raises NakError for an unknown mode, a host without memory or speed, or stages that cannot
+    hold the model (naming the stage that runs short)."""
+    _check_mode(mode)
+    if not hosts:
+        raise NakError("no stages to plan on")
+    for h in hosts:
+        if h.memory_mb <= 0 or h.layers_per_s <= 0:
+            raise NakError(f"host {h.name} ({h.address}) needs mem and speed: nak plan MODEL --probe on it, "
+                           "then a [[hosts]] entry or --host")
+    n, k = mem.n_layer, len(hosts)
+    if k > n:
+        raise NakError(f"the model has {n} layers, fewer than the {k} stages: each stage needs at least one")
+    need, span, allowed = _stage_matrices(mem)
+    res = list(reserved) + [0] * (k - len(reserved))
+    # best[i][e]: least compute ms of stages 0..i covering layers 0..e-1
+    best = np.full((k, n + 1), np.inf)
+    came = np.zeros((k, n + 1), dtype=np.int64)
+    for i, h in enumerate(hosts):
+        fits = allowed & (need + res[i] <= h.memory_mb * MIB)
+        step = np.where(fits, span * (1000.0 / h.layers_per_s), np.inf)
+        if i == 0:
+            best[0] = step[0]
+            continue
+        cand = best[i - 1][:, None] + step  # [j, e]
+        came[i] = cand.argmin(axis=0)
+        best[i] = cand[came[i], np.arange(n + 1)]
+    if not np.isfinite(best[k - 1, n]):
+        short = min(range(k), key=lambda i: hosts[i].memory_mb * MIB - res[i] - int(need[0, 1]))
+        raise NakError(f"the stages cannot hold the model beside the one they serve: no split into {k} contiguous "
+                       f"ranges fits (stage {short + 1}, host {hosts[short].name}, has "
+                       f"{_mib(hosts[short].memory_mb * MIB - res[short])} left); free memory there, or plan "
+                       "the model on other hosts")
+    ranges, end = [], n
+    for i in range(k - 1, -1, -1):
+        start = int(came[i, end]) if i > 0 else 0
+        ranges.append(LayerRange(start, end))
+        end = start
+    ranges.reverse()
+    ring = mode == "ring"
+    stages = []
+    for i, (h, rng) in enumerate(zip(hosts, ranges)):
+        nxt = i + 1 if i + 1 < k else (0 if ring and k > 1 else None)
+        stages.append(PlannedStage(host=h, layers=rng, memory_bytes=mem.stage_bytes(rng),
+                                   compute_ms=1000.0 * rng.n_layers / h.layers_per_s,
+                                   hop_ms=0.0 if nxt is None else float(h.link_ms + hosts[nxt].link_ms)))
+    return Plan(stages=stages, left_out=[], mode=mode, memory=mem)
+
+
 def plan_chain(mem: MemoryModel, hosts: Sequence[HostSpec], mode: str = "ring") -> Plan:
     """The chain of smallest per-token latency whose stages fit their hosts' memory (see the
     module docstring for both models and the method). Exact; ties go to fewer stages.
@@ -356,18 +433,8 @@ def plan_chain(mem: MemoryModel, hosts: Sequence[HostSpec], mode: str = "ring") 
     _check_hosts(hosts)
     ring = mode == "ring"
     n, k = mem.n_layer, len(hosts)
-    prefix = np.concatenate([[0], np.cumsum(np.asarray(mem.layer_bytes, dtype=np.int64))])
     idx = np.arange(n + 1)
-    first_f, middle_f, last_f, only_f = mem.fixed
-    need = prefix[None, :] - prefix[:, None] + mem.stage_extra + middle_f  # need[j, e]: a stage of layers j..e-1
-    need[0, :] += mem.first_extra + first_f - middle_f
-    need[:, n] += mem.last_extra + last_f - middle_f
-    need[0, n] += only_f - first_f - last_f + middle_f
-    span = (idx[None, :] - idx[:, None]).astype(np.float64)
-    allowed = span > 0
-    if mem.sliding:  # a stage must hold a sliding-window layer (MemoryModel.sliding)
-        n_sliding = np.concatenate([[0], np.cumsum(np.asarray(mem.sliding, dtype=np.int64))])
-        allowed &= (n_sliding[None, :] - n_sliding[:, None]) > 0
+    need, span, allowed = _stage_matrices(mem)
     # step[h][j, e]: compute ms of host h serving layers j..e-1, inf where it is not allowed
     # (empty; no sliding layer where one is needed) or does not fit
     step = [np.where(allowed & (need <= h.memory_mb * MIB), span * (1000.0 / h.layers_per_s), np.inf)
