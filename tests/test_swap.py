@@ -309,3 +309,44 @@ def test_a_swap_that_does_not_fit_is_refused_before_anything_is_unloaded(slices,
                 assert r.json()["choices"][0]["text"] == want_smol
         finally:
             group.close()
+
+
+def test_control_requests_are_checked_and_a_load_can_be_cancelled(slices, gemma3_path) -> None:
+    """The stage's side (nakshatra.server.swap) on its own: bad requests get a clear refusal and
+    change nothing; a load released while it runs is cancelled; a stage started with --no-swap
+    refuses CONTROL frames."""
+    from nakshatra.errors import StageError
+
+    out, smol, gemma = slices
+    with _stages(smol) as ls:
+        a = ls.addresses[0]
+        assert control(a, {"op": "status"}, None)["state"] == "idle"
+        for req, needle in (({"op": "explode"}, "unknown CONTROL op"), ({"op": "prepare"}, "needs 'model'"),
+                            ({"op": "swap"}, "nothing to swap to")):
+            r = control(a, req, None)
+            assert not r["ok"] and needle in r["error"], r
+        r = control(a, {"op": "prepare", "model": str(gemma[0]), "layers": "0-5"}, None)
+        assert r["ok"] and r["state"] == "preparing", r
+        again = control(a, {"op": "prepare", "model": str(gemma[0]), "layers": "0-5"}, None)
+        assert not again["ok"] and "already runs" in again["error"]
+        r = control(a, {"op": "release"}, None)
+        assert r["ok"] and r["state"] == "idle" and r["pending"] is None
+        end = time.monotonic() + 120
+        while time.monotonic() < end:  # the cancelled load's thread ends; nothing was swapped
+            st = control(a, {"op": "status"}, None)
+            r = control(a, {"op": "prepare", "model": str(gemma[0]), "layers": "0-5"}, None)
+            if r["ok"]:
+                break
+            assert "still stopping" in r["error"], r
+            time.sleep(0.1)
+        assert st["active"]["layers"] == SMOL[0].inclusive()
+        end = time.monotonic() + 120
+        while control(a, {"op": "status"}, None)["state"] not in ("ready", "failed") and time.monotonic() < end:
+            time.sleep(0.1)
+        assert control(a, {"op": "status"}, None)["state"] == "ready"
+        assert control(a, {"op": "release"}, None)["pending"] is None
+        with Chain(ls.addresses) as c:  # still SmolLM2, still answering
+            assert c.stages[0].arch == "llama"
+    with LocalStages(smol[:1], threads=1, ctx=CTX, max_sessions=1, extra_args=["--no-swap"], cpu_lock=False) as one:
+        with pytest.raises(StageError, match="takes no CONTROL"):
+            control(one.addresses[0], {"op": "status"}, None)
