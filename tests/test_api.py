@@ -97,7 +97,7 @@ def test_models_and_health(server, client) -> None:
 
 def test_models_of_a_cluster_file_are_listed_with_their_state(stages, tmp_path: Path) -> None:
     """`nak api --cluster FILE`: the model the stages serve is "loaded", the file's other
-    [[models]] "available" (issue 18: swapping to them comes next)."""
+    [[models]] "available" (tests/test_swap.py swaps to them)."""
     body = 'model = "smollm2"\n'
     for addr, rng in zip(stages.addresses, RANGES):
         host, port = addr.rsplit(":", 1)

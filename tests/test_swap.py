@@ -304,6 +304,7 @@ def test_a_swap_that_does_not_fit_is_refused_before_anything_is_unloaded(slices,
                 assert r.status_code == 502, r.text
                 msg = r.json()["error"]["message"]
                 assert ls.addresses[2] in msg and "short by" in msg and "MiB" in msg, msg
+                print(f"\nrefused: {msg}")
                 assert _states(url)[0] == ("smollm2", "loaded")
                 r = _complete(url, "smollm2", 16)
                 assert r.json()["choices"][0]["text"] == want_smol

@@ -15,7 +15,6 @@ from nakshatra.errors import NakError
 
 from .app import SAMPLER, STAGE, Ctx, KeyFile, Threads, app, cluster_key, err_console
 
-
 Targets = dict[str, list[tuple[str, dict]]]
 """Per model name, each stage's prepare request for a swap (nakshatra.client.swap), by address."""
 

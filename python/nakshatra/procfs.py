@@ -34,3 +34,7 @@ there to emulate a weak host (``nak bench --hosts``)."""
 CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
 """The cgroup v1 memory controller's mount point (Linux): :mod:`nakshatra.bench.hostemu` makes memory
 limits there (``python -m nakshatra.bench.footprint`` measures a stage's footprint under them)."""
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+"""Where cgroups are mounted (Linux): a cgroup v2 group's ``memory.max`` lives under it
+(:func:`nakshatra.server.swap.available_bytes` reads the room a stage's group has left)."""

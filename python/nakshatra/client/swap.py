@@ -37,8 +37,9 @@ class StageSwap:
     """One stage's part in a swap: ``address`` (``host:port``), ``spec`` (its prepare request:
     ``model``, ``layers`` inclusive, optional ``sha256``/``fetch``), and what it is doing:
     ``state`` (``waiting``, ``preparing``, ``loading``, ``ready``, ``swapped``, ``done``,
-    ``failed``, ``rolled back``), ``progress`` (0..1 of its weights loaded), ``error``, and its
-    memory check (``need_bytes``, ``available_bytes``)."""
+    ``failed``, ``rolled back``), ``progress`` (0..1 of its weights loaded), ``error``, its
+    memory check (``need_bytes``, ``available_bytes``) and where its load's time went
+    (``timings_ms``, see :mod:`nakshatra.server.swap`)."""
 
     address: str
     spec: dict[str, Any]
@@ -47,6 +48,7 @@ class StageSwap:
     error: str = ""
     need_bytes: int = 0
     available_bytes: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
 
     def where(self) -> str:
         return f"stage {self.address} (layers {self.spec.get('layers')} of {self.spec.get('model')})"
@@ -97,6 +99,7 @@ def _update(s: StageSwap, reply: dict[str, Any]) -> None:
     s.progress = float(reply.get("progress") or 0.0)
     s.need_bytes = int(reply.get("need_bytes") or 0)
     s.available_bytes = int(reply.get("available_bytes") or 0)
+    s.timings_ms = dict(reply.get("timings_ms") or {})
     st = reply.get("state", "")
     if st in ("preparing", "loading", "ready"):
         s.state = st

@@ -9,8 +9,10 @@ leaves, or puts back, every stage on the old model at once. Requests (JSON, one 
     The reply of every op: ``state`` (``idle``, ``preparing``: making the slice and checking its
     memory; ``loading``; ``ready``: the new slice is loaded and waits; ``failed``), ``progress``
     (0..1 of the weights loaded), ``error``, ``active`` and ``pending`` (the model served and the
-    one loaded beside it: ``model``, ``layers``, ``model_sha256``, ``path``), ``host``, and the
-    memory figures of the last check (``need_bytes``, ``available_bytes``).
+    one loaded beside it: ``model``, ``layers``, ``model_sha256``, ``path``), ``host``, the
+    memory figures of the last check (``need_bytes``, ``available_bytes``) and ``timings_ms`` of
+    the last prepare (``slice_ms``: making or checking the slice, ``memory_check_ms``,
+    ``load_ms``: llama.cpp loading it).
 ``{"op": "prepare", "model": M, "layers": "A-B", "sha256": "", "model_sha256": "", "fetch": []}``
     Start loading ``layers`` (inclusive) of model ``M`` (a built-in name, a GGUF path on this host,
     an ``hf:`` reference or an http(s) URL, as ``nak serve`` takes them; ``fetch``/``sha256`` as
@@ -34,6 +36,7 @@ import dataclasses
 import json
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,16 +54,18 @@ def _read_int(path: Path) -> int | None:
 
 def _cgroup_room() -> int | None:
     """Bytes this process's memory cgroup can still charge before its limit (limit - usage, the
-    inactive file pages counted as free: the kernel reclaims them first), or None without a limit.
-    cgroup v1 (``memory.limit_in_bytes``) and v2 (``memory.max``)."""
+    inactive file pages counted as free: the kernel reclaims them first), or None without a limit
+    or without Linux cgroups. cgroup v1 (``memory.limit_in_bytes``) and v2 (``memory.max``)."""
+    from .. import procfs
+
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = (procfs.PROC / "self" / "cgroup").read_text().splitlines()
     except OSError:
         return None
     for line in lines:
         _, ctrls, path = line.split(":", 2)
         if "memory" in ctrls.split(","):  # v1
-            base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            base = procfs.CGROUP_MEMORY / path.lstrip("/")
             limit, usage = _read_int(base / "memory.limit_in_bytes"), _read_int(base / "memory.usage_in_bytes")
             if limit is None or usage is None or limit >= 1 << 60:
                 return None
@@ -74,7 +79,7 @@ def _cgroup_room() -> int | None:
                 pass
             return max(0, limit - usage + inactive)
         if ctrls == "" and line.startswith("0::"):  # v2
-            base = Path("/sys/fs/cgroup") / path.lstrip("/")
+            base = procfs.CGROUP_ROOT / path.lstrip("/")
             try:
                 limit_txt = (base / "memory.max").read_text().strip()
             except OSError:
@@ -87,16 +92,15 @@ def _cgroup_room() -> int | None:
 
 
 def available_bytes() -> int:
-    """Memory this stage could still allocate, bytes: the host's ``MemAvailable`` (free plus
-    reclaimable cache, /proc/meminfo), or less when the process's memory cgroup has less room left.
-    0 when unknown (no /proc)."""
-    avail = 0
+    """Memory this stage could still allocate, bytes: what the host could give without swapping
+    (:func:`nakshatra.cluster.plan.available_memory_mb`: ``MemAvailable``, or free + inactive pages
+    on macOS), or less when the process's memory cgroup has less room left. 0 when unknown."""
+    from ..cluster.plan import available_memory_mb
+
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
+        avail = int(available_memory_mb() * MIB)
+    except Exception:  # noqa: BLE001 - unknown: the check then relies on the cgroup, if any
+        avail = 0
     room = _cgroup_room()
     if room is not None:
         avail = min(avail, room) if avail else room
@@ -132,6 +136,7 @@ class SwapController:
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
         self._memory: dict[str, int] = {}
+        self._timings: dict[str, float] = {}  # the last prepare: making the slice, the memory check, the load
 
     # ---- the CONTROL entry point (the event loop's thread, with the GIL) ----
 
@@ -156,7 +161,8 @@ class SwapController:
 
     def _reply(self, error: str = "") -> str:
         d = {"ok": not error, "state": self._state, "progress": round(self._progress, 4), "error": error or self._error,
-             "active": self.active, "pending": self._pending_info, "host": socket.gethostname(), **self._memory}
+             "active": self.active, "pending": self._pending_info, "host": socket.gethostname(),
+             "timings_ms": self._timings, **self._memory}
         return json.dumps(d)
 
     def _prepare(self, req: dict) -> str:
@@ -174,7 +180,7 @@ class SwapController:
         spec = dataclasses.replace(self.opts, model=model, layers=layers or None, sha256=str(req.get("sha256") or ""),
                                    model_sha256=str(req.get("model_sha256") or ""),
                                    fetch=tuple(fetch) if isinstance(fetch, list) else (str(fetch),))
-        self._state, self._progress, self._error, self._memory = "preparing", 0.0, "", {}
+        self._state, self._progress, self._error, self._memory, self._timings = "preparing", 0.0, "", {}, {}
         self._pending_info = {"model": model, "layers": layers}
         self._cancel.clear()
         self._thread = threading.Thread(target=self._load, args=(spec,), daemon=True, name="nak-swap-load")
@@ -213,9 +219,13 @@ class SwapController:
         from .options import stage_kwargs
         from .serve import slice_for
 
+        t0 = time.perf_counter()
         try:
             path, model_sha = slice_for(spec, self.key, progress=False)
+            t1 = time.perf_counter()
             self._check_memory(path, spec)
+            t2 = time.perf_counter()
+            self._timings = {"slice_ms": round((t1 - t0) * 1e3, 1), "memory_check_ms": round((t2 - t1) * 1e3, 1)}
             if self._cancel.is_set():
                 return
             with self._lock:
@@ -228,6 +238,7 @@ class SwapController:
             st = _nakshatra.Stage(str(path), on_progress=on_progress,
                                   **{**stage_kwargs(spec), "model_sha256": model_sha})
             info = st.info()
+            self._timings["load_ms"] = round((time.perf_counter() - t2) * 1e3, 1)
             with self._lock:
                 if self._cancel.is_set():
                     return  # released meanwhile: `st` is freed here
