@@ -368,6 +368,32 @@ def test_stopped_and_killed_stages_are_no_longer_discovered(slices: tuple[list[P
         assert ls.addresses[0] in str(e.value)
 
 
+def test_a_stage_swapped_to_another_model_announces_it(slices: tuple[list[Path], str], gemma3_path: Path,
+                                                        tmp_path: Path, loopback_mdns: None) -> None:
+    """After an in-place model swap (nakshatra.client.swap) each stage withdraws its old record
+    and announces the new model's sha256 and layer range: discovery finds the new chain."""
+    from nakshatra.client.swap import swap_stages
+
+    paths, sha = slices
+    g = slice_model(gemma3_path, [LayerRange(0, 6), LayerRange(6, 12), LayerRange(12, 18)], out_dir=tmp_path,
+                    progress=False)
+    gsha = g.model["sha256"]
+    with _stages(paths, [True, True, True]) as ls:
+        with Browser(LO) as b:
+            _wait_found(b, ls.addresses, 3)
+        swap_stages([(a, {"model": str(tmp_path / s.file), "layers": None}) for a, s in zip(ls.addresses, g.slices)])
+
+        def found() -> list[str] | None:
+            try:
+                return discover_chain(1.5, model_sha256=gsha, interfaces=LO)
+            except NakError:
+                return None
+
+        assert _until(found, 30, "the swapped stages were not found announcing Gemma") == ls.addresses
+        with pytest.raises(NakError):  # nobody announces SmolLM2 any more
+            discover_chain(1.5, model_sha256=sha, interfaces=LO)
+
+
 # ---- a LAN of network namespaces ----------------------------------------------------------
 
 class Lan:

@@ -162,7 +162,7 @@ def _prepare_all(stages: list[StageSwap], key: bytes | None, timeout_s: float, p
         try:
             r = control(s.address, {"op": "prepare", **s.spec}, key, timeout_s)
         except StageError as e:
-            s.state, s.error = "failed", f"did not answer: {e}"
+            s.state, s.error = "failed", (f"refused: {e}" if e.code == "bad_request" else f"did not answer: {e}")
             return
         if not r.get("ok"):
             s.state, s.error = "failed", str(r.get("error") or "refused")

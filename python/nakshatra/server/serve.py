@@ -235,16 +235,21 @@ def serve(opts: ServeOptions) -> int:
         print(f"nak serve: swapped to layers {active.get('layers')} of {active.get('model')} "
               f"({active.get('arch')}, {active.get('path')})", file=sys.stderr, flush=True)
         if announcers and bound:  # announce the model served now: the old record's sha and range are stale
+            import threading
+
             from ..cluster.discovery import announce_stage
 
-            for a in announcers:
-                if a is not None:
-                    a.close()
-            announcers.clear()
-            announcers.append(announce_stage(opts.host, bound[0], active["model_sha256"],
-                                             LayerRange(active["layer_start"], active["layer_end"]),
-                                             stage.info()["n_layer_full"], active["arch"], bool(key),
-                                             Path(str(active["model"])).name))
+            def reannounce() -> None:  # mDNS probes take a while: not on the event loop's thread
+                for a in announcers:
+                    if a is not None:
+                        a.close()
+                announcers.clear()
+                announcers.append(announce_stage(opts.host, bound[0], active["model_sha256"],
+                                                 LayerRange(active["layer_start"], active["layer_end"]),
+                                                 active["n_layer_full"], active["arch"], bool(key),
+                                                 Path(str(active["model"])).name))
+
+            threading.Thread(target=reannounce, daemon=True, name="nak-announce").start()
 
     control = None
     if opts.swap:
@@ -253,7 +258,8 @@ def serve(opts: ServeOptions) -> int:
         control = SwapController(stage, opts, key, {"model": str(opts.model), "layers": opts.layers or rng.inclusive(),
                                                     "model_sha256": model_sha, "path": str(path),
                                                     "layer_start": rng.start, "layer_end": rng.end,
-                                                    "arch": info["arch"]}, on_swap=on_swap)
+                                                    "n_layer_full": info["n_layer_full"], "arch": info["arch"]},
+                                  on_swap=on_swap)
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

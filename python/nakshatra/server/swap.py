@@ -246,7 +246,7 @@ class SwapController:
                 self._pending_info = {"model": str(spec.model), "layers": spec.layers,
                                       "model_sha256": info["model_sha256"], "path": str(path),
                                       "layer_start": info["layer_start"], "layer_end": info["layer_end"],
-                                      "arch": info["arch"]}
+                                      "n_layer_full": info["n_layer_full"], "arch": info["arch"]}
                 self._state, self._progress = "ready", 1.0
         except (NakError, SliceError, StageError, OSError, ValueError) as e:
             with self._lock:
