@@ -351,3 +351,22 @@ def test_control_requests_are_checked_and_a_load_can_be_cancelled(slices, gemma3
     with LocalStages(smol[:1], threads=1, ctx=CTX, max_sessions=1, extra_args=["--no-swap"], cpu_lock=False) as one:
         with pytest.raises(StageError, match="takes no CONTROL"):
             control(one.addresses[0], {"op": "status"}, None)
+
+
+def test_a_keyed_stage_swaps_only_for_a_client_with_the_key(smollm2_path, gemma3_path, tmp_path) -> None:
+    """CONTROL frames pass the cluster key's handshake and MACs like every other frame: a client
+    without the key cannot ask for a swap; with it, a stage serving a whole model moves to another."""
+    from nakshatra.auth import generate_key_file
+    from nakshatra.client.swap import swap_stages
+    from nakshatra.errors import StageError
+
+    key = generate_key_file(tmp_path / "cluster.key")
+    with LocalStages([smollm2_path], threads=1, ctx=CTX, max_sessions=1, cpu_lock=False,
+                     key_file=tmp_path / "cluster.key") as ls:
+        a = ls.addresses[0]
+        with pytest.raises(StageError, match="unauthorized|key"):
+            control(a, {"op": "status"}, None)
+        assert control(a, {"op": "status"}, key)["active"]["layers"] == "0-29"
+        swap_stages([(a, {"model": str(gemma3_path), "layers": None})], key=key)
+        with Chain(ls.addresses, key=key) as c:
+            assert c.stages[0].arch == "gemma3" and c.stages[0].n_layer_full == 18

@@ -55,6 +55,7 @@ py::dict build_info() {
             e["name"]        = ggml_backend_dev_name(dev);
             e["description"] = ggml_backend_dev_description(dev);
             e["memory_bytes"] = total;
+            e["free_bytes"]   = free; // now: a model swap checks a new slice's GPU buffers against it
             devs.append(e);
         }
     }
@@ -103,7 +104,7 @@ std::pair<std::string, std::vector<std::string>> probe_load(const std::string & 
 
 void bind_misc(py::module_ & m) {
     m.def("build_info", &build_info, "Compiled backend, llama.cpp commit, patch-set hash, protocol version, and\n"
-          "devices: the GPUs this build sees now (name, description, memory_bytes), [] for none.");
+          "devices: the GPUs this build sees now (name, description, memory_bytes, free_bytes), [] for none.");
     m.def("set_log_level", [](int level) { set_log_level(level); },
           "llama.cpp log threshold: 1 debug, 2 info, 3 warn (default), 4 error.");
     m.def("probe_load", &probe_load, py::arg("path"),

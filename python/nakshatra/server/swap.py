@@ -18,7 +18,8 @@ leaves, or puts back, every stage on the old model at once. Requests (JSON, one 
     an ``hf:`` reference or an http(s) URL, as ``nak serve`` takes them; ``fetch``/``sha256`` as
     ``nak serve --fetch``) on a thread of its own. Before anything is loaded its memory is checked:
     :func:`nakshatra.gguf.memory.predict_stage` of the slice (without the process baseline, which
-    the stage already pays) must fit in :func:`available_bytes`, beside the model served now.
+    the stage already pays) must fit in :func:`available_bytes`, beside the model served now, and
+    its GPU buffers (``device_bytes``) in the GPUs' free memory (``build_info()["devices"]``).
     Refused (``ok`` false) while a load runs or a loaded slice waits: release it first.
 ``{"op": "swap"}``
     Serve the loaded slice from now on; the old one becomes the pending one, so a second swap goes
@@ -267,6 +268,18 @@ class SwapController:
         avail = available_bytes()
         with self._lock:
             self._memory = {"need_bytes": need, "available_bytes": avail}
+        dev_need = int(p["device_bytes"])
+        if dev_need:  # the GPU buffers of the new slice, beside the old slice's on the same GPUs
+            from .. import _nakshatra
+
+            names = [d for d in spec.devices.split(",") if d] if spec.devices not in ("", "none") else []
+            gpus = [d for d in _nakshatra.build_info()["devices"] if not names or d["name"] in names]
+            free = sum(int(d.get("free_bytes", 0)) for d in gpus)
+            if free and dev_need > free:
+                raise NakError(f"host {socket.gethostname()}: the new slice ({Path(path).name}) needs {_mib(dev_need)} of "
+                               f"GPU memory beside the model it serves, {_mib(free)} is free on "
+                               f"{', '.join(d['name'] for d in gpus)}: short by {_mib(dev_need - free)}. Offload fewer "
+                               "layers (--n-gpu-layers), give the stage fewer layers (nak plan), or free GPU memory")
         if avail and need > avail:
             raise NakError(f"host {socket.gethostname()}: the new slice ({Path(path).name}) needs {_mib(need)} beside "
                            f"the model it serves, {_mib(avail)} is available: short by {_mib(need - avail)}. "
