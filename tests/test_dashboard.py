@@ -271,11 +271,12 @@ def test_one_click_swaps_the_model_and_the_chat_answers_from_it(browser, api_url
     """)
     button.click()
     _wait(browser, lambda d: d.find_element(By.ID, "swap").get_attribute("data-state") == "done", 300, "the swap to finish")
-    rows = browser.find_elements(By.CSS_SELECTOR, "#swap .st[data-address]")
-    assert len(rows) == 3 and all(r.get_attribute("data-state") == "done" for r in rows)
+    # read in one script call: the panel is redrawn every second
+    rows = browser.execute_script("return [...document.querySelectorAll('#swap .st[data-address]')].map(r => r.dataset.state)")
+    assert rows == ["done"] * 3, rows
     print(f"\nper-stage states shown during the swap: {sorted(set(browser.execute_script('return window.__swap')))}")
     _wait(browser, lambda d: "gemma3-270m" in d.find_element(By.ID, "model-name").text, 30, "the new model's name")
-    loaded = browser.find_element(By.CSS_SELECTOR, '.model[data-state="loaded"]').get_attribute("data-model")
+    loaded = browser.execute_script("return document.querySelector('.model[data-state=\\'loaded\\']').dataset.model")
     assert loaded == "gemma3-270m"
 
     for id_, v in (("chat-max-tokens", "12"), ("chat-temp", "0")):
