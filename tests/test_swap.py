@@ -71,6 +71,11 @@ def _cluster(path: Path, addresses: list[str], models: dict[str, tuple[str, list
     return path
 
 
+def _gemma_cluster(path: Path, addresses: list[str], gemma: list[Path], replica: str = "") -> Path:
+    """The cluster file of the tests: SmolLM2 loaded, Gemma 3 (its slices, cut already) available."""
+    return _cluster(path, addresses, {"gemma": ("gemma3-270m", GEMMA, [p.name for p in gemma])}, replica=replica)
+
+
 @contextlib.contextmanager
 def _api(cluster: Path, *args: str):
     """`nak api --cluster FILE --port 0 ...` as a user starts it; yields its base URL."""
@@ -141,7 +146,7 @@ def test_swap_by_api_and_by_name_serves_each_model_exactly(slices, smollm2_path,
     out, smol, gemma = slices
     with _stages(smol) as ls:
         want_smol = _expected(ls.addresses, smollm2_path, PROMPT, 16)
-        cf = _cluster(out / "c1.toml", ls.addresses, {"gemma": ("gemma3-270m", GEMMA, [p.name for p in gemma])})
+        cf = _gemma_cluster(out / "c1.toml", ls.addresses, gemma)
         with _api(cf) as url:
             assert _states(url) == [("smollm2", "loaded"), ("gemma", "available")]
             r = _complete(url, "gemma", 8)
@@ -179,7 +184,7 @@ def test_a_stream_finishes_on_the_old_model_and_requests_wait_for_the_swap(slice
     out, smol, gemma = slices
     with _stages(smol) as ls:
         want_smol = _expected(ls.addresses, smollm2_path, PROMPT, 64)
-        cf = _cluster(out / "c2.toml", ls.addresses, {"gemma": ("gemma3-270m", GEMMA, [p.name for p in gemma])})
+        cf = _gemma_cluster(out / "c2.toml", ls.addresses, gemma)
         with _api(cf, "--swap-wait", "0.5") as url:
             loaded: list[httpx.Response] = []
             started = threading.Event()
@@ -212,7 +217,7 @@ def test_the_drain_bound_ends_a_long_generation_with_its_text(slices, smollm2_pa
     out, smol, gemma = slices
     with _stages(smol) as ls:
         want_smol = _expected(ls.addresses, smollm2_path, PROMPT, 400)
-        cf = _cluster(out / "c3.toml", ls.addresses, {"gemma": ("gemma3-270m", GEMMA, [p.name for p in gemma])})
+        cf = _gemma_cluster(out / "c3.toml", ls.addresses, gemma)
         with _api(cf, "--drain", "0.5") as url:
             loaded: list[httpx.Response] = []
 
@@ -267,8 +272,7 @@ def test_a_stage_that_dies_while_loading_rolls_every_stage_back(slices, smollm2_
     with _stages(smol, replica=True) as ls:
         primaries, replica = ls.addresses[:3], ls.addresses[3]
         want_smol = _expected(primaries, smollm2_path, PROMPT, 16)
-        cf = _cluster(out / "c5.toml", primaries, {"gemma": ("gemma3-270m", GEMMA, [p.name for p in gemma])},
-                      replica=replica)
+        cf = _gemma_cluster(out / "c5.toml", primaries, gemma, replica=replica)
         with _api(cf) as url:
             loaded: list[httpx.Response] = []
             t = threading.Thread(target=lambda: loaded.append(_load(url, "gemma")))
@@ -294,7 +298,7 @@ def test_a_swap_that_does_not_fit_is_refused_before_anything_is_unloaded(slices,
     out, smol, gemma = slices
     with _stages(smol) as ls:
         want_smol = _expected(ls.addresses, smollm2_path, PROMPT, 16)
-        cf = _cluster(out / "c6.toml", ls.addresses, {"gemma": ("gemma3-270m", GEMMA, [p.name for p in gemma])})
+        cf = _gemma_cluster(out / "c6.toml", ls.addresses, gemma)
         # the last stage's host has 200 MiB left: Gemma's last slice (its tied embedding is the LM head) needs more
         group = MemoryLimit(200 << 20)
         try:
