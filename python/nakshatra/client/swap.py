@@ -159,11 +159,16 @@ def swap_stages(targets: Sequence[tuple[str, dict[str, Any]]], key: bytes | None
 def _prepare_all(stages: list[StageSwap], key: bytes | None, timeout_s: float, pool: ThreadPoolExecutor,
                  notify: Callable[[list[StageSwap]], None]) -> None:
     def one(s: StageSwap) -> None:
-        try:
-            r = control(s.address, {"op": "prepare", **s.spec}, key, timeout_s)
-        except StageError as e:
-            s.state, s.error = "failed", (f"refused: {e}" if e.code == "bad_request" else f"did not answer: {e}")
-            return
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                r = control(s.address, {"op": "prepare", **s.spec}, key, timeout_s)
+            except StageError as e:
+                s.state, s.error = "failed", (f"refused: {e}" if e.code == "bad_request" else f"did not answer: {e}")
+                return
+            if r.get("ok") or not r.get("retry") or time.monotonic() > deadline:
+                break
+            time.sleep(POLL_S)  # the stage is still stopping a released load (a swap rolled back just now)
         if not r.get("ok"):
             s.state, s.error = "failed", str(r.get("error") or "refused")
         else:

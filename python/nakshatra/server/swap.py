@@ -28,7 +28,8 @@ leaves, or puts back, every stage on the old model at once. Requests (JSON, one 
     Free the pending slice (the new one after a failed swap elsewhere, the old one after a
     successful swap), or cancel a load that runs (llama.cpp's progress callback says stop).
 
-Every reply has ``ok`` (false with ``error`` for a refused request).
+Every reply has ``ok`` (false with ``error`` for a refused request; ``retry`` true when the same
+request will be taken in a moment: a released load is still stopping).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class SwapController:
         self._pending: Any = None  # a loaded _nakshatra.Stage that does not serve
         self._pending_info: dict[str, Any] | None = None
         self._cancel = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._busy = False  # a load thread runs (a released one may still be stopping)
         self._memory: dict[str, int] = {}
         self._timings: dict[str, float] = {}  # the last prepare: making the slice, the memory check, the load
 
@@ -160,8 +161,8 @@ class SwapController:
                 return self._release(), None
         return self._reply(error=f"unknown CONTROL op {op!r}: use status, prepare, swap or release"), None
 
-    def _reply(self, error: str = "") -> str:
-        d = {"ok": not error, "state": self._state, "progress": round(self._progress, 4), "error": error or self._error,
+    def _reply(self, error: str = "", retry: bool = False) -> str:
+        d = {"ok": not error, "retry": retry, "state": self._state, "progress": round(self._progress, 4), "error": error or self._error,
              "active": self.active, "pending": self._pending_info, "host": socket.gethostname(),
              "timings_ms": self._timings, **self._memory}
         return json.dumps(d)
@@ -171,8 +172,9 @@ class SwapController:
             return self._reply(error="a load already runs on this stage: wait for it, or release it first")
         if self._pending is not None:
             return self._reply(error="a model is already loaded beside the one served: release it first")
-        if self._thread is not None and self._thread.is_alive():
-            return self._reply(error="a released load is still stopping on this stage: ask again in a moment")
+        if self._busy:
+            return self._reply(error="a released load is still stopping on this stage: ask again in a moment",
+                               retry=True)
         model = req.get("model")
         layers = req.get("layers")
         if not isinstance(model, str) or not model or not (layers is None or isinstance(layers, str)):
@@ -184,8 +186,8 @@ class SwapController:
         self._state, self._progress, self._error, self._memory, self._timings = "preparing", 0.0, "", {}, {}
         self._pending_info = {"model": model, "layers": layers}
         self._cancel.clear()
-        self._thread = threading.Thread(target=self._load, args=(spec,), daemon=True, name="nak-swap-load")
-        self._thread.start()
+        self._busy = True
+        threading.Thread(target=self._load, args=(spec,), daemon=True, name="nak-swap-load").start()
         return self._reply()
 
     def _swap(self) -> tuple[str, Any]:
@@ -215,44 +217,50 @@ class SwapController:
     # ---- the load, on its own thread ----
 
     def _load(self, spec: Any) -> None:
+        """The prepare's work (its own thread): make the slice, check its memory, load it. Its
+        outcome is set in one locked step that also marks the thread done, so a client that has
+        seen ``failed`` or ``ready`` may prepare again at once."""
         from .. import _nakshatra
-        from ..errors import SliceError, StageError
         from .options import stage_kwargs
         from .serve import slice_for
 
         t0 = time.perf_counter()
+        st, info, error = None, None, ""
         try:
             path, model_sha = slice_for(spec, self.key, progress=False)
             t1 = time.perf_counter()
             self._check_memory(path, spec)
             t2 = time.perf_counter()
             self._timings = {"slice_ms": round((t1 - t0) * 1e3, 1), "memory_check_ms": round((t2 - t1) * 1e3, 1)}
-            if self._cancel.is_set():
-                return
             with self._lock:
-                self._state = "loading"
+                if not self._cancel.is_set():
+                    self._state = "loading"
 
             def on_progress(p: float) -> bool:
                 self._progress = p
                 return not self._cancel.is_set()
 
-            st = _nakshatra.Stage(str(path), on_progress=on_progress,
-                                  **{**stage_kwargs(spec), "model_sha256": model_sha})
-            info = st.info()
-            self._timings["load_ms"] = round((time.perf_counter() - t2) * 1e3, 1)
-            with self._lock:
-                if self._cancel.is_set():
-                    return  # released meanwhile: `st` is freed here
-                self._pending = st
-                self._pending_info = {"model": str(spec.model), "layers": spec.layers,
-                                      "model_sha256": info["model_sha256"], "path": str(path),
-                                      "layer_start": info["layer_start"], "layer_end": info["layer_end"],
-                                      "n_layer_full": info["n_layer_full"], "arch": info["arch"]}
-                self._state, self._progress = "ready", 1.0
-        except (NakError, SliceError, StageError, OSError, ValueError) as e:
-            with self._lock:
-                if not self._cancel.is_set():
-                    self._state, self._error = "failed", str(e)
+            if not self._cancel.is_set():
+                st = _nakshatra.Stage(str(path), on_progress=on_progress,
+                                      **{**stage_kwargs(spec), "model_sha256": model_sha})
+                info = st.info()
+                info["path"] = str(path)
+                self._timings["load_ms"] = round((time.perf_counter() - t2) * 1e3, 1)
+        except Exception as e:  # noqa: BLE001 - any failure is this load's outcome, never a stuck "preparing"
+            error = str(e) or type(e).__name__
+        with self._lock:
+            self._busy = False
+            if self._cancel.is_set():
+                return  # released meanwhile: `st`, if loaded, is freed here
+            if st is None or info is None:
+                self._state, self._error = "failed", error or "the load stopped"
+                return
+            self._pending = st
+            self._pending_info = {"model": str(spec.model), "layers": spec.layers,
+                                  "model_sha256": info["model_sha256"], "path": info["path"],
+                                  "layer_start": info["layer_start"], "layer_end": info["layer_end"],
+                                  "n_layer_full": info["n_layer_full"], "arch": info["arch"]}
+            self._state, self._progress = "ready", 1.0
 
     def _check_memory(self, path: Path, spec: Any) -> None:
         """Refuse (NakError naming the host and the shortfall) a slice that does not fit beside the
