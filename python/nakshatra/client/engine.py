@@ -254,33 +254,30 @@ class Engine:
             self.swap_status = {**(self.swap_status or {}), "state": "switching"}
 
         try:
-            report = swap_stages(targets, self.key, load_timeout_s=self.load_timeout_s, timeout_s=self.timeout_s,
-                                 on_update=on_update, before_swap=before_swap)
-        except SwapError as e:
-            self.swap_status = {**(self.swap_status or {}), "state": "failed", "error": str(e)}
-            err = ApiError(502, f"the swap to '{name}' failed: {e}", "server_error", code="swap_failed")
+            try:
+                report = swap_stages(targets, self.key, load_timeout_s=self.load_timeout_s,
+                                     timeout_s=self.timeout_s, on_update=on_update, before_swap=before_swap)
+            except BaseException as e:
+                if drained:  # the stages are back on the old model: so is the tokenizer chain
+                    self._reconnect(None)
+                if not isinstance(e, SwapError):
+                    raise
+                err = ApiError(502, f"the swap to '{name}' failed: {e}", "server_error", code="swap_failed")
+                self.swap_status = {**(self.swap_status or {}), "state": "failed", "error": str(e)}
+                with self._cv:
+                    self._swap_error = err
+                raise err from None
+            try:
+                self._reconnect(name)
+            except ApiError as e:
+                self.swap_status = {**(self.swap_status or {}), "state": "failed", "error": e.message}
+                raise
             with self._cv:
-                self._swap_error = err
-            if drained:
-                self._reconnect(None)
+                self.available = [n for n in [old, *self.available] if n != self.model_id]
+            self.swap_status = {**(self.swap_status or {}), "state": "done", "report": report.as_dict()}
+            return dict(self.swap_status)
+        finally:
             self._end_swap()
-            raise err from None
-        except BaseException:
-            if drained:
-                self._reconnect(None)
-            self._end_swap()
-            raise
-        try:
-            self._reconnect(name)
-        except ApiError as e:
-            self.swap_status = {**(self.swap_status or {}), "state": "failed", "error": e.message}
-            self._end_swap()
-            raise
-        with self._cv:
-            self.available = [n for n in [old, *self.available] if n != self.model_id]
-        self.swap_status = {**(self.swap_status or {}), "state": "done", "report": report.as_dict()}
-        self._end_swap()
-        return dict(self.swap_status)
 
     def _end_swap(self) -> None:
         with self._cv:
@@ -320,12 +317,7 @@ class Engine:
         a swap to model ``name``, or one rolled back (None). Raises ApiError 503 when the chain
         cannot be built."""
         with self._meta_lock:
-            try:
-                self._meta_chain.close()
-                self._meta_chain = self._new_chain()
-            except (StageError, ChainError) as e:
-                raise ApiError(503, f"the chain does not answer after the swap: {e}", "server_error",
-                               code="stage_unavailable") from None
+            self._renew_meta()
             st = self._meta_chain.stages
         with self._cv:
             if name is not None:
@@ -363,12 +355,15 @@ class Engine:
                     if attempt == 1:
                         raise ApiError(503, f"the chain does not answer: {e}", "server_error",
                                        code="stage_unavailable") from None
-                    try:
-                        self._meta_chain.close()
-                        self._meta_chain = self._new_chain()
-                    except (StageError, ChainError) as e2:
-                        raise ApiError(503, f"the chain does not answer: {e2}", "server_error",
-                                       code="stage_unavailable") from None
+                    self._renew_meta()
+
+    def _renew_meta(self) -> None:
+        """A new tokenizer chain (``_meta_lock`` held); raises ApiError 503 when none can be built."""
+        try:
+            self._meta_chain.close()
+            self._meta_chain = self._new_chain()
+        except (StageError, ChainError) as e:
+            raise ApiError(503, f"the chain does not answer: {e}", "server_error", code="stage_unavailable") from None
 
     def tokenize(self, text: str, special: bool) -> list[int]:
         """Token ids by the model's vocabulary (on the first stage); raises ApiError 503."""

@@ -266,11 +266,9 @@ class SwapController:
         """Refuse (NakError naming the host and the shortfall) a slice that does not fit beside the
         model served now."""
         from ..gguf.memory import predict_stage
-        from .options import FLASH_ATTN
 
         opts = {k: getattr(spec, k) for k in ("n_gpu_layers", "flash_attn", "cache_type_k", "cache_type_v",
                                               "no_repack", "mlock", "swa_full")}
-        assert opts["flash_attn"] in FLASH_ATTN
         p = predict_stage(path, spec.ctx, spec.max_sessions, **opts)
         need = int(p["total_bytes"]) - int(p["baseline_bytes"])
         avail = available_bytes()
