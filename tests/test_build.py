@@ -49,6 +49,7 @@ def no_system_toolkits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(build, "CUDA_DEFAULT", none / "cuda")
     monkeypatch.setattr(build, "ROCM_DEFAULT", none / "rocm")
     monkeypatch.setattr(build, "VULKAN_HEADER", none / "vulkan.h")
+    monkeypatch.setattr(build, "VULKAN_PREFIXES", (str(none / "usr"),))
     monkeypatch.setattr(build, "SYSTEM_LIB_DIRS", (none / "lib",))
     monkeypatch.setattr(build, "DRIVER_LIB_DIRS", (none / "driver",))
     monkeypatch.setattr(build, "_site_dirs", lambda: [tmp_path / "site"])
@@ -225,6 +226,18 @@ def test_rocm_path_and_missing(tmp_path: Path) -> None:
         build_plan("rocm", PROJECT, env=_env(tmp_path))
 
 
+@pytest.mark.parametrize("tool,says", [("hipconfig", "5.2.21153-0"), ("hipcc", "HIP version: 5.2.21153-0")])
+def test_rocm_older_than_llama_cpp_needs(tmp_path: Path, tool: str, says: str) -> None:
+    """Debian 12's hipcc is HIP 5.2; ggml-hip needs 6.1: said before CMake would stop on it."""
+    _exe(tmp_path / "bin" / tool).write_text(f"#!/bin/sh\necho '{says}'\n")
+    st = detect_toolkit("rocm", _env(tmp_path))
+    assert not st.ok and "HIP 5.2" in st.missing and "6.1" in st.missing
+    with pytest.raises(BuildError, match="ROCm/HIP toolkit incomplete: HIP 5.2"):
+        build_plan("rocm", PROJECT, env=_env(tmp_path))
+    _exe(tmp_path / "bin" / tool).write_text(f"#!/bin/sh\necho '{says.replace('5.2', '6.4')}'\n")
+    assert detect_toolkit("rocm", _env(tmp_path)).ok
+
+
 def test_metal(tmp_path: Path) -> None:
     st = detect_toolkit("metal", _env(tmp_path), system="Linux")
     assert not st.ok and "macOS" in st.missing
@@ -240,6 +253,13 @@ def test_vulkan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     st = detect_toolkit("vulkan", _env(tmp_path))
     assert not st.ok and "Vulkan headers" in st.missing
     monkeypatch.setattr(build, "VULKAN_HEADER", _touch(tmp_path / "include/vulkan/vulkan.h"))
+    # ggml-vulkan's CMake also asks for SPIRV-Headers (Debian: the spirv-headers package)
+    st = detect_toolkit("vulkan", _env(tmp_path))
+    assert not st.ok and "SPIRV-Headers" in st.missing and "spirv-headers" in st.hint
+    with pytest.raises(BuildError, match="SPIRV-Headers"):
+        build_plan("vulkan", PROJECT, env=_env(tmp_path))
+    usr = tmp_path / "nowhere/usr"
+    _touch(usr / "share/cmake/SPIRV-Headers/SPIRV-HeadersConfig.cmake")
     assert detect_toolkit("vulkan", _env(tmp_path)).ok
 
 
@@ -247,9 +267,13 @@ def test_vulkan_sdk_and_pkg_config(tmp_path: Path) -> None:
     sdk = tmp_path / "sdk"
     _exe(sdk / "bin/glslc")
     _touch(sdk / "include/vulkan/vulkan.h")
+    _touch(sdk / "lib/cmake/SPIRV-Headers/SPIRV-HeadersConfig.cmake")
     assert detect_toolkit("vulkan", _env(tmp_path, VULKAN_SDK=str(sdk))).ok
     _exe(tmp_path / "bin/glslc")
     _exe(tmp_path / "bin/pkg-config")  # fake pkg-config: `--exists vulkan` succeeds
+    st = detect_toolkit("vulkan", _env(tmp_path))
+    assert not st.ok and "SPIRV-Headers" in st.missing  # not in the SDK given this time
+    _touch(tmp_path / "nowhere/usr/lib/x86_64-linux-gnu/cmake/SPIRV-Headers/SPIRV-HeadersConfig.cmake")
     assert detect_toolkit("vulkan", _env(tmp_path)).ok
 
 
@@ -345,3 +369,9 @@ def test_compiled_info_without_the_extension(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delattr(nakshatra, "_nakshatra", raising=False)
     with pytest.raises(BuildError, match=r"not importable.*pip install \.` .*`nak build`"):
         compiled_info()
+
+
+def test_no_device_hint_names_the_vulkan_switch() -> None:
+    assert "GGML_VK_VISIBLE_DEVICES=0" in build.no_device_hint("vulkan", {})
+    assert build.no_device_hint("vulkan", {"GGML_VK_VISIBLE_DEVICES": "0"}) == ""
+    assert build.no_device_hint("cuda", {}) == build.no_device_hint("cpu", {}) == ""

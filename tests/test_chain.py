@@ -394,7 +394,7 @@ def test_device_option_on_a_cpu_build(smollm2_path: Path, tmp_path: Path) -> Non
     from nakshatra.errors import ChainError
 
     if _nakshatra.build_info()["devices"]:
-        pytest.skip("this build sees a GPU: tests/test_cuda.py covers --device there")
+        pytest.skip("this build sees a GPU: tests/test_gpu.py covers --device there")
     prompt = [1, 504, 3130, 282]
     default = _nakshatra.Reference(str(smollm2_path), n_ctx=256).generate(prompt, 8, temp=0.0)
     alone = _nakshatra.Reference(str(smollm2_path), n_ctx=256, devices="none", n_gpu_layers=0)

@@ -176,7 +176,7 @@ def doctor() -> None:
     t.add_row("ggml backends", ", ".join(info["ggml_backends"]))
     devices = info.get("devices", [])
     t.add_row("GPU devices", "; ".join(f"{d['name']}: {d['description']}, {d['memory_bytes'] / 2**30:.0f} GiB"
-                                       for d in devices) or "none")
+                                       for d in devices) or f"none{b.no_device_hint(str(info['backend']))}")
     t.add_row("llama.cpp commit", str(info["llama_commit"]))
     t.add_row("patch set (sha256)", str(info["patch_hash"]))
     for name in str(info.get("patches", "")).split(","):

@@ -82,6 +82,19 @@ file(LOCK ${NAKSHATRA_LLAMA_BUILD}/.lock TIMEOUT 3600)
 
 # Configure every time (a few seconds, no recompilation when nothing changed): the build files
 # then name the cmake of this build environment, not a deleted one from an earlier isolated build.
+# The CMake projects llama.cpp builds inside its tree (ggml-vulkan's vulkan-shaders-gen, an
+# ExternalProject) keep their own cache, which llama.cpp's configure does not give this build's
+# ninja: point it there too, or a second isolated `nak build --backend vulkan` fails to find the
+# ninja of the first.
+file(GLOB _nak_sub_caches "${NAKSHATRA_LLAMA_BUILD}/ggml/src/*/*-prefix/src/*-build/CMakeCache.txt")
+foreach(_nak_cache IN LISTS _nak_sub_caches)
+    file(READ "${_nak_cache}" _nak_text)
+    string(REGEX REPLACE "CMAKE_MAKE_PROGRAM:FILEPATH=[^\n]*" "CMAKE_MAKE_PROGRAM:FILEPATH=${CMAKE_MAKE_PROGRAM}"
+           _nak_new "${_nak_text}")
+    if(NOT _nak_new STREQUAL _nak_text)
+        file(WRITE "${_nak_cache}" "${_nak_new}")
+    endif()
+endforeach()
 message(STATUS "nakshatra: configuring llama.cpp (${NAKSHATRA_BACKEND}) in ${NAKSHATRA_LLAMA_BUILD}")
 execute_process(
     COMMAND ${CMAKE_COMMAND} -S ${NAKSHATRA_LLAMA_SRC} -B ${NAKSHATRA_LLAMA_BUILD}

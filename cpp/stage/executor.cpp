@@ -334,6 +334,13 @@ void nak_stage::run_steps(std::vector<nak_step> & steps, const std::string & nex
     }
     const int64_t t_locked = nak_now_us();
     const int32_t rc = llama_decode(ctx_, batch);
+    // llama_decode only queues the graph on a GPU backend (CUDA, Vulkan, Metal): the outputs are
+    // waited for by the first getter. Wait here, so decode_llama_us holds the GPU's compute and
+    // the time split does not count it as the stage's own work (the hand-off below would wait
+    // for it anyway, so this costs nothing)
+    if (rc == 0) {
+        llama_synchronize(ctx_);
+    }
     const int64_t t_decoded = nak_now_us();
     if (cpu_lock_fd_ >= 0) {
         flock(cpu_lock_fd_, LOCK_UN);

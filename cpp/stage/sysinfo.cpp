@@ -34,6 +34,7 @@ void nak_stage::self_bench(int32_t steps) {
         batch.logits[0]    = 1;
         ok = llama_decode(ctx_, batch) == 0;
     }
+    llama_synchronize(ctx_); // a GPU backend may still be computing the last step
     const int64_t dt = nak_now_us() - t0;
     llama_batch_free(batch);
     llama_memory_seq_rm(llama_get_memory(ctx_), 0, -1, -1);

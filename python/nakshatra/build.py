@@ -48,7 +48,11 @@ _LABEL = {"cpu": "C/C++ toolchain", "cuda": "CUDA toolkit", "rocm": "ROCm/HIP to
 # Default install locations, module-level so tests can point them at a temporary directory.
 CUDA_DEFAULT = Path("/usr/local/cuda")
 ROCM_DEFAULT = Path("/opt/rocm")
+# ggml/src/ggml-hip/CMakeLists.txt at the pinned commit: "At least ROCM/HIP V6.1 is required"
+ROCM_MIN = (6, 1)
 VULKAN_HEADER = Path("/usr/include/vulkan/vulkan.h")
+# the prefixes CMake searches for package configs on Linux and macOS (Homebrew: /opt/homebrew)
+VULKAN_PREFIXES = ("/usr", "/usr/local", "/opt/homebrew")
 SYSTEM_LIB_DIRS = (Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib/aarch64-linux-gnu"),
                    Path("/usr/lib64"), Path("/usr/lib"))
 # where NVIDIA's driver library libcuda may live besides SYSTEM_LIB_DIRS (container mounts, WSL)
@@ -142,8 +146,9 @@ def detect_toolkit(backend: str, env: Mapping[str, str] | None = None,
 
     cuda: nvcc on PATH, in $CUDA_HOME/bin, $CUDA_PATH/bin or /usr/local/cuda/bin, and cuBLAS
     (which ggml-cuda links) next to it or in the system library directories. rocm: hipcc or
-    hipconfig on PATH, or under $ROCM_PATH or /opt/rocm. metal: macOS with xcrun. vulkan: glslc
-    and the Vulkan headers (pkg-config vulkan, $VULKAN_SDK, or /usr/include/vulkan). cpu: always
+    hipconfig on PATH, or under $ROCM_PATH or /opt/rocm. metal: macOS with xcrun. vulkan: glslc,
+    the Vulkan headers (pkg-config vulkan, $VULKAN_SDK, or /usr/include/vulkan) and the
+    SPIRV-Headers CMake config ($VULKAN_SDK, /usr, /usr/local or /opt/homebrew). cpu: always
     ok. Raises BuildError for an unknown backend."""
     _check_backend(backend)
     env = os.environ if env is None else env
@@ -314,7 +319,25 @@ def _detect_rocm(env: Mapping[str, str], path: str) -> ToolkitStatus:
         return ToolkitStatus(False, None,
                              f"hipcc/hipconfig is not on PATH nor in $ROCM_PATH/bin or {ROCM_DEFAULT}/bin",
                              "install ROCm (https://rocm.docs.amd.com) or set ROCM_PATH")
+    version = _hip_version(found, env)
+    if version is not None and version < ROCM_MIN:
+        return ToolkitStatus(False, str(found), f"HIP {version[0]}.{version[1]} ({found}) is older than "
+                             f"{ROCM_MIN[0]}.{ROCM_MIN[1]}, which the pinned llama.cpp's ggml-hip requires",
+                             "install ROCm 6.1 or newer (https://rocm.docs.amd.com; Debian 12's hipcc "
+                             "package is 5.2) and set ROCM_PATH")
     return ToolkitStatus(True, str(found), None, "")
+
+
+def _hip_version(tool: Path, env: Mapping[str, str]) -> tuple[int, int] | None:
+    """(major, minor) from ``hipconfig --version`` ("6.1.40091-a8dbc0c19") or ``hipcc
+    --version`` ("HIP version: 6.1.40091-..."); None when neither says."""
+    try:
+        out = subprocess.run([str(tool), "--version"], capture_output=True, text=True, timeout=60,
+                             env=dict(env), check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"HIP version:\s*(\d+)\.(\d+)", out) or re.match(r"\s*(\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def _detect_metal(path: str, system: str) -> ToolkitStatus:
@@ -345,7 +368,22 @@ def _detect_vulkan(env: Mapping[str, str], path: str) -> ToolkitStatus:
     if header is None:
         return ToolkitStatus(False, str(glslc), "the Vulkan headers and loader (vulkan.h, "
                              "pkg-config vulkan)", hint)
-    return ToolkitStatus(True, f"{glslc}; {header}", None, "")
+    spirv = _spirv_headers_config(sdk)
+    if spirv is None:
+        return ToolkitStatus(False, f"{glslc}; {header}", "SPIRV-Headers (its CMake config, "
+                             "SPIRV-HeadersConfig.cmake, which ggml-vulkan asks CMake for)",
+                             hint.replace("libvulkan-dev`", "libvulkan-dev spirv-headers`"))
+    return ToolkitStatus(True, f"{glslc}; {header}; {spirv.parent}", None, "")
+
+
+def _spirv_headers_config(sdk: Path | None) -> Path | None:
+    """SPIRV-HeadersConfig.cmake where CMake's find_package looks for it: in the Vulkan SDK
+    (``$VULKAN_SDK/{lib,share}/cmake``), else the system prefixes (Debian's ``spirv-headers``:
+    /usr/share/cmake/SPIRV-Headers)."""
+    roots = [sdk] if sdk else []
+    roots += [Path(p) for p in VULKAN_PREFIXES]
+    dirs = [d for r in roots for d in (r / "share" / "cmake", r / "lib" / "cmake", *sorted(r.glob("lib/*/cmake")))]
+    return _first_file(d / "SPIRV-Headers" / "SPIRV-HeadersConfig.cmake" for d in dirs)
 
 
 def build_plan(backend: str, project_dir: str | Path, extra_cmake_args: Sequence[str] = (), *,
@@ -440,6 +478,18 @@ def compiled_info() -> dict:
         raise BuildError(f"the compiled extension nakshatra._nakshatra is not importable ({e}); "
                          "build it with `pip install .` in the source tree or `nak build`") from e
     return dict(_nakshatra.build_info())
+
+
+def no_device_hint(backend: str, env: Mapping[str, str] | None = None) -> str:
+    """Why a ``backend`` build may see no GPU, for ``nak doctor`` (``""`` when there is nothing
+    to add). Vulkan: ggml-vulkan uses only discrete and integrated GPUs unless
+    ``GGML_VK_VISIBLE_DEVICES`` lists device indices, so a software device (Mesa's lavapipe on
+    a machine without a GPU) needs ``GGML_VK_VISIBLE_DEVICES=0``."""
+    env = os.environ if env is None else env
+    if backend == "vulkan" and not env.get("GGML_VK_VISIBLE_DEVICES"):
+        return (" (ggml-vulkan skips CPU-type Vulkan devices such as Mesa's lavapipe; "
+                "GGML_VK_VISIBLE_DEVICES=0 uses the first Vulkan device, whatever its type)")
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
