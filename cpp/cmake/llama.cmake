@@ -80,42 +80,67 @@ set(NAKSHATRA_LLAMA_PREFIX "${NAKSHATRA_LLAMA_BUILD}/install")
 file(MAKE_DIRECTORY ${NAKSHATRA_LLAMA_BUILD})
 file(LOCK ${NAKSHATRA_LLAMA_BUILD}/.lock TIMEOUT 3600)
 
-# Configure every time (a few seconds, no recompilation when nothing changed): the build files
-# then name the cmake of this build environment, not a deleted one from an earlier isolated build.
-# The CMake projects llama.cpp builds inside its tree (ggml-vulkan's vulkan-shaders-gen, an
-# ExternalProject) keep their own cache, which llama.cpp's configure does not give this build's
-# ninja: point it there too, or a second isolated `nak build --backend vulkan` fails to find the
-# ninja of the first.
-file(GLOB _nak_sub_caches "${NAKSHATRA_LLAMA_BUILD}/ggml/src/*/*-prefix/src/*-build/CMakeCache.txt")
-foreach(_nak_cache IN LISTS _nak_sub_caches)
-    file(READ "${_nak_cache}" _nak_text)
-    string(REGEX REPLACE "CMAKE_MAKE_PROGRAM:FILEPATH=[^\n]*" "CMAKE_MAKE_PROGRAM:FILEPATH=${CMAKE_MAKE_PROGRAM}"
-           _nak_new "${_nak_text}")
-    if(NOT _nak_new STREQUAL _nak_text)
-        file(WRITE "${_nak_cache}" "${_nak_new}")
+macro(_nak_build_llama)
+    # Configure every time (a few seconds, no recompilation when nothing changed): the build files
+    # then name the cmake of this build environment, not a deleted one from an earlier isolated build.
+    # The CMake projects llama.cpp builds inside its tree (ggml-vulkan's vulkan-shaders-gen, an
+    # ExternalProject) keep their own cache, which llama.cpp's configure does not give this build's
+    # ninja: point it there too, or a second isolated `nak build --backend vulkan` fails to find the
+    # ninja of the first.
+    file(GLOB _nak_sub_caches "${NAKSHATRA_LLAMA_BUILD}/ggml/src/*/*-prefix/src/*-build/CMakeCache.txt")
+    foreach(_nak_cache IN LISTS _nak_sub_caches)
+        file(READ "${_nak_cache}" _nak_text)
+        string(REGEX REPLACE "CMAKE_MAKE_PROGRAM:FILEPATH=[^\n]*" "CMAKE_MAKE_PROGRAM:FILEPATH=${CMAKE_MAKE_PROGRAM}"
+               _nak_new "${_nak_text}")
+        if(NOT _nak_new STREQUAL _nak_text)
+            file(WRITE "${_nak_cache}" "${_nak_new}")
+        endif()
+    endforeach()
+    message(STATUS "nakshatra: configuring llama.cpp (${NAKSHATRA_BACKEND}) in ${NAKSHATRA_LLAMA_BUILD}")
+    execute_process(
+        COMMAND ${CMAKE_COMMAND} -S ${NAKSHATRA_LLAMA_SRC} -B ${NAKSHATRA_LLAMA_BUILD}
+                -DCMAKE_INSTALL_PREFIX=${NAKSHATRA_LLAMA_PREFIX}
+                # this build's ninja: the cache may name one from a deleted environment
+                -DCMAKE_MAKE_PROGRAM=${CMAKE_MAKE_PROGRAM}
+                ${_nak_args}
+        OUTPUT_VARIABLE _nak_out ERROR_VARIABLE _nak_out
+        RESULT_VARIABLE _nak_rc)
+    if(NOT _nak_rc EQUAL 0)
+        file(LOCK ${NAKSHATRA_LLAMA_BUILD}/.lock RELEASE)
+        message(FATAL_ERROR "${_nak_out}\nnakshatra: configuring llama.cpp for '${NAKSHATRA_BACKEND}' failed; "
+                            "see the CMake output above (a missing toolkit is named there)")
     endif()
-endforeach()
-message(STATUS "nakshatra: configuring llama.cpp (${NAKSHATRA_BACKEND}) in ${NAKSHATRA_LLAMA_BUILD}")
-execute_process(
-    COMMAND ${CMAKE_COMMAND} -S ${NAKSHATRA_LLAMA_SRC} -B ${NAKSHATRA_LLAMA_BUILD}
-            -DCMAKE_INSTALL_PREFIX=${NAKSHATRA_LLAMA_PREFIX}
-            # this build's ninja: the cache may name one from a deleted environment
-            -DCMAKE_MAKE_PROGRAM=${CMAKE_MAKE_PROGRAM}
-            ${_nak_args}
-    OUTPUT_VARIABLE _nak_out ERROR_VARIABLE _nak_out
-    RESULT_VARIABLE _nak_rc)
-if(NOT _nak_rc EQUAL 0)
-    file(LOCK ${NAKSHATRA_LLAMA_BUILD}/.lock RELEASE)
-    message(FATAL_ERROR "${_nak_out}\nnakshatra: configuring llama.cpp for '${NAKSHATRA_BACKEND}' failed; "
-                        "see the CMake output above (a missing toolkit is named there)")
+    message(STATUS "nakshatra: building llama.cpp (first time a few minutes; later only what changed)")
+    execute_process(COMMAND ${CMAKE_COMMAND} --build ${NAKSHATRA_LLAMA_BUILD} --target install
+                    RESULT_VARIABLE _nak_rc)
+    if(NOT _nak_rc EQUAL 0)
+        file(LOCK ${NAKSHATRA_LLAMA_BUILD}/.lock RELEASE)
+        message(FATAL_ERROR "nakshatra: building llama.cpp failed; see the compiler output above")
+    endif()
+endmacro()
+
+# The compiled llama.cpp is a function of the prepared source (the pinned tree and the patch set)
+# and the options: when the last successful build in this tree was of the same, skip configure
+# and build. Ninja would find nothing to do for most backends, but ggml-vulkan's shader generator
+# is an ExternalProject built on every build, after which every shader is generated and compiled
+# again (200 s of a Vulkan rebuild on 2 cores). A llama.cpp checkout of the user's own
+# (NAKSHATRA_LLAMA_CPP_DIR) may change under us: it is always built.
+set(_nak_stamp "${NAKSHATRA_LLAMA_BUILD}/.nakshatra-built")
+string(SHA256 _nak_built_key "${NAKSHATRA_LLAMA_SRC};${NAKSHATRA_LLAMA_COMMIT};${NAKSHATRA_PATCH_HASH};${_nak_args}")
+set(_nak_built_before "")
+if(EXISTS "${_nak_stamp}" AND EXISTS "${NAKSHATRA_LLAMA_PREFIX}/lib/cmake/llama/llama-config.cmake"
+   AND NOT NAKSHATRA_LLAMA_CPP_DIR)
+    file(READ "${_nak_stamp}" _nak_built_before)
 endif()
-message(STATUS "nakshatra: building llama.cpp (first time a few minutes; later only what changed)")
-execute_process(COMMAND ${CMAKE_COMMAND} --build ${NAKSHATRA_LLAMA_BUILD} --target install
-                RESULT_VARIABLE _nak_rc)
+if(_nak_built_before STREQUAL _nak_built_key)
+    message(STATUS "nakshatra: llama.cpp (${NAKSHATRA_BACKEND}) already built for this source and these "
+                   "options in ${NAKSHATRA_LLAMA_BUILD}")
+else()
+    file(REMOVE "${_nak_stamp}")
+    _nak_build_llama()
+    file(WRITE "${_nak_stamp}" "${_nak_built_key}")
+endif()
 file(LOCK ${NAKSHATRA_LLAMA_BUILD}/.lock RELEASE)
-if(NOT _nak_rc EQUAL 0)
-    message(FATAL_ERROR "nakshatra: building llama.cpp failed; see the compiler output above")
-endif()
 
 # CUDA: the static ggml-cuda's exported config (ggml-config.cmake) names the CUDA runtime and cuBLAS
 # only for GGML_STATIC builds, so the extension links them itself (CMakeLists.txt), from the same
