@@ -4,7 +4,7 @@ runs) the module is skipped.
 
 On one GPU: a chain of GPU stages equals the unsplit model on the same GPU fed the same batches
 (greedy tokens; the hidden state at every cut byte for byte over the prefill rows, within 1e-4
-over the decoded rows), as the CPU chain equals it on the CPU; a GPU stage (``-ngl 99``) generates alone, equal to the unsplit model on the GPU, and beside
+relative over the decoded rows), as the CPU chain equals it on the CPU; a GPU stage (``-ngl 99``) generates alone, equal to the unsplit model on the GPU, and beside
 CPU stages (``--device none``). A mixed chain runs other kernels than an all-CPU one, so it need
 not agree token for token: the tests ask for the same first token and report how far the two
 agree (``NAK_GPU_REPORT``: a JSON file to write).
@@ -81,9 +81,9 @@ def test_gpu_chain_equals_unsplit_model_on_the_gpu(smollm2_path: Path, tmp_path:
     prefilled in one batch and decoded one token a step on both: the split's greedy tokens equal
     the unsplit model's on the GPU. The hidden state each stage hands on, against the
     reference's output of that layer (read back from the GPU): every prefill row byte for byte;
-    the decoded rows within 1e-4 (on Vulkan/lavapipe a first stage alone differs from the
-    unsplit model in the last bits of some decode rows, deterministically, so it is not the
-    transport; cause not found: docs/gpu.md), reported in ``NAK_GPU_REPORT``."""
+    each decoded row within 1e-4 of its largest value (on Vulkan/lavapipe a first stage alone
+    differs from the unsplit model in the last bits of some decode rows, the same in every run,
+    so not the transport; cause not found: docs/gpu.md), reported in ``NAK_GPU_REPORT``."""
     slices = cut(smollm2_path, CHAINS_SMOLLM2["3-stage"], tmp_path)
     prompts, got = _generate(slices, [GPU, GPU, GPU])
     ref = _nakshatra.Reference(str(smollm2_path), n_ctx=CTX)
@@ -111,9 +111,11 @@ def test_gpu_chain_equals_unsplit_model_on_the_gpu(smollm2_path: Path, tmp_path:
         assert have[:n].tobytes() == want[:n].tobytes(), \
             f"prefill hidden state after layer {b - 1} differs (max |diff| {np.abs(have[:n] - want[:n]).max()})"
         diff = np.abs(have[n:] - want[n:]).max(axis=1)
+        rel = diff / np.abs(want[n:]).max(axis=1)  # against the row's largest value
         report.append({"backend": BACKEND, "cut_after_layer": b - 1, "decode_rows": len(diff),
-                       "rows_equal": int((diff == 0).sum()), "max_abs_diff": float(diff.max())})
-        assert diff.max() <= 1e-4, report[-1]
+                       "rows_equal": int((diff == 0).sum()), "max_abs_diff": float(diff.max()),
+                       "max_rel_diff": float(rel.max())})
+        assert rel.max() <= 1e-4, report[-1]
     _report("hidden", report)
 
 
