@@ -153,3 +153,14 @@ def test_a_patched_tree_is_not_taken_for_the_pristine_one(monkeypatch: pytest.Mo
         upstream.pristine_source()
     (pristine / "src" / "llama-model.cpp").write_text("// upstream\n")
     assert upstream.pristine_source()[0] == pristine
+
+
+def test_only_the_ggml_a_build_compiled_decides_whether_its_ggml_is_upstreams() -> None:
+    """patches/0003 changes ggml-vulkan only: a CPU build's ggml is still upstream's (the oracle
+    may reuse it), a Vulkan build's is not; files outside a backend directory always count."""
+    files = ["src/llama-model.cpp", "ggml/src/ggml-vulkan/ggml-vulkan.cpp"]
+    assert upstream.compiled_ggml_files(files, "cpu") == upstream.compiled_ggml_files(files, "cuda") == []
+    assert upstream.compiled_ggml_files(files, "vulkan") == ["ggml/src/ggml-vulkan/ggml-vulkan.cpp"]
+    assert upstream.compiled_ggml_files(["ggml/src/ggml-cuda/mmq.cu"], "rocm") == ["ggml/src/ggml-cuda/mmq.cu"]
+    assert upstream.compiled_ggml_files(["ggml/src/ggml-cpu/ops.cpp", "ggml/src/ggml.c", "ggml/include/ggml.h"],
+                                        "cpu") == ["ggml/src/ggml-cpu/ops.cpp", "ggml/src/ggml.c", "ggml/include/ggml.h"]

@@ -150,6 +150,21 @@ def _compiler_args(project_cache: Path) -> list[str]:
     return args
 
 
+def compiled_ggml_files(files: list[str], backend: str) -> list[str]:
+    """Which of ``files`` (paths in the llama.cpp tree that our patches change) the project's ggml
+    build for ``backend`` (``cpu``, ``cuda``, ``vulkan``, ...: ``_build_info.json``) compiled:
+    every ``ggml/`` file except those in the directory of a ggml backend not built in
+    (``ggml/src/ggml-<name>/``; every build has ggml-cpu and ggml-rpc, ROCm compiles ggml-cuda's
+    sources). A patch to ggml-vulkan alone leaves a CPU build's ggml upstream's."""
+    built = {"cpu", "rpc", backend, *(("hip", "cuda") if backend == "rocm" else ())}
+    out = []
+    for f in files:
+        m = re.match(r"ggml/src/ggml-([A-Za-z0-9]+)/", f)
+        if f.startswith("ggml/") and (m is None or m.group(1).lower() in built):
+            out.append(f)
+    return out
+
+
 def build_dir(own_ggml: bool = False) -> tuple[Path, Path, Path | None, list[str]]:
     """``(dir, pristine, ggml_dir, cmake_args)`` for the oracle's build without building it:
     ``dir`` is ``<cache>/llama.cpp/upstream-<key>``; ``ggml_dir`` the project's installed ggml
@@ -160,7 +175,7 @@ def build_dir(own_ggml: bool = False) -> tuple[Path, Path, Path | None, list[str
     project_cache = tree / "CMakeCache.txt"
     if not project_cache.is_file():
         raise NakError(f"the llama.cpp build tree {tree} is missing (cache cleared?); {_REINSTALL}")
-    ggml_touched = [f for f in meta.get("files", []) if f.startswith("ggml/")]
+    ggml_touched = compiled_ggml_files(meta.get("files", []), build_info().get("backend", "cpu"))
     if ggml_touched and not own_ggml:
         raise NakError(f"our patches touch ggml ({', '.join(ggml_touched)}), so the project's compiled ggml "
                        "is not upstream's; build the oracle with own_ggml=True")
