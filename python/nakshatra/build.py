@@ -200,14 +200,18 @@ def _toolkit_cublas(lib_dirs: list[Path]) -> Path | None:
                  for p in ("libcublas.so*", "libcublas_static.a") if next(d.glob(p), None)), None)
 
 
+def _version_output(tool: Path, env: Mapping[str, str]) -> str:
+    """What ``tool --version`` prints on stdout ("" when it cannot run)."""
+    try:
+        return subprocess.run([str(tool), "--version"], capture_output=True, text=True, timeout=60,
+                              env=dict(env), check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def _nvcc_version(nvcc: Path, env: Mapping[str, str]) -> tuple[int, int] | None:
     """(major, minor) from ``nvcc --version`` ("Cuda compilation tools, release 13.0, V13.0.88")."""
-    try:
-        out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=60,
-                             env=dict(env), check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"release (\d+)\.(\d+)", out)
+    m = re.search(r"release (\d+)\.(\d+)", _version_output(nvcc, env))
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
@@ -331,11 +335,7 @@ def _detect_rocm(env: Mapping[str, str], path: str) -> ToolkitStatus:
 def _hip_version(tool: Path, env: Mapping[str, str]) -> tuple[int, int] | None:
     """(major, minor) from ``hipconfig --version`` ("6.1.40091-a8dbc0c19") or ``hipcc
     --version`` ("HIP version: 6.1.40091-..."); None when neither says."""
-    try:
-        out = subprocess.run([str(tool), "--version"], capture_output=True, text=True, timeout=60,
-                             env=dict(env), check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
+    out = _version_output(tool, env)
     m = re.search(r"HIP version:\s*(\d+)\.(\d+)", out) or re.match(r"\s*(\d+)\.(\d+)", out)
     return (int(m.group(1)), int(m.group(2))) if m else None
 
