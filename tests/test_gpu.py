@@ -28,7 +28,7 @@ import pytest
 from nakshatra import _nakshatra
 from nakshatra.client.chain import Chain, SamplerParams
 from nakshatra.server.local import LocalStages
-from test_chain import CHAINS_SMOLLM2, CTX, chain_run, cut
+from test_chain import CHAINS_GEMMA3, CHAINS_SMOLLM2, CTX, chain_run, cut
 
 # asked in a child process: the tests' own process then initialises the GPU only in the tests
 # that need it (the CUDA runtime, initialised at import, segfaulted later in that process on the
@@ -79,17 +79,26 @@ def _generate(slices: list[Path], stage_args: list[list[str]]) -> tuple[list[lis
 def test_gpu_chain_equals_unsplit_model_on_the_gpu(smollm2_path: Path, tmp_path: Path) -> None:
     """Stages and the reference both offload every layer (the default, -1), each prompt is
     prefilled in one batch and decoded one token a step on both: the split's greedy tokens equal
-    the unsplit model's on the GPU, and the hidden state each stage hands on equals, byte for
-    byte, the reference's output of that layer (read back from the GPU), every prefill and every
-    decoded row. Patch 0004 made the decoded rows so: the last layer of a slice selected its
-    output rows, which broke a GPU fusion the whole model applies (docs/gpu.md). The
-    differences, if any, go to ``NAK_GPU_REPORT`` before the assertion."""
+    the unsplit model's on the GPU."""
     slices = cut(smollm2_path, CHAINS_SMOLLM2["3-stage"], tmp_path)
     prompts, got = _generate(slices, [GPU, GPU, GPU])
     ref = _nakshatra.Reference(str(smollm2_path), n_ctx=CTX)
     assert [len(g) for g in got] == [N] * len(PROMPTS)
     assert got == [ref.generate(p, N, temp=0.0) for p in prompts]
 
+
+@gpu
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_gpu_hidden_state_at_each_cut_equals_the_unsplit_model(model: str, request: pytest.FixtureRequest,
+                                                               tmp_path: Path) -> None:
+    """The hidden state each GPU stage hands on equals, byte for byte, the unsplit model's output
+    of that layer on the same GPU (read back from the device), every prefill and every decoded
+    row. Patch 0004 made the decoded rows so: the last layer of a slice selected its output rows,
+    which kept the GPU from fusing that layer as it does in the whole model (docs/gpu.md). Gemma 3
+    adds its post-attention norm, QK norm and sliding window. The differences, if any, go to
+    ``NAK_GPU_REPORT`` before the assertion."""
+    path = request.getfixturevalue(f"{model}_path")
+    slices = cut(path, (CHAINS_SMOLLM2 if model == "smollm2" else CHAINS_GEMMA3)["3-stage"], tmp_path)
     with LocalStages(slices, threads=2, ctx=CTX, max_sessions=2, stage_args=[GPU, GPU, GPU]) as stages:
         with Chain(stages.addresses) as c:
             n_embd = c.stages[0].n_embd
@@ -97,7 +106,7 @@ def test_gpu_chain_equals_unsplit_model_on_the_gpu(smollm2_path: Path, tmp_path:
         tokens, hidden = chain_run(stages.addresses, prompt)
     bounds = sorted(hidden)
     report = []
-    ref = _nakshatra.Reference(str(smollm2_path), n_ctx=CTX, capture_layers=[b - 1 for b in bounds])
+    ref = _nakshatra.Reference(str(path), n_ctx=CTX, capture_layers=[b - 1 for b in bounds])
     assert tokens == ref.generate(prompt, len(tokens), temp=0.0) and len(tokens) > 1
     for b in bounds:
         want = np.frombuffer(ref.captured(b - 1), dtype=np.float32)
@@ -110,11 +119,11 @@ def test_gpu_chain_equals_unsplit_model_on_the_gpu(smollm2_path: Path, tmp_path:
         n = len(prompt)
         diff = np.abs(have - want).max(axis=1)
         rel = diff / np.abs(want).max(axis=1)  # against the row's largest value
-        report.append({"backend": BACKEND, "cut_after_layer": b - 1, "prefill_rows": n,
+        report.append({"backend": BACKEND, "model": model, "cut_after_layer": b - 1, "prefill_rows": n,
                        "prefill_rows_equal": int((diff[:n] == 0).sum()), "decode_rows": len(diff) - n,
                        "decode_rows_equal": int((diff[n:] == 0).sum()), "max_abs_diff": float(diff.max()),
                        "max_rel_diff": float(rel.max())})
-    _report("hidden", report)
+    _report(f"hidden_{model}", report)
     assert all(r["prefill_rows_equal"] == r["prefill_rows"] and r["decode_rows_equal"] == r["decode_rows"]
                for r in report), report
 
